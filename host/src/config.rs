@@ -1,0 +1,64 @@
+//! The host's configuration: command line and environment, nothing else.
+//!
+//! Every other module receives the part it needs as plain values; none reads
+//! the environment itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Command line of `plugin-host`. Every option can also be set by the
+/// environment variable named in its help.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "plugin-host", version, about, long_about = None)]
+pub struct Config {
+    /// Directory watched for plugin libraries (`*.so`): a file dropped here
+    /// is loaded and mounted, replaced is swapped, removed is unloaded.
+    #[arg(long, env = "PLUGINS_DIR", default_value = "./plugins-dir")]
+    pub plugins_dir: PathBuf,
+
+    /// Directory for the host's own state: the registry's database and the
+    /// private copies of loaded plugin libraries.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Address of the API gateway (`/api/<service>/...`).
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "127.0.0.1:8000")]
+    pub gateway_addr: SocketAddr,
+
+    /// Address of the registry API (`/api/registry/...`).
+    #[arg(long, env = "REGISTRY_ADDR", default_value = "127.0.0.1:8001")]
+    pub registry_addr: SocketAddr,
+
+    /// Longest a request may wait for a plugin or an upstream service before
+    /// it is answered 504.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest request body accepted for a plugin or by the registry API, in
+    /// bytes; a larger one is answered 413. (Bodies proxied to remote
+    /// services are streamed and not buffered.)
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Worker threads per plugin: how many of its requests run at once.
+    #[arg(long, env = "PLUGIN_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub plugin_workers: u16,
+
+    /// Requests that may wait for a plugin's workers; beyond that the
+    /// gateway answers 503.
+    #[arg(long, env = "PLUGIN_QUEUE", default_value_t = 1024)]
+    pub plugin_queue: usize,
+
+    /// How long an unloaded plugin's in-flight requests and threads may take
+    /// to finish before the host gives up and leaves the library mapped.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long a plugin file must stay unchanged before it is loaded, so a
+    /// file still being copied is never opened.
+    #[arg(long, env = "WATCH_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub watch_debounce: Duration,
+}

@@ -1,0 +1,227 @@
+//! The API gateway: `/api/<name>/<rest>` to whichever service holds `name`.
+//!
+//! It owns nothing but the request path: it looks the name up in the
+//! [`ServiceTable`], refuses what must not reach a service (an unsafe path,
+//! an oversized body), and hands the request to the plugin runtime or to the
+//! proxy. It never loads, unloads or registers anything, and never calls
+//! plugin code itself: a plugin request is a message to the plugin's own
+//! worker threads, awaited here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::http::{ApiError, check_service_path, remove_hop_by_hop};
+use crate::proxy::Proxy;
+use crate::runtime::{CallError, PluginRequest, PluginResponse, PluginRuntime};
+use crate::services::{Backend, ServiceTable};
+
+/// What the gateway needs to serve.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// The routable services.
+    pub services: Arc<ServiceTable>,
+    /// Forwards requests to remote services.
+    pub proxy: Proxy,
+    /// Largest plugin request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest wait for a plugin's answer.
+    pub request_timeout: Duration,
+}
+
+/// The gateway's routes.
+pub fn router(gateway: Gateway) -> Router {
+    Router::new().fallback(dispatch).with_state(gateway)
+}
+
+/// `/api/<name>` or `/api/<name>/<rest>` split into name and rest (raw).
+fn split_service_path(path: &str) -> Option<(&str, &str)> {
+    let below = path.strip_prefix("/api/")?;
+    Some(below.split_at(below.find('/').unwrap_or(below.len())))
+}
+
+async fn dispatch(
+    State(gateway): State<Gateway>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    let Some((name, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no route for {path}: services are under /api/<name>/"),
+        )
+        .into_response();
+    };
+    if let Err(reason) = check_service_path(rest) {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("refused path {path}: {reason}"),
+        )
+        .with("service", name)
+        .into_response();
+    }
+    let Some(service) = gateway.services.get(name) else {
+        return unknown_service(name);
+    };
+    match &service.backend {
+        Backend::Plugin(plugin) => {
+            let runtime = plugin.runtime.clone();
+            drop(service);
+            call_plugin(&gateway, runtime, name, rest, client, request).await
+        }
+        Backend::Remote(remote) => {
+            let remote = remote.clone();
+            drop(service);
+            gateway.proxy.forward(&remote, rest, client, request).await
+        }
+    }
+}
+
+fn unknown_service(name: &str) -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+        .with("service", name)
+        .into_response()
+}
+
+async fn call_plugin(
+    gateway: &Gateway,
+    mut runtime: Arc<PluginRuntime>,
+    name: &str,
+    rest: &str,
+    client: SocketAddr,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match read_body(body, &parts.headers, gateway.max_body_bytes).await {
+        Ok(body) => body,
+        Err(error) => return error.with("service", name).into_response(),
+    };
+    let mut headers = parts.headers;
+    remove_hop_by_hop(&mut headers);
+    let request = PluginRequest {
+        method: parts.method.as_str().to_owned(),
+        path: if rest.is_empty() {
+            "/".to_owned()
+        } else {
+            rest.to_owned()
+        },
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        headers: headers
+            .iter()
+            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+            .collect(),
+        body,
+        client_addr: client.to_string(),
+    };
+    // A runtime that is being unloaded refuses new work; by then the table
+    // already holds its successor (a swap) or nothing (a removal), so one
+    // fresh lookup decides.
+    let mut retried = false;
+    loop {
+        let result = runtime.call(request.clone(), gateway.request_timeout).await;
+        match result {
+            Ok(response) => return plugin_response(name, response),
+            Err(CallError::Unloading) if !retried => {
+                retried = true;
+                match gateway.services.get(name).map(|s| s.backend.clone()) {
+                    Some(Backend::Plugin(plugin)) => runtime = plugin.runtime,
+                    Some(Backend::Remote(_)) | None => return unknown_service(name),
+                }
+            }
+            Err(error) => {
+                return ApiError::new(error.status(), error.to_string())
+                    .with("service", name)
+                    .into_response();
+            }
+        }
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {error}"),
+        )),
+    }
+}
+
+fn plugin_response(name: &str, response: PluginResponse) -> Response {
+    let Ok(status) = StatusCode::from_u16(response.status) else {
+        tracing::warn!(
+            plugin = name,
+            status = response.status,
+            "plugin answered an invalid status code"
+        );
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "plugin `{name}` answered an invalid status code {}",
+                response.status
+            ),
+        )
+        .with("service", name)
+        .into_response();
+    };
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for (header_name, value) in response.headers {
+        match (
+            HeaderName::from_bytes(header_name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) {
+            (Ok(header_name), Ok(value)) => {
+                headers.append(header_name, value);
+            }
+            _ => {
+                tracing::warn!(plugin = name, header = %header_name, "plugin answered an invalid header; dropped")
+            }
+        }
+    }
+    remove_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let mut http_response = Response::new(Body::from(response.body));
+    *http_response.status_mut() = status;
+    *http_response.headers_mut() = headers;
+    http_response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_name_and_rest() {
+        assert_eq!(split_service_path("/api/hello"), Some(("hello", "")));
+        assert_eq!(split_service_path("/api/hello/"), Some(("hello", "/")));
+        assert_eq!(
+            split_service_path("/api/hello/data/1"),
+            Some(("hello", "/data/1"))
+        );
+        assert_eq!(split_service_path("/other"), None);
+    }
+}

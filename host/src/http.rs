@@ -1,0 +1,136 @@
+//! HTTP vocabulary shared by the gateway, the proxy and the registry API:
+//! the JSON error every refusal is answered with, and the edge checks.
+
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// A refusal answered as JSON: `{"error": message, ...context}`.
+///
+/// The message says what was wrong; context fields name the service, the
+/// field or the limit involved, so a client can act on it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Map<String, Value>,
+}
+
+impl ApiError {
+    /// An error with a status and a message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let mut body = Map::new();
+        body.insert("error".to_owned(), Value::String(message.into()));
+        Self { status, body }
+    }
+
+    /// Adds a context field, e.g. `("service", name)` or `("field", "port")`.
+    pub fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.body.insert(key.to_owned(), value);
+        self
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(Value::Object(self.body))).into_response()
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 section 7.6.1);
+/// a gateway must not forward them.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the hop-by-hop headers, including those the `Connection` header
+/// names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("proxy-connection");
+}
+
+/// Why a path relative to a service is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsafePath {
+    /// A `.` or `..` segment, literal or percent-encoded.
+    #[error("path contains a dot segment (`.` or `..`)")]
+    DotSegment,
+    /// `%2F` or `%5C`: a slash the routing would not see.
+    #[error("path contains an encoded slash or backslash")]
+    EncodedSlash,
+    /// A literal backslash or a NUL byte.
+    #[error("path contains a backslash or a NUL byte")]
+    BadCharacter,
+}
+
+/// Checks the raw (still percent-encoded) path below `/api/<name>`, so that
+/// nothing a service receives can resolve outside its mount point.
+pub fn check_service_path(raw: &str) -> Result<(), UnsafePath> {
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return Err(UnsafePath::EncodedSlash);
+    }
+    if raw.contains('\\') || lower.contains("%00") {
+        return Err(UnsafePath::BadCharacter);
+    }
+    let dot_segment = lower
+        .split('/')
+        .any(|segment| matches!(segment.replace("%2e", ".").as_str(), "." | ".."));
+    if dot_segment {
+        return Err(UnsafePath::DotSegment);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_paths() {
+        assert_eq!(check_service_path("/data/1"), Ok(()));
+        assert_eq!(check_service_path("/a..b/c"), Ok(()));
+        assert_eq!(check_service_path(""), Ok(()));
+        assert_eq!(check_service_path("/../x"), Err(UnsafePath::DotSegment));
+        assert_eq!(check_service_path("/a/%2E%2e"), Err(UnsafePath::DotSegment));
+        assert_eq!(check_service_path("/a/."), Err(UnsafePath::DotSegment));
+        assert_eq!(check_service_path("/a%2fb"), Err(UnsafePath::EncodedSlash));
+        assert_eq!(check_service_path("/a%5Cb"), Err(UnsafePath::EncodedSlash));
+        assert_eq!(check_service_path("/a\\b"), Err(UnsafePath::BadCharacter));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key(header::CONTENT_TYPE));
+    }
+}

@@ -1,0 +1,175 @@
+//! The plugin host: an API gateway, a service registry and a loader of
+//! native plugins in one process.
+//!
+//! `main.rs` parses the [`Config`] and calls [`run`]; integration tests
+//! drive the real binary. See `ARCHITECTURE.md` for the code map.
+
+pub mod config;
+pub mod gateway;
+pub mod http;
+pub mod loader;
+pub mod plugins;
+pub mod proxy;
+pub mod registry;
+pub mod runtime;
+pub mod services;
+pub mod watcher;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+pub use config::Config;
+
+use crate::runtime::RuntimeLimits;
+use crate::services::ServiceTable;
+
+/// Why the host could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The data directory is unusable.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The plugins directory cannot be watched.
+    #[error(transparent)]
+    Watch(#[from] watcher::WatchError),
+    /// A server failed.
+    #[error("{what} server failed: {source}")]
+    Serve {
+        /// Which server.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The plugin manager thread could not start.
+    #[error("cannot start the plugin manager: {0}")]
+    Manager(std::io::Error),
+}
+
+/// Runs the host until `shutdown` completes, then stops serving, unloads
+/// every plugin and returns.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HostError> {
+    let services = Arc::new(ServiceTable::new());
+    let cache_dir = config.data_dir.join("plugin-cache");
+    loader::clear_cache(&cache_dir).map_err(|source| HostError::DataDir {
+        path: cache_dir.clone(),
+        source,
+    })?;
+
+    let gateway_listener = bind("gateway", config.gateway_addr).await?;
+    let registry_listener = bind("registry", config.registry_addr).await?;
+
+    let (file_events, file_events_rx) = crossbeam_channel::unbounded();
+    let manager = plugins::spawn(
+        plugins::ManagerConfig {
+            cache_dir,
+            limits: RuntimeLimits {
+                workers: config.plugin_workers,
+                queue: config.plugin_queue,
+            },
+            drain_timeout: config.drain_timeout,
+        },
+        services.clone(),
+        file_events_rx,
+    )
+    .map_err(HostError::Manager)?;
+    let watcher = watcher::watch(&config.plugins_dir, config.watch_debounce, file_events)?;
+
+    let gateway = gateway::router(gateway::Gateway {
+        services: services.clone(),
+        proxy: proxy::Proxy::default(),
+        max_body_bytes: config.max_body_bytes,
+        request_timeout: config.request_timeout,
+    });
+    let registry = registry::router(registry::Registry {
+        services: services.clone(),
+    });
+
+    tracing::info!(
+        gateway = %local_addr(&gateway_listener),
+        registry = %local_addr(&registry_listener),
+        plugins_dir = %config.plugins_dir.display(),
+        "listening"
+    );
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut gateway_stopped = stopped.clone();
+    let mut registry_stopped = stopped;
+    let gateway_server = tokio::spawn(
+        axum::serve(
+            gateway_listener,
+            gateway.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = gateway_stopped.wait_for(|stop| *stop).await;
+        })
+        .into_future(),
+    );
+    let registry_server = tokio::spawn(
+        axum::serve(
+            registry_listener,
+            registry.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = registry_stopped.wait_for(|stop| *stop).await;
+        })
+        .into_future(),
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop.send(true);
+    let gateway_result = gateway_server.await;
+    let registry_result = registry_server.await;
+    // Closing the watcher closes the manager's event channel: it unloads
+    // every plugin and ends.
+    drop(watcher);
+    let _ = tokio::task::spawn_blocking(move || manager.join()).await;
+    for (what, result) in [("gateway", gateway_result), ("registry", registry_result)] {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(HostError::Serve { what, source }),
+            Err(join) => {
+                return Err(HostError::Serve {
+                    what,
+                    source: std::io::Error::other(join),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, HostError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HostError::Bind { what, addr, source })
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map(|addr| addr.to_string())
+        .unwrap_or_else(|error| format!("unknown ({error})"))
+}

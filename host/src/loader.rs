@@ -1,0 +1,498 @@
+//! The loader: from a file in the plugins directory to an open library whose
+//! ABI and config were checked. The only module with `unsafe` code.
+//!
+//! It never opens the watched file itself. It reads the file once, checks
+//! the ELF header, writes a private copy at a unique path (so `dlopen` can
+//! never hand back a cached older library, and a `cp` over the watched file
+//! cannot touch mapped code), opens the copy, checks the ABI version and
+//! descriptor size before reading anything else, and copies the service
+//! config into host-owned memory. Plugin code it runs (the entry point and
+//! the config) runs on a scoped thread that ends before `open` returns, so
+//! no host thread keeps plugin thread-locals alive.
+//!
+//! [`PluginLibrary`] is the only owner of the function pointers into a
+//! library; it closes the library only in [`PluginLibrary::close`], which
+//! consumes it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use plugin_api::ffi::{
+    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, ENTRY_SYMBOL, EntryFn, FfiHeaderRef,
+    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr,
+};
+
+use crate::runtime::{PluginRequest, PluginResponse};
+use crate::services::{Endpoint, HTTP_METHODS, ServiceInfo, validate_name};
+
+/// Why a plugin file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read or copied.
+    #[error("could not read or copy the file: {0}")]
+    Io(#[from] std::io::Error),
+    /// Not an ELF file at all.
+    #[error("not an ELF shared object (bad magic bytes)")]
+    NotElf,
+    /// An ELF file for another platform or of another type.
+    #[error("not a shared object for this host: {0}")]
+    WrongElf(&'static str),
+    /// The header promises more bytes than the file has.
+    #[error("truncated: the ELF header needs {needed} bytes, the file has {actual}")]
+    Truncated {
+        /// Bytes the header's tables reach.
+        needed: u64,
+        /// Bytes in the file.
+        actual: u64,
+    },
+    /// `dlopen` failed.
+    #[error("dlopen failed: {0}")]
+    Open(String),
+    /// No entry symbol.
+    #[error(
+        "missing entry symbol `plugin_api_entry` (was the plugin built with `export_plugin!`?)"
+    )]
+    MissingEntry,
+    /// The entry returned a null descriptor.
+    #[error("entry symbol returned a null descriptor")]
+    NullDescriptor,
+    /// Built against another version of the ABI.
+    #[error(
+        "ABI version mismatch: the plugin has version {found}, this host speaks version {expected}"
+    )]
+    AbiVersion {
+        /// The plugin's.
+        found: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// Same version number, different layout: a plugin-api built wrongly.
+    #[error(
+        "descriptor size mismatch: the plugin's is {found} bytes, this host expects {expected}"
+    )]
+    DescriptorSize {
+        /// The plugin's.
+        found: u32,
+        /// Ours.
+        expected: u32,
+    },
+    /// The plugin's code failed while building its config.
+    #[error("plugin failed to describe itself: {0}")]
+    Config(String),
+    /// The config has an invalid field.
+    #[error("invalid config field `{field}`: {reason}")]
+    InvalidConfig {
+        /// Which field, e.g. `name` or `endpoints[2].method`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The thread to run plugin code on could not be started or died.
+    #[error("could not run the plugin's entry point: {0}")]
+    Thread(String),
+}
+
+/// A plugin file's bytes, read once and checked to be a loadable ELF
+/// shared object for this host.
+#[derive(Debug)]
+pub struct Candidate {
+    bytes: Vec<u8>,
+    digest: u64,
+}
+
+impl Candidate {
+    /// Reads `path` and checks its ELF header.
+    pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path)?;
+        check_elf(&bytes)?;
+        let mut hasher = DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        Ok(Self {
+            digest: hasher.finish(),
+            bytes,
+        })
+    }
+
+    /// A hash of the content: the same file written again has the same one.
+    pub fn digest(&self) -> u64 {
+        self.digest
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+const ELF_MACHINE: u16 = 62;
+#[cfg(target_arch = "aarch64")]
+const ELF_MACHINE: u16 = 183;
+
+fn check_elf(bytes: &[u8]) -> Result<(), LoadError> {
+    const HEADER_LEN: usize = 64;
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return Err(LoadError::NotElf);
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(LoadError::Truncated {
+            needed: HEADER_LEN as u64,
+            actual: bytes.len() as u64,
+        });
+    }
+    let u16_at = |at: usize| u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    let u64_at = |at: usize| {
+        let mut word = [0; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_le_bytes(word)
+    };
+    if bytes[4] != 2 || bytes[5] != 1 {
+        return Err(LoadError::WrongElf("not 64-bit little-endian"));
+    }
+    if u16_at(16) != 3 {
+        return Err(LoadError::WrongElf("not a shared object (ET_DYN)"));
+    }
+    if u16_at(18) != ELF_MACHINE {
+        return Err(LoadError::WrongElf("built for another CPU architecture"));
+    }
+    let table_end = |offset: u64, entry_size: u16, count: u16| {
+        offset.saturating_add(u64::from(entry_size) * u64::from(count))
+    };
+    let needed = table_end(u64_at(0x20), u16_at(0x36), u16_at(0x38)).max(table_end(
+        u64_at(0x28),
+        u16_at(0x3a),
+        u16_at(0x3c),
+    ));
+    if needed > bytes.len() as u64 {
+        return Err(LoadError::Truncated {
+            needed,
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Deletes private copies left behind by an earlier run (a crash, `kill -9`).
+pub fn clear_cache(cache_dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(cache_dir)?;
+    for entry in std::fs::read_dir(cache_dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "so") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    Ok(())
+}
+
+/// An open plugin library: the only holder of pointers into it.
+pub struct PluginLibrary {
+    library: libloading::Library,
+    private_copy: PathBuf,
+    create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
+    destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
+}
+
+impl std::fmt::Debug for PluginLibrary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginLibrary")
+            .field("private_copy", &self.private_copy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plugin's state, created by [`PluginLibrary::create`]. Only the library
+/// that made it can use or free it.
+#[derive(Debug)]
+pub struct Instance(InstancePtr);
+
+/// What closing a library found.
+#[derive(Debug)]
+pub struct CloseReport {
+    /// `dlclose` failed with this message.
+    pub close_error: Option<String>,
+    /// The private copy is still in `/proc/self/maps` after `dlclose`: some
+    /// thread-local destructor or thread of the plugin still pins it.
+    pub still_mapped: bool,
+}
+
+/// Unique private-copy paths within this process; the pid keeps two hosts
+/// sharing a data dir apart.
+static NEXT_COPY: AtomicU64 = AtomicU64::new(0);
+
+impl PluginLibrary {
+    /// Opens `candidate` from a private copy in `cache_dir` and reads its
+    /// config. `file_stem` names the copy, for people reading `/proc/maps`.
+    pub fn open(
+        candidate: Candidate,
+        file_stem: &str,
+        cache_dir: &Path,
+    ) -> Result<(Self, ServiceInfo), LoadError> {
+        let private_copy = cache_dir.join(format!(
+            "{file_stem}.{}.{}.so",
+            std::process::id(),
+            NEXT_COPY.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&private_copy, &candidate.bytes)?;
+        let opened = Self::open_copy(&private_copy);
+        if opened.is_err() {
+            let _ = std::fs::remove_file(&private_copy);
+        }
+        opened
+    }
+
+    fn open_copy(private_copy: &Path) -> Result<(Self, ServiceInfo), LoadError> {
+        use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        // SAFETY: opening a library runs its initializers. The file passed
+        // the ELF check, and running foreign initializers is the purpose of
+        // a plugin host; RTLD_LOCAL keeps its symbols out of the global
+        // namespace and RTLD_NOW makes missing symbols fail here, not later.
+        let library: libloading::Library =
+            unsafe { Library::open(Some(private_copy), RTLD_NOW | RTLD_LOCAL) }
+                .map_err(|e| LoadError::Open(e.to_string()))?
+                .into();
+        // SAFETY: `EntryFn` is the signature `export_plugin!` generates; a
+        // library exporting the name with another signature is caught by the
+        // header check below before any other field is used.
+        let entry: EntryFn = *unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }
+            .map_err(|_| LoadError::MissingEntry)?;
+
+        let read = thread::scope(|scope| {
+            thread::Builder::new()
+                .name("plugin-load".to_owned())
+                .spawn_scoped(scope, || read_descriptor(entry))
+                .map_err(|e| LoadError::Thread(e.to_string()))?
+                .join()
+                .map_err(|_| LoadError::Thread("the load thread panicked".to_owned()))?
+        });
+        let (functions, info) = read?;
+        let info = validate(info)?;
+        Ok((
+            Self {
+                library,
+                private_copy: private_copy.to_owned(),
+                create: functions.create,
+                handle: functions.handle,
+                destroy: functions.destroy,
+            },
+            info,
+        ))
+    }
+
+    /// Creates the plugin's state. Runs plugin code: call it on a thread
+    /// that ends before the library is closed.
+    pub fn create(&self) -> Result<Instance, String> {
+        match (self.create)() {
+            RResult::ROk(ptr) => Ok(Instance(ptr)),
+            RResult::RErr(message) => Err(message.into()),
+        }
+    }
+
+    /// Handles one request. Runs plugin code: call it only from the
+    /// plugin's own worker threads.
+    pub fn handle(&self, instance: &Instance, request: &PluginRequest) -> PluginResponse {
+        let headers: Vec<FfiHeaderRef<'_>> = request
+            .headers
+            .iter()
+            .map(|(name, value)| FfiHeaderRef {
+                name: RStr::from_str(name),
+                value: RSlice::from_slice(value),
+            })
+            .collect();
+        let ffi_request = FfiRequest {
+            method: RStr::from_str(&request.method),
+            path: RStr::from_str(&request.path),
+            query: RStr::from_str(&request.query),
+            headers: RSlice::from_slice(&headers),
+            body: RSlice::from_slice(&request.body),
+            client_addr: RStr::from_str(&request.client_addr),
+        };
+        let response = (self.handle)(instance.0, &ffi_request);
+        // Copy into host memory; dropping `response` frees the plugin's
+        // allocations through the plugin's own allocator, while it is loaded.
+        PluginResponse {
+            status: response.status,
+            headers: response
+                .headers
+                .iter()
+                .map(|header| (header.name.to_string(), header.value.to_vec()))
+                .collect(),
+            body: response.body.to_vec(),
+        }
+    }
+
+    /// Runs the plugin's shutdown hook and frees its state. Runs plugin
+    /// code: call it on a thread that ends before the library is closed,
+    /// after every [`PluginLibrary::handle`] call returned.
+    pub fn destroy(&self, instance: Instance) -> Result<(), String> {
+        match (self.destroy)(instance.0) {
+            RResult::ROk(()) => Ok(()),
+            RResult::RErr(message) => Err(message.into()),
+        }
+    }
+
+    /// Closes the library, deletes the private copy, and checks that the
+    /// library is really gone from the address space.
+    pub fn close(self) -> CloseReport {
+        let close_error = self.library.close().err().map(|e| e.to_string());
+        if let Err(error) = std::fs::remove_file(&self.private_copy) {
+            tracing::warn!(path = %self.private_copy.display(), %error, "could not delete a plugin's private copy");
+        }
+        let still_mapped = std::fs::read_to_string("/proc/self/maps")
+            .map(|maps| maps.contains(&*self.private_copy.to_string_lossy()))
+            .unwrap_or(false);
+        CloseReport {
+            close_error,
+            still_mapped,
+        }
+    }
+}
+
+struct Functions {
+    create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
+    destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
+}
+
+/// Calls the entry point, checks the header, reads the config. Runs plugin
+/// code, hence on a scoped thread.
+fn read_descriptor(entry: EntryFn) -> Result<(Functions, ServiceInfo), LoadError> {
+    // SAFETY: `entry` is the library's exported entry point and takes no
+    // arguments; the library stays open for the whole call.
+    let descriptor = unsafe { entry() };
+    if descriptor.is_null() {
+        return Err(LoadError::NullDescriptor);
+    }
+    // SAFETY: every ABI version starts the descriptor with a
+    // `DescriptorHeader`, so these two words are readable whatever the rest.
+    let header = unsafe { descriptor.cast::<DescriptorHeader>().read() };
+    if header.abi_version != ABI_VERSION {
+        return Err(LoadError::AbiVersion {
+            found: header.abi_version,
+            expected: ABI_VERSION,
+        });
+    }
+    if header.descriptor_size != DESCRIPTOR_SIZE {
+        return Err(LoadError::DescriptorSize {
+            found: header.descriptor_size,
+            expected: DESCRIPTOR_SIZE,
+        });
+    }
+    // SAFETY: version and size match ours, so the pointee is a
+    // `PluginDescriptor` with static lifetime inside the open library.
+    let descriptor = unsafe { &*descriptor };
+    let config = match (descriptor.service_config)() {
+        RResult::ROk(config) => config,
+        RResult::RErr(message) => return Err(LoadError::Config(message.into())),
+    };
+    Ok((
+        Functions {
+            create: descriptor.create,
+            handle: descriptor.handle,
+            destroy: descriptor.destroy,
+        },
+        copy_config(&config),
+    ))
+}
+
+fn copy_config(config: &FfiServiceConfig) -> ServiceInfo {
+    ServiceInfo {
+        name: config.name.to_string(),
+        display_name: config.display_name.to_string(),
+        description: config.description.to_string(),
+        version: config.version.to_string(),
+        health_check_url: config.health_check_url.to_string(),
+        metadata: config
+            .metadata
+            .iter()
+            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+            .collect(),
+        tags: config.tags.iter().map(|tag| tag.to_string()).collect(),
+        requires_auth: config.requires_auth,
+        endpoints: config
+            .endpoints
+            .iter()
+            .map(|endpoint| Endpoint {
+                path: endpoint.path.to_string(),
+                method: endpoint.method.to_string(),
+                description: endpoint.description.to_string(),
+                is_public: endpoint.is_public,
+            })
+            .collect(),
+    }
+}
+
+fn validate(info: ServiceInfo) -> Result<ServiceInfo, LoadError> {
+    let invalid = |field: String, reason: String| LoadError::InvalidConfig { field, reason };
+    validate_name(&info.name).map_err(|e| invalid("name".into(), e.to_string()))?;
+    if info.version.trim().is_empty() {
+        return Err(invalid("version".into(), "is empty".into()));
+    }
+    if !info.health_check_url.starts_with('/') {
+        return Err(invalid(
+            "health_check_url".into(),
+            format!("`{}` must start with `/`", info.health_check_url),
+        ));
+    }
+    for (index, endpoint) in info.endpoints.iter().enumerate() {
+        if !HTTP_METHODS.contains(&endpoint.method.as_str()) {
+            return Err(invalid(
+                format!("endpoints[{index}].method"),
+                format!(
+                    "`{}` is not one of {}",
+                    endpoint.method,
+                    HTTP_METHODS.join(", ")
+                ),
+            ));
+        }
+        if !endpoint.path.starts_with('/') {
+            return Err(invalid(
+                format!("endpoints[{index}].path"),
+                format!("`{}` must start with `/`", endpoint.path),
+            ));
+        }
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf_header() -> Vec<u8> {
+        let mut bytes = vec![0u8; 64];
+        bytes[..4].copy_from_slice(b"\x7fELF");
+        bytes[4] = 2;
+        bytes[5] = 1;
+        bytes[16..18].copy_from_slice(&3u16.to_le_bytes());
+        bytes[18..20].copy_from_slice(&ELF_MACHINE.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn elf_checks() {
+        assert!(check_elf(&elf_header()).is_ok());
+        assert!(matches!(check_elf(b"hello world"), Err(LoadError::NotElf)));
+        assert!(matches!(
+            check_elf(&elf_header()[..40]),
+            Err(LoadError::Truncated {
+                needed: 64,
+                actual: 40
+            })
+        ));
+        let mut exe = elf_header();
+        exe[16] = 2;
+        assert!(matches!(check_elf(&exe), Err(LoadError::WrongElf(_))));
+        let mut cut = elf_header();
+        // Section headers at offset 4096, 10 entries of 64 bytes.
+        cut[0x28..0x30].copy_from_slice(&4096u64.to_le_bytes());
+        cut[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        cut[0x3c..0x3e].copy_from_slice(&10u16.to_le_bytes());
+        assert!(matches!(
+            check_elf(&cut),
+            Err(LoadError::Truncated {
+                needed: 4736,
+                actual: 64
+            })
+        ));
+    }
+}

@@ -1,0 +1,270 @@
+//! The plugin manager: applies settled file events to the service table.
+//!
+//! It owns which file is mounted under which name. For a changed file it
+//! asks the loader for a library, starts a runtime for it, and swaps it into
+//! the table in one step, so a request sees the old version or the new one,
+//! never neither. Whatever leaves the table (replaced, removed, refused
+//! after start) is unloaded on a thread of its own: wait for in-flight
+//! requests to let go, then shut the runtime down. It runs on one std
+//! thread, so file events are applied strictly in order; it never serves a
+//! request.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::loader::{Candidate, PluginLibrary};
+use crate::runtime::{PluginRuntime, RuntimeLimits, ShutdownReport};
+use crate::services::{Backend, PluginBackend, Service, ServiceTable};
+use crate::watcher::FileEvent;
+
+/// What the manager needs to know.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where private copies of libraries go.
+    pub cache_dir: PathBuf,
+    /// Threads and queue per plugin.
+    pub limits: RuntimeLimits,
+    /// Longest wait for an unloaded plugin's requests and threads.
+    pub drain_timeout: Duration,
+}
+
+struct Mounted {
+    name: String,
+    digest: u64,
+    runtime: Arc<PluginRuntime>,
+}
+
+/// Applies `events` until the channel closes, then unloads every plugin
+/// and waits for the unloads to finish.
+pub fn spawn(
+    config: ManagerConfig,
+    services: Arc<ServiceTable>,
+    events: Receiver<FileEvent>,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name("plugin-manager".to_owned())
+        .spawn(move || {
+            let mut manager = Manager {
+                config,
+                services,
+                mounted: HashMap::new(),
+                unloads: Vec::new(),
+            };
+            for event in events {
+                match event {
+                    FileEvent::Changed(path) => manager.load(path),
+                    FileEvent::Removed(path) => manager.remove(&path),
+                }
+                manager.unloads.retain(|unload| !unload.is_finished());
+            }
+            manager.unload_all();
+        })
+}
+
+struct Manager {
+    config: ManagerConfig,
+    services: Arc<ServiceTable>,
+    mounted: HashMap<PathBuf, Mounted>,
+    unloads: Vec<JoinHandle<()>>,
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+impl Manager {
+    fn load(&mut self, path: PathBuf) {
+        let started = Instant::now();
+        let file = file_name(&path);
+        let candidate = match Candidate::read(&path) {
+            Ok(candidate) => candidate,
+            Err(error) => {
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
+                return;
+            }
+        };
+        if self
+            .mounted
+            .get(&path)
+            .is_some_and(|mounted| mounted.digest == candidate.digest())
+        {
+            tracing::debug!(file = %file, "plugin file rewritten with the same content; kept as loaded");
+            return;
+        }
+        let digest = candidate.digest();
+        let stem = path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (library, info) = match PluginLibrary::open(candidate, &stem, &self.config.cache_dir) {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
+                return;
+            }
+        };
+        let name = info.name.clone();
+        if let Some(holder) = self.name_holder(&name, &file) {
+            tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
+            log_close(&name, &file, library.close());
+            return;
+        }
+        let runtime = match PluginRuntime::start(&name, library, self.config.limits) {
+            Ok(runtime) => Arc::new(runtime),
+            Err(error) => {
+                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused: init failed");
+                return;
+            }
+        };
+        let version = info.version.clone();
+        let endpoints = info.endpoints.len();
+        let service = Service {
+            info,
+            backend: Backend::Plugin(PluginBackend {
+                runtime: runtime.clone(),
+                loaded_from: file.clone(),
+            }),
+        };
+        // The table decides the race with a remote registration: it may
+        // have taken the name since `name_holder` looked.
+        match self
+            .services
+            .insert(service, |holder| is_plugin_from(holder, &file))
+        {
+            Ok(replaced) => drop(replaced),
+            Err(holder) => {
+                tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
+                self.unload(runtime, file);
+                return;
+            }
+        }
+        let previous = self.mounted.insert(
+            path,
+            Mounted {
+                name: name.clone(),
+                digest,
+                runtime,
+            },
+        );
+        let replaced = previous.is_some();
+        if let Some(previous) = previous {
+            if previous.name != name {
+                self.services
+                    .remove_if(&previous.name, |s| is_runtime(s, &previous.runtime));
+            }
+            self.unload(previous.runtime, file.clone());
+        }
+        tracing::info!(
+            plugin = %name,
+            version = %version,
+            file = %file,
+            endpoints,
+            replaced,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "plugin mounted"
+        );
+    }
+
+    /// Who other than the plugin file `file` holds `name`, if anyone.
+    fn name_holder(&self, name: &str, file: &str) -> Option<String> {
+        self.services
+            .get(name)
+            .filter(|holder| !is_plugin_from(holder, file))
+            .map(|holder| describe(&holder))
+    }
+
+    fn remove(&mut self, path: &Path) {
+        let Some(mounted) = self.mounted.remove(path) else {
+            return;
+        };
+        self.services
+            .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
+        tracing::info!(plugin = %mounted.name, file = %file_name(path), "plugin unmounted");
+        self.unload(mounted.runtime, file_name(path));
+    }
+
+    /// Drains and shuts down `runtime` on a thread of its own. The caller
+    /// has already taken it out of the table.
+    fn unload(&mut self, runtime: Arc<PluginRuntime>, file: String) {
+        let drain_timeout = self.config.drain_timeout;
+        let name = runtime.name().to_owned();
+        let spawned = thread::Builder::new()
+            .name(format!("unload-{name}"))
+            .spawn(move || unload(runtime, &file, drain_timeout));
+        match spawned {
+            Ok(handle) => self.unloads.push(handle),
+            Err(error) => {
+                tracing::error!(plugin = %name, %error, "could not spawn an unload thread; plugin left loaded");
+            }
+        }
+    }
+
+    fn unload_all(mut self) {
+        let mounted: Vec<(PathBuf, Mounted)> = self.mounted.drain().collect();
+        for (path, mounted) in mounted {
+            self.services
+                .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
+            self.unload(mounted.runtime, file_name(&path));
+        }
+        for unload in self.unloads {
+            let _ = unload.join();
+        }
+    }
+}
+
+fn is_plugin_from(service: &Service, file: &str) -> bool {
+    matches!(&service.backend, Backend::Plugin(plugin) if plugin.loaded_from == file)
+}
+
+fn is_runtime(service: &Service, runtime: &Arc<PluginRuntime>) -> bool {
+    matches!(&service.backend, Backend::Plugin(plugin) if Arc::ptr_eq(&plugin.runtime, runtime))
+}
+
+fn describe(service: &Service) -> String {
+    match &service.backend {
+        Backend::Plugin(plugin) => format!("plugin file {}", plugin.loaded_from),
+        Backend::Remote(_) => format!("remote service `{}`", service.info.name),
+    }
+}
+
+/// Waits until no request holds `runtime` (the table no longer does), then
+/// shuts it down.
+fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
+    let started = Instant::now();
+    let name = runtime.name().to_owned();
+    while Arc::strong_count(&runtime) > 1 && started.elapsed() < drain_timeout {
+        thread::sleep(Duration::from_millis(2));
+    }
+    if Arc::strong_count(&runtime) > 1 {
+        tracing::warn!(plugin = %name, file, "requests still in flight after the drain timeout; shutting down anyway");
+    }
+    let remaining = drain_timeout.saturating_sub(started.elapsed());
+    match runtime.shutdown(remaining.max(Duration::from_millis(100))) {
+        ShutdownReport::Closed { hook_error, close } => {
+            if let Some(error) = hook_error {
+                tracing::warn!(plugin = %name, file, %error, "plugin shutdown hook failed");
+            }
+            log_close(&name, file, close);
+            tracing::info!(plugin = %name, file, elapsed_ms = started.elapsed().as_millis() as u64, "plugin unloaded");
+        }
+        ShutdownReport::Leaked { running_workers } => {
+            tracing::warn!(plugin = %name, file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
+        }
+    }
+}
+
+fn log_close(name: &str, file: &str, close: crate::loader::CloseReport) {
+    if let Some(error) = close.close_error {
+        tracing::warn!(plugin = %name, file, %error, "dlclose failed");
+    }
+    if close.still_mapped {
+        tracing::warn!(plugin = %name, file, "library still mapped after dlclose (a plugin thread or thread-local pins it)");
+    }
+}

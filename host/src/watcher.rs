@@ -1,0 +1,266 @@
+//! The watcher: turns the plugins directory's file-system events into
+//! settled [`FileEvent`]s.
+//!
+//! notify reports every write of a file being copied; acting on the first
+//! would open half a library. So events only mark a path dirty, and a path
+//! is reported once it had no event for the debounce period and its size did
+//! not change over that period. Whether the path then exists decides
+//! between [`FileEvent::Changed`] and [`FileEvent::Removed`]: renames in and
+//! out, atomic replaces and `cp` over a file all reduce to that one question.
+//! The initial scan feeds the same queue, so start-up loading and hot
+//! loading are one code path. It never opens a file's content: the loader
+//! does.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
+
+/// A settled change of a plugin file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileEvent {
+    /// The file exists and was stable for the debounce period: (re)load it.
+    Changed(PathBuf),
+    /// The file is gone: unload what was loaded from it.
+    Removed(PathBuf),
+}
+
+/// Why the watcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    /// The directory could not be created or listed.
+    #[error("plugins directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// notify refused to watch it.
+    #[error("cannot watch plugins directory {path}: {source}")]
+    Notify {
+        /// The directory.
+        path: PathBuf,
+        /// notify's error.
+        source: notify::Error,
+    },
+}
+
+/// A running watcher. Dropping it stops the watch and the debounce thread,
+/// which closes the [`FileEvent`] channel.
+#[derive(Debug)]
+pub struct Watcher {
+    notify: Option<RecommendedWatcher>,
+    debouncer: Option<JoinHandle<()>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Dropping notify's watcher drops its event sender, which ends the
+        // debounce loop.
+        self.notify.take();
+        if let Some(debouncer) = self.debouncer.take() {
+            let _ = debouncer.join();
+        }
+    }
+}
+
+/// Whether `path` names a plugin library.
+fn is_plugin_file(path: &Path) -> bool {
+    path.extension().is_some_and(|ext| ext == "so")
+}
+
+/// Starts watching `dir` (non-recursively), reporting every plugin file in
+/// it first, then every settled change.
+pub fn watch(
+    dir: &Path,
+    debounce: Duration,
+    events: Sender<FileEvent>,
+) -> Result<Watcher, WatchError> {
+    let dir_error = |source| WatchError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_error)?;
+    // notify reports absolute paths; compare like with like.
+    let dir = &dir.canonicalize().map_err(dir_error)?;
+    let (raw_tx, raw_rx) = crossbeam_channel::unbounded::<Raw>();
+    let mut notify = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let raw = match event {
+            Ok(event) if event.need_rescan() => Raw::Rescan,
+            Ok(event) if is_content_read(&event.kind) => return,
+            Ok(event) => Raw::Paths(event.paths),
+            Err(error) => {
+                tracing::warn!(%error, "file watch error; rescanning the plugins directory");
+                Raw::Rescan
+            }
+        };
+        let _ = raw_tx.send(raw);
+    })
+    .map_err(|source| WatchError::Notify {
+        path: dir.to_owned(),
+        source,
+    })?;
+    notify
+        .watch(dir, RecursiveMode::NonRecursive)
+        .map_err(|source| WatchError::Notify {
+            path: dir.to_owned(),
+            source,
+        })?;
+    // Scan after the watch is set, so a file created in between is seen by
+    // one or the other (or both, which the debounce merges).
+    let initial = list_plugin_files(dir).map_err(dir_error)?;
+    let mut debouncer = Debouncer::new(dir.to_owned(), debounce);
+    for path in initial {
+        debouncer.mark(path, Instant::now());
+    }
+    let debouncer = thread::Builder::new()
+        .name("plugin-watcher".to_owned())
+        .spawn(move || debouncer.run(&raw_rx, &events))
+        .map_err(dir_error)?;
+    Ok(Watcher {
+        notify: Some(notify),
+        debouncer: Some(debouncer),
+    })
+}
+
+/// Reads do not change a file, and the loader's own read of a file must not
+/// retrigger its load.
+fn is_content_read(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
+}
+
+fn list_plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if is_plugin_file(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+enum Raw {
+    Paths(Vec<PathBuf>),
+    Rescan,
+}
+
+struct Pending {
+    due: Instant,
+    /// Size when last marked; `None` if the file did not exist then.
+    size: Option<u64>,
+}
+
+struct Debouncer {
+    dir: PathBuf,
+    debounce: Duration,
+    pending: HashMap<PathBuf, Pending>,
+    /// Paths last reported as changed, so that a rescan can tell which of
+    /// them disappeared.
+    present: HashSet<PathBuf>,
+}
+
+fn file_size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|metadata| metadata.is_file())
+        .map(|metadata| metadata.len())
+}
+
+impl Debouncer {
+    fn new(dir: PathBuf, debounce: Duration) -> Self {
+        Self {
+            dir,
+            debounce,
+            pending: HashMap::new(),
+            present: HashSet::new(),
+        }
+    }
+
+    fn mark(&mut self, path: PathBuf, due: Instant) {
+        let size = file_size(&path);
+        self.pending.insert(path, Pending { due, size });
+    }
+
+    fn run(mut self, raw: &Receiver<Raw>, events: &Sender<FileEvent>) {
+        loop {
+            let next_due = self.pending.values().map(|pending| pending.due).min();
+            let received = match next_due {
+                Some(due) => raw.recv_deadline(due),
+                None => raw.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match received {
+                Ok(Raw::Paths(paths)) => {
+                    let due = Instant::now() + self.debounce;
+                    for path in paths {
+                        if path.parent() == Some(self.dir.as_path()) && is_plugin_file(&path) {
+                            self.mark(path, due);
+                        }
+                    }
+                }
+                Ok(Raw::Rescan) => self.rescan(),
+                Err(RecvTimeoutError::Timeout) => {
+                    if !self.report_due(events) {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn rescan(&mut self) {
+        let due = Instant::now() + self.debounce;
+        let listed = list_plugin_files(&self.dir).unwrap_or_else(|error| {
+            tracing::warn!(path = %self.dir.display(), %error, "could not list the plugins directory");
+            Vec::new()
+        });
+        let known: Vec<PathBuf> = self.present.iter().cloned().collect();
+        for path in listed.into_iter().chain(known) {
+            self.mark(path, due);
+        }
+    }
+
+    /// Reports every due path whose size held still; re-arms the others.
+    /// Returns false once nobody listens any more.
+    fn report_due(&mut self, events: &Sender<FileEvent>) -> bool {
+        let now = Instant::now();
+        let due: Vec<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.due <= now)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in due {
+            let Some(pending) = self.pending.remove(&path) else {
+                continue;
+            };
+            let event = match file_size(&path) {
+                None => {
+                    self.present.remove(&path);
+                    FileEvent::Removed(path)
+                }
+                Some(size) if pending.size == Some(size) && size > 0 => {
+                    self.present.insert(path.clone());
+                    FileEvent::Changed(path)
+                }
+                Some(_) => {
+                    // Still growing (or empty): look again after another
+                    // quiet period.
+                    self.mark(path, now + self.debounce);
+                    continue;
+                }
+            };
+            if events.send(event).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}

@@ -1,0 +1,179 @@
+//! The raw C ABI between the host and a plugin library.
+//!
+//! Plugin authors never touch this module: [`export_plugin!`](crate::export_plugin)
+//! generates the entry point. The host reads it through the loader.
+//!
+//! The handshake is deliberately dumb: the entry symbol returns a pointer to a
+//! static [`PluginDescriptor`] whose first two fields are a `u32` ABI version
+//! and the descriptor's size in bytes. The host reads those two words, and
+//! only if both match its own does it look at anything else. Every type that
+//! crosses the boundary is `#[repr(C)]` and built from abi_stable's FFI-safe
+//! containers, and every function pointer is `extern "C"` and never unwinds:
+//! the SDK catches panics inside the plugin, because a panic cannot be caught
+//! on the host's side of the boundary.
+//!
+//! Ownership rule: whoever allocated a value drops it. The host lends the
+//! request ([`FfiRequest`] borrows host memory); the plugin returns the
+//! response and the service config by value, and the host copies them into
+//! its own types and drops the originals while the library is still loaded.
+
+use std::ffi::c_void;
+
+use abi_stable::StableAbi;
+use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+
+/// The version of this ABI. The host refuses a library whose descriptor
+/// carries another number. Bump it on any change to a type in this module.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the symbol every plugin library exports, NUL-terminated for `dlsym`.
+pub const ENTRY_SYMBOL: &[u8] = b"plugin_api_entry\0";
+
+/// Signature of the entry symbol: returns a pointer to a descriptor with
+/// static lifetime inside the library.
+pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;
+
+/// Size of [`PluginDescriptor`] as the host expects it.
+pub const DESCRIPTOR_SIZE: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
+
+/// The first two words of every descriptor, whatever its ABI version.
+/// The host reads only this until both fields are checked.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, StableAbi)]
+pub struct DescriptorHeader {
+    /// [`ABI_VERSION`] of the `plugin-api` the plugin was built with.
+    pub abi_version: u32,
+    /// `size_of::<PluginDescriptor>()` in the plugin's build.
+    pub descriptor_size: u32,
+}
+
+/// Everything the host can call in a plugin.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct PluginDescriptor {
+    /// Must come first: see [`DescriptorHeader`].
+    pub header: DescriptorHeader,
+    /// Returns the service config, or a message if building it panicked.
+    pub service_config: extern "C" fn() -> RResult<FfiServiceConfig, RString>,
+    /// Creates the plugin's state. Called once per load, before any request.
+    pub create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    /// Handles one request. Called concurrently from the plugin's worker
+    /// threads; never unwinds (a panic becomes a 500 response).
+    pub handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
+    /// Runs the plugin's shutdown hook and frees its state. Called once,
+    /// after the last request returned. Returns an error message if the hook
+    /// panicked; the state is freed either way.
+    pub destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
+}
+
+/// Opaque pointer to a plugin's state, created by
+/// [`PluginDescriptor::create`] and freed by [`PluginDescriptor::destroy`].
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, StableAbi)]
+pub struct InstancePtr(pub *mut c_void);
+
+// SAFETY: the pointee is the plugin's state, which the SDK requires to be
+// `Send + Sync` (`Plugin: Send + Sync`); the pointer itself is only an address.
+unsafe impl Send for InstancePtr {}
+// SAFETY: as above.
+unsafe impl Sync for InstancePtr {}
+
+/// A service's description, as a plugin declares it.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiServiceConfig {
+    /// Unique service name, `[a-z0-9][a-z0-9-]*`; the gateway mounts the
+    /// plugin under `/api/<name>/`.
+    pub name: RString,
+    /// Human-readable name.
+    pub display_name: RString,
+    /// One-paragraph description.
+    pub description: RString,
+    /// The service's version, free-form (semver recommended).
+    pub version: RString,
+    /// Path of the health endpoint, relative to the service.
+    pub health_check_url: RString,
+    /// Free-form key/value metadata.
+    pub metadata: RVec<FfiKeyValue>,
+    /// Free-form tags.
+    pub tags: RVec<RString>,
+    /// Whether the service's non-public endpoints require authentication.
+    pub requires_auth: bool,
+    /// The endpoints the service offers.
+    pub endpoints: RVec<FfiEndpoint>,
+}
+
+/// One metadata entry.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiKeyValue {
+    /// The key.
+    pub key: RString,
+    /// The value.
+    pub value: RString,
+}
+
+/// One endpoint of a service.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiEndpoint {
+    /// Path pattern relative to the service, e.g. `/data/{id}`.
+    pub path: RString,
+    /// HTTP method in upper case.
+    pub method: RString,
+    /// What the endpoint does.
+    pub description: RString,
+    /// Whether the endpoint may be called without authentication.
+    pub is_public: bool,
+}
+
+/// A request, lent by the host for the duration of one `handle` call.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiRequest<'a> {
+    /// HTTP method in upper case.
+    pub method: RStr<'a>,
+    /// Path relative to `/api/<name>`, always starting with `/`, still
+    /// percent-encoded.
+    pub path: RStr<'a>,
+    /// The raw query string without `?`, empty if none.
+    pub query: RStr<'a>,
+    /// Request headers, names in lower case.
+    pub headers: RSlice<'a, FfiHeaderRef<'a>>,
+    /// The whole request body.
+    pub body: RSlice<'a, u8>,
+    /// The client's socket address, e.g. `127.0.0.1:51234`.
+    pub client_addr: RStr<'a>,
+}
+
+/// A borrowed request header.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiHeaderRef<'a> {
+    /// Lower-case header name.
+    pub name: RStr<'a>,
+    /// Raw header value.
+    pub value: RSlice<'a, u8>,
+}
+
+/// A response, owned by the plugin until the host has copied it.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: RVec<FfiHeader>,
+    /// The whole response body.
+    pub body: RVec<u8>,
+}
+
+/// An owned response header.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiHeader {
+    /// Header name.
+    pub name: RString,
+    /// Raw header value.
+    pub value: RVec<u8>,
+}

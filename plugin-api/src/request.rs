@@ -1,0 +1,105 @@
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+
+use crate::Error;
+use crate::ffi::FfiRequest;
+
+/// One request to a plugin, borrowed from the host for the handler's call.
+#[derive(Debug)]
+pub struct Request<'a> {
+    raw: &'a FfiRequest<'a>,
+    params: Vec<(&'a str, String)>,
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(raw: &'a FfiRequest<'a>, params: Vec<(&'a str, String)>) -> Self {
+        Self { raw, params }
+    }
+
+    /// The HTTP method in upper case.
+    pub fn method(&self) -> &str {
+        self.raw.method.as_str()
+    }
+
+    /// The path relative to the service's mount point, starting with `/`,
+    /// still percent-encoded.
+    pub fn path(&self) -> &str {
+        self.raw.path.as_str()
+    }
+
+    /// The raw query string, without `?`.
+    pub fn query_string(&self) -> &str {
+        self.raw.query.as_str()
+    }
+
+    /// The first value of query parameter `name`, decoded.
+    pub fn query(&self, name: &str) -> Option<String> {
+        form_urlencoded::parse(self.query_string().as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    }
+
+    /// The value of path parameter `name` (a `{name}` segment of the route),
+    /// percent-decoded.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Path parameter `name` parsed as `T`; a value that does not parse is
+    /// answered `422` naming the parameter.
+    pub fn param_as<T: FromStr>(&self, name: &str) -> Result<T, Error> {
+        let raw = self
+            .param(name)
+            .ok_or_else(|| Error::internal(format!("route has no parameter `{name}`")))?;
+        raw.parse().map_err(|_| {
+            Error::unprocessable(format!(
+                "path parameter `{name}`: `{raw}` is not a valid {}",
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// The first value of header `name` (case-insensitive) if it is UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.raw
+            .headers
+            .iter()
+            .find(|header| header.name.as_str().eq_ignore_ascii_case(name))
+            .and_then(|header| std::str::from_utf8(header.value.as_slice()).ok())
+    }
+
+    /// The whole body.
+    pub fn body(&self) -> &[u8] {
+        self.raw.body.as_slice()
+    }
+
+    /// The body as UTF-8 text, replacing invalid sequences.
+    pub fn text(&self) -> Cow<'_, str> {
+        String::from_utf8_lossy(self.body())
+    }
+
+    /// The body parsed as JSON into `T`. Malformed JSON is answered `400`;
+    /// JSON of the wrong shape (a missing or mistyped field) `422`, naming
+    /// the field.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        serde_json::from_slice(self.body()).map_err(|e| {
+            use serde_json::error::Category;
+            match e.classify() {
+                Category::Data => Error::unprocessable(format!("invalid body: {e}")),
+                Category::Syntax | Category::Eof | Category::Io => {
+                    Error::bad_request(format!("malformed JSON body: {e}"))
+                }
+            }
+        })
+    }
+
+    /// The client's socket address, e.g. `127.0.0.1:51234`.
+    pub fn client_addr(&self) -> &str {
+        self.raw.client_addr.as_str()
+    }
+}

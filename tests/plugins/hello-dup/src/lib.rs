@@ -1,0 +1,34 @@
+//! Test plugin `hello_dup`: a valid plugin whose service name, `hello`, is
+//! already taken by the `hello` example; the host must refuse whichever of
+//! the two loads second.
+
+use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
+use serde_json::json;
+
+struct HelloDup;
+
+impl Plugin for HelloDup {
+    fn config() -> ServiceConfig {
+        ServiceConfig::new("hello").version(env!("CARGO_PKG_VERSION"))
+    }
+
+    fn init() -> Result<Self> {
+        Ok(HelloDup)
+    }
+
+    fn router() -> Router<Self> {
+        Router::new()
+            .get("/", "Which plugin answers", root)
+            .get("/health", "Health check", health)
+    }
+}
+
+fn root(_: &HelloDup, _: &Request) -> Result<Response> {
+    Response::json(&json!({ "variant": env!("CARGO_PKG_NAME") }))
+}
+
+fn health(_: &HelloDup, _: &Request) -> Result<Response> {
+    Response::json(&json!({ "status": "healthy" }))
+}
+
+export_plugin!(HelloDup);
