@@ -73,6 +73,14 @@ impl<'a> Request<'a> {
             .and_then(|header| std::str::from_utf8(header.value.as_slice()).ok())
     }
 
+    /// Every header as (lower-case name, raw value), in the order received.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.raw
+            .headers
+            .iter()
+            .map(|header| (header.name.as_str(), header.value.as_slice()))
+    }
+
     /// The whole body.
     pub fn body(&self) -> &[u8] {
         self.raw.body.as_slice()

@@ -1,0 +1,44 @@
+//! Test plugin `echo`: answers any GET or POST up to two segments deep with
+//! the request exactly as the plugin received it.
+
+use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
+use serde_json::json;
+
+struct Echo;
+
+impl Plugin for Echo {
+    fn config() -> ServiceConfig {
+        ServiceConfig::new("echo").version(env!("CARGO_PKG_VERSION"))
+    }
+
+    fn init() -> Result<Self> {
+        Ok(Echo)
+    }
+
+    fn router() -> Router<Self> {
+        ["/", "/{a}", "/{a}/{b}"]
+            .into_iter()
+            .fold(Router::new(), |router, path| {
+                router
+                    .get(path, "Echoes the request", echo)
+                    .post(path, "Echoes the request", echo)
+            })
+    }
+}
+
+fn echo(_: &Echo, req: &Request) -> Result<Response> {
+    let headers: Vec<_> = req
+        .headers()
+        .map(|(name, value)| json!([name, String::from_utf8_lossy(value)]))
+        .collect();
+    Response::json(&json!({
+        "method": req.method(),
+        "path": req.path(),
+        "query": req.query_string(),
+        "headers": headers,
+        "body": req.text(),
+        "client_addr": req.client_addr(),
+    }))
+}
+
+export_plugin!(Echo);

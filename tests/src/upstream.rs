@@ -1,0 +1,288 @@
+//! Stand-ins for remote services: small axum servers on loopback that the
+//! tests register with a host and reach through its gateway, and helpers
+//! to speak the registry API.
+//!
+//! ```no_run
+//! # async fn example() {
+//! use integration_tests::Host;
+//! use integration_tests::upstream::{Upstream, register, registration};
+//! let host = Host::start().await;
+//! let upstream = Upstream::start().await;
+//! let (status, _) = register(&host, &registration("svc", upstream.port())).await;
+//! assert_eq!(status, 201);
+//! # }
+//! ```
+//!
+//! Routes (also under `/v1`, for base-path tests):
+//! - `GET /health`: 200, or 503 after [`Upstream::set_healthy`]`(false)`.
+//! - `GET /hello?name=X`: `{"message": "Hello, X!"}`, like the seed guide.
+//! - `ANY /echo/...`: the request as JSON (method, path, query, headers,
+//!   body length).
+//! - `POST /count`: reads the body as a stream and answers how many bytes
+//!   it had and whether they followed [`pattern_byte`].
+//! - `GET /bytes/{n}`: `n` bytes of [`pattern_byte`], streamed.
+//! - `GET /slow/{ms}`: answers after `ms` milliseconds.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::serve::ListenerExt;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::{Host, client};
+
+/// The byte at `offset` of every body the upstream streams or checks.
+pub fn pattern_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    unhealthy: AtomicBool,
+    health_checks: AtomicUsize,
+    connections: AtomicUsize,
+}
+
+/// A running upstream; stops when dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    counters: Arc<Counters>,
+    server: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// An upstream on `127.0.0.1`, on a port of its own.
+    pub async fn start() -> Upstream {
+        Self::start_on("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind 127.0.0.1:0")
+    }
+
+    /// An upstream on `addr` (port 0 for any).
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Upstream> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let counters = Arc::new(Counters::default());
+        let counted = counters.clone();
+        let listener = listener.tap_io(move |_| {
+            counted.connections.fetch_add(1, Ordering::SeqCst);
+        });
+        let routes = Router::new()
+            .route("/health", get(health))
+            .route("/hello", get(hello))
+            .route("/echo", any(echo))
+            .route("/echo/{*rest}", any(echo))
+            .route("/count", post(count))
+            .route("/bytes/{n}", get(bytes))
+            .route("/slow/{ms}", get(slow));
+        let app = Router::new()
+            .nest("/v1", routes.clone())
+            .merge(routes)
+            .with_state(counters.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Upstream {
+            addr,
+            counters,
+            server,
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Makes `/health` answer 200 (true) or 503 (false).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.counters.unhealthy.store(!healthy, Ordering::SeqCst);
+    }
+
+    /// `GET /health` requests so far.
+    pub fn health_checks(&self) -> usize {
+        self.counters.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.counters.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn health(State(counters): State<Arc<Counters>>) -> Response {
+    counters.health_checks.fetch_add(1, Ordering::SeqCst);
+    if counters.unhealthy.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unhealthy"})),
+        )
+            .into_response()
+    } else {
+        axum::Json(json!({"status": "healthy"})).into_response()
+    }
+}
+
+async fn hello(Query(query): Query<BTreeMap<String, String>>) -> Response {
+    let name = query.get("name").map_or("World", String::as_str);
+    axum::Json(json!({"message": format!("Hello, {name}!")})).into_response()
+}
+
+async fn echo(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let headers: BTreeMap<String, Value> = parts
+        .headers
+        .keys()
+        .map(|name| {
+            let values: Vec<Value> = parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|value| json!(String::from_utf8_lossy(value.as_bytes())))
+                .collect();
+            (name.as_str().to_owned(), Value::Array(values))
+        })
+        .collect();
+    let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    axum::Json(json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    }))
+    .into_response()
+}
+
+async fn count(body: Body) -> Response {
+    let mut stream = body.into_data_stream();
+    let mut offset = 0u64;
+    let mut pattern_ok = true;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return (StatusCode::BAD_REQUEST, "body broke off").into_response();
+        };
+        for byte in chunk.iter() {
+            pattern_ok &= *byte == pattern_byte(offset);
+            offset += 1;
+        }
+    }
+    axum::Json(json!({"bytes": offset, "pattern_ok": pattern_ok})).into_response()
+}
+
+/// Chunks of generated bodies.
+const CHUNK: u64 = 64 * 1024;
+
+async fn bytes(Path(n): Path<u64>) -> Response {
+    let chunks = futures_util::stream::iter((0..n.div_ceil(CHUNK)).map(move |index| {
+        let start = index * CHUNK;
+        let end = (start + CHUNK).min(n);
+        Ok::<_, std::io::Error>(Bytes::from(
+            (start..end).map(pattern_byte).collect::<Vec<u8>>(),
+        ))
+    }));
+    Body::from_stream(chunks).into_response()
+}
+
+async fn slow(Path(ms): Path<u64>) -> &'static str {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    "done"
+}
+
+/// A body of `n` bytes of [`pattern_byte`], generated chunk by chunk as
+/// the client sends it.
+pub fn pattern_body(n: u64) -> reqwest::Body {
+    let chunks = futures_util::stream::iter((0..n.div_ceil(CHUNK)).map(move |index| {
+        let start = index * CHUNK;
+        let end = (start + CHUNK).min(n);
+        Ok::<_, std::io::Error>((start..end).map(pattern_byte).collect::<Vec<u8>>())
+    }));
+    reqwest::Body::wrap_stream(chunks)
+}
+
+/// A registration like the seed guide's `SERVICE_CONFIG`, for a service on
+/// `127.0.0.1:port`.
+pub fn registration(name: &str, port: u16) -> Value {
+    json!({
+        "name": name,
+        "display_name": format!("Test service {name}"),
+        "description": "an upstream of the integration tests",
+        "version": "1.0.0",
+        "host": "127.0.0.1",
+        "port": port,
+        "base_path": "/",
+        "health_check_url": "/health",
+        "metadata": {"author": "tests"},
+        "tags": ["test"],
+        "requires_auth": false,
+        "endpoints": [
+            {"path": "hello", "method": "GET", "description": "greeting", "is_public": true},
+        ],
+    })
+}
+
+/// `POST /api/registry/register` with `body`: status and JSON answer.
+pub async fn register(host: &Host, body: &Value) -> (u16, Value) {
+    post_json(host, "/api/registry/register", body).await
+}
+
+/// `POST /api/registry/heartbeat` for `name`: status and JSON answer.
+pub async fn heartbeat(host: &Host, name: &str) -> (u16, Value) {
+    post_json(
+        host,
+        "/api/registry/heartbeat",
+        &json!({"service_id": name, "status": "healthy"}),
+    )
+    .await
+}
+
+/// `POST <registry><path>` with a JSON body: status and JSON answer.
+pub async fn post_json(host: &Host, path: &str, body: &Value) -> (u16, Value) {
+    let answer = client()
+        .post(host.registry_url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("registry request");
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET <gateway><path>`: status and body text.
+pub async fn gateway_get(host: &Host, path: &str) -> (u16, String) {
+    let answer = client()
+        .get(host.gateway_url(path))
+        .send()
+        .await
+        .expect("gateway request");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.unwrap_or_default())
+}

@@ -1,0 +1,382 @@
+//! In-process plugins: load on drop, unload on removal, swap on replace,
+//! refusal of bad files, and isolation of bad plugin behaviour.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use integration_tests::{Host, client, eventually};
+use serde_json::Value;
+
+async fn get_json(url: &str) -> (u16, Value) {
+    let answer = client().get(url).send().await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+/// Private copies of `stem` mapped into the host.
+fn mapped_copies(host: &Host, stem: &str) -> usize {
+    host.maps()
+        .lines()
+        .filter(|line| line.contains(&format!("plugin-cache/{stem}.")))
+        .filter_map(|line| line.split_whitespace().last())
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
+#[tokio::test]
+async fn a_dropped_file_is_mounted_listed_and_served() {
+    let host = Host::start().await;
+    host.install_plugin("hello", "libhello.so");
+    let line = host.wait_for_log("plugin mounted").await;
+    assert!(
+        line.contains("plugin=hello") && line.contains("file=libhello.so"),
+        "{line}"
+    );
+
+    let (status, body) = get_json(&host.gateway_url("/api/hello/hello?name=Developer")).await;
+    assert_eq!(
+        (status, body),
+        (200, serde_json::json!({"message": "Hello, Developer!"}))
+    );
+    let (_, body) = get_json(&host.gateway_url("/api/hello/hello")).await;
+    assert_eq!(body["message"], "Hello, World!");
+
+    let created = client()
+        .post(host.gateway_url("/api/hello/data"))
+        .json(&serde_json::json!({"title": "t", "content": "c"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let created: Value = created.json().await.unwrap();
+    assert_eq!(created["item"]["id"], 1);
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/data/1")).await.0,
+        200
+    );
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/data/2")).await.0,
+        404
+    );
+
+    let (status, listing) = get_json(&host.registry_url("/api/registry/services")).await;
+    assert_eq!(status, 200);
+    let hello = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|service| service["name"] == "hello")
+        .expect("hello listed");
+    assert_eq!(hello["kind"], "plugin");
+    assert_eq!(hello["status"], "healthy");
+    assert_eq!(hello["loaded_from"], "libhello.so");
+    assert_eq!(hello["version"], "1.0.0");
+    assert_eq!(hello["display_name"], "Hello Service");
+    assert!(hello["endpoints"].as_array().unwrap().len() >= 6);
+}
+
+#[tokio::test]
+async fn a_removed_file_is_unmounted_and_its_library_unmapped() {
+    let host = Host::start().await;
+    host.install_plugin("hello", "libhello.so");
+    host.wait_for_log("plugin mounted").await;
+    assert_eq!(mapped_copies(&host, "libhello"), 1);
+
+    let mark = host.log_mark();
+    host.remove_plugin("libhello.so");
+    host.wait_for_log_since(mark, &["plugin unloaded", "plugin=hello"])
+        .await;
+    assert_eq!(get_json(&host.gateway_url("/api/hello/hello")).await.0, 404);
+    assert_eq!(mapped_copies(&host, "libhello"), 0, "{}", host.maps());
+    assert!(!host.logs().contains("still mapped"), "{}", host.logs());
+
+    // Back again: live at once.
+    let mark = host.log_mark();
+    host.install_plugin("hello", "libhello.so");
+    host.wait_for_log_since(mark, &["plugin mounted"]).await;
+    assert_eq!(get_json(&host.gateway_url("/api/hello/hello")).await.0, 200);
+}
+
+async fn variant(host: &Host) -> Option<String> {
+    let (status, body) = get_json(&host.gateway_url("/api/swap/")).await;
+    (status == 200).then(|| body["variant"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn a_replaced_file_serves_the_new_version_by_cp_and_by_rename() {
+    let host = Host::start().await;
+    host.install_plugin("swap_a", "swap.so");
+    host.wait_for_log("plugin mounted").await;
+    assert_eq!(variant(&host).await.as_deref(), Some("swap-a"));
+
+    let mark = host.log_mark();
+    host.install_plugin("swap_b", "swap.so");
+    host.wait_for_log_since(mark, &["plugin mounted", "replaced=true"])
+        .await;
+    assert_eq!(variant(&host).await.as_deref(), Some("swap-b"));
+
+    let mark = host.log_mark();
+    host.rename_plugin_in("swap_a", "swap.so");
+    host.wait_for_log_since(mark, &["plugin mounted", "replaced=true"])
+        .await;
+    assert_eq!(variant(&host).await.as_deref(), Some("swap-a"));
+    host.wait_for_log_since(mark, &["plugin unloaded", "plugin=swap"])
+        .await;
+    assert_eq!(mapped_copies(&host, "swap"), 1, "{}", host.maps());
+}
+
+#[tokio::test]
+async fn no_request_fails_while_a_plugin_is_replaced_20_times_under_load() {
+    let host = Arc::new(
+        Host::builder()
+            .arg("--watch-debounce")
+            .arg("20ms")
+            .start()
+            .await,
+    );
+    host.install_plugin("swap_a", "swap.so");
+    host.wait_for_log("plugin mounted").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let served = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (host, stop, failures, served) =
+            (host.clone(), stop.clone(), failures.clone(), served.clone());
+        load.push(tokio::spawn(async move {
+            let client = client();
+            let mut variants = std::collections::HashSet::new();
+            // Bounded: at most 100,000 requests per client even if the
+            // swaps stall.
+            for _ in 0..100_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match client.get(host.gateway_url("/api/swap/")).send().await {
+                    Ok(answer) if answer.status() == 200 => {
+                        let body: Value = answer.json().await.unwrap();
+                        variants.insert(body["variant"].as_str().unwrap().to_owned());
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(answer) => {
+                        eprintln!("failed: {} {:?}", answer.status(), answer.text().await);
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(error) => {
+                        eprintln!("failed: {error}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            variants
+        }));
+    }
+    for round in 0..20 {
+        let lib = if round % 2 == 0 { "swap_b" } else { "swap_a" };
+        let mark = host.log_mark();
+        host.install_plugin(lib, "swap.so");
+        host.wait_for_log_since(mark, &["plugin mounted", "replaced=true"])
+            .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut variants = std::collections::HashSet::new();
+    for task in load {
+        variants.extend(task.await.unwrap());
+    }
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert!(
+        served.load(Ordering::Relaxed) > 100,
+        "too little load to prove anything"
+    );
+    assert_eq!(variants.len(), 2, "both versions served: {variants:?}");
+    eventually("every replaced library unloaded", || async {
+        host.logs().matches("plugin unloaded").count() == 20
+    })
+    .await;
+    assert_eq!(mapped_copies(&host, "swap"), 1, "{}", host.maps());
+}
+
+#[tokio::test]
+async fn bad_files_are_refused_naming_the_file_and_the_reason() {
+    let host = Host::start().await;
+    host.install_plugin("hello", "libhello.so");
+    host.wait_for_log("plugin mounted").await;
+
+    let plugins = host.plugins_dir();
+    std::fs::write(plugins.join("garbage.so"), b"this is not a library").unwrap();
+    let slow = std::fs::read(integration_tests::plugin_library("slow")).unwrap();
+    std::fs::write(plugins.join("truncated.so"), &slow[..slow.len() / 2]).unwrap();
+    std::fs::write(plugins.join("notes.txt"), b"not a plugin, ignored").unwrap();
+    host.install_plugin("no_entry", "libno_entry.so");
+    host.install_plugin("bad_abi", "libbad_abi.so");
+    host.install_plugin("bad_name", "libbad_name.so");
+    host.install_plugin("hello_dup", "libhello_dup.so");
+
+    for (file, reason) in [
+        ("garbage.so", "not an ELF shared object"),
+        ("truncated.so", "truncated"),
+        ("libno_entry.so", "missing entry symbol `plugin_api_entry`"),
+        (
+            "libbad_abi.so",
+            "the plugin has version 999, this host speaks version 1",
+        ),
+        ("libbad_name.so", "invalid config field `name`"),
+        ("libhello_dup.so", "service name already in use"),
+    ] {
+        let line = host
+            .wait_for_log_since(0, &["refused", &format!("file={file}")])
+            .await;
+        assert!(line.contains(reason), "{file}: {line}");
+    }
+    assert!(!host.logs().contains("notes.txt"));
+    // The first `hello` is untouched, and nothing refused is mapped.
+    let (status, body) = get_json(&host.gateway_url("/api/hello/")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["service"], "Hello Service");
+    for stem in [
+        "garbage",
+        "truncated",
+        "libno_entry",
+        "libbad_abi",
+        "libbad_name",
+        "libhello_dup",
+    ] {
+        assert_eq!(mapped_copies(&host, stem), 0, "{stem} still mapped");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_a_500_and_the_host_lives_on() {
+    let host = Host::start().await;
+    host.install_plugin("panicky", "libpanicky.so");
+    host.wait_for_log("plugin mounted").await;
+    for _ in 0..3 {
+        let (status, body) = get_json(&host.gateway_url("/api/panicky/boom")).await;
+        assert_eq!(status, 500);
+        assert!(
+            body["detail"].as_str().unwrap().contains("panicked"),
+            "{body}"
+        );
+    }
+    let (status, body) = get_json(&host.gateway_url("/api/panicky/ok")).await;
+    assert_eq!((status, body), (200, serde_json::json!({"ok": true})));
+}
+
+#[tokio::test]
+async fn a_plugin_with_thread_locals_unloads_and_the_host_survives() {
+    let mut host = Host::builder()
+        .arg("--plugin-workers")
+        .arg("2")
+        .start()
+        .await;
+    host.install_plugin("tls", "libtls.so");
+    host.wait_for_log("plugin mounted").await;
+    for _ in 0..10 {
+        let (status, body) = get_json(&host.gateway_url("/api/tls/")).await;
+        assert_eq!(status, 200);
+        assert!(body["count"].as_u64().unwrap() >= 1);
+    }
+    let mark = host.log_mark();
+    host.remove_plugin("libtls.so");
+    host.wait_for_log_since(mark, &["plugin unloaded", "plugin=tls"])
+        .await;
+    assert_eq!(mapped_copies(&host, "libtls"), 0, "{}", host.maps());
+    // Load it again: a fresh copy, fresh thread-locals, still working.
+    host.install_plugin("tls", "libtls.so");
+    host.wait_for_log_since(mark, &["plugin mounted", "plugin=tls"])
+        .await;
+    let (status, body) = get_json(&host.gateway_url("/api/tls/")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["count"], 1, "thread-locals start afresh: {body}");
+    assert!(host.is_running());
+}
+
+#[tokio::test]
+async fn a_slow_plugin_times_out_with_504_while_another_answers() {
+    let host = Host::builder()
+        .arg("--request-timeout")
+        .arg("1s")
+        .start()
+        .await;
+    host.install_plugin("slow", "libslow.so");
+    host.install_plugin("hello", "libhello.so");
+    host.wait_for_log_since(0, &["plugin mounted", "plugin=slow"])
+        .await;
+    host.wait_for_log_since(0, &["plugin mounted", "plugin=hello"])
+        .await;
+
+    let slow_url = host.gateway_url("/api/slow/sleep?ms=5000");
+    let slow = tokio::spawn(async move { get_json(&slow_url).await });
+    // While the slow request holds its worker, another plugin answers, and
+    // the slow one has not been answered yet.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/health")).await.0,
+        200
+    );
+    assert!(!slow.is_finished());
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 504);
+    assert_eq!(body["service"], "slow");
+}
+
+#[tokio::test]
+async fn a_full_queue_is_answered_503() {
+    let host = Host::builder()
+        .args(["--plugin-workers", "1", "--plugin-queue", "1"])
+        .start()
+        .await;
+    host.install_plugin("slow", "libslow.so");
+    host.wait_for_log("plugin mounted").await;
+    let url = host.gateway_url("/api/slow/sleep?ms=1500");
+    let busy = tokio::spawn(get_json_owned(url.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued = tokio::spawn(get_json_owned(url.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, body) = get_json(&url).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("overloaded"),
+        "{body}"
+    );
+    assert_eq!(busy.await.unwrap().0, 200);
+    assert_eq!(queued.await.unwrap().0, 200);
+}
+
+async fn get_json_owned(url: String) -> (u16, Value) {
+    get_json(&url).await
+}
+
+#[tokio::test]
+async fn a_hundred_load_unload_cycles_do_not_grow_the_host() {
+    let host = Host::builder()
+        .arg("--watch-debounce")
+        .arg("10ms")
+        .start()
+        .await;
+    let mut warm_rss = 0;
+    for cycle in 0..100 {
+        if cycle == 10 {
+            warm_rss = host.rss_kib();
+        }
+        let mark = host.log_mark();
+        host.install_plugin("hello", "libhello.so");
+        host.wait_for_log_since(mark, &["plugin mounted"]).await;
+        assert_eq!(
+            get_json(&host.gateway_url("/api/hello/health")).await.0,
+            200
+        );
+        host.remove_plugin("libhello.so");
+        host.wait_for_log_since(mark, &["plugin unloaded"]).await;
+    }
+    let final_rss = host.rss_kib();
+    eprintln!("RSS after 10 cycles: {warm_rss} KiB, after 100: {final_rss} KiB");
+    assert!(
+        final_rss < warm_rss + 4 * 1024,
+        "RSS grew from {warm_rss} KiB to {final_rss} KiB over 90 cycles"
+    );
+    assert_eq!(mapped_copies(&host, "libhello"), 0);
+}

@@ -1,0 +1,105 @@
+//! Project automation, in Rust so that it runs wherever cargo does.
+//!
+//! - `cargo xtask run [HOST ARGS...]`: builds the host and the example
+//!   plugins in release mode, copies the plugins into `plugins-dir/`, and
+//!   runs the host (gateway on 127.0.0.1:8000, registry on 127.0.0.1:8001
+//!   unless HOST ARGS say otherwise).
+//! - `cargo xtask test`: builds every crate of the workspace (the host, the
+//!   example and test plugins) and runs every test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// The example plugins `run` installs: (package, library file).
+const EXAMPLE_PLUGINS: &[(&str, &str)] = &[
+    ("hello", "libhello.so"),
+    ("demo-service", "libdemo_service.so"),
+];
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let task = args.next();
+    let rest: Vec<String> = args.collect();
+    let result = match task.as_deref() {
+        Some("run") => run(&rest),
+        Some("test") => test(&rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask run [HOST ARGS...] | cargo xtask test [CARGO TEST ARGS...]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
+}
+
+fn cargo(args: &[&str]) -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run {cargo}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`cargo {}` failed ({status})", args.join(" ")))
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn run(host_args: &[String]) -> Result<(), String> {
+    let mut build = vec!["build", "--release", "-p", "plugin-host"];
+    for (package, _) in EXAMPLE_PLUGINS {
+        build.extend(["-p", package]);
+    }
+    cargo(&build)?;
+    let release = target_dir().join("release");
+    let plugins_dir = workspace_root().join("plugins-dir");
+    for (_, library) in EXAMPLE_PLUGINS {
+        // Write then rename: the host may already be watching the directory,
+        // and must never see a half-written library.
+        let staged = plugins_dir.join(format!(".{library}.partial"));
+        std::fs::copy(release.join(library), &staged)
+            .map_err(|e| format!("copying {library} into {}: {e}", plugins_dir.display()))?;
+        std::fs::rename(&staged, plugins_dir.join(library))
+            .map_err(|e| format!("installing {library}: {e}"))?;
+    }
+    let status = Command::new(release.join("plugin-host"))
+        .args(host_args)
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot start plugin-host: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("plugin-host exited with {status}"))
+    }
+}
+
+fn test(cargo_test_args: &[String]) -> Result<(), String> {
+    // The integration tests load the plugin libraries and start the host
+    // binary, so every crate must be built before they run.
+    cargo(&["build", "--workspace"])?;
+    let mut args = vec!["test", "--workspace"];
+    args.extend(cargo_test_args.iter().map(String::as_str));
+    cargo(&args)
+}
