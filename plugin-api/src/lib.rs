@@ -45,6 +45,7 @@
 //!   host's per-plugin worker threads and may block; a slow handler costs a
 //!   worker, not the gateway.
 //! - [`Error`]: an HTTP error with a JSON body; `?` on it returns early.
+//! - [`testing::TestClient`]: calls your router in unit tests, no host needed.
 //!
 //! # Rules for plugin code
 //! - Do not spawn threads that outlive [`Plugin::shutdown`]: a live thread
@@ -60,6 +61,7 @@ mod request;
 mod response;
 mod router;
 mod service;
+pub mod testing;
 
 #[doc(hidden)]
 pub mod __private;

@@ -94,3 +94,50 @@ fn get_data(state: &Hello, req: &Request) -> Result<Response> {
 }
 
 export_plugin!(Hello);
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::testing::TestClient;
+    use serde_json::{Value, json};
+
+    use super::Hello;
+
+    fn body(response: &plugin_api::Response) -> Value {
+        serde_json::from_slice(response.body_bytes()).unwrap()
+    }
+
+    #[test]
+    fn greets_by_name_or_the_world() {
+        let client = TestClient::<Hello>::new().unwrap();
+        assert_eq!(
+            body(&client.get("/hello?name=Ada")),
+            json!({"message": "Hello, Ada!"})
+        );
+        assert_eq!(
+            body(&client.get("/hello")),
+            json!({"message": "Hello, World!"})
+        );
+    }
+
+    #[test]
+    fn stores_and_finds_items() {
+        let client = TestClient::<Hello>::new().unwrap();
+        let created = client.post_json("/data", &json!({"title": "t", "content": "c"}));
+        assert_eq!(body(&created)["item"]["id"], 1);
+        assert_eq!(client.get("/data/1").status(), 200);
+        assert_eq!(client.get("/data/2").status(), 404);
+        assert_eq!(client.get("/data/x").status(), 422);
+        assert_eq!(body(&client.get("/data"))["count"], 1);
+    }
+
+    #[test]
+    fn refuses_bodies_that_do_not_fit() {
+        let client = TestClient::<Hello>::new().unwrap();
+        assert_eq!(
+            client.post_json("/data", &json!({"title": "t"})).status(),
+            422
+        );
+        let malformed = client.request("POST", "/data", &[], b"{not json");
+        assert_eq!(malformed.status(), 400);
+    }
+}
