@@ -134,7 +134,19 @@ async fn call_plugin(
                 retried = true;
                 match gateway.services.get(name).map(|s| s.backend.clone()) {
                     Some(Backend::Plugin(plugin)) => runtime = plugin.runtime,
-                    Some(Backend::Remote(_)) | None => return unknown_service(name),
+                    // A plugin replaced by a remote service mid-request: the
+                    // body was read for the plugin, so let the client retry.
+                    Some(Backend::Remote(_)) => {
+                        return ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "service `{name}` was replaced while the request waited; retry"
+                            ),
+                        )
+                        .with("service", name)
+                        .into_response();
+                    }
+                    None => return unknown_service(name),
                 }
             }
             Err(error) => {
