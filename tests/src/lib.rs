@@ -154,7 +154,7 @@ impl HostBuilder {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
@@ -162,6 +162,7 @@ impl HostBuilder {
         });
         let mut host = Host {
             child: Some(child),
+            reader: Some(reader),
             logs,
             dirs: Some(dirs),
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -188,6 +189,8 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 #[derive(Debug)]
 pub struct Host {
     child: Option<Child>,
+    /// Reads the host's stderr into `logs` until the host exits.
+    reader: Option<std::thread::JoinHandle<()>>,
     logs: Arc<Mutex<Vec<String>>>,
     dirs: Option<Dirs>,
     gateway: SocketAddr,
@@ -262,6 +265,11 @@ impl Host {
     /// Everything the host logged so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
+    }
+
+    /// The shared log buffer, readable after the host was stopped.
+    pub fn logs_handle(&self) -> Arc<Mutex<Vec<String>>> {
+        self.logs.clone()
     }
 
     /// Number of log lines so far: a mark for [`Host::wait_for_log_since`].
@@ -340,6 +348,10 @@ impl Host {
             .expect("kill -TERM");
         assert!(status.success(), "kill -TERM failed");
         let exit = child.wait().expect("wait");
+        // Every line the host wrote is in `logs` once the reader saw EOF.
+        if let Some(reader) = self.reader.take() {
+            reader.join().expect("log reader");
+        }
         (exit, self.dirs.take().expect("dirs"))
     }
 }

@@ -380,3 +380,50 @@ async fn a_hundred_load_unload_cycles_do_not_grow_the_host() {
     );
     assert_eq!(mapped_copies(&host, "libhello"), 0);
 }
+
+#[tokio::test]
+async fn files_present_at_start_are_mounted_and_sigterm_unloads_them() {
+    let dirs = integration_tests::Dirs::new();
+    std::fs::copy(
+        integration_tests::plugin_library("hello"),
+        dirs.plugins().join("libhello.so"),
+    )
+    .unwrap();
+    let host = Host::builder().dirs(dirs).start().await;
+    host.wait_for_log("plugin mounted").await;
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/health")).await.0,
+        200
+    );
+    let logs = host.logs_handle();
+    let (status, _) = host.stop();
+    assert!(status.success(), "exit status {status}");
+    let logs = logs.lock().unwrap().join("\n");
+    assert!(logs.contains("plugin unloaded"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_file_written_slowly_in_chunks_is_loaded_once_complete() {
+    let host = Host::start().await;
+    let library = std::fs::read(integration_tests::plugin_library("hello")).unwrap();
+    let path = host.plugins_dir().join("libhello.so");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&path).unwrap();
+        for chunk in library.chunks(library.len() / 4 + 1) {
+            file.write_all(chunk).unwrap();
+            file.flush().unwrap();
+            // Shorter than the debounce: the writer is still busy.
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+    host.wait_for_log("plugin mounted").await;
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/health")).await.0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = host.logs();
+    assert_eq!(logs.matches("plugin mounted").count(), 1, "{logs}");
+    assert!(!logs.contains("refused"), "{logs}");
+}
