@@ -33,7 +33,8 @@ pub struct Config {
     pub registry_addr: SocketAddr,
 
     /// Longest a request may wait for a plugin or an upstream service before
-    /// it is answered 504.
+    /// it is answered 504. For a remote service it counts from the end of
+    /// the request body, so a long upload is not cut short.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
@@ -61,4 +62,31 @@ pub struct Config {
     /// file still being copied is never opened.
     #[arg(long, env = "WATCH_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub watch_debounce: Duration,
+
+    /// How often remote services are asked to heartbeat (the value the
+    /// registry answers a registration with; the seed guide's client uses
+    /// 30 s whatever it is told).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A remote service with neither a heartbeat nor a passing health check
+    /// for this long is unhealthy: the gateway answers 503 for it until the
+    /// next good heartbeat or check.
+    #[arg(long, env = "HEARTBEAT_TTL", default_value = "90s", value_parser = humantime::parse_duration)]
+    pub heartbeat_ttl: Duration,
+
+    /// How often the registry GETs every remote service's
+    /// `health_check_url`.
+    #[arg(long, env = "HEALTH_CHECK_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub health_check_interval: Duration,
+
+    /// Longest wait for one health check's answer.
+    #[arg(long, env = "HEALTH_CHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_check_timeout: Duration,
+
+    /// A remote service that neither heartbeated nor passed a health check
+    /// for this long is removed from the registry (and its database). Must
+    /// be longer than `--heartbeat-ttl`.
+    #[arg(long, env = "EVICT_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub evict_after: Duration,
 }

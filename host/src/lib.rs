@@ -59,6 +59,9 @@ pub enum HostError {
         /// The error.
         source: std::io::Error,
     },
+    /// The registry's database or options are unusable.
+    #[error(transparent)]
+    Registry(#[from] registry::StartError),
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
@@ -76,6 +79,24 @@ pub async fn run(
         path: cache_dir.clone(),
         source,
     })?;
+
+    // Stored registrations go into the table before any plugin is loaded,
+    // so a plugin file cannot take the name of a remote service accepted
+    // earlier (see `Registry::open`).
+    let registry = registry::Registry::open(
+        services.clone(),
+        registry::RegistryConfig {
+            database: config.data_dir.join("registry.redb"),
+            policy: registry::Policy {
+                heartbeat_interval: config.heartbeat_interval,
+                ttl: config.heartbeat_ttl,
+                check_interval: config.health_check_interval,
+                check_timeout: config.health_check_timeout,
+                evict_after: config.evict_after,
+            },
+            max_body_bytes: config.max_body_bytes,
+        },
+    )?;
 
     let gateway_listener = bind("gateway", config.gateway_addr).await?;
     let registry_listener = bind("registry", config.registry_addr).await?;
@@ -98,13 +119,12 @@ pub async fn run(
 
     let gateway = gateway::router(gateway::Gateway {
         services: services.clone(),
-        proxy: proxy::Proxy::default(),
+        proxy: proxy::Proxy::new(config.request_timeout),
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
     });
-    let registry = registry::router(registry::Registry {
-        services: services.clone(),
-    });
+    let liveness = registry.spawn_liveness();
+    let registry = registry::router(registry);
 
     tracing::info!(
         gateway = %local_addr(&gateway_listener),
@@ -142,6 +162,7 @@ pub async fn run(
     let _ = stop.send(true);
     let gateway_result = gateway_server.await;
     let registry_result = registry_server.await;
+    liveness.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
     drop(watcher);

@@ -1,31 +1,363 @@
 //! The reverse proxy to remote services.
+//!
+//! One pooled HTTP/1.1 client (hyper-util's legacy client) serves every
+//! remote service, so requests reuse keep-alive connections instead of
+//! opening one each. Its `HttpConnector` resolves the service's host at
+//! connect time and tries every address it gets, IPv6 and IPv4 alike, so a
+//! `"host": "localhost"` service is reached whichever of `::1` and
+//! `127.0.0.1` it listens on; a connection that worked stays in the pool.
+//! Bodies are streamed both ways, never collected: memory per request is
+//! bounded by hyper's buffers whatever the body's size.
+//!
+//! It owns nothing but its connection pool. Which instance to use, and
+//! whether the service may be used at all, is the [`RemoteService`]'s to
+//! say; the gateway has already refused paths that could leave the
+//! service's base path.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::http::ApiError;
-use crate::registry::RemoteService;
+use crate::http::{ApiError, remove_hop_by_hop};
+use crate::registry::{RemoteService, Route};
 
-/// Forwards gateway requests to remote services.
-#[derive(Debug, Clone, Default)]
-pub struct Proxy {}
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-supplied `X-Request-Id` kept; a longer one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Forwards gateway requests to remote services. Cheap to clone: clones
+/// share the connection pool.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    client: Client<HttpConnector, Tracked>,
+    timeout: Duration,
+}
 
 impl Proxy {
-    /// Forwards `request` to `remote`, at `rest` below its base path.
+    /// A proxy whose upstreams must start answering within `timeout` of the
+    /// end of the request (504 otherwise).
+    pub fn new(timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self { client, timeout }
+    }
+
+    /// Forwards `request` to `remote`, at `rest` below its base path, and
+    /// streams the answer back. Refusals are JSON naming the service: 503
+    /// unhealthy, 502 unreachable or broken answer, 504 no answer in time.
     pub async fn forward(
         &self,
-        _remote: &RemoteService,
-        _rest: &str,
-        _client: SocketAddr,
-        _request: Request,
+        remote: &RemoteService,
+        rest: &str,
+        client: SocketAddr,
+        request: Request,
     ) -> Response {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "remote services are not supported yet",
+        let name = remote.name();
+        let route = match remote.route() {
+            Ok(route) => route,
+            Err(unavailable) => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("service `{name}` is unhealthy: {unavailable}"),
+                )
+                .with("service", name)
+                .with("status", "unhealthy")
+                .into_response();
+            }
+        };
+        let (mut parts, body) = request.into_parts();
+        let uri = match route.uri(rest, parts.uri.query()) {
+            Ok(uri) => uri,
+            Err(error) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot form the URL for service `{name}`: {error}"),
+                )
+                .with("service", name)
+                .into_response();
+            }
+        };
+        let request_id = request_id(&parts.headers);
+        forwarding_headers(
+            &mut parts.headers,
+            client,
+            parts.uri.authority(),
+            &request_id,
+        );
+        parts.uri = uri;
+        // Upstreams are spoken to in HTTP/1.1 whatever the client used.
+        parts.version = Version::HTTP_11;
+        let method = parts.method.clone();
+        let progress = Arc::new(Progress::new());
+        let upstream = Request::from_parts(
+            parts,
+            Tracked {
+                body,
+                progress: progress.clone(),
+            },
+        );
+
+        let started = Instant::now();
+        let answer = self.client.request(upstream);
+        tokio::pin!(answer);
+        // The upstream has `timeout` to answer once the request is sent:
+        // the deadline moves while the client's body is still flowing, so
+        // a large upload is not cut off by its own length.
+        let mut deadline = started + self.timeout;
+        let result = loop {
+            tokio::select! {
+                result = &mut answer => break result,
+                () = tokio::time::sleep_until(deadline.into()) => {
+                    let next = progress.last_activity() + self.timeout;
+                    if next <= Instant::now() {
+                        tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer in time");
+                        return ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("service `{name}` at {} did not answer within {}", route.authority, humantime::format_duration(self.timeout)),
+                        )
+                        .with("service", name)
+                        .into_response();
+                    }
+                    deadline = next;
+                }
+            }
+        };
+        match result {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                remove_hop_by_hop(&mut parts.headers);
+                parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+                tracing::debug!(
+                    service = %name,
+                    %method,
+                    status = parts.status.as_u16(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "proxied"
+                );
+                Response::from_parts(parts, Body::new(body))
+            }
+            Err(error) => failure(name, &route, &error),
+        }
+    }
+}
+
+/// The answer for a request that got no response from the upstream.
+fn failure(name: &str, route: &Route, error: &hyper_util::client::legacy::Error) -> Response {
+    let detail = error_chain(error);
+    let client_side =
+        std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
+            error.source()
+        })
+        .any(|error| error.is::<axum::Error>());
+    let (status, message) = if client_side {
+        // The client's own body broke off; nothing the upstream did.
+        (
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {detail}"),
         )
+    } else if error.is_connect() {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "cannot connect to service `{name}` at {}: {detail}",
+                route.authority
+            ),
+        )
+    } else {
+        (
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "service `{name}` at {} failed to answer: {detail}",
+                route.authority
+            ),
+        )
+    };
+    if status == StatusCode::BAD_GATEWAY {
+        tracing::warn!(service = %name, upstream = %route.authority, error = %detail, "remote service unreachable");
+    }
+    ApiError::new(status, message)
+        .with("service", name)
         .into_response()
+}
+
+/// The client's `X-Request-Id` if it sent a usable one, else a new UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a UUID is a valid header value")
+        })
+}
+
+/// Turns the client's headers into the upstream's: hop-by-hop headers out,
+/// `Host` left for the client to set from the upstream URL, and the
+/// `X-Forwarded-*` and `X-Request-Id` headers in.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    uri_authority: Option<&axum::http::uri::Authority>,
+    request_id: &HeaderValue,
+) {
+    let original_host = headers.remove(header::HOST).or_else(|| {
+        // HTTP/2 clients send `:authority` instead of `Host`.
+        uri_authority.and_then(|authority| HeaderValue::from_str(authority.as_str()).ok())
+    });
+    remove_hop_by_hop(headers);
+    // The gateway's server has already answered `Expect: 100-continue` to
+    // the client; the upstream gets the body without waiting.
+    headers.remove(header::EXPECT);
+    // Append to a chain built by proxies in front of us, as they expect.
+    let client_ip = client.ip().to_string();
+    let forwarded_for = match headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|value| value.to_str().ok())
+    {
+        Some(chain) if !chain.trim().is_empty() => format!("{chain}, {client_ip}"),
+        _ => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    // The gateway speaks plain HTTP; what the client claimed is replaced.
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match original_host {
+        Some(host) => headers.insert(X_FORWARDED_HOST, host),
+        None => headers.remove(X_FORWARDED_HOST),
+    };
+    headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+/// `error` and its sources, `: `-separated: hyper's own messages are terse
+/// ("client error (Connect)"), the cause is in the chain.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// When the client's request body last moved.
+#[derive(Debug)]
+struct Progress {
+    start: Instant,
+    /// Microseconds after `start`.
+    last_us: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_us: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let elapsed = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.last_us.store(elapsed, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.start + Duration::from_micros(self.last_us.load(Ordering::Relaxed))
+    }
+}
+
+/// The client's body on its way upstream, passed through frame by frame
+/// and noting when each frame went by.
+#[derive(Debug)]
+struct Tracked {
+    body: Body,
+    progress: Arc<Progress>,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_))) | Poll::Ready(None)) {
+            self.progress.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_headers_are_set_and_hop_by_hop_ones_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("gw.example:8000"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        let id = request_id(&headers);
+        forwarding_headers(&mut headers, "127.0.0.2:5000".parse().unwrap(), None, &id);
+        assert!(!headers.contains_key(header::HOST));
+        assert!(!headers.contains_key("x-secret"));
+        assert!(!headers.contains_key(header::CONNECTION));
+        assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.2");
+        assert_eq!(headers[X_FORWARDED_PROTO], "http");
+        assert_eq!(headers[X_FORWARDED_HOST], "gw.example:8000");
+        assert_eq!(headers[X_REQUEST_ID].len(), 36);
+    }
+
+    #[test]
+    fn a_usable_request_id_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&headers), "abc-123");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&headers), "has space");
     }
 }

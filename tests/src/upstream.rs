@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{OriginalUri, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -153,7 +153,9 @@ async fn hello(Query(query): Query<BTreeMap<String, String>>) -> Response {
     axum::Json(json!({"message": format!("Hello, {name}!")})).into_response()
 }
 
-async fn echo(request: Request) -> Response {
+async fn echo(OriginalUri(uri): OriginalUri, request: Request) -> Response {
+    // `uri` is the path as sent, `/v1` included (nesting strips it from
+    // the request's own).
     let (parts, body) = request.into_parts();
     let headers: BTreeMap<String, Value> = parts
         .headers
@@ -173,8 +175,8 @@ async fn echo(request: Request) -> Response {
         .unwrap_or_default();
     axum::Json(json!({
         "method": parts.method.as_str(),
-        "path": parts.uri.path(),
-        "query": parts.uri.query(),
+        "path": uri.path(),
+        "query": uri.query(),
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body": String::from_utf8_lossy(&body),

@@ -1,42 +1,465 @@
 //! The service registry: the HTTP API on the registry address, and the
 //! remote services registered through it.
 //!
-//! Listing reads the [`ServiceTable`]; registration (issue: remote services)
-//! writes remote entries to it.
+//! It owns remote registrations: it checks them ([`model`]), makes them
+//! durable ([`store`]) and then puts them in the [`ServiceTable`], where the
+//! gateway finds them; [`liveness`] keeps their health and evicts the long
+//! silent. Listing reads the table, so plugins and remote services are
+//! listed alike.
+//!
+//! **Invariant:** a registration is answered 200/201 only once it is in the
+//! database; the table never holds a remote service the database does not.
+//! Names are unique across kinds: the table's writer lock decides a race
+//! between a registration and a plugin file.
 
+mod liveness;
+mod model;
+mod remote;
+mod store;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+pub use liveness::{InvalidPolicy, Policy};
+pub use remote::{RemoteService, Route, Unavailable};
 
 use crate::http::ApiError;
 use crate::services::{Backend, Service, ServiceTable};
+use model::{Invalid, Registration};
+use store::{Store, StoreError, StoredService};
 
-/// A service registered over HTTP and reached through the proxy.
-#[derive(Debug)]
-pub struct RemoteService {}
+/// What the registry needs to start.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// The database file.
+    pub database: PathBuf,
+    /// Heartbeats, health checks, eviction.
+    pub policy: Policy,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
 
-/// What the registry API serves from.
+/// Why the registry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The liveness options contradict each other.
+    #[error(transparent)]
+    Policy(#[from] InvalidPolicy),
+    /// The database cannot be opened or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The registry: cheap to clone, shared by its API handlers and its
+/// liveness task.
 #[derive(Debug, Clone)]
 pub struct Registry {
-    /// The routable services.
-    pub services: Arc<ServiceTable>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    services: Arc<ServiceTable>,
+    store: Arc<Store>,
+    policy: Policy,
+    max_body_bytes: usize,
+    /// Serializes registrations, deregistrations and evictions. Each is a
+    /// look at the table, a durable write, then a change of the table; two
+    /// of them interleaved could leave the database and the table telling
+    /// different stories. Heartbeats do not take it.
+    writes: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    /// Opens the database and puts every stored registration in `services`.
+    ///
+    /// Call it before plugins are loaded: a restored remote service then
+    /// holds its name, and a plugin file claiming the same name is refused
+    /// (and logged) by the plugin manager, exactly as when the remote
+    /// service registers while the plugin is absent. A registration
+    /// accepted earlier is never lost to a plugin that happened to be in
+    /// the directory at start-up.
+    pub fn open(services: Arc<ServiceTable>, config: RegistryConfig) -> Result<Self, StartError> {
+        config.policy.validate()?;
+        let store = Store::open(&config.database)?;
+        let mut restored = 0;
+        for loaded in store.load()? {
+            let name = loaded.name;
+            let stored = match loaded.service {
+                Ok(stored) if stored.spec.info.name == name => stored,
+                Ok(_) => {
+                    tracing::error!(service = %name, "stored registration is filed under another name; left in the database, not routed");
+                    continue;
+                }
+                Err(error) => {
+                    tracing::error!(service = %name, %error, "stored registration cannot be read; left in the database, not routed");
+                    continue;
+                }
+            };
+            let registered_at = UNIX_EPOCH + Duration::from_millis(stored.registered_at_unix_ms);
+            let remote = match RemoteService::new(
+                stored.spec.clone(),
+                stored.instances,
+                registered_at,
+                config.policy.ttl,
+            ) {
+                Ok(remote) => Arc::new(remote),
+                Err(error) => {
+                    tracing::error!(service = %name, %error, "stored registration has an invalid address; left in the database, not routed");
+                    continue;
+                }
+            };
+            let service = Service {
+                info: stored.spec.info,
+                backend: Backend::Remote(remote),
+            };
+            match services.insert(service, |_| false) {
+                Ok(_) => restored += 1,
+                Err(holder) => {
+                    tracing::error!(service = %name, holder = holder.kind(), "stored registration not restored: the name is taken");
+                }
+            }
+        }
+        tracing::info!(
+            restored,
+            database = %config.database.display(),
+            "remote services restored"
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                services,
+                store: Arc::new(store),
+                policy: config.policy,
+                max_body_bytes: config.max_body_bytes,
+                writes: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Starts the health checks and evictions; abort the handle to stop
+    /// them.
+    pub fn spawn_liveness(&self) -> JoinHandle<()> {
+        liveness::spawn(self.clone())
+    }
+
+    fn policy(&self) -> Policy {
+        self.shared.policy
+    }
+
+    /// The remote services in the table now.
+    fn remotes(&self) -> Vec<Arc<RemoteService>> {
+        self.shared
+            .services
+            .list()
+            .iter()
+            .filter_map(|service| match &service.backend {
+                Backend::Remote(remote) => Some(remote.clone()),
+                Backend::Plugin(_) => None,
+            })
+            .collect()
+    }
+
+    async fn register(&self, registration: Registration) -> Result<Response, ApiError> {
+        let Registration { spec, instance } = registration;
+        let name = spec.info.name.clone();
+        let _writes = self.shared.writes.lock().await;
+        let previous = match self.shared.services.get(&name) {
+            None => None,
+            Some(holder) => match &holder.backend {
+                Backend::Remote(remote) => Some(remote.clone()),
+                Backend::Plugin(_) => return Err(name_taken(&holder)),
+            },
+        };
+        let registered_at = previous
+            .as_ref()
+            .map_or_else(SystemTime::now, |previous| previous.registered_at());
+        // A registration from another address replaces the instance: one
+        // instance per service until several are supported.
+        let moved_from = previous
+            .as_ref()
+            .map(|previous| previous.instances())
+            .filter(|instances| !instances.contains(&instance))
+            .map(|instances| {
+                let ids: Vec<String> = instances.iter().map(ToString::to_string).collect();
+                ids.join(",")
+            });
+        let remote = RemoteService::new(
+            spec.clone(),
+            vec![instance.clone()],
+            registered_at,
+            self.shared.policy.ttl,
+        )
+        .map_err(|error| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {error}"))
+                .with("field", "host")
+        })?;
+        let stored = StoredService {
+            spec: spec.clone(),
+            instances: vec![instance.clone()],
+            registered_at_unix_ms: unix_ms(registered_at),
+        };
+        self.durably(&name, move |store| store.put(&stored)).await?;
+        let version = spec.info.version.clone();
+        let service = Service {
+            info: spec.info,
+            backend: Backend::Remote(Arc::new(remote)),
+        };
+        let inserted = self.shared.services.insert(service, |holder| {
+            matches!(holder.backend, Backend::Remote(_))
+        });
+        if let Err(holder) = inserted {
+            // A plugin file took the name since the look above (the table
+            // decides races); only a new name can lose one, so undo the
+            // write.
+            let undo = self.durably(&name, {
+                let name = name.clone();
+                move |store| store.delete(&name)
+            });
+            let _ = undo.await;
+            return Err(name_taken(&holder));
+        }
+        let updated = previous.is_some();
+        tracing::info!(
+            service = %name,
+            instance = %instance,
+            version = %version,
+            updated,
+            moved_from = moved_from.as_deref(),
+            "remote service registered"
+        );
+        let policy = self.shared.policy;
+        let (status, word) = if updated {
+            (StatusCode::OK, "updated")
+        } else {
+            (StatusCode::CREATED, "registered")
+        };
+        let answer = json!({
+            "service_id": name,
+            "status": word,
+            "instance_id": instance.to_string(),
+            "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
+            "ttl_seconds": seconds(policy.ttl),
+            "message": format!(
+                "service `{name}` {word}; send POST /api/registry/heartbeat {{\"service_id\": \"{name}\"}} every {}",
+                humantime::format_duration(policy.heartbeat_interval)
+            ),
+        });
+        Ok((status, axum::Json(answer)).into_response())
+    }
+
+    async fn deregister(&self, name: &str) -> Result<Response, ApiError> {
+        let _writes = self.shared.writes.lock().await;
+        let remote = match self.shared.services.get(name) {
+            None => return Err(not_registered(name, "name")),
+            Some(holder) => match &holder.backend {
+                Backend::Remote(remote) => remote.clone(),
+                Backend::Plugin(plugin) => {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "`{name}` is a plugin loaded from {}: remove that file from the plugins directory to unload it",
+                            plugin.loaded_from
+                        ),
+                    )
+                    .with("field", "name")
+                    .with("service", name));
+                }
+            },
+        };
+        let key = name.to_owned();
+        self.durably(name, move |store| store.delete(&key)).await?;
+        self.shared
+            .services
+            .remove_if(name, |service| holds(service, &remote));
+        tracing::info!(service = %name, "remote service deregistered");
+        Ok(axum::Json(json!({"service_id": name, "status": "deregistered"})).into_response())
+    }
+
+    /// Removes `remote` if it is still the one registered and still silent
+    /// past the grace period (a heartbeat or a new registration may have
+    /// come while the liveness task was deciding).
+    async fn evict(&self, remote: &Arc<RemoteService>) {
+        let _writes = self.shared.writes.lock().await;
+        let name = remote.name().to_owned();
+        let registered = self
+            .shared
+            .services
+            .get(&name)
+            .is_some_and(|service| holds(&service, remote));
+        let silent = remote.silent_for();
+        if !registered || silent <= self.shared.policy.evict_after {
+            return;
+        }
+        let key = name.clone();
+        // A failed delete is logged; the next round tries again.
+        if self
+            .durably(&name, move |store| store.delete(&key))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        self.shared
+            .services
+            .remove_if(&name, |service| holds(service, remote));
+        tracing::warn!(
+            service = %name,
+            silent_s = silent.as_secs(),
+            "remote service evicted: no heartbeat or passing health check for the eviction grace period"
+        );
+    }
+
+    /// Runs a database operation on the blocking pool; a failure is logged
+    /// and answered 500 (the client did nothing wrong, and nothing changed).
+    async fn durably<T: Send + 'static>(
+        &self,
+        service: &str,
+        operation: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.shared.store.clone();
+        let error = match tokio::task::spawn_blocking(move || operation(&store)).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => error.to_string(),
+            Err(join) => join.to_string(),
+        };
+        tracing::error!(service, %error, "registry database write failed");
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the registry could not store the change, so nothing changed: {error}"),
+        )
+        .with("service", service))
+    }
+}
+
+/// Whether `service` is `remote` (and not a successor with the same name).
+fn holds(service: &Service, remote: &Arc<RemoteService>) -> bool {
+    matches!(&service.backend, Backend::Remote(held) if Arc::ptr_eq(held, remote))
+}
+
+fn name_taken(holder: &Service) -> ApiError {
+    let name = &holder.info.name;
+    let (who, detail) = match &holder.backend {
+        Backend::Plugin(plugin) => (
+            format!("the plugin loaded from {}", plugin.loaded_from),
+            json!({"kind": "plugin", "loaded_from": plugin.loaded_from}),
+        ),
+        Backend::Remote(_) => ("a remote service".to_owned(), json!({"kind": "remote"})),
+    };
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("service name `{name}` is held by {who}; register under another name"),
+    )
+    .with("field", "name")
+    .with("service", name)
+    .with("holder", detail)
+}
+
+fn not_registered(name: &str, field: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no service named `{name}` is registered (it may have been deregistered or evicted); register again with POST /api/registry/register"
+        ),
+    )
+    .with("field", field)
+    .with("service", name)
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
+/// Whole seconds as an integer, anything finer as a fraction.
+fn seconds(duration: Duration) -> Value {
+    if duration.subsec_nanos() == 0 {
+        json!(duration.as_secs())
+    } else {
+        json!(duration.as_secs_f64())
+    }
 }
 
 /// The registry API's routes.
 pub fn router(registry: Registry) -> Router {
     Router::new()
+        .route("/api/registry/register", post(register))
+        .route("/api/registry/heartbeat", post(heartbeat))
+        .route("/api/registry/deregister/{name}", post(deregister))
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(registry)
+}
+
+async fn register(
+    State(registry): State<Registry>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, &headers, registry.shared.max_body_bytes).await?;
+    let registration = model::parse_registration(&body).map_err(refusal)?;
+    registry.register(registration).await
+}
+
+async fn heartbeat(
+    State(registry): State<Registry>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(body, &headers, registry.shared.max_body_bytes).await?;
+    let beat = model::parse_heartbeat(&body).map_err(refusal)?;
+    let name = beat.service_id;
+    let Some(service) = registry.shared.services.get(&name) else {
+        tracing::debug!(service = %name, "heartbeat for an unknown service");
+        return Err(not_registered(&name, "service_id"));
+    };
+    let Backend::Remote(remote) = &service.backend else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "`{name}` is a plugin: the host itself keeps plugins alive, they send no heartbeats"
+            ),
+        )
+        .with("field", "service_id")
+        .with("service", name));
+    };
+    remote.heartbeat(beat.status);
+    liveness::log_transition(remote);
+    let policy = registry.shared.policy;
+    Ok(axum::Json(json!({
+        "service_id": name,
+        "status": remote.status(),
+        "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
+        "ttl_seconds": seconds(policy.ttl),
+    }))
+    .into_response())
+}
+
+async fn deregister(
+    State(registry): State<Registry>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(bad_path)?;
+    registry.deregister(&name).await
 }
 
 async fn list_services(State(registry): State<Registry>) -> Response {
     let services: Vec<Value> = registry
+        .shared
         .services
         .list()
         .iter()
@@ -45,12 +468,75 @@ async fn list_services(State(registry): State<Registry>) -> Response {
     axum::Json(services).into_response()
 }
 
-async fn get_service(State(registry): State<Registry>, Path(name): Path<String>) -> Response {
-    match registry.services.get(&name) {
-        Some(service) => axum::Json(describe(&service)).into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
-            .with("service", name)
-            .into_response(),
+async fn get_service(
+    State(registry): State<Registry>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(bad_path)?;
+    match registry.shared.services.get(&name) {
+        Some(service) => Ok(axum::Json(describe(&service)).into_response()),
+        None => Err(
+            ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+                .with("service", name),
+        ),
+    }
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no registry endpoint {method} {}: see docs/REGISTRY_API.md",
+            uri.path()
+        ),
+    )
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
+    )
+}
+
+fn bad_path(rejection: PathRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()).with("field", "name")
+}
+
+fn refusal(invalid: Invalid) -> ApiError {
+    ApiError::new(invalid.status(), invalid.to_string()).with("field", invalid.field())
+}
+
+/// The whole body, refused with 413 beyond `limit` bytes (by its declared
+/// length before reading anything, or while reading).
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with("field", "body")
+        .with("limit_bytes", limit)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {error}"),
+        )
+        .with("field", "body")),
     }
 }
 
@@ -63,7 +549,13 @@ fn describe(service: &Service) -> Value {
             value["status"] = json!("healthy");
             value["loaded_from"] = json!(plugin.loaded_from);
         }
-        Backend::Remote(_) => {}
+        Backend::Remote(remote) => {
+            if let (Value::Object(fields), Ok(Value::Object(liveness))) =
+                (&mut value, serde_json::to_value(remote.liveness()))
+            {
+                fields.extend(liveness);
+            }
+        }
     }
     value
 }

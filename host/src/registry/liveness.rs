@@ -1,0 +1,226 @@
+//! Liveness of remote services: the policy (heartbeat interval, TTL,
+//! health checks, eviction) and the task that applies it.
+//!
+//! The seed guide's client heartbeats every 30 s, ignores failed heartbeats
+//! and never registers again, so heartbeats alone cannot be trusted either
+//! way: the task also GETs every instance's `health_check_url` on an
+//! interval, and either signal keeps a service healthy. A service silent
+//! on both for its TTL is answered 503 (computed by [`RemoteService`] at
+//! the moment of each request; this task only logs the change). Only a
+//! much longer silence evicts it.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::MissedTickBehavior;
+
+use super::Registry;
+use super::remote::{CheckOutcome, RemoteService, Transition};
+use crate::proxy::error_chain;
+
+/// How remote services are kept track of.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// What registrations are told to heartbeat at.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a service is unhealthy.
+    pub ttl: Duration,
+    /// How often every instance's health endpoint is checked.
+    pub check_interval: Duration,
+    /// Longest wait for one check.
+    pub check_timeout: Duration,
+    /// Silence after which a service is removed.
+    pub evict_after: Duration,
+}
+
+/// Why a [`Policy`] is refused at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidPolicy {
+    /// A duration that must be positive is zero.
+    #[error("--{0} must be longer than zero")]
+    Zero(&'static str),
+    /// Eviction would come before the service is even unhealthy.
+    #[error("--evict-after ({evict_after:?}) must be longer than --heartbeat-ttl ({ttl:?})")]
+    EvictBeforeUnhealthy {
+        /// The eviction grace period.
+        evict_after: Duration,
+        /// The TTL.
+        ttl: Duration,
+    },
+}
+
+impl Policy {
+    /// Checks that the durations make sense together.
+    pub fn validate(&self) -> Result<(), InvalidPolicy> {
+        for (option, duration) in [
+            ("heartbeat-interval", self.heartbeat_interval),
+            ("heartbeat-ttl", self.ttl),
+            ("health-check-interval", self.check_interval),
+            ("health-check-timeout", self.check_timeout),
+        ] {
+            if duration.is_zero() {
+                return Err(InvalidPolicy::Zero(option));
+            }
+        }
+        if self.evict_after <= self.ttl {
+            return Err(InvalidPolicy::EvictBeforeUnhealthy {
+                evict_after: self.evict_after,
+                ttl: self.ttl,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Largest health check answer read (and then discarded): enough for any
+/// status document, small enough not to matter.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// Starts the liveness task: a health check round at once (services
+/// restored after a restart are checked first thing), then one every
+/// `check_interval`. Abort the handle to stop it.
+pub(super) fn spawn(registry: Registry) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let policy = registry.policy();
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(policy.check_timeout));
+        let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(policy.check_interval.saturating_mul(2))
+            .build(connector);
+        let mut ticks = tokio::time::interval(policy.check_interval);
+        // A slow round delays the next one rather than starting a burst.
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            round(&registry, &client, &policy).await;
+        }
+    })
+}
+
+/// Checks every instance of every remote service at once, then logs the
+/// changes of status and evicts what has been silent too long.
+async fn round(registry: &Registry, client: &Client<HttpConnector, Empty<Bytes>>, policy: &Policy) {
+    let remotes = registry.remotes();
+    let mut checks = JoinSet::new();
+    for remote in &remotes {
+        for (addr, uri) in remote.health_check_urls() {
+            let remote = remote.clone();
+            let client = client.clone();
+            let timeout = policy.check_timeout;
+            checks.spawn(async move {
+                let result = match uri {
+                    Ok(uri) => check(&client, uri, timeout).await,
+                    Err(error) => Err(format!("no valid health check URL: {error}")),
+                };
+                if let Err(error) = &result {
+                    tracing::debug!(service = %remote.name(), instance = %addr, %error, "health check failed");
+                }
+                remote.record_check(
+                    &addr,
+                    CheckOutcome {
+                        at: SystemTime::now(),
+                        ok: result.is_ok(),
+                        error: result.err(),
+                    },
+                );
+            });
+        }
+    }
+    checks.join_all().await;
+    for remote in remotes {
+        log_transition(&remote);
+        if remote.silent_for() > policy.evict_after {
+            registry.evict(&remote).await;
+        }
+    }
+}
+
+/// One GET of a health endpoint: healthy if it answers 2xx in time.
+async fn check(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    uri: axum::http::Uri,
+    timeout: Duration,
+) -> Result<(), String> {
+    let request = axum::http::Request::get(uri)
+        .header(axum::http::header::USER_AGENT, "plugin-host-health-check")
+        .body(Empty::new())
+        .map_err(|error| error.to_string())?;
+    let attempt = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|error| error_chain(&error))?;
+        let status = response.status();
+        // Read the (small) answer so that the connection goes back to the
+        // pool for the next round.
+        Limited::new(response.into_body(), MAX_HEALTH_BODY)
+            .collect()
+            .await
+            .map_err(|error| format!("reading the answer: {error}"))?;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Logs `remote`'s change of status, if any, once.
+pub(super) fn log_transition(remote: &RemoteService) {
+    match remote.observe() {
+        None => {}
+        Some(Transition::Recovered) => {
+            tracing::info!(service = %remote.name(), "remote service healthy again");
+        }
+        Some(Transition::Failed(reason)) => {
+            tracing::warn!(service = %remote.name(), %reason, "remote service unhealthy; answering 503 for it");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            heartbeat_interval: Duration::from_secs(30),
+            ttl: Duration::from_secs(90),
+            check_interval: Duration::from_secs(10),
+            check_timeout: Duration::from_secs(5),
+            evict_after: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(policy().validate(), Ok(()));
+        let zero = Policy {
+            check_interval: Duration::ZERO,
+            ..policy()
+        };
+        assert_eq!(
+            zero.validate(),
+            Err(InvalidPolicy::Zero("health-check-interval"))
+        );
+        let early = Policy {
+            evict_after: Duration::from_secs(90),
+            ..policy()
+        };
+        assert!(matches!(
+            early.validate(),
+            Err(InvalidPolicy::EvictBeforeUnhealthy { .. })
+        ));
+    }
+}
