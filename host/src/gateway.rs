@@ -16,10 +16,8 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use crate::http::{ApiError, check_service_path, remove_hop_by_hop};
+use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
 use crate::proxy::Proxy;
 use crate::runtime::{CallError, PluginRequest, PluginResponse, PluginRuntime};
 use crate::services::{Backend, ServiceTable};
@@ -155,31 +153,6 @@ async fn call_plugin(
                     .into_response();
             }
         }
-    }
-}
-
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-        .with("limit_bytes", limit)
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(error) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {error}"),
-        )),
     }
 }
 

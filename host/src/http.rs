@@ -1,8 +1,11 @@
 //! HTTP vocabulary shared by the gateway, the proxy and the registry API:
 //! the JSON error every refusal is answered with, and the edge checks.
 
+use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -40,6 +43,33 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(Value::Object(self.body))).into_response()
+    }
+}
+
+/// The whole body, refused with 413 beyond `limit` bytes (by its declared
+/// length before reading anything, or while reading).
+pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with("limit_bytes", limit)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {error}"),
+        )),
     }
 }
 

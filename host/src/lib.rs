@@ -134,28 +134,8 @@ pub async fn run(
     );
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut gateway_stopped = stopped.clone();
-    let mut registry_stopped = stopped;
-    let gateway_server = tokio::spawn(
-        axum::serve(
-            gateway_listener,
-            gateway.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = gateway_stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future(),
-    );
-    let registry_server = tokio::spawn(
-        axum::serve(
-            registry_listener,
-            registry.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = registry_stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future(),
-    );
+    let gateway_server = serve(gateway_listener, gateway, stopped.clone());
+    let registry_server = serve(registry_listener, registry, stopped);
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -180,6 +160,25 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Serves `router` on `listener` until `stopped` turns true, then finishes
+/// the requests in flight.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tokio::spawn(
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .into_future(),
+    )
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, HostError> {

@@ -25,17 +25,16 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 pub use liveness::{InvalidPolicy, Policy};
 pub use remote::{RemoteService, Route, Unavailable};
 
-use crate::http::ApiError;
+use crate::http::{ApiError, read_body};
 use crate::services::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
 use store::{Store, StoreError, StoredService};
@@ -410,7 +409,9 @@ async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, registry.shared.max_body_bytes).await?;
+    let body = read_body(body, &headers, registry.shared.max_body_bytes)
+        .await
+        .map_err(|error| error.with("field", "body"))?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
     registry.register(registration).await
 }
@@ -420,7 +421,9 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, registry.shared.max_body_bytes).await?;
+    let body = read_body(body, &headers, registry.shared.max_body_bytes)
+        .await
+        .map_err(|error| error.with("field", "body"))?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
     let Some(service) = registry.shared.services.get(&name) else {
@@ -505,39 +508,6 @@ fn bad_path(rejection: PathRejection) -> ApiError {
 
 fn refusal(invalid: Invalid) -> ApiError {
     ApiError::new(invalid.status(), invalid.to_string()).with("field", invalid.field())
-}
-
-/// The whole body, refused with 413 beyond `limit` bytes (by its declared
-/// length before reading anything, or while reading).
-async fn read_body(
-    body: Body,
-    headers: &HeaderMap,
-    limit: usize,
-) -> Result<bytes::Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body is larger than the limit of {limit} bytes"),
-        )
-        .with("field", "body")
-        .with("limit_bytes", limit)
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(error) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {error}"),
-        )
-        .with("field", "body")),
-    }
 }
 
 /// A service as the registry lists it.
