@@ -19,7 +19,8 @@ const EXAMPLE_PLUGINS: &[(&str, &str)] = &[
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let task = args.next();
-    let rest: Vec<String> = args.collect();
+    // `cargo xtask run -- --help` and `cargo xtask run --help` mean the same.
+    let rest: Vec<String> = args.skip_while(|arg| arg == "--").collect();
     let result = match task.as_deref() {
         Some("run") => run(&rest),
         Some("test") => test(&rest),
