@@ -153,6 +153,13 @@ impl Registry {
         liveness::spawn(self.clone())
     }
 
+    /// A request's whole body, within the registry's limit.
+    async fn read_body(&self, body: Body, headers: &HeaderMap) -> Result<bytes::Bytes, ApiError> {
+        read_body(body, headers, self.shared.max_body_bytes)
+            .await
+            .map_err(|error| error.with("field", "body"))
+    }
+
     fn policy(&self) -> Policy {
         self.shared.policy
     }
@@ -409,9 +416,7 @@ async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, registry.shared.max_body_bytes)
-        .await
-        .map_err(|error| error.with("field", "body"))?;
+    let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
     registry.register(registration).await
 }
@@ -421,9 +426,7 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(body, &headers, registry.shared.max_body_bytes)
-        .await
-        .map_err(|error| error.with("field", "body"))?;
+    let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
     let Some(service) = registry.shared.services.get(&name) else {
