@@ -105,27 +105,26 @@ async fn call_plugin(
     };
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
-    let request = PluginRequest {
-        method: parts.method.as_str().to_owned(),
+    let request = Arc::new(PluginRequest {
+        method: parts.method,
         path: if rest.is_empty() {
             "/".to_owned()
         } else {
             rest.to_owned()
         },
         query: parts.uri.query().unwrap_or_default().to_owned(),
-        headers: headers
-            .iter()
-            .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-            .collect(),
+        headers,
         body,
         client_addr: client.to_string(),
-    };
+    });
     // A runtime that is being unloaded refuses new work; by then the table
     // already holds its successor (a swap) or nothing (a removal), so one
     // fresh lookup decides.
     let mut retried = false;
     loop {
-        let result = runtime.call(request.clone(), gateway.request_timeout).await;
+        let result = runtime
+            .call(Arc::clone(&request), gateway.request_timeout)
+            .await;
         match result {
             Ok(response) => return plugin_response(name, response),
             Err(CallError::Unloading) if !retried => {

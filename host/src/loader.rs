@@ -294,12 +294,12 @@ impl PluginLibrary {
             .headers
             .iter()
             .map(|(name, value)| FfiHeaderRef {
-                name: RStr::from_str(name),
-                value: RSlice::from_slice(value),
+                name: RStr::from_str(name.as_str()),
+                value: RSlice::from_slice(value.as_bytes()),
             })
             .collect();
         let ffi_request = FfiRequest {
-            method: RStr::from_str(&request.method),
+            method: RStr::from_str(request.method.as_str()),
             path: RStr::from_str(&request.path),
             query: RStr::from_str(&request.query),
             headers: RSlice::from_slice(&headers),

@@ -12,24 +12,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::loader::{CloseReport, Instance, PluginLibrary};
 
-/// A request as the gateway hands it to a plugin.
-#[derive(Debug, Clone)]
+/// A request as the gateway hands it to a plugin. Shared (`Arc`) so that a
+/// retry after a swap costs no copy.
+#[derive(Debug)]
 pub struct PluginRequest {
-    /// Upper-case method.
-    pub method: String,
+    /// The method.
+    pub method: Method,
     /// Path relative to `/api/<name>`, starting with `/`.
     pub path: String,
     /// Raw query string.
     pub query: String,
     /// Headers, hop-by-hop ones removed.
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: HeaderMap,
     /// The whole body.
     pub body: Bytes,
     /// Client socket address.
@@ -85,7 +86,7 @@ pub struct RuntimeLimits {
 }
 
 struct Job {
-    request: PluginRequest,
+    request: Arc<PluginRequest>,
     reply: oneshot::Sender<PluginResponse>,
 }
 
@@ -210,7 +211,7 @@ impl PluginRuntime {
     /// `timeout`.
     pub async fn call(
         &self,
-        request: PluginRequest,
+        request: Arc<PluginRequest>,
         timeout: Duration,
     ) -> Result<PluginResponse, CallError> {
         let (reply, answer) = oneshot::channel();
