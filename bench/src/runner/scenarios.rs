@@ -1,0 +1,1109 @@
+//! The scenarios of BENCHMARKS.md. Each returns its numbers or says why it
+//! could not run; one failing does not stop the others.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bench::stats::{median, percentile};
+use bench::wrk::WrkResult;
+use serde::Serialize;
+use serde_json::json;
+use tokio::runtime::Runtime;
+
+use crate::load::{self, WrkOptions};
+use crate::nginx::Nginx;
+use crate::procs::{Host, Pinning, SimpleServer, cpu_seconds, field, with_children};
+use crate::{Artifacts, Settings};
+
+/// How long the driver waits for the host to do something it should do
+/// at once (mount, unmount, answer).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Everything measured.
+#[derive(Debug, Default, Serialize)]
+pub struct ScenarioResults {
+    /// Scenario 1.
+    pub in_process: Option<Comparison>,
+    /// Scenario 2, small JSON answer.
+    pub proxy_small: Option<Comparison>,
+    /// Scenario 2, 1 MiB answer.
+    pub proxy_large: Option<Comparison>,
+    /// Scenario 3.
+    pub hot_swap: Option<HotSwap>,
+    /// Scenario 4.
+    pub load_unload: Option<LoadUnload>,
+    /// Scenario 5.
+    pub registry: Option<RegistryScale>,
+    /// Scenario 6.
+    pub memory: Option<Memory>,
+    /// Scenarios that could not run, and why.
+    pub errors: Vec<String>,
+    /// WARN and ERROR lines the hosts logged, by host.
+    pub host_warnings: Vec<HostWarnings>,
+}
+
+/// What a host complained about during the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostWarnings {
+    /// Which host (`scenarios 1-4, 6` or `scenario 5`).
+    pub host: String,
+    /// WARN or ERROR lines.
+    pub count: usize,
+    /// The first few, distinct by message.
+    pub samples: Vec<String>,
+}
+
+fn warnings(host: &Host, name: &str) -> HostWarnings {
+    let mut lines = host.proc.lines_since(0, &["WARN"]);
+    lines.extend(host.proc.lines_since(0, &["ERROR"]));
+    let count = lines.len();
+    let mut samples: Vec<String> = Vec::new();
+    for line in lines {
+        // Drop the timestamp, keep level, target and message.
+        let text = line
+            .split_once(' ')
+            .map_or(line.as_str(), |(_, rest)| rest)
+            .trim();
+        let key: String = text.chars().take(60).collect();
+        if samples.len() < 5 && !samples.iter().any(|s| s.starts_with(&key)) {
+            samples.push(text.chars().take(300).collect());
+        }
+    }
+    HostWarnings {
+        host: name.to_owned(),
+        count,
+        samples,
+    }
+}
+
+/// What a comparison runs wrk against.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// `plugin`, `native`, `ours`, `direct`, `nginx`.
+    pub label: &'static str,
+    /// The URL.
+    pub url: String,
+    /// The processes under test (whose CPU time is counted).
+    pub pids: Vec<u32>,
+    /// Processes behind them on the same core (the upstream), counted
+    /// separately.
+    pub behind: Vec<u32>,
+}
+
+/// One wrk run of a target, with the CPU time it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    /// What wrk reported.
+    pub wrk: WrkResult,
+    /// CPU time of the processes under test per request, µs.
+    pub cpu_us_per_req: f64,
+    /// The same, with the processes behind them (the upstream).
+    pub total_cpu_us_per_req: f64,
+}
+
+/// One target of a comparison: the medians of its interleaved rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// `plugin`, `native`, `ours`, `direct`, `nginx`.
+    pub label: String,
+    /// What wrk hit.
+    pub url: String,
+    /// Median requests/s over the rounds.
+    pub rps: f64,
+    /// Median of the rounds' p50, in ms.
+    pub p50_ms: f64,
+    /// Median of the rounds' p99, in ms.
+    pub p99_ms: f64,
+    /// Median CPU µs per request of the process under test (user +
+    /// system, all threads; nginx: master and workers).
+    pub cpu_us_per_req: f64,
+    /// Median CPU µs per request including the upstream behind it.
+    pub total_cpu_us_per_req: f64,
+    /// Failed requests (non-2xx/3xx and socket errors) over all rounds.
+    pub failures: u64,
+    /// Every round.
+    pub rounds: Vec<Round>,
+}
+
+/// `ours` against `baseline`: ratios of the medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratio {
+    /// e.g. `plugin/native`.
+    pub name: String,
+    /// Throughput ratio (above 1: ours is faster).
+    pub rps: f64,
+    /// p50 latency ratio (above 1: ours is slower).
+    pub p50: f64,
+    /// p99 latency ratio (above 1: ours is slower).
+    pub p99: f64,
+    /// CPU per request ratio, whole path on the server core (above 1:
+    /// ours costs more).
+    pub cpu: f64,
+}
+
+/// Several targets measured in interleaved rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// What is compared.
+    pub title: String,
+    /// The wrk command line (without the URL).
+    pub wrk: String,
+    /// The targets, baselines first.
+    pub targets: Vec<Target>,
+    /// Ours against each baseline.
+    pub ratios: Vec<Ratio>,
+}
+
+impl Comparison {
+    fn target(&self, label: &str) -> Option<&Target> {
+        self.targets.iter().find(|target| target.label == label)
+    }
+
+    fn add_ratio(&mut self, ours: &str, baseline: &str) {
+        let (Some(o), Some(b)) = (self.target(ours), self.target(baseline)) else {
+            return;
+        };
+        let ratio = Ratio {
+            name: format!("{ours}/{baseline}"),
+            rps: o.rps / b.rps,
+            p50: o.p50_ms / b.p50_ms,
+            p99: o.p99_ms / b.p99_ms,
+            cpu: o.total_cpu_us_per_req / b.total_cpu_us_per_req,
+        };
+        self.ratios.push(ratio);
+    }
+}
+
+/// Scenario 3.
+#[derive(Debug, Clone, Serialize)]
+pub struct HotSwap {
+    /// Replacements asked for.
+    pub swaps: usize,
+    /// Replacements the host logged as mounted.
+    pub swaps_mounted: usize,
+    /// Old versions the host logged as unloaded afterwards.
+    pub unloaded: usize,
+    /// Connections of the closed-loop client.
+    pub connections: usize,
+    /// All requests sent.
+    pub requests: u64,
+    /// Failed requests: transport errors and non-2xx answers. Must be 0.
+    pub failures: u64,
+    /// Answers per variant (and per status for anything else).
+    pub answers: std::collections::BTreeMap<String, u64>,
+    /// The first few failures.
+    pub errors: Vec<String>,
+    /// Requests/s before the first replacement.
+    pub steady_rps: f64,
+    /// Requests/s while the replacements ran.
+    pub swapping_rps: f64,
+    /// `1 - swapping/steady`, in percent.
+    pub dip_percent: f64,
+    /// Worst 100 ms window while swapping, as requests/s.
+    pub worst_100ms_rps: f64,
+    /// Latency before the swaps (p50, p99, max) in ms.
+    pub steady_latency_ms: [f64; 3],
+    /// Latency while swapping (p50, p99, max) in ms.
+    pub swapping_latency_ms: [f64; 3],
+    /// File written -> host logged the new version mounted: p50, p99 in ms.
+    pub swap_ms: [f64; 2],
+    /// Seconds the replacements took in all.
+    pub swapping_seconds: f64,
+    /// Host RSS (KiB) before the first replacement, after half of them,
+    /// and after all of them (old versions unloaded): a leak per swap
+    /// shows as two equal steps.
+    pub rss_kib: [u64; 3],
+    /// Successful answers per 100 ms over the whole run.
+    pub ok_per_100ms: Vec<u32>,
+    /// Which of those windows the replacements ran in: [first, last).
+    pub swapping_windows: [usize; 2],
+}
+
+/// Scenario 4.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadUnload {
+    /// Rounds.
+    pub rounds: usize,
+    /// File written -> first 200: p50, p99, max in ms.
+    pub load_ms: [f64; 3],
+    /// File removed -> first 404: p50, p99, max in ms.
+    pub unload_ms: [f64; 3],
+    /// The host's own `elapsed_ms` of each mount (read, copy, dlopen,
+    /// init): p50, p99 in ms.
+    pub host_mount_ms: [f64; 2],
+    /// Answers that were neither the old nor the new state (must be 0).
+    pub unexpected_answers: u64,
+    /// Watch debounce the host ran with.
+    pub debounce: String,
+}
+
+/// Scenario 5.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegistryScale {
+    /// Services registered.
+    pub services: usize,
+    /// Registrations refused or failed.
+    pub register_failures: u64,
+    /// Registrations in flight.
+    pub register_concurrency: usize,
+    /// Registrations per second.
+    pub registrations_per_s: f64,
+    /// Registrations per second over the first and the last tenth.
+    pub registrations_per_s_first_last_tenth: [f64; 2],
+    /// Registration latency p50, p99 in ms.
+    pub register_ms: [f64; 2],
+    /// Heartbeats (wrk).
+    pub heartbeats: WrkResult,
+    /// `GET /api/registry/services` with every service registered (wrk,
+    /// one connection).
+    pub list: WrkResult,
+    /// Size of that listing in bytes.
+    pub list_bytes: usize,
+    /// Entries in that listing.
+    pub list_entries: usize,
+    /// Host RSS before registering, KiB.
+    pub rss_before_kib: u64,
+    /// Host RSS after registering, KiB.
+    pub rss_after_register_kib: u64,
+    /// Host RSS after the heartbeats and listings, KiB.
+    pub rss_end_kib: u64,
+    /// (after register - before) per 1,000 services, KiB.
+    pub rss_per_1000_kib: f64,
+    /// What the host logged at WARN or ERROR.
+    pub host_warnings: HostWarnings,
+}
+
+/// Scenario 6.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Memory {
+    /// Host RSS with nothing loaded, KiB.
+    pub idle_kib: u64,
+    /// With hello and demo-service loaded, KiB.
+    pub plugins_kib: u64,
+    /// After scenario 1 and 2 (warm, pools and buffers grown), KiB.
+    pub after_load_kib: Option<u64>,
+    /// After scenario 3 (every replaced version unloaded), KiB.
+    pub after_swaps_kib: Option<u64>,
+}
+
+fn http_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|error| format!("HTTP client: {error}"))
+}
+
+async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, bytes::Bytes), String> {
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|error| format!("GET {url}: {error}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|error| format!("GET {url}: {error}"))?;
+    Ok((status, body))
+}
+
+/// Runs everything `only` selects.
+pub fn run_all(
+    rt: &Runtime,
+    pinning: Pinning,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    only: &dyn Fn(u8) -> bool,
+) -> ScenarioResults {
+    let mut results = ScenarioResults::default();
+    if [1, 2, 3, 4, 6].into_iter().any(only)
+        && let Err(error) = host_scenarios(rt, pinning, settings, artifacts, only, &mut results)
+    {
+        results.errors.push(error);
+    }
+    if only(5) {
+        match registry_scale(rt, pinning, settings, artifacts) {
+            Ok(registry) => results.registry = Some(registry),
+            Err(error) => results.errors.push(format!("scenario 5: {error}")),
+        }
+    }
+    results
+}
+
+/// Scenarios 1, 2, 3, 4 and 6 share one host: memory is read idle, with
+/// the example plugins, after the load and after the swaps.
+fn host_scenarios(
+    rt: &Runtime,
+    pinning: Pinning,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    only: &dyn Fn(u8) -> bool,
+    results: &mut ScenarioResults,
+) -> Result<(), String> {
+    let mut host = Host::start(&artifacts.host, pinning, &[])?;
+    let client = http_client()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut memory = Memory {
+        idle_kib: host.proc.rss_kib().unwrap_or(0),
+        ..Memory::default()
+    };
+    let mark = host.proc.mark();
+    host.install(&artifacts.hello, "hello.so")?;
+    host.install(&artifacts.demo, "demo-service.so")?;
+    host.proc
+        .wait_for_since(mark, &["plugin mounted", "plugin=hello"], PATIENCE)?;
+    host.proc
+        .wait_for_since(mark, &["plugin mounted", "plugin=demo-service"], PATIENCE)?;
+    std::thread::sleep(Duration::from_secs(1));
+    memory.plugins_kib = host.proc.rss_kib().unwrap_or(0);
+    eprintln!(
+        "[6] RSS idle {} KiB, with hello + demo-service {} KiB",
+        memory.idle_kib, memory.plugins_kib
+    );
+
+    if only(1) {
+        match in_process(rt, &client, pinning, settings, artifacts, &host) {
+            Ok(comparison) => results.in_process = Some(comparison),
+            Err(error) => results.errors.push(format!("scenario 1: {error}")),
+        }
+    }
+    if only(2) {
+        match proxy(rt, &client, pinning, settings, artifacts, &host) {
+            Ok((small, large)) => {
+                results.proxy_small = Some(small);
+                results.proxy_large = Some(large);
+            }
+            Err(error) => results.errors.push(format!("scenario 2: {error}")),
+        }
+    }
+    if only(1) || only(2) {
+        memory.after_load_kib = host.proc.rss_kib();
+    }
+    if only(3) {
+        match hot_swap(rt, settings, artifacts, &mut host) {
+            Ok(swap) => {
+                results.hot_swap = Some(swap);
+                memory.after_swaps_kib = host.proc.rss_kib();
+            }
+            Err(error) => results.errors.push(format!("scenario 3: {error}")),
+        }
+    }
+    if only(4) {
+        match load_unload(rt, &client, settings, artifacts, &mut host) {
+            Ok(latencies) => results.load_unload = Some(latencies),
+            Err(error) => results.errors.push(format!("scenario 4: {error}")),
+        }
+    }
+    results.memory = Some(memory);
+    host.proc.stop();
+    results
+        .host_warnings
+        .push(warnings(&host, "host of scenarios 1-4 and 6"));
+    Ok(())
+}
+
+/// Runs each target for a warm-up, then `rounds` rounds, alternating the
+/// order (ABAB.. then BA..), so drift of the machine hits every target.
+fn interleaved(
+    pinning: Pinning,
+    scenario: &str,
+    title: &str,
+    targets: &[Spec],
+    options: &WrkOptions,
+    settings: &Settings,
+) -> Result<Comparison, String> {
+    for spec in targets {
+        load::run_wrk(
+            pinning,
+            &spec.url,
+            &options.for_seconds(settings.warmup_seconds),
+        )
+        .map_err(|error| format!("warm-up of {}: {error}", spec.label))?;
+    }
+    let mut rounds: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
+    for round in 0..settings.rounds {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for index in order {
+            let spec = &targets[index];
+            let (cpu_before, behind_before) = (cpu_seconds(&spec.pids), cpu_seconds(&spec.behind));
+            let wrk = load::run_wrk(pinning, &spec.url, options)?;
+            let cpu = cpu_seconds(&spec.pids) - cpu_before;
+            let behind = cpu_seconds(&spec.behind) - behind_before;
+            let per_request = |seconds: f64| seconds * 1e6 / wrk.requests.max(1) as f64;
+            eprintln!(
+                "[{scenario}] {title}: {} round {}/{}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, CPU {:.1} us/req (+{:.1} upstream), failures {}",
+                spec.label,
+                round + 1,
+                settings.rounds,
+                wrk.rps,
+                wrk.p50_ms,
+                wrk.p99_ms,
+                per_request(cpu),
+                per_request(behind),
+                wrk.failures()
+            );
+            rounds[index].push(Round {
+                cpu_us_per_req: per_request(cpu),
+                total_cpu_us_per_req: per_request(cpu + behind),
+                wrk,
+            });
+        }
+    }
+    let targets = targets
+        .iter()
+        .zip(rounds)
+        .map(|(spec, rounds)| {
+            let of = |f: fn(&Round) -> f64| {
+                median(&rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+            };
+            Target {
+                label: spec.label.to_owned(),
+                url: spec.url.clone(),
+                rps: of(|r| r.wrk.rps),
+                p50_ms: of(|r| r.wrk.p50_ms),
+                p99_ms: of(|r| r.wrk.p99_ms),
+                cpu_us_per_req: of(|r| r.cpu_us_per_req),
+                total_cpu_us_per_req: of(|r| r.total_cpu_us_per_req),
+                failures: rounds.iter().map(|r| r.wrk.failures()).sum(),
+                rounds,
+            }
+        })
+        .collect();
+    Ok(Comparison {
+        title: title.to_owned(),
+        wrk: options.describe(),
+        targets,
+        ratios: Vec::new(),
+    })
+}
+
+/// Scenario 1: the hello plugin through the host against the same handler
+/// compiled into a plain axum server.
+fn in_process(
+    rt: &Runtime,
+    client: &reqwest::Client,
+    pinning: Pinning,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    host: &Host,
+) -> Result<Comparison, String> {
+    let native = SimpleServer::start("bench-native", &artifacts.native, pinning)?;
+    let path = "/api/hello/hello?name=x";
+    let plugin_url = host.gateway_url(path);
+    let native_url = format!("http://{}{path}", native.addr);
+    let (status_p, body_p) = rt.block_on(get(client, &plugin_url))?;
+    let (status_n, body_n) = rt.block_on(get(client, &native_url))?;
+    if status_p != 200 || status_n != 200 || body_p != body_n {
+        return Err(format!(
+            "plugin and native answer differently: {status_p} {body_p:?} vs {status_n} {body_n:?}"
+        ));
+    }
+    let options = WrkOptions::new(
+        settings.wrk_threads,
+        settings.connections_small,
+        settings.seconds,
+    );
+    let mut comparison = interleaved(
+        pinning,
+        "1",
+        "GET /api/hello/hello?name=x",
+        &[
+            Spec {
+                label: "native",
+                url: native_url,
+                pids: vec![native.proc.pid()],
+                behind: Vec::new(),
+            },
+            Spec {
+                label: "plugin",
+                url: plugin_url,
+                pids: vec![host.proc.pid()],
+                behind: Vec::new(),
+            },
+        ],
+        &options,
+        settings,
+    )?;
+    comparison.add_ratio("plugin", "native");
+    Ok(comparison)
+}
+
+/// Scenario 2: a remote service hit directly, through our gateway, through
+/// nginx.
+fn proxy(
+    rt: &Runtime,
+    client: &reqwest::Client,
+    pinning: Pinning,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    host: &Host,
+) -> Result<(Comparison, Comparison), String> {
+    let upstream = SimpleServer::start("bench-upstream", &artifacts.upstream, pinning)?;
+    register_upstream(rt, client, host, upstream.addr)?;
+    // plugin-host runs one tokio worker on its one core; nginx gets one
+    // worker process on the same core.
+    let nginx = Nginx::start(upstream.addr, 1, pinning)?;
+    let mut comparisons = Vec::new();
+    for (what, path, connections) in [
+        ("small JSON", "small", settings.connections_small),
+        ("1 MiB body", "large", settings.connections_large),
+    ] {
+        let direct = format!("http://{}/{path}", upstream.addr);
+        let ours = host.gateway_url(&format!("/api/upstream/{path}"));
+        let via_nginx = format!("http://{}/api/upstream/{path}", nginx.addr);
+        let mut sizes = Vec::new();
+        for url in [&direct, &ours, &via_nginx] {
+            let (status, body) = rt.block_on(get(client, url))?;
+            if status != 200 {
+                return Err(format!("GET {url} answered {status}: {body:?}"));
+            }
+            sizes.push(body.len());
+        }
+        if sizes.iter().any(|size| *size != sizes[0]) {
+            return Err(format!(
+                "direct, ours and nginx answer bodies of different sizes for /{path}: {sizes:?}"
+            ));
+        }
+        let options = WrkOptions::new(settings.wrk_threads, connections, settings.seconds);
+        let mut comparison = interleaved(
+            pinning,
+            "2",
+            &format!("GET /{path} ({what})"),
+            &[
+                Spec {
+                    label: "direct",
+                    url: direct,
+                    pids: vec![upstream.proc.pid()],
+                    behind: Vec::new(),
+                },
+                Spec {
+                    label: "nginx",
+                    url: via_nginx,
+                    pids: with_children(nginx.proc.pid()),
+                    behind: vec![upstream.proc.pid()],
+                },
+                Spec {
+                    label: "ours",
+                    url: ours,
+                    pids: vec![host.proc.pid()],
+                    behind: vec![upstream.proc.pid()],
+                },
+            ],
+            &options,
+            settings,
+        )?;
+        comparison.add_ratio("ours", "direct");
+        comparison.add_ratio("ours", "nginx");
+        comparisons.push(comparison);
+    }
+    let large = comparisons.pop().ok_or("no large comparison")?;
+    let small = comparisons.pop().ok_or("no small comparison")?;
+    drop(nginx);
+    drop(upstream);
+    Ok((small, large))
+}
+
+fn register_upstream(
+    rt: &Runtime,
+    client: &reqwest::Client,
+    host: &Host,
+    upstream: SocketAddr,
+) -> Result<(), String> {
+    let body = json!({
+        "name": "upstream",
+        "display_name": "Bench upstream",
+        "description": "bench-upstream: small JSON and 1 MiB answers",
+        "version": "1.0.0",
+        "host": upstream.ip().to_string(),
+        "port": upstream.port(),
+        "base_path": "/",
+        "health_check_url": "/health",
+        "metadata": {},
+        "tags": ["bench"],
+        "requires_auth": false,
+        "endpoints": [
+            {"path": "/small", "method": "GET", "description": "small JSON", "is_public": true},
+            {"path": "/large", "method": "GET", "description": "1 MiB", "is_public": true}
+        ]
+    });
+    let url = host.registry_url("/api/registry/register");
+    rt.block_on(async {
+        let response = client
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|error| format!("POST {url}: {error}"))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let text = response.text().await.unwrap_or_default();
+            Err(format!(
+                "registering the upstream answered {status}: {text}"
+            ))
+        }
+    })
+}
+
+/// Scenario 3: the swap plugin replaced back and forth under full load.
+fn hot_swap(
+    rt: &Runtime,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    host: &mut Host,
+) -> Result<HotSwap, String> {
+    let mark = host.proc.mark();
+    host.install(&artifacts.swap_a, "swap.so")?;
+    host.proc
+        .wait_for_since(mark, &["plugin mounted", "plugin=swap"], PATIENCE)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let load = rt.spawn(load::closed_loop(
+        host.gateway,
+        "/api/swap/",
+        settings.swap_connections,
+        &["swap-a", "swap-b"],
+        stop.clone(),
+        start,
+    ));
+    std::thread::sleep(Duration::from_secs_f64(settings.swap_lead_seconds));
+    let mut rss_kib = [host.proc.rss_kib().unwrap_or(0), 0, 0];
+    let swaps_mark = host.proc.mark();
+    let swaps_start = start.elapsed();
+    let mut swap_ms = Vec::new();
+    let swapped = (|| -> Result<(), String> {
+        for index in 0..settings.swaps {
+            let library = if index % 2 == 0 {
+                &artifacts.swap_b
+            } else {
+                &artifacts.swap_a
+            };
+            let mark = host.proc.mark();
+            let written = Instant::now();
+            host.install(library, "swap.so")?;
+            host.proc.wait_for_since(
+                mark,
+                &["plugin mounted", "plugin=swap", "replaced=true"],
+                PATIENCE,
+            )?;
+            swap_ms.push(written.elapsed().as_secs_f64() * 1000.0);
+            if index + 1 == settings.swaps / 2 {
+                rss_kib[1] = host.proc.rss_kib().unwrap_or(0);
+            }
+        }
+        Ok(())
+    })();
+    let swaps_end = start.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let report = rt
+        .block_on(load)
+        .map_err(|error| format!("load client: {error}"))?;
+    swapped?;
+    eprintln!(
+        "[3] {} swaps in {:.1} s under load; waiting for the old versions to unload",
+        swap_ms.len(),
+        (swaps_end - swaps_start).as_secs_f64()
+    );
+    let deadline = Instant::now() + PATIENCE;
+    let unloaded = loop {
+        let unloaded = host
+            .proc
+            .count_since(swaps_mark, &["plugin unloaded", "plugin=swap"]);
+        if unloaded >= settings.swaps || Instant::now() > deadline {
+            break unloaded;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    rss_kib[2] = host.proc.rss_kib().unwrap_or(0);
+    let mut ok_per_100ms = Vec::new();
+    for sample in report.samples.iter().filter(|s| s.ok) {
+        let window = (sample.done_us / 100_000) as usize;
+        if ok_per_100ms.len() <= window {
+            ok_per_100ms.resize(window + 1, 0u32);
+        }
+        ok_per_100ms[window] += 1;
+    }
+    let swapping_windows = [
+        (swaps_start.as_micros() / 100_000) as usize,
+        (swaps_end.as_micros() / 100_000) as usize + 1,
+    ];
+
+    // Skip the client's first half second (connections opening).
+    let warm = Duration::from_millis(500).min(swaps_start / 2);
+    let in_window = |from: Duration, to: Duration| {
+        report
+            .samples
+            .iter()
+            .filter(move |s| {
+                let done = Duration::from_micros(s.done_us);
+                done >= from && done < to
+            })
+            .copied()
+    };
+    let ok_rate = |from: Duration, to: Duration| {
+        in_window(from, to).filter(|s| s.ok).count() as f64 / (to - from).as_secs_f64()
+    };
+    let latencies = |from: Duration, to: Duration| {
+        let values: Vec<f64> = in_window(from, to)
+            .map(|s| f64::from(s.latency_us) / 1000.0)
+            .collect();
+        [
+            percentile(&values, 50.0).unwrap_or(f64::NAN),
+            percentile(&values, 99.0).unwrap_or(f64::NAN),
+            percentile(&values, 100.0).unwrap_or(f64::NAN),
+        ]
+    };
+    let steady_rps = ok_rate(warm, swaps_start);
+    let swapping_rps = ok_rate(swaps_start, swaps_end);
+    let bucket = Duration::from_millis(100);
+    let mut worst = f64::INFINITY;
+    let mut from = swaps_start;
+    while from + bucket <= swaps_end {
+        worst = worst.min(ok_rate(from, from + bucket));
+        from += bucket;
+    }
+    let result = HotSwap {
+        swaps: settings.swaps,
+        swaps_mounted: swap_ms.len(),
+        unloaded,
+        connections: settings.swap_connections,
+        requests: report.samples.len() as u64,
+        failures: report.failures,
+        answers: report.answers,
+        errors: report.errors,
+        steady_rps,
+        swapping_rps,
+        dip_percent: (1.0 - swapping_rps / steady_rps) * 100.0,
+        worst_100ms_rps: if worst.is_finite() {
+            worst
+        } else {
+            swapping_rps
+        },
+        steady_latency_ms: latencies(warm, swaps_start),
+        swapping_latency_ms: latencies(swaps_start, swaps_end),
+        swap_ms: [
+            percentile(&swap_ms, 50.0).unwrap_or(f64::NAN),
+            percentile(&swap_ms, 99.0).unwrap_or(f64::NAN),
+        ],
+        swapping_seconds: (swaps_end - swaps_start).as_secs_f64(),
+        rss_kib,
+        ok_per_100ms,
+        swapping_windows,
+    };
+    eprintln!(
+        "[3] failures {}, steady {:.0} req/s, swapping {:.0} req/s (dip {:.1} %), worst 100 ms {:.0} req/s, answers {:?}",
+        result.failures,
+        result.steady_rps,
+        result.swapping_rps,
+        result.dip_percent,
+        result.worst_100ms_rps,
+        result.answers
+    );
+    Ok(result)
+}
+
+/// Polls `url` every millisecond until it answers `want`; returns how long
+/// that took from `since`, and counts answers other than `want` and `other`.
+async fn poll_until(
+    client: &reqwest::Client,
+    url: &str,
+    want: u16,
+    other: u16,
+    since: Instant,
+    unexpected: &mut u64,
+) -> Result<f64, String> {
+    loop {
+        let (status, _) = get(client, url).await?;
+        if status == want {
+            return Ok(since.elapsed().as_secs_f64() * 1000.0);
+        }
+        if status != other {
+            *unexpected += 1;
+        }
+        if since.elapsed() > PATIENCE {
+            return Err(format!("{url} did not answer {want} within {PATIENCE:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Scenario 4: file written -> first 200, file removed -> first 404.
+fn load_unload(
+    rt: &Runtime,
+    client: &reqwest::Client,
+    settings: &Settings,
+    artifacts: &Artifacts,
+    host: &mut Host,
+) -> Result<LoadUnload, String> {
+    let url = host.gateway_url("/api/swap/health");
+    if host.plugins_dir.join("swap.so").exists() {
+        let mark = host.proc.mark();
+        host.remove("swap.so")?;
+        host.proc
+            .wait_for_since(mark, &["plugin unmounted", "plugin=swap"], PATIENCE)?;
+    }
+    let mut unexpected = 0;
+    let (mut loads, mut unloads, mut mounts) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..settings.load_rounds {
+        let mark = host.proc.mark();
+        let written = Instant::now();
+        host.install(&artifacts.swap_a, "swap.so")?;
+        loads.push(rt.block_on(poll_until(client, &url, 200, 404, written, &mut unexpected))?);
+        let line = host
+            .proc
+            .wait_for_since(mark, &["plugin mounted", "plugin=swap"], PATIENCE)?;
+        if let Some(ms) = field(&line, "elapsed_ms").and_then(|ms| ms.parse::<f64>().ok()) {
+            mounts.push(ms);
+        }
+        let removed = Instant::now();
+        host.remove("swap.so")?;
+        unloads.push(rt.block_on(poll_until(client, &url, 404, 200, removed, &mut unexpected))?);
+        // The next round starts with the old version gone.
+        host.proc
+            .wait_for_since(mark, &["plugin unloaded", "plugin=swap"], PATIENCE)?;
+        if round == 0 || (round + 1) % 10 == 0 {
+            eprintln!(
+                "[4] round {}/{}: load {:.1} ms, unload {:.1} ms",
+                round + 1,
+                settings.load_rounds,
+                loads[round],
+                unloads[round]
+            );
+        }
+    }
+    let three = |values: &[f64]| {
+        [
+            percentile(values, 50.0).unwrap_or(f64::NAN),
+            percentile(values, 99.0).unwrap_or(f64::NAN),
+            percentile(values, 100.0).unwrap_or(f64::NAN),
+        ]
+    };
+    Ok(LoadUnload {
+        rounds: settings.load_rounds,
+        load_ms: three(&loads),
+        unload_ms: three(&unloads),
+        host_mount_ms: [
+            percentile(&mounts, 50.0).unwrap_or(f64::NAN),
+            percentile(&mounts, 99.0).unwrap_or(f64::NAN),
+        ],
+        unexpected_answers: unexpected,
+        debounce: "100ms (the default of --watch-debounce)".to_owned(),
+    })
+}
+
+/// Scenario 5: many remote services, heartbeats, the listing.
+fn registry_scale(
+    rt: &Runtime,
+    pinning: Pinning,
+    settings: &Settings,
+    artifacts: &Artifacts,
+) -> Result<RegistryScale, String> {
+    let host = Host::start(&artifacts.host, pinning, &[])?;
+    let client = http_client()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_before_kib = host.proc.rss_kib().unwrap_or(0);
+    let started = Instant::now();
+    let (latencies, failures, first_error) = rt.block_on(register_many(
+        &client,
+        host.registry_url("/api/registry/register"),
+        settings.services,
+        settings.register_concurrency,
+    ));
+    let register_seconds = started.elapsed().as_secs_f64();
+    if let Some(error) = &first_error {
+        eprintln!("[5] {failures} registrations failed; first: {error}");
+    }
+    eprintln!(
+        "[5] {} services registered in {register_seconds:.1} s ({:.0}/s)",
+        settings.services,
+        settings.services as f64 / register_seconds
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_after_register_kib = host.proc.rss_kib().unwrap_or(0);
+
+    let script = tempfile::Builder::new()
+        .prefix("bench-heartbeat-")
+        .suffix(".lua")
+        .tempfile()
+        .map_err(|error| format!("temp file: {error}"))?;
+    std::fs::write(script.path(), include_str!("../../wrk/heartbeat.lua"))
+        .map_err(|error| format!("heartbeat script: {error}"))?;
+    let mut options = WrkOptions::new(
+        settings.wrk_threads,
+        settings.heartbeat_connections,
+        settings.heartbeat_seconds,
+    );
+    options.script = Some(script.path().to_owned());
+    options.env = vec![("BENCH_SERVICES".to_owned(), settings.services.to_string())];
+    let heartbeats = load::run_wrk(
+        pinning,
+        &host.registry_url("/api/registry/heartbeat"),
+        &options,
+    )?;
+    eprintln!(
+        "[5] heartbeats: {:.0}/s, p50 {:.3} ms, p99 {:.3} ms, failures {}",
+        heartbeats.rps,
+        heartbeats.p50_ms,
+        heartbeats.p99_ms,
+        heartbeats.failures()
+    );
+
+    let list_url = host.registry_url("/api/registry/services");
+    let (status, body) = rt.block_on(get(&client, &list_url))?;
+    if status != 200 {
+        return Err(format!("GET {list_url} answered {status}"));
+    }
+    let list_entries = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|value| {
+            value
+                .get("services")
+                .and_then(|services| services.as_array().map(Vec::len))
+                .or_else(|| value.as_array().map(Vec::len))
+        })
+        .unwrap_or(0);
+    let list = load::run_wrk(
+        pinning,
+        &list_url,
+        &WrkOptions::new(1, 1, settings.list_seconds),
+    )?;
+    eprintln!(
+        "[5] listing {list_entries} services ({} bytes): p50 {:.1} ms, p99 {:.1} ms",
+        body.len(),
+        list.p50_ms,
+        list.p99_ms
+    );
+    let rss_end_kib = host.proc.rss_kib().unwrap_or(0);
+    let host_warnings = warnings(&host, "host of scenario 5");
+    let latency_ms: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
+    let register_ms = [
+        percentile(&latency_ms, 50.0).unwrap_or(f64::NAN),
+        percentile(&latency_ms, 99.0).unwrap_or(f64::NAN),
+    ];
+    // Rate over the first and the last tenth of the registrations: a
+    // table that gets slower to update as it grows shows here.
+    let mut done: Vec<f64> = latencies.iter().map(|(at, _)| *at).collect();
+    done.sort_by(f64::total_cmp);
+    let tenth = done.len() / 10;
+    let registrations_per_s_first_last_tenth = if tenth > 1 {
+        [
+            tenth as f64 / done[tenth - 1],
+            tenth as f64 / (done[done.len() - 1] - done[done.len() - 1 - tenth]),
+        ]
+    } else {
+        [f64::NAN, f64::NAN]
+    };
+    Ok(RegistryScale {
+        services: settings.services,
+        register_failures: failures,
+        register_concurrency: settings.register_concurrency,
+        registrations_per_s: settings.services as f64 / register_seconds,
+        registrations_per_s_first_last_tenth,
+        register_ms,
+        heartbeats,
+        list,
+        list_bytes: body.len(),
+        list_entries,
+        rss_before_kib,
+        rss_after_register_kib,
+        rss_end_kib,
+        rss_per_1000_kib: (rss_after_register_kib.saturating_sub(rss_before_kib)) as f64
+            / (settings.services as f64 / 1000.0),
+        host_warnings,
+    })
+}
+
+/// Registers `svc-00000`.. with `concurrency` requests in flight. Nothing
+/// listens on their ports (10000 + i): the host's health checker finds
+/// them down, as it would find crashed services.
+async fn register_many(
+    client: &reqwest::Client,
+    url: String,
+    services: usize,
+    concurrency: usize,
+) -> (Vec<(f64, f64)>, u64, Option<String>) {
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let url = Arc::new(url);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (client, next, url) = (client.clone(), next.clone(), url.clone());
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = 0;
+            let mut first_error = None;
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= services {
+                    break;
+                }
+                let body = json!({
+                    "name": format!("svc-{index:05}"),
+                    "display_name": format!("Service {index}"),
+                    "description": "registered by bench-runner",
+                    "version": "1.0.0",
+                    "host": "127.0.0.1",
+                    "port": 10_000 + (index % 50_000),
+                    "base_path": "/",
+                    "health_check_url": "/health",
+                    "metadata": {"zone": "bench", "owner": "bench-runner"},
+                    "tags": ["bench", "scale"],
+                    "requires_auth": false,
+                    "endpoints": [
+                        {"path": "/items", "method": "GET", "description": "list", "is_public": true},
+                        {"path": "/items", "method": "POST", "description": "create", "is_public": false}
+                    ]
+                });
+                let sent = Instant::now();
+                match client.post(url.as_str()).json(&body).send().await {
+                    Ok(response) if response.status().is_success() => {
+                        let _ = response.bytes().await;
+                        latencies.push((
+                            started.elapsed().as_secs_f64(),
+                            sent.elapsed().as_secs_f64() * 1000.0,
+                        ));
+                    }
+                    Ok(response) => {
+                        failures += 1;
+                        let status = response.status();
+                        let text = response.text().await.unwrap_or_default();
+                        first_error.get_or_insert(format!("{status}: {text}"));
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        first_error.get_or_insert(error.to_string());
+                    }
+                }
+            }
+            (latencies, failures, first_error)
+        });
+    }
+    let mut latencies = Vec::new();
+    let mut failures = 0;
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok((part, part_failures, part_error)) => {
+                latencies.extend(part);
+                failures += part_failures;
+                if first_error.is_none() {
+                    first_error = part_error;
+                }
+            }
+            Err(error) => {
+                failures += 1;
+                first_error.get_or_insert(error.to_string());
+            }
+        }
+    }
+    (latencies, failures, first_error)
+}
