@@ -119,20 +119,38 @@ pub enum UnsafePath {
 /// Checks the raw (still percent-encoded) path below `/api/<name>`, so that
 /// nothing a service receives can resolve outside its mount point.
 pub fn check_service_path(raw: &str) -> Result<(), UnsafePath> {
-    let lower = raw.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
+    let has = |needle: &str| {
+        raw.as_bytes()
+            .windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
+    };
+    if has("%2f") || has("%5c") {
         return Err(UnsafePath::EncodedSlash);
     }
-    if raw.contains('\\') || lower.contains("%00") {
+    if raw.contains('\\') || has("%00") {
         return Err(UnsafePath::BadCharacter);
     }
-    let dot_segment = lower
-        .split('/')
-        .any(|segment| matches!(segment.replace("%2e", ".").as_str(), "." | ".."));
-    if dot_segment {
+    if raw.split('/').any(is_dot_segment) {
         return Err(UnsafePath::DotSegment);
     }
     Ok(())
+}
+
+/// `.` or `..`, with any dot possibly written `%2e` / `%2E`.
+fn is_dot_segment(segment: &str) -> bool {
+    let mut dots = 0;
+    let mut rest = segment.as_bytes();
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[..3].eq_ignore_ascii_case(b"%2e") {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    matches!(dots, 1 | 2)
 }
 
 #[cfg(test)]

@@ -14,8 +14,6 @@
 //! library; it closes the library only in [`PluginLibrary::close`], which
 //! consumes it.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -109,10 +107,8 @@ impl Candidate {
     pub fn read(path: &Path) -> Result<Self, LoadError> {
         let bytes = std::fs::read(path)?;
         check_elf(&bytes)?;
-        let mut hasher = DefaultHasher::new();
-        bytes.hash(&mut hasher);
         Ok(Self {
-            digest: hasher.finish(),
+            digest: xxhash_rust::xxh3::xxh3_64(&bytes),
             bytes,
         })
     }

@@ -7,7 +7,7 @@
 //! [`Service`] in the table is immutable: mutable state of a kind (a remote
 //! service's heartbeats) lives behind its own handle in [`Backend`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -130,7 +130,9 @@ impl Service {
     }
 }
 
-type Snapshot = HashMap<String, Arc<Service>>;
+/// A persistent map: a writer's copy shares all but the changed path with
+/// the snapshot readers hold, so a write costs O(log n), not a full clone.
+type Snapshot = imbl::HashMap<String, Arc<Service>>;
 
 /// Every routable service by name. Cheap to share: clone the `Arc`.
 #[derive(Debug, Default)]

@@ -9,6 +9,7 @@
 //! the moment of each request; this task only logs the change). Only a
 //! much longer silence evicts it.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -16,6 +17,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 
@@ -81,6 +83,10 @@ impl Policy {
 /// status document, small enough not to matter.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
 
+/// Health checks in flight at once. With thousands of services a round
+/// would otherwise hold a socket per instance, each until its timeout.
+const MAX_CONCURRENT_CHECKS: usize = 256;
+
 /// Starts the liveness task: a health check round at once (services
 /// restored after a restart are checked first thing), then one every
 /// `check_interval`. Abort the handle to stop it.
@@ -109,12 +115,17 @@ pub(super) fn spawn(registry: Registry) -> JoinHandle<()> {
 async fn round(registry: &Registry, client: &Client<HttpConnector, Empty<Bytes>>, policy: &Policy) {
     let remotes = registry.remotes();
     let mut checks = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
     for remote in &remotes {
         for (addr, uri) in remote.health_check_urls() {
             let remote = remote.clone();
             let client = client.clone();
             let timeout = policy.check_timeout;
+            let slots = slots.clone();
             checks.spawn(async move {
+                let Ok(_slot) = slots.acquire().await else {
+                    return;
+                };
                 let result = match uri {
                     Ok(uri) => check(&client, uri, timeout).await,
                     Err(error) => Err(format!("no valid health check URL: {error}")),

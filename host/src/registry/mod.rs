@@ -35,7 +35,7 @@ pub use liveness::{InvalidPolicy, Policy};
 pub use remote::{RemoteService, Route, Unavailable};
 
 use crate::http::{ApiError, read_body};
-use crate::services::{Backend, Service, ServiceTable};
+use crate::services::{Backend, Service, ServiceInfo, ServiceTable};
 use model::{Invalid, Registration};
 use store::{Store, StoreError, StoredService};
 
@@ -464,14 +464,9 @@ async fn deregister(
 }
 
 async fn list_services(State(registry): State<Registry>) -> Response {
-    let services: Vec<Value> = registry
-        .shared
-        .services
-        .list()
-        .iter()
-        .map(|s| describe(s))
-        .collect();
-    axum::Json(services).into_response()
+    let services = registry.shared.services.list();
+    let listed: Vec<Listed<'_>> = services.iter().map(|service| describe(service)).collect();
+    axum::Json(listed).into_response()
 }
 
 async fn get_service(
@@ -513,22 +508,37 @@ fn refusal(invalid: Invalid) -> ApiError {
     ApiError::new(invalid.status(), invalid.to_string()).with("field", invalid.field())
 }
 
-/// A service as the registry lists it.
-fn describe(service: &Service) -> Value {
-    let mut value = json!(service.info);
-    value["kind"] = json!(service.kind());
-    match &service.backend {
-        Backend::Plugin(plugin) => {
-            value["status"] = json!("healthy");
-            value["loaded_from"] = json!(plugin.loaded_from);
-        }
-        Backend::Remote(remote) => {
-            if let (Value::Object(fields), Ok(Value::Object(liveness))) =
-                (&mut value, serde_json::to_value(remote.liveness()))
-            {
-                fields.extend(liveness);
-            }
-        }
+/// A service as the registry lists it: what it declared, its kind, and
+/// what its kind adds. Serialized straight from borrowed data.
+#[derive(serde::Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    info: &'a ServiceInfo,
+    kind: &'static str,
+    #[serde(flatten)]
+    details: Details<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Details<'a> {
+    Plugin {
+        status: &'static str,
+        loaded_from: &'a str,
+    },
+    Remote(remote::Liveness),
+}
+
+fn describe(service: &Service) -> Listed<'_> {
+    Listed {
+        info: &service.info,
+        kind: service.kind(),
+        details: match &service.backend {
+            Backend::Plugin(plugin) => Details::Plugin {
+                status: "healthy",
+                loaded_from: &plugin.loaded_from,
+            },
+            Backend::Remote(remote) => Details::Remote(remote.liveness()),
+        },
     }
-    value
 }
