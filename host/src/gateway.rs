@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
 use crate::proxy::Proxy;
-use crate::runtime::{CallError, PluginRequest, PluginResponse, PluginRuntime};
+use crate::runtime::{CallError, PluginRequest, PluginResponse};
 use crate::services::{Backend, ServiceTable};
 
 /// What the gateway needs to serve.
@@ -71,10 +71,11 @@ async fn dispatch(
         return unknown_service(name);
     };
     match &service.backend {
-        Backend::Plugin(plugin) => {
-            let runtime = plugin.runtime.clone();
+        // The runtime is looked up again once the body is in: a slow upload
+        // must not pin a version that is being swapped out.
+        Backend::Plugin(_) => {
             drop(service);
-            call_plugin(&gateway, runtime, name, rest, client, request).await
+            call_plugin(&gateway, name, rest, client, request).await
         }
         Backend::Remote(remote) => {
             let remote = remote.clone();
@@ -92,16 +93,27 @@ fn unknown_service(name: &str) -> Response {
 
 async fn call_plugin(
     gateway: &Gateway,
-    mut runtime: Arc<PluginRuntime>,
     name: &str,
     rest: &str,
     client: SocketAddr,
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let body = match read_body(body, &parts.headers, gateway.max_body_bytes).await {
-        Ok(body) => body,
-        Err(error) => return error.with("service", name).into_response(),
+    let reading = read_body(body, &parts.headers, gateway.max_body_bytes);
+    let body = match tokio::time::timeout(gateway.request_timeout, reading).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(error)) => return error.with("service", name).into_response(),
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {}",
+                    humantime::format_duration(gateway.request_timeout)
+                ),
+            )
+            .with("service", name)
+            .into_response();
+        }
     };
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
@@ -122,30 +134,26 @@ async fn call_plugin(
     // fresh lookup decides.
     let mut retried = false;
     loop {
-        let result = runtime
-            .call(Arc::clone(&request), gateway.request_timeout)
-            .await;
-        match result {
-            Ok(response) => return plugin_response(name, response),
-            Err(CallError::Unloading) if !retried => {
-                retried = true;
-                match gateway.services.get(name).map(|s| s.backend.clone()) {
-                    Some(Backend::Plugin(plugin)) => runtime = plugin.runtime,
-                    // A plugin replaced by a remote service mid-request: the
-                    // body was read for the plugin, so let the client retry.
-                    Some(Backend::Remote(_)) => {
-                        return ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!(
-                                "service `{name}` was replaced while the request waited; retry"
-                            ),
-                        )
-                        .with("service", name)
-                        .into_response();
-                    }
-                    None => return unknown_service(name),
-                }
+        let runtime = match gateway.services.get(name).as_deref().map(|s| &s.backend) {
+            Some(Backend::Plugin(plugin)) => plugin.runtime.clone(),
+            // A plugin replaced by a remote service meanwhile: the body was
+            // read for the plugin, so let the client retry.
+            Some(Backend::Remote(_)) => {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("service `{name}` was replaced while the request waited; retry"),
+                )
+                .with("service", name)
+                .into_response();
             }
+            None => return unknown_service(name),
+        };
+        match runtime
+            .call(Arc::clone(&request), gateway.request_timeout)
+            .await
+        {
+            Ok(response) => return plugin_response(name, response),
+            Err(CallError::Unloading) if !retried => retried = true,
             Err(error) => {
                 return ApiError::new(error.status(), error.to_string())
                     .with("service", name)

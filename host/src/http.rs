@@ -33,11 +33,6 @@ impl ApiError {
         self.body.insert(key.to_owned(), value);
         self
     }
-
-    /// The status code.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
 }
 
 impl IntoResponse for ApiError {
@@ -71,6 +66,19 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
             format!("could not read the request body: {error}"),
         )),
     }
+}
+
+/// `error` and its sources, `: `-separated: hyper's own messages are terse
+/// ("client error (Connect)"), the cause is in the chain.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 section 7.6.1);

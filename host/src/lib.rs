@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod registry;
 pub mod runtime;
 pub mod services;
+mod sync;
 pub mod watcher;
 
 use std::future::Future;
@@ -140,8 +141,10 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop.send(true);
-    let gateway_result = gateway_server.await;
-    let registry_result = registry_server.await;
+    // In-flight requests get the drain timeout to finish; a stalled stream
+    // must not keep the host from unloading its plugins and exiting.
+    let gateway_result = finish(gateway_server, config.drain_timeout).await;
+    let registry_result = finish(registry_server, config.drain_timeout).await;
     liveness.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
@@ -160,6 +163,28 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// Waits for a server to finish its requests, at most `deadline`, then
+/// stops it.
+async fn finish(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    deadline: std::time::Duration,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    match tokio::time::timeout(deadline, &mut server).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = deadline.as_millis() as u64,
+                "requests still open after the drain timeout; closing them"
+            );
+            server.abort();
+            match server.await {
+                Err(join) if join.is_cancelled() => Ok(Ok(())),
+                other => other,
+            }
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `stopped` turns true, then finishes

@@ -14,6 +14,7 @@
 //! library; it closes the library only in [`PluginLibrary::close`], which
 //! consumes it.
 
+use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -33,6 +34,14 @@ pub enum LoadError {
     /// The file could not be read or copied.
     #[error("could not read or copy the file: {0}")]
     Io(#[from] std::io::Error),
+    /// Larger than any plugin library should be; not read.
+    #[error(
+        "file is {size} bytes, more than the limit of {MAX_LIBRARY_BYTES} bytes for a plugin library"
+    )]
+    TooLarge {
+        /// The file's size.
+        size: u64,
+    },
     /// Not an ELF file at all.
     #[error("not an ELF shared object (bad magic bytes)")]
     NotElf,
@@ -105,6 +114,10 @@ pub struct Candidate {
 impl Candidate {
     /// Reads `path` and checks its ELF header.
     pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let size = std::fs::metadata(path)?.len();
+        if size > MAX_LIBRARY_BYTES {
+            return Err(LoadError::TooLarge { size });
+        }
         let bytes = std::fs::read(path)?;
         check_elf(&bytes)?;
         Ok(Self {
@@ -119,6 +132,10 @@ impl Candidate {
     }
 }
 
+/// Largest plugin file read. The loader holds a file in memory while it
+/// checks and copies it, so a stray multi-gigabyte `*.so` must not be read.
+const MAX_LIBRARY_BYTES: u64 = 1 << 30;
+
 #[cfg(target_arch = "x86_64")]
 const ELF_MACHINE: u16 = 62;
 #[cfg(target_arch = "aarch64")]
@@ -126,6 +143,12 @@ const ELF_MACHINE: u16 = 183;
 
 fn check_elf(bytes: &[u8]) -> Result<(), LoadError> {
     const HEADER_LEN: usize = 64;
+    if bytes.is_empty() {
+        return Err(LoadError::Truncated {
+            needed: HEADER_LEN as u64,
+            actual: 0,
+        });
+    }
     if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
         return Err(LoadError::NotElf);
     }
@@ -180,8 +203,12 @@ pub fn clear_cache(cache_dir: &Path) -> std::io::Result<()> {
 }
 
 /// An open plugin library: the only holder of pointers into it.
+///
+/// Dropping it leaves the library mapped: only [`PluginLibrary::close`]
+/// unmaps it, because closing is safe only at the end of the unload
+/// sequence, and a drop can happen anywhere (even on a plugin thread).
 pub struct PluginLibrary {
-    library: libloading::Library,
+    library: ManuallyDrop<libloading::Library>,
     private_copy: PathBuf,
     create: extern "C" fn() -> RResult<InstancePtr, RString>,
     handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
@@ -264,7 +291,7 @@ impl PluginLibrary {
         let info = validate(info)?;
         Ok((
             Self {
-                library,
+                library: ManuallyDrop::new(library),
                 private_copy: private_copy.to_owned(),
                 create: functions.create,
                 handle: functions.handle,
@@ -329,7 +356,10 @@ impl PluginLibrary {
     /// Closes the library, deletes the private copy, and checks that the
     /// library is really gone from the address space.
     pub fn close(self) -> CloseReport {
-        let close_error = self.library.close().err().map(|e| e.to_string());
+        let close_error = ManuallyDrop::into_inner(self.library)
+            .close()
+            .err()
+            .map(|e| e.to_string());
         if let Err(error) = std::fs::remove_file(&self.private_copy) {
             tracing::warn!(path = %self.private_copy.display(), %error, "could not delete a plugin's private copy");
         }

@@ -53,6 +53,7 @@ pub fn spawn(
                 config,
                 services,
                 mounted: HashMap::new(),
+                waiting_for_name: HashMap::new(),
                 unloads: Vec::new(),
             };
             for event in events {
@@ -70,6 +71,9 @@ struct Manager {
     config: ManagerConfig,
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
+    /// Files refused because another file held their service name: loaded
+    /// again when that file goes.
+    waiting_for_name: HashMap<PathBuf, String>,
     unloads: Vec<JoinHandle<()>>,
 }
 
@@ -81,6 +85,7 @@ fn file_name(path: &Path) -> String {
 
 impl Manager {
     fn load(&mut self, path: PathBuf) {
+        self.waiting_for_name.remove(&path);
         let started = Instant::now();
         let file = file_name(&path);
         let candidate = match Candidate::read(&path) {
@@ -114,6 +119,7 @@ impl Manager {
         if let Some(holder) = self.name_holder(&name, &file) {
             tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
+            self.waiting_for_name.insert(path, name);
             return;
         }
         let runtime = match PluginRuntime::start(&name, library, self.config.limits) {
@@ -142,6 +148,7 @@ impl Manager {
             Err(holder) => {
                 tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.unload(runtime, file);
+                self.waiting_for_name.insert(path, name);
                 return;
             }
         }
@@ -181,6 +188,7 @@ impl Manager {
     }
 
     fn remove(&mut self, path: &Path) {
+        self.waiting_for_name.remove(path);
         let Some(mounted) = self.mounted.remove(path) else {
             return;
         };
@@ -188,6 +196,16 @@ impl Manager {
             .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
         tracing::info!(plugin = %mounted.name, file = %file_name(path), "plugin unmounted");
         self.unload(mounted.runtime, file_name(path));
+        let waiting: Vec<PathBuf> = self
+            .waiting_for_name
+            .iter()
+            .filter(|(_, name)| **name == mounted.name)
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in waiting {
+            tracing::info!(file = %file_name(&path), plugin = %mounted.name, "service name free again; loading the file that wanted it");
+            self.load(path);
+        }
     }
 
     /// Drains and shuts down `runtime` on a thread of its own. The caller

@@ -17,7 +17,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::http::{ApiError, remove_hop_by_hop};
+use crate::http::{ApiError, error_chain, remove_hop_by_hop};
 use crate::registry::{RemoteService, Route};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -109,7 +109,7 @@ impl Proxy {
         // Upstreams are spoken to in HTTP/1.1 whatever the client used.
         parts.version = Version::HTTP_11;
         let method = parts.method.clone();
-        let progress = Arc::new(Progress::new());
+        let progress = Arc::new(Progress::new(body.is_end_stream()));
         let upstream = Request::from_parts(
             parts,
             Tracked {
@@ -130,6 +130,17 @@ impl Proxy {
                 result = &mut answer => break result,
                 () = tokio::time::sleep_until(deadline.into()) => {
                     let next = progress.last_activity() + self.timeout;
+                    if next <= Instant::now() && !progress.is_finished() {
+                        // The client stopped sending its body: its fault,
+                        // not the upstream's.
+                        tracing::debug!(service = %name, "client stalled while uploading");
+                        return ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            format!("request body stalled for {}", humantime::format_duration(self.timeout)),
+                        )
+                        .with("service", name)
+                        .into_response();
+                    }
                     if next <= Instant::now() {
                         tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer in time");
                         return ApiError::new(
@@ -236,13 +247,15 @@ fn forwarding_headers(
     headers.remove(header::EXPECT);
     // Append to a chain built by proxies in front of us, as they expect.
     let client_ip = client.ip().to_string();
-    let forwarded_for = match headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|value| value.to_str().ok())
-    {
-        Some(chain) if !chain.trim().is_empty() => format!("{chain}, {client_ip}"),
-        _ => client_ip,
-    };
+    let mut chain: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|hops| !hops.is_empty())
+        .collect();
+    chain.push(&client_ip);
+    let forwarded_for = chain.join(", ");
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR, value);
     }
@@ -255,33 +268,30 @@ fn forwarding_headers(
     headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-/// `error` and its sources, `: `-separated: hyper's own messages are terse
-/// ("client error (Connect)"), the cause is in the chain.
-pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// When the client's request body last moved.
+/// When the client's request body last moved, and whether it is complete.
 #[derive(Debug)]
 struct Progress {
     start: Instant,
     /// Microseconds after `start`.
     last_us: AtomicU64,
+    finished: AtomicBool,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(finished: bool) -> Self {
         Self {
             start: Instant::now(),
             last_us: AtomicU64::new(0),
+            finished: AtomicBool::new(finished),
         }
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Relaxed);
+    }
+
+    fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -311,8 +321,18 @@ impl HttpBody for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_))) | Poll::Ready(None)) {
-            self.progress.touch();
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                self.progress.touch();
+                if self.body.is_end_stream() {
+                    self.progress.finish();
+                }
+            }
+            Poll::Ready(None) => {
+                self.progress.touch();
+                self.progress.finish();
+            }
+            _ => {}
         }
         polled
     }

@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use axum::http::{HeaderMap, Method, StatusCode};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::loader::{CloseReport, Instance, PluginLibrary};
+use crate::sync::lock;
 
 /// A request as the gateway hands it to a plugin. Shared (`Arc`) so that a
 /// retry after a swap costs no copy.
@@ -120,7 +122,8 @@ pub enum ShutdownReport {
 /// unmounted.
 pub struct PluginRuntime {
     name: String,
-    jobs: Mutex<Option<Sender<Job>>>,
+    /// `None` once shutdown began. Read on every call, so lock-free.
+    jobs: ArcSwapOption<Sender<Job>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     shared: Mutex<Option<Arc<Shared>>>,
 }
@@ -177,7 +180,7 @@ impl PluginRuntime {
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(limits.queue);
         let runtime = Self {
             name: name.to_owned(),
-            jobs: Mutex::new(Some(jobs)),
+            jobs: ArcSwapOption::from_pointee(jobs),
             workers: Mutex::new(Vec::new()),
             shared: Mutex::new(Some(Arc::new(Shared { library, instance }))),
         };
@@ -216,8 +219,8 @@ impl PluginRuntime {
     ) -> Result<PluginResponse, CallError> {
         let (reply, answer) = oneshot::channel();
         {
-            let jobs = lock(&self.jobs);
-            let jobs = jobs.as_ref().ok_or(CallError::Unloading)?;
+            let jobs = self.jobs.load();
+            let jobs = jobs.as_deref().ok_or(CallError::Unloading)?;
             jobs.try_send(Job { request, reply })
                 .map_err(|error| match error {
                     TrySendError::Full(_) => CallError::Overloaded { queued: jobs.len() },
@@ -238,7 +241,7 @@ impl PluginRuntime {
     /// closes the library. Blocks; call it off the async runtime. A second
     /// call finds nothing to do and reports a leak of zero workers.
     pub fn shutdown(&self, deadline: Duration) -> ShutdownReport {
-        lock(&self.jobs).take();
+        self.jobs.store(None);
         let started = Instant::now();
         let workers = std::mem::take(&mut *lock(&self.workers));
         while workers.iter().any(|worker| !worker.is_finished()) && started.elapsed() < deadline {
@@ -302,10 +305,4 @@ fn work(shared: &Shared, queue: &Receiver<Job>) {
         // The client may have given up (timeout); nobody else needs to know.
         let _ = reply.send(response);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::registry::RemoteService;
 use crate::runtime::PluginRuntime;
+use crate::sync::lock;
 
 /// What every service declares about itself, whatever its kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,16 +161,6 @@ impl ServiceTable {
         services
     }
 
-    /// Number of services.
-    pub fn len(&self) -> usize {
-        self.current.load().len()
-    }
-
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Puts `service` under its name unless another service holds the name
     /// and `may_replace(holder)` says no. Returns the service it replaced,
     /// or the holder it refused to replace.
@@ -178,7 +169,7 @@ impl ServiceTable {
         service: Service,
         may_replace: impl FnOnce(&Service) -> bool,
     ) -> Result<Option<Arc<Service>>, Arc<Service>> {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.write);
         let current = self.current.load_full();
         if let Some(holder) = current.get(&service.info.name)
             && !may_replace(holder)
@@ -197,7 +188,7 @@ impl ServiceTable {
         name: &str,
         should_remove: impl FnOnce(&Service) -> bool,
     ) -> Option<Arc<Service>> {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.write);
         let current = self.current.load_full();
         let holder = current.get(name)?;
         if !should_remove(holder) {

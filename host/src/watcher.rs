@@ -231,12 +231,16 @@ impl Debouncer {
     /// Returns false once nobody listens any more.
     fn report_due(&mut self, events: &Sender<FileEvent>) -> bool {
         let now = Instant::now();
-        let due: Vec<PathBuf> = self
+        let mut due: Vec<(bool, PathBuf)> = self
             .pending
             .iter()
             .filter(|(_, pending)| pending.due <= now)
-            .map(|(path, _)| path.clone())
+            .map(|(path, _)| (path.exists(), path.clone()))
             .collect();
+        // Removals first: a rename reports both paths at once, and the old
+        // name must be given up before the new file claims its service name.
+        due.sort();
+        let due = due.into_iter().map(|(_, path)| path);
         for path in due {
             let Some(pending) = self.pending.remove(&path) else {
                 continue;
@@ -246,13 +250,12 @@ impl Debouncer {
                     self.present.remove(&path);
                     FileEvent::Removed(path)
                 }
-                Some(size) if pending.size == Some(size) && size > 0 => {
+                Some(size) if pending.size == Some(size) => {
                     self.present.insert(path.clone());
                     FileEvent::Changed(path)
                 }
                 Some(_) => {
-                    // Still growing (or empty): look again after another
-                    // quiet period.
+                    // Still growing: look again after another quiet period.
                     self.mark(path, now + self.debounce);
                     continue;
                 }

@@ -227,6 +227,8 @@ impl<S: 'static> Router<S> {
     /// Calls the handler matching `request`, or answers 404 / 405.
     pub(crate) fn dispatch(&self, state: &S, request: &FfiRequest<'_>) -> Result<Response> {
         let method = request.method.as_str();
+        // HEAD is GET without the body (RFC 9110 9.3.2); the server drops it.
+        let wanted = if method == "HEAD" { "GET" } else { method };
         let path: Vec<&str> = split_path(request.path.as_str()).collect();
         let mut best: Option<(&Route<S>, Params<'_>)> = None;
         let mut allowed: Vec<&'static str> = Vec::new();
@@ -234,7 +236,7 @@ impl<S: 'static> Router<S> {
             let Some(params) = route.matches(&path) else {
                 continue;
             };
-            if route.method.as_str() != method {
+            if route.method.as_str() != wanted {
                 allowed.push(route.method.as_str());
                 continue;
             }
@@ -251,14 +253,22 @@ impl<S: 'static> Router<S> {
                 route.handler.call(state, &request)
             }
             None if !allowed.is_empty() => {
+                if allowed.contains(&"GET") {
+                    allowed.push("HEAD");
+                }
+                allowed.push("OPTIONS");
                 allowed.sort_unstable();
                 allowed.dedup();
+                let allow = allowed.join(", ");
+                if method == "OPTIONS" {
+                    return Ok(Response::new(204).header("allow", allow));
+                }
                 Ok(Error::new(
                     405,
                     format!("method {method} not allowed on {}", request.path.as_str()),
                 )
                 .into_response()
-                .header("allow", allowed.join(", ")))
+                .header("allow", allow))
             }
             None => Err(Error::not_found(format!(
                 "no route for {method} {}",
@@ -351,8 +361,25 @@ mod tests {
             wrong.headers(),
             &[
                 ("content-type".to_owned(), b"application/json".to_vec()),
-                ("allow".to_owned(), b"DELETE, GET".to_vec())
+                ("allow".to_owned(), b"DELETE, GET, HEAD, OPTIONS".to_vec())
             ]
+        );
+    }
+
+    #[test]
+    fn head_is_get_and_options_lists_the_methods() {
+        let router = router();
+        assert_eq!(
+            body(router.dispatch(&(), &request("HEAD", "/items/7"))),
+            "id=7"
+        );
+        let options = router
+            .dispatch(&(), &request("OPTIONS", "/items/7"))
+            .unwrap();
+        assert_eq!(options.status(), 204);
+        assert_eq!(
+            options.headers(),
+            &[("allow".to_owned(), b"DELETE, GET, HEAD, OPTIONS".to_vec())]
         );
     }
 

@@ -47,6 +47,28 @@ async fn paths_escaping_the_service_are_refused() {
 }
 
 #[tokio::test]
+async fn head_is_answered_like_get_without_a_body_and_options_lists_methods() {
+    let host = host_with_hello(&[]).await;
+    let head = client()
+        .head(host.gateway_url("/api/hello/hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert!(head.bytes().await.unwrap().is_empty());
+    let options = client()
+        .request(
+            reqwest::Method::OPTIONS,
+            host.gateway_url("/api/hello/data"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(options.status(), 204);
+    assert_eq!(options.headers()["allow"], "GET, HEAD, OPTIONS, POST");
+}
+
+#[tokio::test]
 async fn oversized_body_is_413_naming_the_limit() {
     let host = host_with_hello(&["--max-body-bytes", "1024"]).await;
     let answer = client()

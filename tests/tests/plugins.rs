@@ -121,9 +121,11 @@ async fn a_replaced_file_serves_the_new_version_by_cp_and_by_rename() {
     host.wait_for_log_since(mark, &["plugin mounted", "replaced=true"])
         .await;
     assert_eq!(variant(&host).await.as_deref(), Some("swap-a"));
-    host.wait_for_log_since(mark, &["plugin unloaded", "plugin=swap"])
-        .await;
-    assert_eq!(mapped_copies(&host, "swap"), 1, "{}", host.maps());
+    // Two versions were unloaded, each on a thread of its own.
+    eventually("only the live version mapped", || async {
+        mapped_copies(&host, "swap") == 1
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -297,8 +299,7 @@ async fn a_plugin_with_thread_locals_unloads_and_the_host_survives() {
 #[tokio::test]
 async fn a_slow_plugin_times_out_with_504_while_another_answers() {
     let host = Host::builder()
-        .arg("--request-timeout")
-        .arg("1s")
+        .args(["--request-timeout", "3s"])
         .start()
         .await;
     host.install_plugin("slow", "libslow.so");
@@ -308,11 +309,10 @@ async fn a_slow_plugin_times_out_with_504_while_another_answers() {
     host.wait_for_log_since(0, &["plugin mounted", "plugin=hello"])
         .await;
 
-    let slow_url = host.gateway_url("/api/slow/sleep?ms=5000");
-    let slow = tokio::spawn(async move { get_json(&slow_url).await });
+    let slow = tokio::spawn(get_json_owned(host.gateway_url("/api/slow/sleep?ms=10000")));
     // While the slow request holds its worker, another plugin answers, and
     // the slow one has not been answered yet.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         get_json(&host.gateway_url("/api/hello/health")).await.0,
         200
@@ -331,19 +331,32 @@ async fn a_full_queue_is_answered_503() {
         .await;
     host.install_plugin("slow", "libslow.so");
     host.wait_for_log("plugin mounted").await;
+    // One worker and one queue slot hold two requests; of six sent at once
+    // the others find the queue full, whatever order they arrive in.
     let url = host.gateway_url("/api/slow/sleep?ms=1500");
-    let busy = tokio::spawn(get_json_owned(url.clone()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let queued = tokio::spawn(get_json_owned(url.clone()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, body) = get_json(&url).await;
-    assert_eq!(status, 503, "{body}");
+    let requests: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(get_json_owned(url.clone())))
+        .collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        let (status, body) = request.await.unwrap();
+        if status == 503 {
+            assert!(
+                body["error"].as_str().unwrap().contains("overloaded"),
+                "{body}"
+            );
+        }
+        statuses.push(status);
+    }
     assert!(
-        body["error"].as_str().unwrap().contains("overloaded"),
-        "{body}"
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
     );
-    assert_eq!(busy.await.unwrap().0, 200);
-    assert_eq!(queued.await.unwrap().0, 200);
+    assert!(
+        statuses.iter().filter(|s| **s == 503).count() >= 3,
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&200), "{statuses:?}");
 }
 
 async fn get_json_owned(url: String) -> (u16, Value) {
@@ -404,7 +417,12 @@ async fn files_present_at_start_are_mounted_and_sigterm_unloads_them() {
 
 #[tokio::test]
 async fn a_file_written_slowly_in_chunks_is_loaded_once_complete() {
-    let host = Host::start().await;
+    // Pauses of 40 ms between writes, well under the debounce even on a
+    // loaded machine.
+    let host = Host::builder()
+        .args(["--watch-debounce", "500ms"])
+        .start()
+        .await;
     let library = std::fs::read(integration_tests::plugin_library("hello")).unwrap();
     let path = host.plugins_dir().join("libhello.so");
     {
@@ -426,4 +444,59 @@ async fn a_file_written_slowly_in_chunks_is_loaded_once_complete() {
     let logs = host.logs();
     assert_eq!(logs.matches("plugin mounted").count(), 1, "{logs}");
     assert!(!logs.contains("refused"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_renamed_file_keeps_its_service_mounted() {
+    let host = Host::start().await;
+    host.install_plugin("hello", "a.so");
+    host.wait_for_log("plugin mounted").await;
+    for _ in 0..3 {
+        let mark = host.log_mark();
+        std::fs::rename(
+            host.plugins_dir().join("a.so"),
+            host.plugins_dir().join("b.so"),
+        )
+        .unwrap();
+        host.wait_for_log_since(mark, &["plugin mounted", "file=b.so"])
+            .await;
+        assert_eq!(
+            get_json(&host.gateway_url("/api/hello/health")).await.0,
+            200
+        );
+        let mark = host.log_mark();
+        std::fs::rename(
+            host.plugins_dir().join("b.so"),
+            host.plugins_dir().join("a.so"),
+        )
+        .unwrap();
+        host.wait_for_log_since(mark, &["plugin mounted", "file=a.so"])
+            .await;
+        assert_eq!(
+            get_json(&host.gateway_url("/api/hello/health")).await.0,
+            200
+        );
+    }
+    assert!(!host.logs().contains("refused"), "{}", host.logs());
+}
+
+#[tokio::test]
+async fn a_file_refused_for_its_name_loads_once_the_name_is_free() {
+    let host = Host::start().await;
+    host.install_plugin("hello", "libhello.so");
+    host.wait_for_log("plugin mounted").await;
+    host.install_plugin("hello_dup", "libhello_dup.so");
+    host.wait_for_log_since(0, &["refused", "file=libhello_dup.so"])
+        .await;
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/")).await.1["service"],
+        "Hello Service"
+    );
+
+    let mark = host.log_mark();
+    host.remove_plugin("libhello.so");
+    host.wait_for_log_since(mark, &["plugin mounted", "file=libhello_dup.so"])
+        .await;
+    let (status, body) = get_json(&host.gateway_url("/api/hello/")).await;
+    assert_eq!((status, body["variant"].as_str()), (200, Some("hello-dup")));
 }

@@ -281,3 +281,26 @@ async fn hundred_megabyte_bodies_stream_through_without_buffering() {
         "host peak RSS {peak} KiB grew more than {ALLOWED_GROWTH_KIB} KiB over {baseline} KiB"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_gets_408_not_a_504() {
+    let upstream = Upstream::start().await;
+    let host = Host::builder()
+        .args(["--request-timeout", "1s"])
+        .start()
+        .await;
+    let (status, answer) = register(&host, &registration("sink", upstream.port())).await;
+    assert_eq!(status, 201, "{answer}");
+    // Half the declared body, then silence until the host gives up.
+    let (status, answer) = integration_tests::raw_http(
+        host.gateway_addr(),
+        "POST /api/sink/count HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 100\r\n\r\n0123456789",
+    );
+    assert_eq!(status, 408, "{answer}");
+    assert!(answer.contains("stalled"), "{answer}");
+    assert!(
+        !host.logs().contains("did not answer in time"),
+        "{}",
+        host.logs()
+    );
+}

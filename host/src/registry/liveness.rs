@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 
 use super::Registry;
 use super::remote::{CheckOutcome, RemoteService, Transition};
-use crate::proxy::error_chain;
+use crate::http::error_chain;
 
 /// How remote services are kept track of.
 #[derive(Debug, Clone, Copy)]

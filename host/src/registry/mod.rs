@@ -233,7 +233,9 @@ impl Registry {
                 let name = name.clone();
                 move |store| store.delete(&name)
             });
-            let _ = undo.await;
+            if let Err(error) = undo.await {
+                tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
+            }
             return Err(name_taken(&holder));
         }
         let updated = previous.is_some();
@@ -418,7 +420,7 @@ async fn register(
 ) -> Result<Response, ApiError> {
     let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
-    registry.register(registration).await
+    uncancellable(async move { registry.register(registration).await }).await
 }
 
 async fn heartbeat(
@@ -460,7 +462,22 @@ async fn deregister(
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(name) = name.map_err(bad_path)?;
-    registry.deregister(&name).await
+    uncancellable(async move { registry.deregister(&name).await }).await
+}
+
+/// Runs a write to completion even if the client hangs up: hyper drops a
+/// handler's future when its connection closes, which would leave a
+/// committed database write without its table change.
+async fn uncancellable(
+    write: impl Future<Output = Result<Response, ApiError>> + Send + 'static,
+) -> Result<Response, ApiError> {
+    tokio::spawn(write).await.unwrap_or_else(|join| {
+        tracing::error!(error = %join, "registry write task failed");
+        Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the registry failed while applying this change",
+        ))
+    })
 }
 
 async fn list_services(State(registry): State<Registry>) -> Response {

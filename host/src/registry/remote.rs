@@ -17,6 +17,7 @@ use axum::http::uri::{Authority, InvalidUri};
 use serde::Serialize;
 
 use super::model::{InstanceAddr, RemoteSpec, Reported};
+use crate::sync::lock;
 
 /// A registered out-of-process service.
 #[derive(Debug)]
@@ -222,11 +223,6 @@ impl RemoteService {
         &self.spec.info.name
     }
 
-    /// What it registered with.
-    pub fn spec(&self) -> &RemoteSpec {
-        &self.spec
-    }
-
     /// When it first registered (kept across re-registrations).
     pub fn registered_at(&self) -> SystemTime {
         self.registered_at
@@ -396,9 +392,7 @@ impl RemoteService {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // The state stays consistent field by field, so a panic elsewhere
-        // while holding the lock leaves nothing half-written to recover.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -516,10 +510,12 @@ mod tests {
 
     #[test]
     fn silence_past_the_ttl_is_unhealthy_until_a_heartbeat() {
-        let remote = service("/", Duration::from_millis(30));
+        // A TTL long enough that a stalled test thread does not expire it
+        // before the first checks.
+        let remote = service("/", Duration::from_secs(1));
         assert!(remote.route().is_ok());
         assert_eq!(remote.observe(), None);
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(1300));
         assert!(matches!(remote.route(), Err(Unavailable::Silent { .. })));
         assert!(matches!(remote.observe(), Some(Transition::Failed(_))));
         assert_eq!(remote.observe(), None);
