@@ -130,9 +130,9 @@ impl Proxy {
                 result = &mut answer => break result,
                 () = tokio::time::sleep_until(deadline.into()) => {
                     let next = progress.last_activity() + self.timeout;
-                    if next <= Instant::now() && !progress.is_finished() {
-                        // The client stopped sending its body: its fault,
-                        // not the upstream's.
+                    if next <= Instant::now() && progress.is_stalled() {
+                        // The upstream was reading and the client stopped
+                        // sending its body: the client's fault.
                         tracing::debug!(service = %name, "client stalled while uploading");
                         return ApiError::new(
                             StatusCode::REQUEST_TIMEOUT,
@@ -274,6 +274,8 @@ struct Progress {
     start: Instant,
     /// Microseconds after `start`.
     last_us: AtomicU64,
+    /// The upstream connection asked for the body at least once.
+    polled: AtomicBool,
     finished: AtomicBool,
 }
 
@@ -282,6 +284,7 @@ impl Progress {
         Self {
             start: Instant::now(),
             last_us: AtomicU64::new(0),
+            polled: AtomicBool::new(false),
             finished: AtomicBool::new(finished),
         }
     }
@@ -290,8 +293,10 @@ impl Progress {
         self.finished.store(true, Ordering::Relaxed);
     }
 
-    fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Relaxed)
+    /// Whether the body started flowing to the upstream and is not
+    /// complete: a wait is then the client's, not the upstream's.
+    fn is_stalled(&self) -> bool {
+        self.polled.load(Ordering::Relaxed) && !self.finished.load(Ordering::Relaxed)
     }
 
     fn touch(&self) {
@@ -320,6 +325,7 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.progress.polled.store(true, Ordering::Relaxed);
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(_))) => {
