@@ -478,6 +478,21 @@ async fn a_renamed_file_keeps_its_service_mounted() {
         );
     }
     assert!(!host.logs().contains("refused"), "{}", host.logs());
+
+    // Renamed out of the directory: unmounted.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mark = host.log_mark();
+    std::fs::rename(
+        host.plugins_dir().join("a.so"),
+        elsewhere.path().join("a.so"),
+    )
+    .unwrap();
+    host.wait_for_log_since(mark, &["plugin unloaded", "plugin=hello"])
+        .await;
+    assert_eq!(
+        get_json(&host.gateway_url("/api/hello/health")).await.0,
+        404
+    );
 }
 
 #[tokio::test]
