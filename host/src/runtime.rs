@@ -252,9 +252,11 @@ impl PluginRuntime {
             .filter(|worker| !worker.is_finished())
             .count();
         if running_workers > 0 {
-            // Dropping the handles detaches the threads; the state they use
-            // stays alive because `shared` is forgotten below.
-            std::mem::forget(lock(&self.shared).take());
+            // Dropping the handles detaches the threads. They hold the
+            // shared state; whichever finishes last drops it, which leaves
+            // the library mapped (only `close` unmaps it) and the plugin's
+            // state unfreed: a leak, never a use after unmap.
+            lock(&self.shared).take();
             return ShutdownReport::Leaked { running_workers };
         }
         for worker in workers {
@@ -281,9 +283,9 @@ impl PluginRuntime {
             Ok(Ok(Err(message))) => Some(message),
             Ok(Err(_)) => Some("shutdown thread panicked".to_owned()),
             Err(error) => {
-                // Without a thread to run the hook on, freeing the state on
-                // this one would break the invariant; leak it instead.
-                std::mem::forget(library);
+                // Without a thread to run the hook on, the state is leaked
+                // (freeing it here would run plugin code on this thread) and
+                // the library, dropped unclosed, stays mapped.
                 tracing::error!(plugin = %self.name, %error, "could not spawn the shutdown thread; library left loaded");
                 return ShutdownReport::Leaked { running_workers: 0 };
             }
