@@ -49,12 +49,18 @@ impl std::fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-/// A wrk duration (`812.00us`, `1.02ms`, `2.50s`, `1.00m`) in milliseconds.
-pub fn duration_ms(text: &str) -> Option<f64> {
+/// Splits a wrk quantity (`1.02ms`, `41.98MB`) into its number and the
+/// unit that follows it.
+fn number_and_unit(text: &str) -> Option<(f64, &str)> {
     let text = text.trim();
     let split = text.find(|c: char| c.is_ascii_alphabetic())?;
     let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
+    Some((number.parse().ok()?, unit))
+}
+
+/// A wrk duration (`812.00us`, `1.02ms`, `2.50s`, `1.00m`) in milliseconds.
+pub fn duration_ms(text: &str) -> Option<f64> {
+    let (number, unit) = number_and_unit(text)?;
     let factor = match unit {
         "us" => 0.001,
         "ms" => 1.0,
@@ -69,10 +75,7 @@ pub fn duration_ms(text: &str) -> Option<f64> {
 /// A wrk byte count (`41.98MB`, `512.00B`) in bytes (wrk's units are
 /// powers of 1024).
 pub fn bytes(text: &str) -> Option<f64> {
-    let text = text.trim();
-    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().ok()?;
+    let (number, unit) = number_and_unit(text)?;
     let factor = match unit {
         "B" => 1.0,
         "KB" => 1024.0,

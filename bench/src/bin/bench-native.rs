@@ -5,7 +5,6 @@
 //!
 //! Prints `listening <addr>` on stdout once it accepts connections.
 
-use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::extract::Query;
@@ -40,12 +39,5 @@ async fn main() -> std::io::Result<()> {
         "/health",
         get(|| async { Json(serde_json::json!({ "status": "healthy" })) }),
     );
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    let addr = listener.local_addr()?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening {addr}")?;
-        stdout.flush()?;
-    }
-    axum::serve(listener, app).await
+    bench::serve(args.addr, app).await
 }

@@ -4,7 +4,6 @@
 //!
 //! Prints `listening <addr>` on stdout once it accepts connections.
 
-use std::io::Write;
 use std::net::SocketAddr;
 
 use axum::Router;
@@ -51,12 +50,5 @@ async fn main() -> std::io::Result<()> {
                 )
             }),
         );
-    let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    let addr = listener.local_addr()?;
-    {
-        let mut stdout = std::io::stdout().lock();
-        writeln!(stdout, "listening {addr}")?;
-        stdout.flush()?;
-    }
-    axum::serve(listener, app).await
+    bench::serve(args.addr, app).await
 }

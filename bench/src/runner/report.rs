@@ -551,7 +551,9 @@ pub fn markdown(results: &Results) -> String {
         }
     }
 
-    for w in &r.host_warnings {
+    // The shared host's warnings, then those of scenario 5's own host.
+    let registry_warnings = r.registry.iter().map(|g| &g.host_warnings);
+    for w in r.host_warnings.iter().chain(registry_warnings) {
         if w.count > 0 {
             let _ = writeln!(out, "{}: {} WARN/ERROR log lines, e.g.:\n", w.host, w.count);
             for sample in &w.samples {
@@ -559,16 +561,6 @@ pub fn markdown(results: &Results) -> String {
             }
             let _ = writeln!(out);
         }
-    }
-    if let Some(g) = &r.registry
-        && g.host_warnings.count > 0
-    {
-        let w = &g.host_warnings;
-        let _ = writeln!(out, "{}: {} WARN/ERROR log lines, e.g.:\n", w.host, w.count);
-        for sample in &w.samples {
-            let _ = writeln!(out, "- `{}`", sample.replace('`', "'"));
-        }
-        let _ = writeln!(out);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "## Scenarios that could not run\n");

@@ -288,6 +288,12 @@ pub struct Memory {
     pub after_swaps_kib: Option<u64>,
 }
 
+/// The `ps`-th percentiles of `values` (NaN when there are none), in the
+/// order asked: `[50.0, 99.0, 100.0]` gives p50, p99 and max.
+fn percentiles<const N: usize>(values: &[f64], ps: [f64; N]) -> [f64; N] {
+    ps.map(|p| percentile(values, p).unwrap_or(f64::NAN))
+}
+
 fn http_client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .no_proxy()
@@ -756,11 +762,7 @@ fn hot_swap(
         let values: Vec<f64> = in_window(from, to)
             .map(|s| f64::from(s.latency_us) / 1000.0)
             .collect();
-        [
-            percentile(&values, 50.0).unwrap_or(f64::NAN),
-            percentile(&values, 99.0).unwrap_or(f64::NAN),
-            percentile(&values, 100.0).unwrap_or(f64::NAN),
-        ]
+        percentiles(&values, [50.0, 99.0, 100.0])
     };
     let steady_rps = ok_rate(warm, swaps_start);
     let swapping_rps = ok_rate(swaps_start, swaps_end);
@@ -790,10 +792,7 @@ fn hot_swap(
         },
         steady_latency_ms: latencies(warm, swaps_start),
         swapping_latency_ms: latencies(swaps_start, swaps_end),
-        swap_ms: [
-            percentile(&swap_ms, 50.0).unwrap_or(f64::NAN),
-            percentile(&swap_ms, 99.0).unwrap_or(f64::NAN),
-        ],
+        swap_ms: percentiles(&swap_ms, [50.0, 99.0]),
         swapping_seconds: (swaps_end - swaps_start).as_secs_f64(),
         rss_kib,
         ok_per_100ms,
@@ -880,21 +879,11 @@ fn load_unload(
             );
         }
     }
-    let three = |values: &[f64]| {
-        [
-            percentile(values, 50.0).unwrap_or(f64::NAN),
-            percentile(values, 99.0).unwrap_or(f64::NAN),
-            percentile(values, 100.0).unwrap_or(f64::NAN),
-        ]
-    };
     Ok(LoadUnload {
         rounds: settings.load_rounds,
-        load_ms: three(&loads),
-        unload_ms: three(&unloads),
-        host_mount_ms: [
-            percentile(&mounts, 50.0).unwrap_or(f64::NAN),
-            percentile(&mounts, 99.0).unwrap_or(f64::NAN),
-        ],
+        load_ms: percentiles(&loads, [50.0, 99.0, 100.0]),
+        unload_ms: percentiles(&unloads, [50.0, 99.0, 100.0]),
+        host_mount_ms: percentiles(&mounts, [50.0, 99.0]),
         unexpected_answers: unexpected,
         debounce: "100ms (the default of --watch-debounce)".to_owned(),
     })
@@ -912,7 +901,11 @@ fn registry_scale(
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = host.proc.rss_kib().unwrap_or(0);
     let started = Instant::now();
-    let (latencies, failures, first_error) = rt.block_on(register_many(
+    let Registrations {
+        latencies,
+        failures,
+        first_error,
+    } = rt.block_on(register_many(
         &client,
         host.registry_url("/api/registry/register"),
         settings.services,
@@ -985,10 +978,7 @@ fn registry_scale(
     let rss_end_kib = host.proc.rss_kib().unwrap_or(0);
     let host_warnings = warnings(&host, "host of scenario 5");
     let latency_ms: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
-    let register_ms = [
-        percentile(&latency_ms, 50.0).unwrap_or(f64::NAN),
-        percentile(&latency_ms, 99.0).unwrap_or(f64::NAN),
-    ];
+    let register_ms = percentiles(&latency_ms, [50.0, 99.0]);
     // Rate over the first and the last tenth of the registrations: a
     // table that gets slower to update as it grows shows here.
     let mut done: Vec<f64> = latencies.iter().map(|(at, _)| *at).collect();
@@ -1022,6 +1012,33 @@ fn registry_scale(
     })
 }
 
+/// What registering many services came to, per worker and in all.
+#[derive(Debug, Default)]
+struct Registrations {
+    /// Per success: seconds since the start when it was done, and its
+    /// latency in ms.
+    latencies: Vec<(f64, f64)>,
+    /// Registrations refused or failed.
+    failures: u64,
+    /// The first failure.
+    first_error: Option<String>,
+}
+
+impl Registrations {
+    fn fail(&mut self, error: String) {
+        self.failures += 1;
+        self.first_error.get_or_insert(error);
+    }
+
+    fn merge(&mut self, other: Self) {
+        self.latencies.extend(other.latencies);
+        self.failures += other.failures;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
+
 /// Registers `svc-00000`.. with `concurrency` requests in flight. Nothing
 /// listens on their ports (10000 + i): the host's health checker finds
 /// them down, as it would find crashed services.
@@ -1030,7 +1047,7 @@ async fn register_many(
     url: String,
     services: usize,
     concurrency: usize,
-) -> (Vec<(f64, f64)>, u64, Option<String>) {
+) -> Registrations {
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let url = Arc::new(url);
@@ -1038,9 +1055,7 @@ async fn register_many(
     for _ in 0..concurrency {
         let (client, next, url) = (client.clone(), next.clone(), url.clone());
         workers.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = 0;
-            let mut first_error = None;
+            let mut done = Registrations::default();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= services {
@@ -1067,43 +1082,28 @@ async fn register_many(
                 match client.post(url.as_str()).json(&body).send().await {
                     Ok(response) if response.status().is_success() => {
                         let _ = response.bytes().await;
-                        latencies.push((
+                        done.latencies.push((
                             started.elapsed().as_secs_f64(),
                             sent.elapsed().as_secs_f64() * 1000.0,
                         ));
                     }
                     Ok(response) => {
-                        failures += 1;
                         let status = response.status();
                         let text = response.text().await.unwrap_or_default();
-                        first_error.get_or_insert(format!("{status}: {text}"));
+                        done.fail(format!("{status}: {text}"));
                     }
-                    Err(error) => {
-                        failures += 1;
-                        first_error.get_or_insert(error.to_string());
-                    }
+                    Err(error) => done.fail(error.to_string()),
                 }
             }
-            (latencies, failures, first_error)
+            done
         });
     }
-    let mut latencies = Vec::new();
-    let mut failures = 0;
-    let mut first_error = None;
+    let mut all = Registrations::default();
     while let Some(joined) = workers.join_next().await {
         match joined {
-            Ok((part, part_failures, part_error)) => {
-                latencies.extend(part);
-                failures += part_failures;
-                if first_error.is_none() {
-                    first_error = part_error;
-                }
-            }
-            Err(error) => {
-                failures += 1;
-                first_error.get_or_insert(error.to_string());
-            }
+            Ok(part) => all.merge(part),
+            Err(error) => all.fail(error.to_string()),
         }
     }
-    (latencies, failures, first_error)
+    all
 }
