@@ -49,6 +49,7 @@ pub fn spawn(
     thread::Builder::new()
         .name("plugin-manager".to_owned())
         .spawn(move || {
+            let freed = services.freed_names();
             let mut manager = Manager {
                 config,
                 services,
@@ -56,10 +57,18 @@ pub fn spawn(
                 waiting_for_name: HashMap::new(),
                 unloads: Vec::new(),
             };
-            for event in events {
-                match event {
-                    FileEvent::Changed(path) => manager.load(path),
-                    FileEvent::Removed(path) => manager.remove(&path),
+            loop {
+                crossbeam_channel::select! {
+                    recv(events) -> event => match event {
+                        Ok(FileEvent::Changed(path)) => manager.load(path),
+                        Ok(FileEvent::Removed(path)) => manager.remove(&path),
+                        Err(_) => break,
+                    },
+                    recv(freed) -> name => {
+                        if let Ok(name) = name {
+                            manager.name_freed(&name);
+                        }
+                    }
                 }
                 manager.unloads.retain(|unload| !unload.is_finished());
             }
@@ -71,8 +80,8 @@ struct Manager {
     config: ManagerConfig,
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
-    /// Files refused because another file held their service name: loaded
-    /// again when that file goes.
+    /// Files refused because another service held their name: loaded again
+    /// when that name is free.
     waiting_for_name: HashMap<PathBuf, String>,
     unloads: Vec<JoinHandle<()>>,
 }
@@ -196,14 +205,19 @@ impl Manager {
             .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
         tracing::info!(plugin = %mounted.name, file = %file_name(path), "plugin unmounted");
         self.unload(mounted.runtime, file_name(path));
+    }
+
+    /// Loads the files that were refused because `name` was taken: a plugin
+    /// file or a remote service let go of it.
+    fn name_freed(&mut self, name: &str) {
         let waiting: Vec<PathBuf> = self
             .waiting_for_name
             .iter()
-            .filter(|(_, name)| **name == mounted.name)
+            .filter(|(_, wanted)| *wanted == name)
             .map(|(path, _)| path.clone())
             .collect();
         for path in waiting {
-            tracing::info!(file = %file_name(&path), plugin = %mounted.name, "service name free again; loading the file that wanted it");
+            tracing::info!(file = %file_name(&path), plugin = %name, "service name free again; loading the file that wanted it");
             self.load(path);
         }
     }

@@ -17,6 +17,8 @@ use crate::registry::RemoteService;
 use crate::runtime::PluginRuntime;
 use crate::sync::lock;
 
+use crossbeam_channel::{Receiver, Sender};
+
 /// What every service declares about itself, whatever its kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInfo {
@@ -141,6 +143,8 @@ pub struct ServiceTable {
     current: ArcSwap<Snapshot>,
     /// Serializes writers so that a check-then-replace is atomic.
     write: Mutex<()>,
+    /// Told the name of every service removed, whoever removed it.
+    freed: Mutex<Vec<Sender<String>>>,
 }
 
 impl ServiceTable {
@@ -182,6 +186,15 @@ impl ServiceTable {
         Ok(previous)
     }
 
+    /// A channel that receives the name of every service removed from now
+    /// on, so that whoever waits for a name (a plugin file refused because
+    /// the name was taken) can try again.
+    pub fn freed_names(&self) -> Receiver<String> {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        lock(&self.freed).push(sender);
+        receiver
+    }
+
     /// Removes the service named `name` if `should_remove(service)` says so.
     pub fn remove_if(
         &self,
@@ -197,6 +210,7 @@ impl ServiceTable {
         let mut next = Snapshot::clone(&current);
         let removed = next.remove(name);
         self.current.store(Arc::new(next));
+        lock(&self.freed).retain(|listener| listener.send(name.to_owned()).is_ok());
         removed
     }
 }

@@ -378,6 +378,15 @@ async fn a_plugin_file_cannot_take_a_registered_name_even_across_a_restart() {
     let (_, listed) = listed(&host, "hello").await;
     assert_eq!(listed["kind"], "remote");
     assert_eq!(gateway_get(&host, "/api/hello/echo/x").await.0, 200);
+
+    // Once the remote service lets go of the name, the waiting file loads.
+    let mark = host.log_mark();
+    let (status, _) = post_json(&host, "/api/registry/deregister/hello", &json!({})).await;
+    assert_eq!(status, 200);
+    host.wait_for_log_since(mark, &["plugin mounted", "file=libhello.so"])
+        .await;
+    let (status, body) = gateway_get(&host, "/api/hello/hello?name=x").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"message":"Hello, x!"}"#));
 }
 
 #[tokio::test]
