@@ -275,28 +275,28 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
         thread::sleep(Duration::from_millis(2));
     }
     if Arc::strong_count(&runtime) > 1 {
-        tracing::warn!(plugin = %name, file, "requests still in flight after the drain timeout; shutting down anyway");
+        tracing::warn!(plugin = %name, file = %file, "requests still in flight after the drain timeout; shutting down anyway");
     }
     let remaining = drain_timeout.saturating_sub(started.elapsed());
     match runtime.shutdown(remaining.max(Duration::from_millis(100))) {
         ShutdownReport::Closed { hook_error, close } => {
             if let Some(error) = hook_error {
-                tracing::warn!(plugin = %name, file, %error, "plugin shutdown hook failed");
+                tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook failed");
             }
             log_close(&name, file, close);
-            tracing::info!(plugin = %name, file, elapsed_ms = started.elapsed().as_millis() as u64, "plugin unloaded");
+            tracing::info!(plugin = %name, file = %file, elapsed_ms = started.elapsed().as_millis() as u64, "plugin unloaded");
         }
         ShutdownReport::Leaked { running_workers } => {
-            tracing::warn!(plugin = %name, file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
+            tracing::warn!(plugin = %name, file = %file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
         }
     }
 }
 
 fn log_close(name: &str, file: &str, close: crate::loader::CloseReport) {
     if let Some(error) = close.close_error {
-        tracing::warn!(plugin = %name, file, %error, "dlclose failed");
+        tracing::warn!(plugin = %name, file = %file, %error, "dlclose failed");
     }
     if close.still_mapped {
-        tracing::warn!(plugin = %name, file, "library still mapped after dlclose (a plugin thread or thread-local pins it)");
+        tracing::warn!(plugin = %name, file = %file, "library still mapped after dlclose (a plugin thread or thread-local pins it)");
     }
 }
