@@ -18,9 +18,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
+use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
-use crate::runtime::{CallError, PluginRequest, PluginResponse};
-use crate::services::{Backend, ServiceTable};
+use crate::table::{Backend, ServiceTable};
 
 /// What the gateway needs to serve.
 #[derive(Debug, Clone)]

@@ -7,13 +7,14 @@
 pub mod config;
 pub mod gateway;
 pub mod http;
-pub mod loader;
-pub mod plugins;
+pub mod plugin;
+pub mod plugin_manager;
 pub mod proxy;
 pub mod registry;
-pub mod runtime;
-pub mod services;
+pub mod remote;
+pub mod service;
 mod sync;
+pub mod table;
 pub mod watcher;
 
 use std::future::Future;
@@ -25,8 +26,8 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
-use crate::runtime::RuntimeLimits;
-use crate::services::ServiceTable;
+use crate::plugin::RuntimeLimits;
+use crate::table::ServiceTable;
 
 /// Why the host could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +77,7 @@ pub async fn run(
 ) -> Result<(), HostError> {
     let services = Arc::new(ServiceTable::new());
     let cache_dir = config.data_dir.join("plugin-cache");
-    loader::clear_cache(&cache_dir).map_err(|source| HostError::DataDir {
+    plugin::loader::clear_cache(&cache_dir).map_err(|source| HostError::DataDir {
         path: cache_dir.clone(),
         source,
     })?;
@@ -103,8 +104,8 @@ pub async fn run(
     let registry_listener = bind("registry", config.registry_addr).await?;
 
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
-    let manager = plugins::spawn(
-        plugins::ManagerConfig {
+    let manager = plugin_manager::spawn(
+        plugin_manager::ManagerConfig {
             cache_dir,
             limits: RuntimeLimits {
                 workers: config.plugin_workers,

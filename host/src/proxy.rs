@@ -32,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::http::{ApiError, error_chain, remove_hop_by_hop};
-use crate::registry::{RemoteService, Route};
+use crate::remote::{RemoteService, Route};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

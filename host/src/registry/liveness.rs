@@ -18,12 +18,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Semaphore;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
-use super::Registry;
-use super::remote::{CheckOutcome, RemoteService, Transition};
 use crate::http::error_chain;
+use crate::remote::{CheckOutcome, RemoteService, Transition};
 
 /// How remote services are kept track of.
 #[derive(Debug, Clone, Copy)]
@@ -87,36 +86,59 @@ const MAX_HEALTH_BODY: usize = 64 * 1024;
 /// would otherwise hold a socket per instance, each until its timeout.
 const MAX_CONCURRENT_CHECKS: usize = 256;
 
-/// Starts the liveness task: a health check round at once (services
-/// restored after a restart are checked first thing), then one every
-/// `check_interval`. Abort the handle to stop it.
-pub(super) fn spawn(registry: Registry) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let policy = registry.policy();
+/// Runs health check rounds on the policy's interval. It only observes:
+/// what to do with a service silent past the eviction grace period is the
+/// registry's to decide.
+#[derive(Debug, Clone)]
+pub(super) struct Checker {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    policy: Policy,
+}
+
+impl Checker {
+    pub(super) fn new(policy: Policy) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(policy.check_timeout));
-        let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(policy.check_interval.saturating_mul(2))
             .build(connector);
-        let mut ticks = tokio::time::interval(policy.check_interval);
+        Self { client, policy }
+    }
+
+    /// Ticks every `check_interval`, the first at once (services restored
+    /// after a restart are checked first thing).
+    pub(super) fn ticks(&self) -> tokio::time::Interval {
+        let mut ticks = tokio::time::interval(self.policy.check_interval);
         // A slow round delays the next one rather than starting a burst.
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            round(&registry, &client, &policy).await;
-        }
-    })
+        ticks
+    }
+
+    /// Checks every instance of `remotes` at once, logs the changes of
+    /// status, and returns the services silent past the eviction grace
+    /// period.
+    pub(super) async fn round(&self, remotes: Vec<Arc<RemoteService>>) -> Vec<Arc<RemoteService>> {
+        round(&remotes, &self.client, &self.policy).await;
+        remotes
+            .into_iter()
+            .filter(|remote| {
+                log_transition(remote);
+                remote.silent_for() > self.policy.evict_after
+            })
+            .collect()
+    }
 }
 
-/// Checks every instance of every remote service at once, then logs the
-/// changes of status and evicts what has been silent too long.
-async fn round(registry: &Registry, client: &Client<HttpConnector, Empty<Bytes>>, policy: &Policy) {
-    let remotes = registry.remotes();
+async fn round(
+    remotes: &[Arc<RemoteService>],
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    policy: &Policy,
+) {
     let mut checks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
-    for remote in &remotes {
+    for remote in remotes {
         for (addr, uri) in remote.health_check_urls() {
             let remote = remote.clone();
             let client = client.clone();
@@ -145,12 +167,6 @@ async fn round(registry: &Registry, client: &Client<HttpConnector, Empty<Bytes>>
         }
     }
     checks.join_all().await;
-    for remote in remotes {
-        log_transition(&remote);
-        if remote.silent_for() > policy.evict_after {
-            registry.evict(&remote).await;
-        }
-    }
 }
 
 /// One GET of a health endpoint: healthy if it answers 2xx in time.

@@ -3,8 +3,8 @@
 //!
 //! It owns remote registrations: it checks them ([`model`]), makes them
 //! durable ([`store`]) and then puts them in the [`ServiceTable`], where the
-//! gateway finds them; [`liveness`] keeps their health and evicts the long
-//! silent. Listing reads the table, so plugins and remote services are
+//! gateway finds them; [`liveness`] checks their health, and what has been
+//! silent for the eviction grace period is removed here. Listing reads the table, so plugins and remote services are
 //! listed alike.
 //!
 //! **Invariant:** a registration is answered 200/201 only once it is in the
@@ -14,7 +14,6 @@
 
 mod liveness;
 mod model;
-mod remote;
 mod store;
 
 use std::path::PathBuf;
@@ -32,10 +31,13 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 pub use liveness::{InvalidPolicy, Policy};
-pub use remote::{RemoteService, Route, Unavailable};
+
+use liveness::Checker;
 
 use crate::http::{ApiError, read_body};
-use crate::services::{Backend, Service, ServiceInfo, ServiceTable};
+use crate::remote::{self, RemoteService};
+use crate::service::ServiceInfo;
+use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
 use store::{Store, StoreError, StoredService};
 
@@ -150,7 +152,17 @@ impl Registry {
     /// Starts the health checks and evictions; abort the handle to stop
     /// them.
     pub fn spawn_liveness(&self) -> JoinHandle<()> {
-        liveness::spawn(self.clone())
+        let registry = self.clone();
+        let checker = Checker::new(self.shared.policy);
+        tokio::spawn(async move {
+            let mut ticks = checker.ticks();
+            loop {
+                ticks.tick().await;
+                for silent in checker.round(registry.remotes()).await {
+                    registry.evict(&silent).await;
+                }
+            }
+        })
     }
 
     /// A request's whole body, within the registry's limit.
@@ -158,10 +170,6 @@ impl Registry {
         read_body(body, headers, self.shared.max_body_bytes)
             .await
             .map_err(|error| error.with("field", "body"))
-    }
-
-    fn policy(&self) -> Policy {
-        self.shared.policy
     }
 
     /// The remote services in the table now.

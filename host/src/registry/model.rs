@@ -1,62 +1,26 @@
 //! What remote services send the registry: registrations and heartbeats,
-//! checked field by field so that every refusal names the field at fault.
+//! checked so that every refusal names the field at fault.
 //!
-//! Parsing goes through `serde_json::Value` rather than a derived struct:
-//! serde's derive reports "missing field" or "invalid type" as prose with a
-//! line and column, and a client needs the field's name (`endpoints[2].method`)
-//! as data.
+//! A body is read into a typed struct whose every field is optional (so
+//! `null` is absent, as pydantic's `None`, and a missing required field is
+//! reported by name rather than as serde's "missing field" prose), with
+//! `serde_path_to_error` naming the field of a type error
+//! (`endpoints[2].method`). Then one step fills in the defaults the seed
+//! guide implies, normalises its spellings, and applies the rules every
+//! service meets ([`service::validate`]). Unknown fields are ignored, so
+//! clients written for a newer registry still register.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
 use axum::http::StatusCode;
-use axum::http::uri::{Authority, InvalidUri, PathAndQuery};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
-use crate::http::check_service_path;
-use crate::services::{Endpoint, HTTP_METHODS, ServiceInfo, validate_name};
-
-/// Where one instance of a remote service listens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceAddr {
-    /// Host name or IP address (an IPv6 address without brackets).
-    pub host: String,
-    /// TCP port, never 0.
-    pub port: u16,
-}
-
-impl InstanceAddr {
-    /// `host:port` with an IPv6 address bracketed, as the authority of the
-    /// instance's URLs. Fails only for an address that was never checked
-    /// (a database record edited by hand).
-    pub fn authority(&self) -> Result<Authority, InvalidUri> {
-        Authority::from_str(&self.to_string())
-    }
-}
-
-impl fmt::Display for InstanceAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// What a registration declares about a service, apart from where it
-/// listens: shared by all its instances.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemoteSpec {
-    /// Name, description, endpoints... as for any service.
-    pub info: ServiceInfo,
-    /// Path prefix on the instance that `/api/<name>/` maps to; starts with
-    /// `/`.
-    pub base_path: String,
-}
+use crate::remote::{InstanceAddr, RemoteSpec, Reported};
+use crate::service::{self, Endpoint, InvalidField, ServiceInfo, check_relative_path};
 
 /// A checked `POST /api/registry/register` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,15 +29,6 @@ pub struct Registration {
     pub spec: RemoteSpec,
     /// The instance that registered.
     pub instance: InstanceAddr,
-}
-
-/// What a heartbeat says about the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reported {
-    /// `"healthy"`: route to it.
-    Healthy,
-    /// `"unhealthy"`: route nothing to it until a healthy heartbeat.
-    Unhealthy,
 }
 
 /// A checked `POST /api/registry/heartbeat` body.
@@ -92,13 +47,8 @@ pub enum Invalid {
     #[error("request body is not valid JSON: {0}")]
     Json(#[source] serde_json::Error),
     /// JSON, but a field is missing, of the wrong type or out of range.
-    #[error("{field}: {problem}")]
-    Field {
-        /// Path of the field, e.g. `port` or `endpoints[1].method`.
-        field: String,
-        /// What is wrong with it.
-        problem: String,
-    },
+    #[error(transparent)]
+    Field(#[from] InvalidField),
 }
 
 impl Invalid {
@@ -106,7 +56,7 @@ impl Invalid {
     pub fn field(&self) -> &str {
         match self {
             Invalid::Json(_) => "body",
-            Invalid::Field { field, .. } => field,
+            Invalid::Field(invalid) => &invalid.field,
         }
     }
 
@@ -114,7 +64,7 @@ impl Invalid {
     pub fn status(&self) -> StatusCode {
         match self {
             Invalid::Json(_) => StatusCode::BAD_REQUEST,
-            Invalid::Field { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Invalid::Field(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 }
@@ -123,61 +73,94 @@ impl Invalid {
 const DEFAULT_BASE_PATH: &str = "/";
 const DEFAULT_HEALTH_CHECK_URL: &str = "/health";
 
+#[derive(Deserialize)]
+struct RegistrationBody {
+    name: Option<String>,
+    display_name: Option<String>,
+    description: Option<String>,
+    version: Option<String>,
+    host: Option<String>,
+    port: Option<serde_json::Number>,
+    base_path: Option<String>,
+    health_check_url: Option<String>,
+    /// Any JSON value per key: kept as text, so clients written for
+    /// registries that took any JSON still register.
+    metadata: Option<BTreeMap<String, Value>>,
+    tags: Option<Vec<String>>,
+    requires_auth: Option<bool>,
+    endpoints: Option<Vec<EndpointBody>>,
+}
+
+#[derive(Deserialize)]
+struct EndpointBody {
+    path: Option<String>,
+    method: Option<String>,
+    description: Option<String>,
+    is_public: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct HeartbeatBody {
+    service_id: Option<String>,
+    status: Option<String>,
+}
+
 /// Checks a registration body. Required: `name`, `version`, `host`, `port`;
-/// everything else has a default. Unknown fields are ignored, so clients
-/// written for a newer registry still register.
+/// everything else has a default.
 pub fn parse_registration(body: &[u8]) -> Result<Registration, Invalid> {
-    let value: Value = serde_json::from_slice(body).map_err(Invalid::Json)?;
-    let object = Object::root(&value)?;
-
-    let name = object.required_str("name")?;
-    validate_name(name).map_err(|error| object.invalid("name", error.to_string()))?;
-    let version = object.required_str("version")?;
-    if version.trim().is_empty() {
-        return Err(object.invalid("version", "must not be empty"));
-    }
-    let host = object.required_str("host")?;
-    let host = check_host(host).map_err(|problem| object.invalid("host", problem))?;
-    let port = object.port("port")?;
-    let instance = InstanceAddr { host, port };
+    let body: RegistrationBody = parse(body, &["endpoints"])?;
+    let name = required(body.name, "name")?;
+    let instance = InstanceAddr {
+        host: check_host(&required(body.host, "host")?)
+            .map_err(|reason| InvalidField::new("host", reason))?,
+        port: check_port(&required(body.port, "port")?)?,
+    };
     if instance.authority().is_err() {
-        return Err(object.invalid("host", "does not form a valid `host:port`"));
+        return Err(InvalidField::new("host", "does not form a valid `host:port`").into());
     }
-
-    let base_path = object.str_or("base_path", DEFAULT_BASE_PATH)?;
-    let base_path = check_base_path(base_path).map_err(|p| object.invalid("base_path", p))?;
-    let health_check_url = object.str_or("health_check_url", DEFAULT_HEALTH_CHECK_URL)?;
-    let health_check_url = check_health_check_url(health_check_url)
-        .map_err(|problem| object.invalid("health_check_url", problem))?;
-
-    let endpoints = object
-        .array("endpoints")?
-        .iter()
+    let base_path = with_leading_slash(body.base_path.as_deref().unwrap_or(DEFAULT_BASE_PATH));
+    check_base_path(&base_path).map_err(|reason| InvalidField::new("base_path", reason))?;
+    let endpoints = body
+        .endpoints
+        .unwrap_or_default()
+        .into_iter()
         .enumerate()
-        .map(|(index, value)| endpoint(&object.element("endpoints", index, value)?))
-        .collect::<Result<Vec<_>, _>>()?;
-    let tags = object
-        .array("tags")?
-        .iter()
-        .enumerate()
-        .map(|(index, value)| {
-            value.as_str().map(str::to_owned).ok_or_else(|| {
-                object.invalid_at(&format!("tags[{index}]"), expected("a string", value))
+        .map(|(index, endpoint)| {
+            let field = |key: &str| format!("endpoints[{index}].{key}");
+            Ok(Endpoint {
+                // The guide writes `"path": "hello"`; plugins list `/hello`.
+                // One spelling in the listing, whoever registered.
+                path: with_leading_slash(&required(endpoint.path, &field("path"))?),
+                method: required(endpoint.method, &field("method"))?.to_ascii_uppercase(),
+                description: endpoint.description.unwrap_or_default(),
+                is_public: endpoint.is_public.unwrap_or(true),
             })
         })
-        .collect::<Result<Vec<_>, _>>()?;
-
+        .collect::<Result<Vec<_>, InvalidField>>()?;
     let info = ServiceInfo {
-        name: name.to_owned(),
-        display_name: object.str_or("display_name", name)?.to_owned(),
-        description: object.str_or("description", "")?.to_owned(),
-        version: version.to_owned(),
-        health_check_url,
-        metadata: object.metadata("metadata")?,
-        tags,
-        requires_auth: object.bool_or("requires_auth", false)?,
+        display_name: body.display_name.unwrap_or_else(|| name.clone()),
+        name,
+        description: body.description.unwrap_or_default(),
+        version: required(body.version, "version")?,
+        health_check_url: with_leading_slash(
+            body.health_check_url
+                .as_deref()
+                .unwrap_or(DEFAULT_HEALTH_CHECK_URL),
+        ),
+        metadata: body
+            .metadata
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, value)| match value {
+                Value::String(text) => (key, text),
+                other => (key, other.to_string()),
+            })
+            .collect(),
+        tags: body.tags.unwrap_or_default(),
+        requires_auth: body.requires_auth.unwrap_or(false),
         endpoints,
     };
+    service::validate(&info)?;
     Ok(Registration {
         spec: RemoteSpec { info, base_path },
         instance,
@@ -185,41 +168,74 @@ pub fn parse_registration(body: &[u8]) -> Result<Registration, Invalid> {
 }
 
 /// Checks a heartbeat body: `service_id` required, `status` `"healthy"`
-/// (the default) or `"unhealthy"`.
+/// (the default) or `"unhealthy"`, in any case.
 pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, Invalid> {
-    let value: Value = serde_json::from_slice(body).map_err(Invalid::Json)?;
-    let object = Object::root(&value)?;
-    let service_id = object.required_str("service_id")?.to_owned();
-    let status = match object.str_or("status", "healthy")? {
+    let body: HeartbeatBody = parse(body, &[])?;
+    let service_id = required(body.service_id, "service_id")?;
+    let status = match body.status.as_deref().unwrap_or("healthy") {
         status if status.eq_ignore_ascii_case("healthy") => Reported::Healthy,
         status if status.eq_ignore_ascii_case("unhealthy") => Reported::Unhealthy,
         other => {
-            return Err(object.invalid(
+            return Err(InvalidField::new(
                 "status",
                 format!("`{other}` is not a status; use \"healthy\" or \"unhealthy\""),
-            ));
+            )
+            .into());
         }
     };
     Ok(Heartbeat { service_id, status })
 }
 
-fn endpoint(object: &Object<'_>) -> Result<Endpoint, Invalid> {
-    let path = object.required_str("path")?;
-    let method = object.required_str("method")?.to_ascii_uppercase();
-    if !HTTP_METHODS.contains(&method.as_str()) {
-        return Err(object.invalid(
-            "method",
-            format!("`{method}` is not one of {}", HTTP_METHODS.join(", ")),
-        ));
+/// Reads `body` as a `T`: a syntax error is about the body, a type error
+/// about the field at the path where it happened.
+///
+/// serde's derived structs also accept a JSON array (fields by position),
+/// so the body, and each object listed under `objects_in`, is first
+/// checked to be an object.
+fn parse<T: DeserializeOwned>(body: &[u8], objects_in: &[&str]) -> Result<T, Invalid> {
+    let value: Value = serde_json::from_slice(body).map_err(Invalid::Json)?;
+    let Value::Object(fields) = &value else {
+        return Err(InvalidField::new("body", must_be_an_object(&value)).into());
+    };
+    for key in objects_in {
+        if let Some(Value::Array(items)) = fields.get(*key)
+            && let Some((index, item)) = items.iter().enumerate().find(|(_, v)| !v.is_object())
+        {
+            return Err(
+                InvalidField::new(format!("{key}[{index}]"), must_be_an_object(item)).into(),
+            );
+        }
     }
-    Ok(Endpoint {
-        // The guide writes `"path": "hello"`; plugins list `/hello`. One
-        // spelling in the listing, whoever registered.
-        path: with_leading_slash(path),
-        method,
-        description: object.str_or("description", "")?.to_owned(),
-        is_public: object.bool_or("is_public", true)?,
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let field = error.path().to_string();
+        InvalidField::new(field, error.into_inner().to_string()).into()
     })
+}
+
+fn must_be_an_object(value: &Value) -> String {
+    let found = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    format!("must be a JSON object, found {found}")
+}
+
+fn required<T>(value: Option<T>, field: &str) -> Result<T, InvalidField> {
+    value.ok_or_else(|| InvalidField::new(field, "is required"))
+}
+
+fn check_port(port: &serde_json::Number) -> Result<u16, InvalidField> {
+    match port.as_u64().map(u16::try_from) {
+        Some(Ok(port)) if port != 0 => Ok(port),
+        _ => Err(InvalidField::new(
+            "port",
+            format!("{port} is not a port: use an integer from 1 to 65535"),
+        )),
+    }
 }
 
 fn with_leading_slash(path: &str) -> String {
@@ -261,183 +277,12 @@ fn check_host(host: &str) -> Result<String, String> {
 }
 
 /// A path prefix without query or fragment that stays a prefix: no dot
-/// segments or encoded slashes. A missing leading `/` is added.
-fn check_base_path(path: &str) -> Result<String, String> {
-    let path = with_leading_slash(path);
+/// segments or encoded slashes.
+fn check_base_path(path: &str) -> Result<(), String> {
     if path.contains(['?', '#']) {
         return Err("must be a path without `?` or `#`".to_owned());
     }
-    check_path(&path)?;
-    Ok(path)
-}
-
-/// A path (and optional query) relative to the service, as the gateway
-/// would route it; not a URL, so a registration cannot send health checks
-/// to another host.
-fn check_health_check_url(url: &str) -> Result<String, String> {
-    if url.contains("://") {
-        return Err(format!(
-            "`{url}` is a URL; give a path relative to the service, e.g. /health"
-        ));
-    }
-    let url = with_leading_slash(url);
-    if url.contains('#') {
-        return Err("must not contain a fragment (`#`)".to_owned());
-    }
-    check_path(url.split('?').next().unwrap_or_default())?;
-    PathAndQuery::from_str(&url).map_err(|_| format!("`{url}` is not a valid path"))?;
-    Ok(url)
-}
-
-fn check_path(path: &str) -> Result<(), String> {
-    PathAndQuery::from_str(path).map_err(|_| {
-        format!("`{path}` is not a valid URL path (percent-encode spaces and non-ASCII)")
-    })?;
-    check_service_path(path).map_err(|error| format!("`{path}`: {error}"))
-}
-
-/// A JSON object and where it is in the body, for field names in errors.
-struct Object<'a> {
-    map: &'a Map<String, Value>,
-    /// `""` for the body, `endpoints[2]` for an element.
-    at: String,
-}
-
-impl<'a> Object<'a> {
-    fn root(value: &'a Value) -> Result<Self, Invalid> {
-        match value.as_object() {
-            Some(map) => Ok(Self {
-                map,
-                at: String::new(),
-            }),
-            None => Err(Invalid::Field {
-                field: "body".to_owned(),
-                problem: expected("a JSON object", value),
-            }),
-        }
-    }
-
-    fn element(&self, key: &str, index: usize, value: &'a Value) -> Result<Object<'a>, Invalid> {
-        let at = format!("{}[{index}]", self.name(key));
-        match value.as_object() {
-            Some(map) => Ok(Object { map, at }),
-            None => Err(self.invalid_at(&at, expected("an object", value))),
-        }
-    }
-
-    fn name(&self, key: &str) -> String {
-        if self.at.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.at)
-        }
-    }
-
-    fn invalid(&self, key: &str, problem: impl Into<String>) -> Invalid {
-        self.invalid_at(&self.name(key), problem)
-    }
-
-    fn invalid_at(&self, field: &str, problem: impl Into<String>) -> Invalid {
-        Invalid::Field {
-            field: field.to_owned(),
-            problem: problem.into(),
-        }
-    }
-
-    /// The value of `key`; `null` counts as absent, as pydantic's `None`.
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|value| !value.is_null())
-    }
-
-    fn required_str(&self, key: &str) -> Result<&'a str, Invalid> {
-        match self.get(key) {
-            None => Err(self.invalid(key, "is required")),
-            Some(value) => value
-                .as_str()
-                .ok_or_else(|| self.invalid(key, expected("a string", value))),
-        }
-    }
-
-    fn str_or(&self, key: &str, default: &'a str) -> Result<&'a str, Invalid> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(value) => value
-                .as_str()
-                .ok_or_else(|| self.invalid(key, expected("a string", value))),
-        }
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, Invalid> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(value) => value
-                .as_bool()
-                .ok_or_else(|| self.invalid(key, expected("true or false", value))),
-        }
-    }
-
-    fn array(&self, key: &str) -> Result<&'a [Value], Invalid> {
-        match self.get(key) {
-            None => Ok(&[]),
-            Some(value) => value
-                .as_array()
-                .map(Vec::as_slice)
-                .ok_or_else(|| self.invalid(key, expected("an array", value))),
-        }
-    }
-
-    fn port(&self, key: &str) -> Result<u16, Invalid> {
-        let Some(value) = self.get(key) else {
-            return Err(self.invalid(key, "is required"));
-        };
-        let out_of_range = || {
-            self.invalid(
-                key,
-                format!("{value} is not a port: use an integer from 1 to 65535"),
-            )
-        };
-        if !value.is_number() {
-            return Err(self.invalid(key, expected("an integer from 1 to 65535", value)));
-        }
-        match value.as_u64().map(u16::try_from) {
-            Some(Ok(port)) if port != 0 => Ok(port),
-            _ => Err(out_of_range()),
-        }
-    }
-
-    /// Free-form metadata: strings are kept, any other JSON value is kept
-    /// as its JSON text (`3` -> `"3"`), so clients written for registries
-    /// that took any JSON still register.
-    fn metadata(&self, key: &str) -> Result<BTreeMap<String, String>, Invalid> {
-        let Some(value) = self.get(key) else {
-            return Ok(BTreeMap::new());
-        };
-        let map = value
-            .as_object()
-            .ok_or_else(|| self.invalid(key, expected("an object", value)))?;
-        Ok(map
-            .iter()
-            .map(|(name, value)| {
-                let text = match value {
-                    Value::String(text) => text.clone(),
-                    other => other.to_string(),
-                };
-                (name.clone(), text)
-            })
-            .collect())
-    }
-}
-
-fn expected(what: &str, found: &Value) -> String {
-    let kind = match found {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    };
-    format!("must be {what}, found {kind}")
+    check_relative_path(path)
 }
 
 #[cfg(test)]
@@ -495,6 +340,9 @@ mod tests {
         assert_eq!(registration.spec.info.display_name, "x");
         assert_eq!(registration.instance.to_string(), "[::1]:1");
         assert!(registration.spec.info.endpoints.is_empty());
+        let nulls = json!({"name": "x", "version": "1", "host": "h", "port": 1,
+            "tags": null, "endpoints": null, "metadata": null, "requires_auth": null});
+        assert!(parse(&nulls).is_ok());
     }
 
     #[test]
@@ -508,6 +356,7 @@ mod tests {
         let cases = [
             (with("port", json!(0)), "port"),
             (with("port", json!(65536)), "port"),
+            (with("port", json!(-1)), "port"),
             (with("port", json!("8010")), "port"),
             (with("port", json!(80.5)), "port"),
             (with("name", json!("My_Plugin")), "name"),
@@ -515,6 +364,7 @@ mod tests {
             (with("host", json!("exa mple")), "host"),
             (with("host", json!("")), "host"),
             (with("base_path", json!("/a/../b")), "base_path"),
+            (with("version", json!(" ")), "version"),
             (
                 with("health_check_url", json!("http://elsewhere/health")),
                 "health_check_url",
@@ -530,6 +380,13 @@ mod tests {
                 with("endpoints", json!([{"method": "GET"}])),
                 "endpoints[0].path",
             ),
+            (
+                with(
+                    "endpoints",
+                    json!([{"path": "/x", "method": "GET", "is_public": 1}]),
+                ),
+                "endpoints[0].is_public",
+            ),
             (with("endpoints", json!(["x"])), "endpoints[0]"),
             (json!({"version": "1", "host": "h", "port": 1}), "name"),
             (json!({"name": "x", "host": "h", "port": 1}), "version"),
@@ -544,10 +401,21 @@ mod tests {
                 "{config}"
             );
         }
-        let error = parse_registration(b"{\"name\": ").unwrap_err();
+        for not_json in [&b"{\"name\": "[..], b"{} x", b""] {
+            let error = parse_registration(not_json).unwrap_err();
+            assert_eq!(
+                (error.status(), error.field()),
+                (StatusCode::BAD_REQUEST, "body")
+            );
+        }
+    }
+
+    #[test]
+    fn messages_carry_no_json_position() {
+        let error = parse(&json!({"name": 7})).unwrap_err();
         assert_eq!(
-            (error.status(), error.field()),
-            (StatusCode::BAD_REQUEST, "body")
+            error.to_string(),
+            "name: invalid type: integer `7`, expected a string"
         );
     }
 
@@ -566,7 +434,7 @@ mod tests {
         assert_eq!(beat.status, Reported::Healthy);
         let beat = parse_heartbeat(br#"{"service_id": "my-plugin"}"#).unwrap();
         assert_eq!(beat.status, Reported::Healthy);
-        let beat = parse_heartbeat(br#"{"service_id": "x", "status": "unhealthy"}"#).unwrap();
+        let beat = parse_heartbeat(br#"{"service_id": "x", "status": "UNHEALTHY"}"#).unwrap();
         assert_eq!(beat.status, Reported::Unhealthy);
         assert_eq!(
             parse_heartbeat(br#"{"status": "healthy"}"#)

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::model::{InstanceAddr, RemoteSpec};
+use crate::remote::{InstanceAddr, RemoteSpec};
 
 /// Service name -> JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
@@ -134,7 +134,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::ServiceInfo;
+    use crate::service::ServiceInfo;
 
     fn service(name: &str, port: u16) -> StoredService {
         StoredService {

@@ -25,8 +25,8 @@ use plugin_api::ffi::{
     FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr,
 };
 
-use crate::runtime::{PluginRequest, PluginResponse};
-use crate::services::{Endpoint, HTTP_METHODS, ServiceInfo, validate_name};
+use super::message::{PluginRequest, PluginResponse};
+use crate::service::{self, Endpoint, ServiceInfo};
 
 /// Why a plugin file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -91,13 +91,8 @@ pub enum LoadError {
     #[error("plugin failed to describe itself: {0}")]
     Config(String),
     /// The config has an invalid field.
-    #[error("invalid config field `{field}`: {reason}")]
-    InvalidConfig {
-        /// Which field, e.g. `name` or `endpoints[2].method`.
-        field: String,
-        /// What is wrong with it.
-        reason: String,
-    },
+    #[error("invalid config field `{}`: {}", .0.field, .0.reason)]
+    InvalidConfig(service::InvalidField),
     /// The thread to run plugin code on could not be started or died.
     #[error("could not run the plugin's entry point: {0}")]
     Thread(String),
@@ -288,7 +283,7 @@ impl PluginLibrary {
                 .map_err(|_| LoadError::Thread("the load thread panicked".to_owned()))?
         });
         let (functions, info) = read?;
-        let info = validate(info)?;
+        service::validate(&info).map_err(LoadError::InvalidConfig)?;
         Ok((
             Self {
                 library: ManuallyDrop::new(library),
@@ -445,39 +440,6 @@ fn copy_config(config: &FfiServiceConfig) -> ServiceInfo {
             })
             .collect(),
     }
-}
-
-fn validate(info: ServiceInfo) -> Result<ServiceInfo, LoadError> {
-    let invalid = |field: String, reason: String| LoadError::InvalidConfig { field, reason };
-    validate_name(&info.name).map_err(|e| invalid("name".into(), e.to_string()))?;
-    if info.version.trim().is_empty() {
-        return Err(invalid("version".into(), "is empty".into()));
-    }
-    if !info.health_check_url.starts_with('/') {
-        return Err(invalid(
-            "health_check_url".into(),
-            format!("`{}` must start with `/`", info.health_check_url),
-        ));
-    }
-    for (index, endpoint) in info.endpoints.iter().enumerate() {
-        if !HTTP_METHODS.contains(&endpoint.method.as_str()) {
-            return Err(invalid(
-                format!("endpoints[{index}].method"),
-                format!(
-                    "`{}` is not one of {}",
-                    endpoint.method,
-                    HTTP_METHODS.join(", ")
-                ),
-            ));
-        }
-        if !endpoint.path.starts_with('/') {
-            return Err(invalid(
-                format!("endpoints[{index}].path"),
-                format!("`{}` must start with `/`", endpoint.path),
-            ));
-        }
-    }
-    Ok(info)
 }
 
 #[cfg(test)]

@@ -13,42 +13,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use axum::http::{HeaderMap, Method, StatusCode};
-use bytes::Bytes;
+use axum::http::StatusCode;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use crate::loader::{CloseReport, Instance, PluginLibrary};
+use super::loader::{CloseReport, Instance, PluginLibrary};
+use super::message::{PluginRequest, PluginResponse};
 use crate::sync::lock;
-
-/// A request as the gateway hands it to a plugin. Shared (`Arc`) so that a
-/// retry after a swap costs no copy.
-#[derive(Debug)]
-pub struct PluginRequest {
-    /// The method.
-    pub method: Method,
-    /// Path relative to `/api/<name>`, starting with `/`.
-    pub path: String,
-    /// Raw query string.
-    pub query: String,
-    /// Headers, hop-by-hop ones removed.
-    pub headers: HeaderMap,
-    /// The whole body.
-    pub body: Bytes,
-    /// Client socket address.
-    pub client_addr: String,
-}
-
-/// A plugin's answer, copied into host memory.
-#[derive(Debug)]
-pub struct PluginResponse {
-    /// Status code as the plugin gave it (not yet validated).
-    pub status: u16,
-    /// Headers as the plugin gave them (not yet validated).
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// Body.
-    pub body: Vec<u8>,
-}
 
 /// Why a call got no answer from the plugin.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -7,94 +7,15 @@
 //! [`Service`] in the table is immutable: mutable state of a kind (a remote
 //! service's heartbeats) lives behind its own handle in [`Backend`].
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use serde::{Deserialize, Serialize};
-
-use crate::registry::RemoteService;
-use crate::runtime::PluginRuntime;
-use crate::sync::lock;
-
 use crossbeam_channel::{Receiver, Sender};
 
-/// What every service declares about itself, whatever its kind.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceInfo {
-    /// Unique name; the gateway mounts the service under `/api/<name>/`.
-    pub name: String,
-    /// Human-readable name.
-    pub display_name: String,
-    /// One-paragraph description.
-    pub description: String,
-    /// Free-form version.
-    pub version: String,
-    /// Health endpoint, relative to the service.
-    pub health_check_url: String,
-    /// Free-form metadata.
-    pub metadata: BTreeMap<String, String>,
-    /// Free-form tags.
-    pub tags: Vec<String>,
-    /// Whether non-public endpoints require authentication.
-    pub requires_auth: bool,
-    /// What the service offers.
-    pub endpoints: Vec<Endpoint>,
-}
-
-/// One endpoint of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    /// Path relative to the service.
-    pub path: String,
-    /// HTTP method, upper case.
-    pub method: String,
-    /// What it does.
-    pub description: String,
-    /// Callable without authentication.
-    pub is_public: bool,
-}
-
-/// HTTP methods an endpoint may declare.
-pub const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
-
-/// Why a service name is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidName {
-    /// Empty string.
-    #[error("name is empty")]
-    Empty,
-    /// Longer than [`MAX_NAME_LEN`].
-    #[error("name is {0} bytes long, the limit is {MAX_NAME_LEN}")]
-    TooLong(usize),
-    /// Not `[a-z0-9][a-z0-9-]*`.
-    #[error(
-        "name `{0}` must match [a-z0-9][a-z0-9-]* (lower-case letters, digits, `-`, not first)"
-    )]
-    BadCharacters(String),
-}
-
-/// Longest accepted service name.
-pub const MAX_NAME_LEN: usize = 63;
-
-/// Checks a service name: `[a-z0-9][a-z0-9-]*`, at most [`MAX_NAME_LEN`]
-/// bytes. The name becomes a URL path segment, so nothing else is allowed.
-pub fn validate_name(name: &str) -> Result<(), InvalidName> {
-    let mut bytes = name.bytes();
-    let Some(first) = bytes.next() else {
-        return Err(InvalidName::Empty);
-    };
-    if name.len() > MAX_NAME_LEN {
-        return Err(InvalidName::TooLong(name.len()));
-    }
-    let ok = (first.is_ascii_lowercase() || first.is_ascii_digit())
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidName::BadCharacters(name.to_owned()))
-    }
-}
+use crate::plugin::PluginRuntime;
+use crate::remote::RemoteService;
+use crate::service::ServiceInfo;
+use crate::sync::lock;
 
 /// Where a service's requests go.
 #[derive(Debug, Clone)]
@@ -212,33 +133,5 @@ impl ServiceTable {
         self.current.store(Arc::new(next));
         lock(&self.freed).retain(|listener| listener.send(name.to_owned()).is_ok());
         removed
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(validate_name("my-plugin"), Ok(()));
-        assert_eq!(validate_name("0x"), Ok(()));
-        assert_eq!(validate_name(""), Err(InvalidName::Empty));
-        assert!(matches!(
-            validate_name("-x"),
-            Err(InvalidName::BadCharacters(_))
-        ));
-        assert!(matches!(
-            validate_name("My_Plugin"),
-            Err(InvalidName::BadCharacters(_))
-        ));
-        assert!(matches!(
-            validate_name("a/b"),
-            Err(InvalidName::BadCharacters(_))
-        ));
-        assert_eq!(
-            validate_name(&"a".repeat(64)),
-            Err(InvalidName::TooLong(64))
-        );
     }
 }

@@ -16,8 +16,11 @@ use axum::http::Uri;
 use axum::http::uri::{Authority, InvalidUri};
 use serde::Serialize;
 
-use super::model::{InstanceAddr, RemoteSpec, Reported};
 use crate::sync::lock;
+
+mod spec;
+
+pub use spec::{InstanceAddr, RemoteSpec, Reported};
 
 /// A registered out-of-process service.
 #[derive(Debug)]
@@ -460,7 +463,7 @@ fn rfc3339_opt<S: serde::Serializer>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::ServiceInfo;
+    use crate::service::ServiceInfo;
 
     fn service(base_path: &str, ttl: Duration) -> RemoteService {
         let info = ServiceInfo {

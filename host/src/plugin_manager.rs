@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use crate::loader::{Candidate, PluginLibrary};
-use crate::runtime::{PluginRuntime, RuntimeLimits, ShutdownReport};
-use crate::services::{Backend, PluginBackend, Service, ServiceTable};
+use crate::plugin::{
+    Candidate, CloseReport, PluginLibrary, PluginRuntime, RuntimeLimits, ShutdownReport,
+};
+use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
 
 /// What the manager needs to know.
@@ -292,7 +293,7 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
     }
 }
 
-fn log_close(name: &str, file: &str, close: crate::loader::CloseReport) {
+fn log_close(name: &str, file: &str, close: CloseReport) {
     if let Some(error) = close.close_error {
         tracing::warn!(plugin = %name, file = %file, %error, "dlclose failed");
     }

@@ -1,0 +1,37 @@
+//! What the gateway and a plugin exchange, in host memory: the request as
+//! the gateway hands it over, and the answer copied out of the plugin.
+//!
+//! The loader turns these into the ABI's borrowed types and back; nothing
+//! else in the host sees an FFI type.
+
+use axum::http::{HeaderMap, Method};
+use bytes::Bytes;
+
+/// A request as the gateway hands it to a plugin. Shared (`Arc`) so that a
+/// retry after a swap costs no copy.
+#[derive(Debug)]
+pub struct PluginRequest {
+    /// The method.
+    pub method: Method,
+    /// Path relative to `/api/<name>`, starting with `/`.
+    pub path: String,
+    /// Raw query string.
+    pub query: String,
+    /// Headers, hop-by-hop ones removed.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// Client socket address.
+    pub client_addr: String,
+}
+
+/// A plugin's answer, copied into host memory.
+#[derive(Debug)]
+pub struct PluginResponse {
+    /// Status code as the plugin gave it (not yet validated).
+    pub status: u16,
+    /// Headers as the plugin gave them (not yet validated).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body.
+    pub body: Vec<u8>,
+}
