@@ -6,8 +6,9 @@
 //! way: the task also GETs every instance's `health_check_url` on an
 //! interval, and either signal keeps a service healthy. A service silent
 //! on both for its TTL is answered 503 (computed by [`RemoteService`] at
-//! the moment of each request; this task only logs the change). Only a
-//! much longer silence evicts it.
+//! the moment of each request, and logged once by whichever of a request,
+//! a heartbeat or a round notices the change first). Only a much longer
+//! silence evicts it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -22,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::http::error_chain;
-use crate::remote::{CheckOutcome, RemoteService, Transition};
+use crate::remote::{CheckOutcome, RemoteService};
 
 /// How remote services are kept track of.
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +125,7 @@ impl Checker {
         remotes
             .into_iter()
             .filter(|remote| {
-                log_transition(remote);
+                remote.announce_health();
                 remote.silent_for() > self.policy.evict_after
             })
             .collect()
@@ -200,19 +201,6 @@ async fn check(
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("no answer within {timeout:?}")),
-    }
-}
-
-/// Logs `remote`'s change of status, if any, once.
-pub(super) fn log_transition(remote: &RemoteService) {
-    match remote.observe() {
-        None => {}
-        Some(Transition::Recovered) => {
-            tracing::info!(service = %remote.name(), "remote service healthy again");
-        }
-        Some(Transition::Failed(reason)) => {
-            tracing::warn!(service = %remote.name(), %reason, "remote service unhealthy; answering 503 for it");
-        }
     }
 }
 

@@ -454,7 +454,7 @@ async fn heartbeat(
         .with("service", name));
     };
     remote.heartbeat(beat.status);
-    liveness::log_transition(remote);
+    remote.announce_health();
     let policy = registry.shared.policy;
     Ok(axum::Json(json!({
         "service_id": name,

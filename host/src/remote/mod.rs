@@ -38,8 +38,10 @@ struct State {
     /// replaces the service (and so its instance); the map is where more
     /// instances per service will go.
     instances: BTreeMap<String, Instance>,
-    /// The status last reported by [`RemoteService::observe`], so that each
-    /// change is logged once.
+    /// The status last logged, so that each change is logged once, by
+    /// whoever notices it first: a request, a heartbeat or a health check
+    /// round. A TTL that lapses between two rounds is noticed by the
+    /// request that is answered 503 for it.
     announced: Status,
 }
 
@@ -243,25 +245,35 @@ impl RemoteService {
     /// A healthy instance to send a request to.
     pub fn route(&self) -> Result<Route, Unavailable> {
         let now = Instant::now();
-        let state = self.state();
+        let mut state = self.state();
         let mut unavailable = None;
+        let mut chosen = None;
         for instance in state.instances.values() {
             match instance.health(now, self.ttl) {
                 Ok(()) => {
-                    return Ok(Route {
-                        authority: instance.authority.clone(),
-                        base_path: self.spec.base_path.clone(),
-                    });
+                    chosen = Some(instance.authority.clone());
+                    break;
                 }
                 Err(why) => unavailable = Some(why),
             }
         }
-        // A service always has an instance; an empty map would read as
-        // "never heard from".
-        Err(unavailable.unwrap_or(Unavailable::Silent {
-            silent: Duration::MAX,
-            ttl: self.ttl,
-        }))
+        let routed = match chosen {
+            Some(authority) => Ok(Route {
+                authority,
+                base_path: self.spec.base_path.clone(),
+            }),
+            // A service always has an instance; an empty map would read as
+            // "never heard from".
+            None => Err(unavailable.unwrap_or(Unavailable::Silent {
+                silent: Duration::MAX,
+                ttl: self.ttl,
+            })),
+        };
+        state.announce(
+            self.name(),
+            routed.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
+        routed
     }
 
     /// A heartbeat: it speaks for every instance, since the seed guide's
@@ -313,24 +325,12 @@ impl RemoteService {
         }
     }
 
-    /// The status now, if it changed since the last call.
-    pub fn observe(&self) -> Option<Transition> {
-        let now = Instant::now();
+    /// Logs the status now if it changed since it was last logged, and
+    /// returns the change.
+    pub fn announce_health(&self) -> Option<Transition> {
         let mut state = self.state();
-        let health = state.health(now, self.ttl);
-        let status = if health.is_ok() {
-            Status::Healthy
-        } else {
-            Status::Unhealthy
-        };
-        if status == state.announced {
-            return None;
-        }
-        state.announced = status;
-        Some(match health {
-            Ok(()) => Transition::Recovered,
-            Err(why) => Transition::Failed(why),
-        })
+        let health = state.health(Instant::now(), self.ttl);
+        state.announce(self.name(), health)
     }
 
     /// Whether the gateway routes to it now.
@@ -400,6 +400,29 @@ impl RemoteService {
 }
 
 impl State {
+    /// Logs a change of status once, and returns it.
+    fn announce(&mut self, service: &str, health: Result<(), Unavailable>) -> Option<Transition> {
+        let status = if health.is_ok() {
+            Status::Healthy
+        } else {
+            Status::Unhealthy
+        };
+        if status == self.announced {
+            return None;
+        }
+        self.announced = status;
+        Some(match health {
+            Ok(()) => {
+                tracing::info!(service = %service, "remote service healthy again");
+                Transition::Recovered
+            }
+            Err(reason) => {
+                tracing::warn!(service = %service, %reason, "remote service unhealthy; answering 503 for it");
+                Transition::Failed(reason)
+            }
+        })
+    }
+
     /// Healthy if any instance is.
     fn health(&self, now: Instant, ttl: Duration) -> Result<(), Unavailable> {
         let mut unavailable = Unavailable::Silent {
@@ -517,14 +540,18 @@ mod tests {
         // before the first checks.
         let remote = service("/", Duration::from_secs(1));
         assert!(remote.route().is_ok());
-        assert_eq!(remote.observe(), None);
+        assert_eq!(remote.announce_health(), None);
         std::thread::sleep(Duration::from_millis(1300));
+        assert!(matches!(
+            remote.announce_health(),
+            Some(Transition::Failed(Unavailable::Silent { .. }))
+        ));
         assert!(matches!(remote.route(), Err(Unavailable::Silent { .. })));
-        assert!(matches!(remote.observe(), Some(Transition::Failed(_))));
-        assert_eq!(remote.observe(), None);
+        assert_eq!(remote.announce_health(), None);
         remote.heartbeat(Reported::Healthy);
+        assert_eq!(remote.announce_health(), Some(Transition::Recovered));
         assert!(remote.route().is_ok());
-        assert_eq!(remote.observe(), Some(Transition::Recovered));
+        assert_eq!(remote.announce_health(), None);
     }
 
     #[test]
