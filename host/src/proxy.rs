@@ -2,10 +2,10 @@
 //!
 //! One pooled HTTP/1.1 client (hyper-util's legacy client) serves every
 //! remote service, so requests reuse keep-alive connections instead of
-//! opening one each. Its `HttpConnector` resolves the service's host at
-//! connect time and tries every address it gets, IPv6 and IPv4 alike, so a
-//! `"host": "localhost"` service is reached whichever of `::1` and
-//! `127.0.0.1` it listens on; a connection that worked stays in the pool.
+//! opening one each. Its `HttpConnector` resolves the service's host with
+//! the system resolver at connect time and tries every address it gets,
+//! IPv6 and IPv4 alike (so `localhost` reaches `::1` only where the system
+//! resolves it so); a connection that worked stays in the pool.
 //! Bodies are streamed both ways, never collected: memory per request is
 //! bounded by hyper's buffers whatever the body's size.
 //!
