@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use ipnet::IpNet;
 
 /// Command line of `plugin-host`. Every option can also be set by the
 /// environment variable named in its help.
@@ -89,4 +90,15 @@ pub struct Config {
     /// be longer than `--heartbeat-ttl`.
     #[arg(long, env = "EVICT_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
     pub evict_after: Duration,
+
+    /// Networks a registered service's addresses must be in (CIDRs,
+    /// comma-separated). Link-local and unspecified addresses are refused
+    /// whatever the list says, and so are the host's own listeners.
+    #[arg(
+        long,
+        env = "UPSTREAM_ALLOW",
+        value_delimiter = ',',
+        default_values_t = crate::egress::DEFAULT_ALLOWED.iter().map(|net| net.parse::<IpNet>().expect("a valid default network")),
+    )]
+    pub upstream_allow: Vec<IpNet>,
 }

@@ -1,7 +1,8 @@
 //! The API gateway: `/api/<name>/<rest>` to whichever service holds `name`.
 //!
 //! It owns nothing but the request path: it looks the name up in the
-//! [`ServiceTable`], refuses what must not reach a service (an unsafe path,
+//! [`ServiceTable`], refuses what must not reach a service (a request that
+//! looped back into the host, an unsafe path,
 //! an oversized body), and hands the request to the plugin runtime or to the
 //! proxy. It never loads, unloads or registers anything, and never calls
 //! plugin code itself: a plugin request is a message to the plugin's own
@@ -17,6 +18,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::egress::LoopGuard;
 use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
@@ -33,6 +35,8 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// Longest wait for a plugin's answer.
     pub request_timeout: Duration,
+    /// Recognises requests that looped back into the host.
+    pub loop_guard: LoopGuard,
 }
 
 /// The gateway's routes.
@@ -59,6 +63,12 @@ async fn dispatch(
         )
         .into_response();
     };
+    if let Err(detected) = gateway.loop_guard.check(request.headers()) {
+        tracing::debug!(service = %name, error = %detected, "request refused: loop");
+        return ApiError::new(StatusCode::LOOP_DETECTED, detected.to_string())
+            .with("service", name)
+            .into_response();
+    }
     if let Err(reason) = check_service_path(rest) {
         return ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -5,6 +5,7 @@
 //! drive the real binary. See `ARCHITECTURE.md` for the code map.
 
 pub mod config;
+pub mod egress;
 pub mod gateway;
 pub mod http;
 pub mod plugin;
@@ -26,6 +27,7 @@ use tokio::net::TcpListener;
 
 pub use config::Config;
 
+use crate::egress::{EgressPolicy, LoopGuard};
 use crate::plugin::RuntimeLimits;
 use crate::table::ServiceTable;
 
@@ -75,6 +77,18 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostError> {
+    // Bound first: the registry must know the listeners' real addresses
+    // (port 0 picks one) to refuse services pointing back at them. Nothing
+    // is served before start-up state is complete; connections wait in the
+    // backlog until then.
+    let (gateway_listener, gateway_addr) = bind("gateway", config.gateway_addr).await?;
+    let (registry_listener, registry_addr) = bind("registry", config.registry_addr).await?;
+    let egress = Arc::new(
+        EgressPolicy::new(config.upstream_allow.clone())
+            .with_own_listeners(gateway_addr, registry_addr),
+    );
+    let loop_guard = LoopGuard::new();
+
     let services = Arc::new(ServiceTable::new());
     let cache_dir = config.data_dir.join("plugin-cache");
     plugin::loader::clear_cache(&cache_dir).map_err(|source| HostError::DataDir {
@@ -97,13 +111,13 @@ pub async fn run(
                 evict_after: config.evict_after,
             },
             max_body_bytes: config.max_body_bytes,
+            egress: egress.clone(),
+            loop_guard: loop_guard.clone(),
         },
     )?;
 
-    let gateway_listener = bind("gateway", config.gateway_addr).await?;
-    let registry_listener = bind("registry", config.registry_addr).await?;
-
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
+    let (initial_scan_applied, initial_scan) = tokio::sync::oneshot::channel();
     let manager = plugin_manager::spawn(
         plugin_manager::ManagerConfig {
             cache_dir,
@@ -115,31 +129,45 @@ pub async fn run(
         },
         services.clone(),
         file_events_rx,
+        initial_scan_applied,
     )
     .map_err(HostError::Manager)?;
     let watcher = watcher::watch(&config.plugins_dir, config.watch_debounce, file_events)?;
+    // Plugin files present at start-up take their names before the registry
+    // accepts a registration: a service registering during a restart must
+    // not take a plugin's name (restored registrations kept theirs above).
+    tokio::pin!(shutdown);
+    let stopped_during_start = tokio::select! {
+        _ = initial_scan => false,
+        () = &mut shutdown => true,
+    };
 
     let gateway = gateway::router(gateway::Gateway {
         services: services.clone(),
-        proxy: proxy::Proxy::new(config.request_timeout),
+        proxy: proxy::Proxy::new(config.request_timeout, egress, loop_guard.clone()),
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
+        loop_guard,
     });
     let liveness = registry.spawn_liveness();
     let registry = registry::router(registry);
 
-    tracing::info!(
-        gateway = %local_addr(&gateway_listener),
-        registry = %local_addr(&registry_listener),
-        plugins_dir = %config.plugins_dir.display(),
-        "listening"
-    );
+    if !stopped_during_start {
+        tracing::info!(
+            gateway = %gateway_addr,
+            registry = %registry_addr,
+            plugins_dir = %config.plugins_dir.display(),
+            "listening"
+        );
+    }
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let gateway_server = serve(gateway_listener, gateway, stopped.clone());
     let registry_server = serve(registry_listener, registry, stopped);
 
-    shutdown.await;
+    if !stopped_during_start {
+        shutdown.await;
+    }
     tracing::info!("shutting down");
     let _ = stop.send(true);
     // In-flight requests get the drain timeout to finish; a stalled stream
@@ -207,15 +235,13 @@ fn serve(
     )
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, HostError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HostError::Bind { what, addr, source })
-}
-
-fn local_addr(listener: &TcpListener) -> String {
-    listener
-        .local_addr()
-        .map(|addr| addr.to_string())
-        .unwrap_or_else(|error| format!("unknown ({error})"))
+/// Binds `addr`; also returns the address really bound (port 0 picks one).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), HostError> {
+    let error = |source| HostError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(error)?;
+    let bound = listener.local_addr().map_err(error)?;
+    Ok((listener, bound))
 }

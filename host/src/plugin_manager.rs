@@ -41,11 +41,13 @@ struct Mounted {
 }
 
 /// Applies `events` until the channel closes, then unloads every plugin
-/// and waits for the unloads to finish.
+/// and waits for the unloads to finish. `initial_scan_applied` is sent once
+/// every file present at start-up was loaded or refused.
 pub fn spawn(
     config: ManagerConfig,
     services: Arc<ServiceTable>,
     events: Receiver<FileEvent>,
+    initial_scan_applied: tokio::sync::oneshot::Sender<()>,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("plugin-manager".to_owned())
@@ -58,11 +60,17 @@ pub fn spawn(
                 waiting_for_name: HashMap::new(),
                 unloads: Vec::new(),
             };
+            let mut initial_scan_applied = Some(initial_scan_applied);
             loop {
                 crossbeam_channel::select! {
                     recv(events) -> event => match event {
                         Ok(FileEvent::Changed(path)) => manager.load(path),
                         Ok(FileEvent::Removed(path)) => manager.remove(&path),
+                        Ok(FileEvent::InitialScanDone) => {
+                            if let Some(applied) = initial_scan_applied.take() {
+                                let _ = applied.send(());
+                            }
+                        }
                         Err(_) => break,
                     },
                     recv(freed) -> name => {

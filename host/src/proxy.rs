@@ -31,6 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::{ApiError, error_chain, remove_hop_by_hop};
 use crate::remote::{RemoteService, Route};
 
@@ -46,21 +47,27 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// share the connection pool.
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Tracked>,
+    client: Client<HttpConnector<Resolver>, Tracked>,
     timeout: Duration,
+    loop_guard: LoopGuard,
 }
 
 impl Proxy {
     /// A proxy whose upstreams must start answering within `timeout` of the
-    /// end of the request (504 otherwise).
-    pub fn new(timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
+    /// end of the request (504 otherwise). Connections go only to addresses `egress` admits, and every
+    /// request carries `loop_guard`'s `Via` entry.
+    pub fn new(timeout: Duration, egress: Arc<EgressPolicy>, loop_guard: LoopGuard) -> Self {
+        let mut connector = HttpConnector::new_with_resolver(Resolver::new(egress));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self { client, timeout }
+        Self {
+            client,
+            timeout,
+            loop_guard,
+        }
     }
 
     /// Forwards `request` to `remote`, at `rest` below its base path, and
@@ -105,6 +112,7 @@ impl Proxy {
             parts.uri.authority(),
             &request_id,
         );
+        self.loop_guard.stamp(&mut parts.headers);
         parts.uri = uri;
         // Upstreams are spoken to in HTTP/1.1 whatever the client used.
         parts.version = Version::HTTP_11;

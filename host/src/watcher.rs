@@ -27,6 +27,10 @@ pub enum FileEvent {
     Changed(PathBuf),
     /// The file is gone: unload what was loaded from it.
     Removed(PathBuf),
+    /// Every file present at start-up has been reported (sent once, after
+    /// the last of them): what depends on the initial plugins being in
+    /// place, such as accepting registrations, may start.
+    InitialScanDone,
 }
 
 /// Why the watcher could not start.
@@ -115,9 +119,10 @@ pub fn watch(
     // one or the other (or both, which the debounce merges).
     let initial = list_plugin_files(dir).map_err(dir_error)?;
     let mut debouncer = Debouncer::new(dir.to_owned(), debounce);
-    for path in initial {
-        debouncer.mark(path, Instant::now());
+    for path in &initial {
+        debouncer.mark(path.clone(), Instant::now());
     }
+    debouncer.initial = Some(initial.into_iter().collect());
     let debouncer = thread::Builder::new()
         .name("plugin-watcher".to_owned())
         .spawn(move || debouncer.run(&raw_rx, &events))
@@ -164,6 +169,9 @@ struct Debouncer {
     /// Paths last reported as changed, so that a rescan can tell which of
     /// them disappeared.
     present: HashSet<PathBuf>,
+    /// The files of the initial scan until each was reported; `None` once
+    /// [`FileEvent::InitialScanDone`] was sent.
+    initial: Option<HashSet<PathBuf>>,
 }
 
 fn file_size(path: &Path) -> Option<u64> {
@@ -180,6 +188,7 @@ impl Debouncer {
             debounce,
             pending: HashMap::new(),
             present: HashSet::new(),
+            initial: None,
         }
     }
 
@@ -190,6 +199,9 @@ impl Debouncer {
 
     fn run(mut self, raw: &Receiver<Raw>, events: &Sender<FileEvent>) {
         loop {
+            if !self.announce_initial_scan(events) {
+                return;
+            }
             let next_due = self.pending.values().map(|pending| pending.due).min();
             let received = match next_due {
                 Some(due) => raw.recv_deadline(due),
@@ -225,6 +237,20 @@ impl Debouncer {
         for path in listed.into_iter().chain(known) {
             self.mark(path, due);
         }
+    }
+
+    /// Sends [`FileEvent::InitialScanDone`] once no file of the initial scan
+    /// is pending any more. Returns false once nobody listens any more.
+    fn announce_initial_scan(&mut self, events: &Sender<FileEvent>) -> bool {
+        let Some(initial) = &mut self.initial else {
+            return true;
+        };
+        initial.retain(|path| self.pending.contains_key(path));
+        if !initial.is_empty() {
+            return true;
+        }
+        self.initial = None;
+        events.send(FileEvent::InitialScanDone).is_ok()
     }
 
     /// Reports every due path whose size held still; re-arms the others.

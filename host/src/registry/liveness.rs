@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
+use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::error_chain;
 use crate::remote::{CheckOutcome, RemoteService};
 
@@ -92,20 +93,27 @@ const MAX_CONCURRENT_CHECKS: usize = 256;
 /// registry's to decide.
 #[derive(Debug, Clone)]
 pub(super) struct Checker {
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpConnector<Resolver>, Empty<Bytes>>,
     policy: Policy,
+    loop_guard: LoopGuard,
 }
 
 impl Checker {
-    pub(super) fn new(policy: Policy) -> Self {
-        let mut connector = HttpConnector::new();
+    /// Checks connect only to addresses `egress` admits, and carry
+    /// `loop_guard`'s `Via` entry like every request the host sends.
+    pub(super) fn new(policy: Policy, egress: Arc<EgressPolicy>, loop_guard: LoopGuard) -> Self {
+        let mut connector = HttpConnector::new_with_resolver(Resolver::new(egress));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(policy.check_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(policy.check_interval.saturating_mul(2))
             .build(connector);
-        Self { client, policy }
+        Self {
+            client,
+            policy,
+            loop_guard,
+        }
     }
 
     /// Ticks every `check_interval`, the first at once (services restored
@@ -121,7 +129,7 @@ impl Checker {
     /// status, and returns the services silent past the eviction grace
     /// period.
     pub(super) async fn round(&self, remotes: Vec<Arc<RemoteService>>) -> Vec<Arc<RemoteService>> {
-        round(&remotes, &self.client, &self.policy).await;
+        round(&remotes, self).await;
         remotes
             .into_iter()
             .filter(|remote| {
@@ -132,25 +140,20 @@ impl Checker {
     }
 }
 
-async fn round(
-    remotes: &[Arc<RemoteService>],
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    policy: &Policy,
-) {
+async fn round(remotes: &[Arc<RemoteService>], checker: &Checker) {
     let mut checks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
     for remote in remotes {
         for (addr, uri) in remote.health_check_urls() {
             let remote = remote.clone();
-            let client = client.clone();
-            let timeout = policy.check_timeout;
+            let checker = checker.clone();
             let slots = slots.clone();
             checks.spawn(async move {
                 let Ok(_slot) = slots.acquire().await else {
                     return;
                 };
                 let result = match uri {
-                    Ok(uri) => check(&client, uri, timeout).await,
+                    Ok(uri) => checker.check(uri).await,
                     Err(error) => Err(format!("no valid health check URL: {error}")),
                 };
                 if let Err(error) = &result {
@@ -170,37 +173,38 @@ async fn round(
     checks.join_all().await;
 }
 
-/// One GET of a health endpoint: healthy if it answers 2xx in time.
-async fn check(
-    client: &Client<HttpConnector, Empty<Bytes>>,
-    uri: axum::http::Uri,
-    timeout: Duration,
-) -> Result<(), String> {
-    let request = axum::http::Request::get(uri)
-        .header(axum::http::header::USER_AGENT, "plugin-host-health-check")
-        .body(Empty::new())
-        .map_err(|error| error.to_string())?;
-    let attempt = async {
-        let response = client
-            .request(request)
-            .await
-            .map_err(|error| error_chain(&error))?;
-        let status = response.status();
-        // Read the (small) answer so that the connection goes back to the
-        // pool for the next round.
-        Limited::new(response.into_body(), MAX_HEALTH_BODY)
-            .collect()
-            .await
-            .map_err(|error| format!("reading the answer: {error}"))?;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("answered {status}"))
+impl Checker {
+    /// One GET of a health endpoint: healthy if it answers 2xx in time.
+    async fn check(&self, uri: axum::http::Uri) -> Result<(), String> {
+        let timeout = self.policy.check_timeout;
+        let mut request = axum::http::Request::get(uri)
+            .header(axum::http::header::USER_AGENT, "plugin-host-health-check")
+            .body(Empty::new())
+            .map_err(|error| error.to_string())?;
+        self.loop_guard.stamp(request.headers_mut());
+        let client = &self.client;
+        let attempt = async {
+            let response = client
+                .request(request)
+                .await
+                .map_err(|error| error_chain(&error))?;
+            let status = response.status();
+            // Read the (small) answer so that the connection goes back to the
+            // pool for the next round.
+            Limited::new(response.into_body(), MAX_HEALTH_BODY)
+                .collect()
+                .await
+                .map_err(|error| format!("reading the answer: {error}"))?;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(format!("answered {status}"))
+            }
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
         }
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 

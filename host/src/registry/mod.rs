@@ -16,6 +16,7 @@ mod liveness;
 mod model;
 mod store;
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -34,6 +35,7 @@ pub use liveness::{InvalidPolicy, Policy};
 
 use liveness::Checker;
 
+use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, read_body};
 use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
@@ -50,6 +52,10 @@ pub struct RegistryConfig {
     pub policy: Policy,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Which upstream addresses a registration may name.
+    pub egress: Arc<EgressPolicy>,
+    /// Marks the health checks, like every request the host sends.
+    pub loop_guard: LoopGuard,
 }
 
 /// Why the registry could not start.
@@ -76,6 +82,8 @@ struct Shared {
     store: Arc<Store>,
     policy: Policy,
     max_body_bytes: usize,
+    egress: Arc<EgressPolicy>,
+    loop_guard: LoopGuard,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
@@ -109,11 +117,25 @@ impl Registry {
                     continue;
                 }
             };
+            // Names are resolved again at every connection; an address
+            // literal can be judged now (the listeners or the allow-list may
+            // have changed since it was accepted).
+            if let Some(refused) = stored.instances.iter().find_map(|instance| {
+                let ip = instance.host.parse().ok()?;
+                config
+                    .egress
+                    .check(SocketAddr::new(ip, instance.port))
+                    .err()
+            }) {
+                tracing::error!(service = %name, error = %refused, "stored registration points where the host may not connect; left in the database, not routed");
+                continue;
+            }
             let registered_at = UNIX_EPOCH + Duration::from_millis(stored.registered_at_unix_ms);
             let remote = match RemoteService::new(
                 stored.spec.clone(),
                 stored.instances,
                 registered_at,
+                stored.owner,
                 config.policy.ttl,
             ) {
                 Ok(remote) => Arc::new(remote),
@@ -144,6 +166,8 @@ impl Registry {
                 store: Arc::new(store),
                 policy: config.policy,
                 max_body_bytes: config.max_body_bytes,
+                egress: config.egress,
+                loop_guard: config.loop_guard,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -153,7 +177,11 @@ impl Registry {
     /// them.
     pub fn spawn_liveness(&self) -> JoinHandle<()> {
         let registry = self.clone();
-        let checker = Checker::new(self.shared.policy);
+        let checker = Checker::new(
+            self.shared.policy,
+            self.shared.egress.clone(),
+            self.shared.loop_guard.clone(),
+        );
         tokio::spawn(async move {
             let mut ticks = checker.ticks();
             loop {
@@ -185,21 +213,28 @@ impl Registry {
             .collect()
     }
 
-    async fn register(&self, registration: Registration) -> Result<Response, ApiError> {
+    async fn register(
+        &self,
+        registration: Registration,
+        caller: IpAddr,
+    ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
         let _writes = self.shared.writes.lock().await;
         let previous = match self.shared.services.get(&name) {
             None => None,
             Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => Some(remote.clone()),
+                Backend::Remote(remote) if remote.is_owned_by(caller) => Some(remote.clone()),
+                Backend::Remote(remote) => {
+                    return Err(not_the_owner(remote, caller, StatusCode::CONFLICT, "name"));
+                }
                 Backend::Plugin(_) => return Err(name_taken(&holder)),
             },
         };
         let registered_at = previous
             .as_ref()
             .map_or_else(SystemTime::now, |previous| previous.registered_at());
-        // A registration from another address replaces the instance: one
+        // The owner registering another `host:port` moves the instance: one
         // instance per service until several are supported.
         let moved_from = previous
             .as_ref()
@@ -213,6 +248,7 @@ impl Registry {
             spec.clone(),
             vec![instance.clone()],
             registered_at,
+            Some(caller),
             self.shared.policy.ttl,
         )
         .map_err(|error| {
@@ -223,6 +259,7 @@ impl Registry {
             spec: spec.clone(),
             instances: vec![instance.clone()],
             registered_at_unix_ms: unix_ms(registered_at),
+            owner: Some(caller),
         };
         self.durably(&name, move |store| store.put(&stored)).await?;
         let version = spec.info.version.clone();
@@ -275,12 +312,15 @@ impl Registry {
         Ok((status, axum::Json(answer)).into_response())
     }
 
-    async fn deregister(&self, name: &str) -> Result<Response, ApiError> {
+    async fn deregister(&self, name: &str, caller: IpAddr) -> Result<Response, ApiError> {
         let _writes = self.shared.writes.lock().await;
         let remote = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
             Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => remote.clone(),
+                Backend::Remote(remote) if remote.is_owned_by(caller) => remote.clone(),
+                Backend::Remote(remote) => {
+                    return Err(not_the_owner(remote, caller, StatusCode::FORBIDDEN, "name"));
+                }
                 Backend::Plugin(plugin) => {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -382,6 +422,27 @@ fn name_taken(holder: &Service) -> ApiError {
     .with("holder", detail)
 }
 
+/// A change of `remote` asked for by a client that is not its owner.
+fn not_the_owner(
+    remote: &RemoteService,
+    caller: IpAddr,
+    status: StatusCode,
+    field: &str,
+) -> ApiError {
+    let name = remote.name();
+    let owner = remote
+        .owner()
+        .map_or_else(|| "another address".to_owned(), |owner| owner.to_string());
+    ApiError::new(
+        status,
+        format!(
+            "service `{name}` was registered from {owner}: only that address may change, heartbeat or deregister it, and {caller} is not it"
+        ),
+    )
+    .with("field", field)
+    .with("service", name)
+}
+
 fn not_registered(name: &str, field: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -423,16 +484,28 @@ pub fn router(registry: Registry) -> Router {
 
 async fn register(
     State(registry): State<Registry>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
-    uncancellable(async move { registry.register(registration).await }).await
+    let instance = &registration.instance;
+    registry
+        .shared
+        .egress
+        .resolve(&instance.host, instance.port)
+        .await
+        .map_err(|refused| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {refused}"))
+                .with("field", "host")
+        })?;
+    uncancellable(async move { registry.register(registration, caller.ip()).await }).await
 }
 
 async fn heartbeat(
     State(registry): State<Registry>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -453,6 +526,14 @@ async fn heartbeat(
         .with("field", "service_id")
         .with("service", name));
     };
+    if !remote.is_owned_by(caller.ip()) {
+        return Err(not_the_owner(
+            remote,
+            caller.ip(),
+            StatusCode::FORBIDDEN,
+            "service_id",
+        ));
+    }
     remote.heartbeat(beat.status);
     remote.announce_health();
     let policy = registry.shared.policy;
@@ -467,10 +548,11 @@ async fn heartbeat(
 
 async fn deregister(
     State(registry): State<Registry>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path(name) = name.map_err(bad_path)?;
-    uncancellable(async move { registry.deregister(&name).await }).await
+    uncancellable(async move { registry.deregister(&name, caller.ip()).await }).await
 }
 
 /// Runs a write to completion even if the client hangs up: hyper drops a

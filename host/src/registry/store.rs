@@ -8,6 +8,7 @@
 //! take over. The calls block on disk I/O; async callers run them on the
 //! blocking pool.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -27,6 +28,10 @@ pub struct StoredService {
     pub instances: Vec<InstanceAddr>,
     /// When it first registered, milliseconds since the Unix epoch.
     pub registered_at_unix_ms: u64,
+    /// The client address that registered it; absent in records written
+    /// before owners were recorded.
+    #[serde(default)]
+    pub owner: Option<IpAddr>,
 }
 
 /// The stored encoding, tagged so a later format can be read beside this
@@ -157,6 +162,7 @@ mod tests {
                 port,
             }],
             registered_at_unix_ms: 1,
+            owner: Some(IpAddr::from([127, 0, 0, 1])),
         }
     }
 

@@ -9,6 +9,7 @@
 //! liveness task looks.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,6 +28,9 @@ pub use spec::{InstanceAddr, RemoteSpec, Reported};
 pub struct RemoteService {
     spec: RemoteSpec,
     registered_at: SystemTime,
+    /// The address that registered it; `None` for a registration stored
+    /// before owners were recorded, which any address may claim.
+    owner: Option<IpAddr>,
     /// Longest silence before the service is unhealthy.
     ttl: Duration,
     state: Mutex<State>,
@@ -193,6 +197,7 @@ impl RemoteService {
         spec: RemoteSpec,
         instances: Vec<InstanceAddr>,
         registered_at: SystemTime,
+        owner: Option<IpAddr>,
         ttl: Duration,
     ) -> Result<Self, InvalidUri> {
         let now = Instant::now();
@@ -215,6 +220,7 @@ impl RemoteService {
         Ok(Self {
             spec,
             registered_at,
+            owner: owner.map(|owner| owner.to_canonical()),
             ttl,
             state: Mutex::new(State {
                 instances,
@@ -231,6 +237,18 @@ impl RemoteService {
     /// When it first registered (kept across re-registrations).
     pub fn registered_at(&self) -> SystemTime {
         self.registered_at
+    }
+
+    /// The address that registered it, if recorded.
+    pub fn owner(&self) -> Option<IpAddr> {
+        self.owner
+    }
+
+    /// Whether a client at `caller` may change, heartbeat or remove it:
+    /// only the address that registered it may.
+    pub fn is_owned_by(&self, caller: IpAddr) -> bool {
+        self.owner
+            .is_none_or(|owner| owner == caller.to_canonical())
     }
 
     /// Its instances' addresses.
@@ -508,7 +526,7 @@ mod tests {
             host: "::1".to_owned(),
             port: 8010,
         };
-        RemoteService::new(spec, vec![addr], SystemTime::now(), ttl).unwrap()
+        RemoteService::new(spec, vec![addr], SystemTime::now(), None, ttl).unwrap()
     }
 
     #[test]

@@ -1,0 +1,264 @@
+//! Nothing a caller registers may turn the host against itself or take
+//! over a name: loops, the host's own listeners, the upstream allow-list,
+//! ownership of a registration, and the name race at start-up.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use integration_tests::upstream::{
+    Upstream, gateway_get, heartbeat, post_json, register, registration,
+};
+use integration_tests::{Dirs, Host, PATIENCE, client, plugin_library};
+use serde_json::{Value, json};
+
+/// A registration of `name` at `addr`, mounted at `base_path` there.
+fn pointing_at(name: &str, addr: SocketAddr, base_path: &str) -> Value {
+    let mut body = registration(name, addr.port());
+    body["host"] = json!(addr.ip().to_string());
+    body["base_path"] = json!(base_path);
+    body
+}
+
+#[tokio::test]
+async fn a_service_at_one_of_the_hosts_own_listeners_is_refused() {
+    let host = Host::start().await;
+    for (own, listener) in [
+        (host.gateway_addr(), "gateway"),
+        (host.registry_addr(), "registry"),
+    ] {
+        let (status, answer) = register(&host, &pointing_at("loop", own, "/api/loop")).await;
+        assert_eq!(status, 422, "{answer}");
+        assert_eq!(answer["field"], "host");
+        let error = answer["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("own {listener} listener")),
+            "{error}"
+        );
+    }
+    // `localhost` names the same listener.
+    let mut by_name = pointing_at("loop", host.gateway_addr(), "/api/loop");
+    by_name["host"] = json!("localhost");
+    assert_eq!(register(&host, &by_name).await.0, 422);
+    assert_eq!(gateway_get(&host, "/api/loop/x").await.0, 404);
+}
+
+#[tokio::test]
+async fn a_loop_through_two_hosts_is_answered_508() {
+    let a = Host::start().await;
+    let b = Host::start().await;
+    // Each host's `chain` service is the other host's `chain` service.
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let body = pointing_at("chain", to.gateway_addr(), "/api/chain");
+        assert_eq!(register(from, &body).await.0, 201);
+    }
+    let started = Instant::now();
+    let (status, body) = gateway_get(&a, "/api/chain/x").await;
+    assert_eq!(status, 508, "{body}");
+    assert!(body.contains("already passed through this host"), "{body}");
+    assert!(started.elapsed() < PATIENCE);
+    // Both hosts still serve.
+    for host in [&a, &b] {
+        let listing = client()
+            .get(host.registry_url("/api/registry/services"))
+            .send()
+            .await
+            .expect("listing");
+        assert_eq!(listing.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_passed_too_many_proxies_is_answered_508() {
+    let host = Host::start().await;
+    let upstream = Upstream::start().await;
+    assert_eq!(
+        register(&host, &registration("far", upstream.port()))
+            .await
+            .0,
+        201
+    );
+    let via = vec!["1.1 hop"; 17].join(", ");
+    let answer = client()
+        .get(host.gateway_url("/api/far/hello"))
+        .header("via", via)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 508);
+    let answer = client()
+        .get(host.gateway_url("/api/far/hello"))
+        .header("via", "1.1 one-proxy")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 200);
+}
+
+#[tokio::test]
+async fn the_upstream_allow_list_decides_which_addresses_may_be_registered() {
+    let host = Host::builder()
+        .args(["--upstream-allow", "127.0.0.1/32"])
+        .start()
+        .await;
+    let upstream = Upstream::start().await;
+    assert_eq!(
+        register(&host, &registration("inside", upstream.port()))
+            .await
+            .0,
+        201
+    );
+    let mut outside = registration("outside", upstream.port());
+    outside["host"] = json!("127.0.0.2");
+    let (status, answer) = register(&host, &outside).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], "host");
+    let error = answer["error"].as_str().unwrap();
+    assert!(
+        error.contains("127.0.0.2 is outside the upstream allow-list (127.0.0.1/32)"),
+        "{error}"
+    );
+    assert_eq!(gateway_get(&host, "/api/outside/hello").await.0, 404);
+}
+
+/// A client whose connections come from `ip` (a loopback address other
+/// than 127.0.0.1 plays "another machine").
+fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<IpAddr>().expect("an address"))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
+async fn post_from(from: &reqwest::Client, host: &Host, path: &str, body: &Value) -> (u16, Value) {
+    let answer = from
+        .post(host.registry_url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("registry request");
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn only_the_address_that_registered_a_service_may_change_it() {
+    let host = Host::start().await;
+    let owner = Upstream::start().await;
+    let intruder = Upstream::start().await;
+    assert_eq!(
+        register(&host, &registration("owned", owner.port()))
+            .await
+            .0,
+        201
+    );
+
+    let other = client_from("127.0.0.2");
+    let (status, answer) = post_from(
+        &other,
+        &host,
+        "/api/registry/register",
+        &registration("owned", intruder.port()),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["field"], "name");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("registered from 127.0.0.1: only that address may change"),
+        "{answer}"
+    );
+    let (status, answer) = post_from(
+        &other,
+        &host,
+        "/api/registry/heartbeat",
+        &json!({"service_id": "owned", "status": "unhealthy"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["field"], "service_id");
+    let (status, answer) =
+        post_from(&other, &host, "/api/registry/deregister/owned", &json!({})).await;
+    assert_eq!(status, 403, "{answer}");
+
+    // Nothing the other address sent changed anything.
+    let (status, body) = gateway_get(&host, "/api/owned/echo/x").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("127.0.0.1:{}", owner.port())),
+        "{body}"
+    );
+
+    // The owner still may, and the rule survives a restart.
+    assert_eq!(heartbeat(&host, "owned").await.0, 200);
+    let dirs = host.kill9();
+    let host = Host::builder().dirs(dirs).start().await;
+    let (status, _) = post_from(
+        &other,
+        &host,
+        "/api/registry/register",
+        &registration("owned", intruder.port()),
+    )
+    .await;
+    assert_eq!(status, 409);
+    let (status, answer) = post_json(&host, "/api/registry/deregister/owned", &json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test]
+async fn a_registration_during_start_up_cannot_take_a_plugin_files_name() {
+    let dirs = Dirs::new();
+    std::fs::copy(
+        plugin_library("slow_init"),
+        dirs.plugins().join("libslow_init.so"),
+    )
+    .expect("install plugin");
+    let upstream = Upstream::start().await;
+    let registry = format!("127.0.0.1:{}", free_port());
+    let gateway = format!("127.0.0.1:{}", free_port());
+
+    // Knock on the registry's door from before the host exists: the first
+    // registration it answers must find the plugin's name taken.
+    let url = format!("http://{registry}/api/registry/register");
+    let body = registration("slow-init", upstream.port());
+    let racer = tokio::spawn(async move {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match client().post(&url).json(&body).send().await {
+                Ok(answer) => {
+                    let status = answer.status().as_u16();
+                    return (status, answer.json::<Value>().await.unwrap_or(Value::Null));
+                }
+                Err(error) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "registry never answered: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    });
+    let host = Host::builder()
+        .dirs(dirs)
+        .addrs(&gateway, &registry)
+        .start()
+        .await;
+    let (status, answer) = racer.await.expect("racer");
+    assert_eq!(status, 409, "{answer}");
+    assert_eq!(answer["holder"]["kind"], "plugin", "{answer}");
+    assert_eq!(
+        gateway_get(&host, "/api/slow-init/").await,
+        (200, "ready".to_owned())
+    );
+}
