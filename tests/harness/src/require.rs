@@ -19,22 +19,19 @@ pub const REQUIRE_ALL: &str = "PLUGIN_HOST_REQUIRE_ALL";
 pub fn require_or_skip<T>(test: &str, needed: Result<T, String>) -> Option<T> {
     let required = std::env::var(REQUIRE_ALL).is_ok_and(|value| value == "1");
     settle(required, test, needed)
+        .map_err(|skipped| writeln!(std::io::stderr(), "{skipped}"))
+        .ok()
 }
 
-fn settle<T>(required: bool, test: &str, needed: Result<T, String>) -> Option<T> {
-    match needed {
-        Ok(value) => Some(value),
-        Err(reason) if required => {
-            panic!("{test} cannot run, and {REQUIRE_ALL}=1 requires it: {reason}")
-        }
-        Err(reason) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: {reason} (set {REQUIRE_ALL}=1 to make this a failure)"
-            );
-            None
-        }
-    }
+/// The value, or the `SKIPPED` line to print; panics when `required`.
+fn settle<T>(required: bool, test: &str, needed: Result<T, String>) -> Result<T, String> {
+    needed.map_err(|reason| {
+        assert!(
+            !required,
+            "{test} cannot run, and {REQUIRE_ALL}=1 requires it: {reason}"
+        );
+        format!("SKIPPED {test}: {reason} (set {REQUIRE_ALL}=1 to make this a failure)")
+    })
 }
 
 #[cfg(test)]
@@ -43,12 +40,13 @@ mod tests {
 
     #[test]
     fn a_missing_need_is_a_skip_unless_required() {
-        assert_eq!(settle(false, "t", Ok::<_, String>(7)), Some(7));
-        assert_eq!(settle(true, "t", Ok::<_, String>(7)), Some(7));
-        assert_eq!(settle::<u8>(false, "t", Err("no python3".into())), None);
+        assert_eq!(settle(false, "t", Ok::<_, String>(7)), Ok(7));
+        assert_eq!(settle(true, "t", Ok::<_, String>(7)), Ok(7));
+        let skipped = settle::<u8>(false, "t", Err("no python3".into())).unwrap_err();
+        assert!(skipped.starts_with("SKIPPED t: no python3"), "{skipped}");
 
         let failed = std::panic::catch_unwind(|| {
-            settle::<u8>(true, "t", Err("no python3".into()));
+            let _ = settle::<u8>(true, "t", Err("no python3".into()));
         });
         let message = failed.expect_err("a failure when required");
         let message = message.downcast_ref::<String>().expect("a message");
