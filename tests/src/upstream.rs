@@ -4,11 +4,11 @@
 //!
 //! ```no_run
 //! # async fn example() {
-//! use integration_tests::Host;
-//! use integration_tests::upstream::{Upstream, register, registration};
-//! let host = Host::start().await;
+//! use host_harness::{http::registration, workspace};
+//! use integration_tests::upstream::{Upstream, register};
+//! let host = workspace::host_builder().start().await.unwrap();
 //! let upstream = Upstream::start().await;
-//! let (status, _) = register(&host, &registration("svc", upstream.port())).await;
+//! let (status, _) = register(&host, &registration("svc", upstream.addr())).await;
 //! assert_eq!(status, 201);
 //! # }
 //! ```
@@ -42,7 +42,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::{Host, client};
+use host_harness::Host;
+use host_harness::http::{self, client, post_json};
 
 /// The byte at `offset` of every body the upstream streams or checks.
 pub fn pattern_byte(offset: u64) -> u8 {
@@ -230,61 +231,23 @@ pub fn pattern_body(n: u64) -> reqwest::Body {
     reqwest::Body::wrap_stream(chunks)
 }
 
-/// A registration like the seed guide's `SERVICE_CONFIG`, for a service on
-/// `127.0.0.1:port`.
-pub fn registration(name: &str, port: u16) -> Value {
-    json!({
-        "name": name,
-        "display_name": format!("Test service {name}"),
-        "description": "an upstream of the integration tests",
-        "version": "1.0.0",
-        "host": "127.0.0.1",
-        "port": port,
-        "base_path": "/",
-        "health_check_url": "/health",
-        "metadata": {"author": "tests"},
-        "tags": ["test"],
-        "requires_auth": false,
-        "endpoints": [
-            {"path": "hello", "method": "GET", "description": "greeting", "is_public": true},
-        ],
-    })
-}
-
 /// `POST /api/registry/register` with `body`: status and JSON answer.
 pub async fn register(host: &Host, body: &Value) -> (u16, Value) {
-    post_json(host, "/api/registry/register", body).await
+    post_json(&host.registry_url("/api/registry/register"), body)
+        .await
+        .unwrap()
 }
 
 /// `POST /api/registry/heartbeat` for `name`: status and JSON answer.
 pub async fn heartbeat(host: &Host, name: &str) -> (u16, Value) {
-    post_json(
-        host,
-        "/api/registry/heartbeat",
-        &json!({"service_id": name, "status": "healthy"}),
-    )
-    .await
-}
-
-/// `POST <registry><path>` with a JSON body: status and JSON answer.
-pub async fn post_json(host: &Host, path: &str, body: &Value) -> (u16, Value) {
-    let answer = client()
-        .post(host.registry_url(path))
-        .json(body)
-        .send()
+    let body = json!({"service_id": name, "status": "healthy"});
+    post_json(&host.registry_url("/api/registry/heartbeat"), &body)
         .await
-        .expect("registry request");
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
+        .unwrap()
 }
 
 /// `GET <gateway><path>`: status and body text.
 pub async fn gateway_get(host: &Host, path: &str) -> (u16, String) {
-    let answer = client()
-        .get(host.gateway_url(path))
-        .send()
-        .await
-        .expect("gateway request");
-    let status = answer.status().as_u16();
-    (status, answer.text().await.unwrap_or_default())
+    let (status, body) = http::get(&client(), &host.gateway_url(path)).await.unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }

@@ -1,22 +1,28 @@
 //! The gateway's edge: refusals a client can cause, answered with JSON.
 
-use integration_tests::{Host, client, raw_http};
+use std::time::{Duration, Instant};
+
+use host_harness::Host;
+use host_harness::http::client;
+use host_harness::workspace::{host_builder, plugin_library};
+use integration_tests::{raw_http, stalled_upload};
 use serde_json::Value;
 
 async fn host_with_hello(extra: &[&str]) -> Host {
-    let mut builder = Host::builder();
+    let mut builder = host_builder();
     for arg in extra {
         builder = builder.arg(*arg);
     }
-    let host = builder.start().await;
-    host.install_plugin("hello", "libhello.so");
-    host.wait_for_log("plugin mounted").await;
+    let host = builder.start().await.unwrap();
+    host.install_plugin(plugin_library("hello"), "libhello.so")
+        .unwrap();
+    host.wait_for_log("plugin mounted").await.unwrap();
     host
 }
 
 #[tokio::test]
 async fn unknown_service_is_404_json_naming_it() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let answer = client()
         .get(host.gateway_url("/api/nope/x"))
         .send()
@@ -96,9 +102,10 @@ async fn oversized_body_is_413_naming_the_limit() {
 
 #[tokio::test]
 async fn a_plugin_gets_the_request_relative_to_its_mount_without_hop_by_hop_headers() {
-    let host = Host::start().await;
-    host.install_plugin("echo", "libecho.so");
-    host.wait_for_log("plugin mounted").await;
+    let host = host_builder().start().await.unwrap();
+    host.install_plugin(plugin_library("echo"), "libecho.so")
+        .unwrap();
+    host.wait_for_log("plugin mounted").await.unwrap();
     let (status, answer) = raw_http(
         host.gateway_addr(),
         "POST /api/echo/a%20b/c?x=1&y=%20 HTTP/1.1\r\nHost: test\r\nConnection: close, x-private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 4\r\n\r\nbody",
@@ -128,11 +135,44 @@ async fn a_plugin_gets_the_request_relative_to_its_mount_without_hop_by_hop_head
 }
 
 #[tokio::test]
+async fn a_plugin_request_whose_upload_stalls_is_408() {
+    let host = host_builder()
+        .args(["--request-timeout", "1s"])
+        .start()
+        .await
+        .unwrap();
+    host.install_plugin(plugin_library("echo"), "libecho.so")
+        .unwrap();
+    host.wait_for_log("plugin mounted").await.unwrap();
+    // The whole body must arrive within the timeout: three bytes 100 ms
+    // apart, then silence.
+    let started = Instant::now();
+    let (status, answer, _) = stalled_upload(
+        host.gateway_addr(),
+        "/api/echo/",
+        3,
+        Duration::from_millis(100),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    assert_eq!(status, 408, "{answer}");
+    assert!(
+        answer.contains("request body not received within 1s"),
+        "{answer}"
+    );
+    assert!(answer.contains(r#""service":"echo""#), "{answer}");
+    assert!(
+        elapsed >= Duration::from_millis(950) && elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}, with a 1 s timeout"
+    );
+}
+
+#[tokio::test]
 async fn too_many_headers_are_431() {
     // (An oversized header block is answered 431 too, but the server closes
     // with the rest unread, so the client may see a reset instead: not a
     // stable assertion.)
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let many: String = (0..150).map(|i| format!("X-H{i}: 1\r\n")).collect();
     let many = format!("GET /api/hello/ HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{many}\r\n");
     assert_eq!(raw_http(host.gateway_addr(), &many).0, 431);

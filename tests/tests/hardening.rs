@@ -5,23 +5,22 @@
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use integration_tests::upstream::{
-    Upstream, gateway_get, heartbeat, post_json, register, registration,
-};
-use integration_tests::{Dirs, Host, PATIENCE, client, plugin_library};
+use host_harness::http::{client, post_json, registration};
+use host_harness::workspace::{host_builder, plugin_library};
+use host_harness::{Dirs, Host, PATIENCE};
+use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
 use serde_json::{Value, json};
 
 /// A registration of `name` at `addr`, mounted at `base_path` there.
 fn pointing_at(name: &str, addr: SocketAddr, base_path: &str) -> Value {
-    let mut body = registration(name, addr.port());
-    body["host"] = json!(addr.ip().to_string());
+    let mut body = registration(name, addr);
     body["base_path"] = json!(base_path);
     body
 }
 
 #[tokio::test]
 async fn a_service_at_one_of_the_hosts_own_listeners_is_refused() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     for (own, listener) in [
         (host.gateway_addr(), "gateway"),
         (host.registry_addr(), "registry"),
@@ -44,8 +43,8 @@ async fn a_service_at_one_of_the_hosts_own_listeners_is_refused() {
 
 #[tokio::test]
 async fn a_loop_through_two_hosts_is_answered_508() {
-    let a = Host::start().await;
-    let b = Host::start().await;
+    let a = host_builder().start().await.unwrap();
+    let b = host_builder().start().await.unwrap();
     // Each host's `chain` service is the other host's `chain` service.
     for (from, to) in [(&a, &b), (&b, &a)] {
         let body = pointing_at("chain", to.gateway_addr(), "/api/chain");
@@ -69,10 +68,10 @@ async fn a_loop_through_two_hosts_is_answered_508() {
 
 #[tokio::test]
 async fn a_request_that_passed_too_many_proxies_is_answered_508() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("far", upstream.port()))
+        register(&host, &registration("far", upstream.addr()))
             .await
             .0,
         201
@@ -96,18 +95,19 @@ async fn a_request_that_passed_too_many_proxies_is_answered_508() {
 
 #[tokio::test]
 async fn the_upstream_allow_list_decides_which_addresses_may_be_registered() {
-    let host = Host::builder()
+    let host = host_builder()
         .args(["--upstream-allow", "127.0.0.1/32"])
         .start()
-        .await;
+        .await
+        .unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("inside", upstream.port()))
+        register(&host, &registration("inside", upstream.addr()))
             .await
             .0,
         201
     );
-    let mut outside = registration("outside", upstream.port());
+    let mut outside = registration("outside", upstream.addr());
     outside["host"] = json!("127.0.0.2");
     let (status, answer) = register(&host, &outside).await;
     assert_eq!(status, 422, "{answer}");
@@ -144,11 +144,11 @@ async fn post_from(from: &reqwest::Client, host: &Host, path: &str, body: &Value
 
 #[tokio::test]
 async fn only_the_address_that_registered_a_service_may_change_it() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let owner = Upstream::start().await;
     let intruder = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("owned", owner.port()))
+        register(&host, &registration("owned", owner.addr()))
             .await
             .0,
         201
@@ -159,7 +159,7 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
         &other,
         &host,
         "/api/registry/register",
-        &registration("owned", intruder.port()),
+        &registration("owned", intruder.addr()),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
@@ -195,16 +195,21 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
     // The owner still may, and the rule survives a restart.
     assert_eq!(heartbeat(&host, "owned").await.0, 200);
     let dirs = host.kill9();
-    let host = Host::builder().dirs(dirs).start().await;
+    let host = host_builder().dirs(dirs).start().await.unwrap();
     let (status, _) = post_from(
         &other,
         &host,
         "/api/registry/register",
-        &registration("owned", intruder.port()),
+        &registration("owned", intruder.addr()),
     )
     .await;
     assert_eq!(status, 409);
-    let (status, answer) = post_json(&host, "/api/registry/deregister/owned", &json!({})).await;
+    let (status, answer) = post_json(
+        &host.registry_url("/api/registry/deregister/owned"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{answer}");
 }
 
@@ -217,7 +222,7 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn a_registration_during_start_up_cannot_take_a_plugin_files_name() {
-    let dirs = Dirs::new();
+    let dirs = Dirs::new().unwrap();
     std::fs::copy(
         plugin_library("slow_init"),
         dirs.plugins().join("libslow_init.so"),
@@ -230,7 +235,7 @@ async fn a_registration_during_start_up_cannot_take_a_plugin_files_name() {
     // Knock on the registry's door from before the host exists: the first
     // registration it answers must find the plugin's name taken.
     let url = format!("http://{registry}/api/registry/register");
-    let body = registration("slow-init", upstream.port());
+    let body = registration("slow-init", upstream.addr());
     let racer = tokio::spawn(async move {
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -249,11 +254,12 @@ async fn a_registration_during_start_up_cannot_take_a_plugin_files_name() {
             }
         }
     });
-    let host = Host::builder()
+    let host = host_builder()
         .dirs(dirs)
         .addrs(&gateway, &registry)
         .start()
-        .await;
+        .await
+        .unwrap();
     let (status, answer) = racer.await.expect("racer");
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["holder"]["kind"], "plugin", "{answer}");

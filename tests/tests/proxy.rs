@@ -5,15 +5,16 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use integration_tests::upstream::{
-    Upstream, gateway_get, pattern_body, pattern_byte, register, registration,
-};
-use integration_tests::{Host, client, raw_http};
+use host_harness::http::{client, registration};
+use host_harness::workspace::host_builder;
+use host_harness::{Host, require_or_skip, status_kib};
+use integration_tests::upstream::{Upstream, gateway_get, pattern_body, pattern_byte, register};
+use integration_tests::{raw_http, stalled_upload};
 use serde_json::{Value, json};
 
 async fn host_with(name: &str, upstream: &Upstream) -> Host {
-    let host = Host::start().await;
-    let (status, answer) = register(&host, &registration(name, upstream.port())).await;
+    let host = host_builder().start().await.unwrap();
+    let (status, answer) = register(&host, &registration(name, upstream.addr())).await;
     assert_eq!(status, 201, "{answer}");
     host
 }
@@ -80,8 +81,8 @@ async fn requests_arrive_whole_with_forwarding_headers() {
 #[tokio::test]
 async fn the_base_path_prefixes_every_path_and_cannot_be_escaped() {
     let upstream = Upstream::start().await;
-    let host = Host::start().await;
-    let mut body = registration("versioned", upstream.port());
+    let host = host_builder().start().await.unwrap();
+    let mut body = registration("versioned", upstream.addr());
     body["base_path"] = json!("/v1");
     assert_eq!(register(&host, &body).await.0, 201);
 
@@ -130,10 +131,10 @@ async fn upstream_connections_are_pooled() {
 }
 
 #[tokio::test]
-async fn localhost_and_ipv6_hosts_are_reached() {
-    let host = Host::start().await;
+async fn a_localhost_host_is_reached() {
+    let host = host_builder().start().await.unwrap();
     let v4 = Upstream::start().await;
-    let mut body = registration("by-name", v4.port());
+    let mut body = registration("by-name", v4.addr());
     body["host"] = json!("localhost");
     assert_eq!(register(&host, &body).await.0, 201);
     let (status, text) = gateway_get(&host, "/api/by-name/hello?name=v4").await;
@@ -141,13 +142,20 @@ async fn localhost_and_ipv6_hosts_are_reached() {
         (status, text.as_str()),
         (200, r#"{"message":"Hello, v4!"}"#)
     );
+}
 
-    let Ok(v6) = Upstream::start_on("[::1]:0".parse().unwrap()).await else {
-        eprintln!("skipped the IPv6 part: cannot bind [::1] on this machine");
+#[tokio::test]
+async fn an_ipv6_host_is_reached() {
+    let bound = Upstream::start_on("[::1]:0".parse().unwrap())
+        .await
+        .map_err(|error| format!("cannot bind [::1]:0 on this machine: {error}"));
+    let Some(v6) = require_or_skip("proxy::an_ipv6_host_is_reached", bound) else {
         return;
     };
-    let mut body = registration("by-v6", v6.port());
-    body["host"] = json!("::1");
+    let host = host_builder().start().await.unwrap();
+    // `registration` writes the upstream's own address: `::1`.
+    let body = registration("by-v6", v6.addr());
+    assert_eq!(body["host"], "::1");
     assert_eq!(register(&host, &body).await.0, 201);
     let (status, text) = gateway_get(&host, "/api/by-v6/hello?name=v6").await;
     assert_eq!(
@@ -158,14 +166,13 @@ async fn localhost_and_ipv6_hosts_are_reached() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_502_naming_the_service() {
-    let host = Host::start().await;
-    // A port nothing listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    let host = host_builder().start().await.unwrap();
+    // An address nothing listens on: bound, then released.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
-        .unwrap()
-        .port();
-    assert_eq!(register(&host, &registration("down", port)).await.0, 201);
+        .unwrap();
+    assert_eq!(register(&host, &registration("down", addr)).await.0, 201);
     let answer = client()
         .get(host.gateway_url("/api/down/hello"))
         .send()
@@ -183,12 +190,13 @@ async fn an_unreachable_upstream_is_502_naming_the_service() {
 #[tokio::test]
 async fn a_slow_upstream_is_504_after_the_timeout() {
     let upstream = Upstream::start().await;
-    let host = Host::builder()
+    let host = host_builder()
         .args(["--request-timeout", "500ms"])
         .start()
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
-        register(&host, &registration("slow", upstream.port()))
+        register(&host, &registration("slow", upstream.addr()))
             .await
             .0,
         201
@@ -211,14 +219,9 @@ async fn a_slow_upstream_is_504_after_the_timeout() {
     assert_eq!(gateway_get(&host, "/api/slow/slow/100").await.0, 200);
 }
 
-/// Peak resident set size of `pid` in KiB (`VmHWM`).
+/// Peak resident set size of `pid` in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("read status")
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+    status_kib(pid, "VmHWM").expect("VmHWM of the host")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,18 +232,19 @@ async fn hundred_megabyte_bodies_stream_through_without_buffering() {
     let upstream = Upstream::start().await;
     // A timeout far shorter than the transfer: it must count from the end
     // of the upload, not from its start.
-    let host = Host::builder()
+    let host = host_builder()
         .args(["--request-timeout", "2s"])
         .start()
-        .await;
+        .await
+        .unwrap();
     assert_eq!(
-        register(&host, &registration("bulk", upstream.port()))
+        register(&host, &registration("bulk", upstream.addr()))
             .await
             .0,
         201
     );
     assert_eq!(gateway_get(&host, "/api/bulk/hello").await.0, 200);
-    let baseline = host.rss_kib();
+    let baseline = host.rss_kib().unwrap();
 
     let started = Instant::now();
     let upload = client()
@@ -285,19 +289,28 @@ async fn hundred_megabyte_bodies_stream_through_without_buffering() {
 #[tokio::test]
 async fn a_client_that_stalls_its_upload_gets_408_not_a_504() {
     let upstream = Upstream::start().await;
-    let host = Host::builder()
+    let host = host_builder()
         .args(["--request-timeout", "1s"])
         .start()
-        .await;
-    let (status, answer) = register(&host, &registration("sink", upstream.port())).await;
+        .await
+        .unwrap();
+    let (status, answer) = register(&host, &registration("sink", upstream.addr())).await;
     assert_eq!(status, 201, "{answer}");
-    // Half the declared body, then silence until the host gives up.
-    let (status, answer) = integration_tests::raw_http(
+    // Six bytes 300 ms apart: 1.8 s of upload, longer than the timeout but
+    // never silent for as long, so it is not cut off; then silence.
+    let (status, answer, waited) = stalled_upload(
         host.gateway_addr(),
-        "POST /api/sink/count HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: 100\r\n\r\n0123456789",
-    );
+        "/api/sink/count",
+        6,
+        Duration::from_millis(300),
+    )
+    .await;
     assert_eq!(status, 408, "{answer}");
-    assert!(answer.contains("stalled"), "{answer}");
+    assert!(answer.contains("request body stalled for 1s"), "{answer}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "answered {waited:?} after the last byte, with a 1 s timeout"
+    );
     assert!(
         !host.logs().contains("did not answer in time"),
         "{}",

@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::upstream::{
-    Upstream, gateway_get, heartbeat, post_json, register, registration,
-};
-use integration_tests::{Host, HostBuilder, client, eventually};
+use host_harness::http::{client, get_json, post_json, registration};
+use host_harness::workspace::{host_builder, plugin_library};
+use host_harness::{Host, HostBuilder};
+use integration_tests::eventually;
+use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
 use serde_json::{Value, json};
 
 /// Liveness options short enough for tests: unhealthy after 1 s of
@@ -24,38 +25,38 @@ const FAST_LIVENESS: [&str; 8] = [
 ];
 
 fn fast_host() -> HostBuilder {
-    Host::builder().args(FAST_LIVENESS)
-}
-
-async fn get_json(url: &str) -> (u16, Value) {
-    let answer = client().get(url).send().await.expect("request");
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
+    host_builder().args(FAST_LIVENESS)
 }
 
 async fn listed(host: &Host, name: &str) -> (u16, Value) {
-    get_json(&host.registry_url(&format!("/api/registry/services/{name}"))).await
+    get_json(&host.registry_url(&format!("/api/registry/services/{name}")))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn a_registration_is_answered_routed_and_listed() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let upstream = Upstream::start().await;
 
-    let (status, answer) = register(&host, &registration("svc", upstream.port())).await;
+    let (status, answer) = register(&host, &registration("svc", upstream.addr())).await;
     assert_eq!(status, 201, "{answer}");
     assert_eq!(answer["service_id"], "svc");
     assert_eq!(answer["status"], "registered");
     assert_eq!(answer["heartbeat_interval_seconds"], 30);
     assert_eq!(answer["ttl_seconds"], 90);
 
-    let (status, body) = get_json(&host.gateway_url("/api/svc/hello?name=Developer")).await;
+    let (status, body) = get_json(&host.gateway_url("/api/svc/hello?name=Developer"))
+        .await
+        .unwrap();
     assert_eq!(
         (status, body),
         (200, json!({"message": "Hello, Developer!"}))
     );
 
-    let (status, all) = get_json(&host.registry_url("/api/registry/services")).await;
+    let (status, all) = get_json(&host.registry_url("/api/registry/services"))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let listed_svc = all
         .as_array()
@@ -87,7 +88,7 @@ async fn a_registration_is_answered_routed_and_listed() {
     assert!(one["last_heartbeat"].is_string(), "{one}");
 
     // The same registration again is an update, not a new service.
-    let (status, answer) = register(&host, &registration("svc", upstream.port())).await;
+    let (status, answer) = register(&host, &registration("svc", upstream.addr())).await;
     assert_eq!(
         (status, &answer["status"]),
         (200, &json!("updated")),
@@ -99,23 +100,25 @@ async fn a_registration_is_answered_routed_and_listed() {
 
 #[tokio::test]
 async fn a_registration_from_another_address_replaces_the_instance() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let first = Upstream::start().await;
     let second = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("moving", first.port()))
+        register(&host, &registration("moving", first.addr()))
             .await
             .0,
         201
     );
     assert_eq!(
-        register(&host, &registration("moving", second.port()))
+        register(&host, &registration("moving", second.addr()))
             .await
             .0,
         200
     );
 
-    let (status, echo) = get_json(&host.gateway_url("/api/moving/echo/where")).await;
+    let (status, echo) = get_json(&host.gateway_url("/api/moving/echo/where"))
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     assert_eq!(
         echo["headers"]["host"][0],
@@ -134,30 +137,38 @@ async fn a_registration_from_another_address_replaces_the_instance() {
 async fn health_checks_keep_a_service_routed_between_sparse_heartbeats() {
     // The seed guide heartbeats every 30 s whatever the TTL: a live service
     // must stay routed on its health endpoint alone.
-    let host = fast_host().start().await;
+    let host = fast_host().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("quiet", upstream.port()))
+        register(&host, &registration("quiet", upstream.addr()))
             .await
             .0,
         201
     );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let registered = Instant::now();
+    // Eight checks 200 ms apart span more than the 1 s TTL.
+    eventually("eight health checks", || async {
+        upstream.health_checks() >= 8
+    })
+    .await;
+    assert!(
+        registered.elapsed() > Duration::from_secs(1),
+        "eight checks within the TTL ({:?}): the test would prove nothing",
+        registered.elapsed()
+    );
     let (status, body) = gateway_get(&host, "/api/quiet/hello").await;
     assert_eq!(status, 200, "{body}");
-    assert!(
-        upstream.health_checks() >= 3,
-        "{} checks",
-        upstream.health_checks()
-    );
+    let (_, listed) = listed(&host, "quiet").await;
+    assert_eq!(listed["status"], "healthy", "{listed}");
+    assert!(listed["last_heartbeat"].is_null(), "{listed}");
 }
 
 #[tokio::test]
 async fn silence_past_the_ttl_is_503_until_a_heartbeat_or_a_passing_check() {
-    let host = fast_host().start().await;
+    let host = fast_host().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("flaky", upstream.port()))
+        register(&host, &registration("flaky", upstream.addr()))
             .await
             .0,
         201
@@ -191,7 +202,7 @@ async fn silence_past_the_ttl_is_503_until_a_heartbeat_or_a_passing_check() {
     let (_, listed) = listed(&host, "flaky").await;
     assert_eq!(listed["status"], "unhealthy", "{listed}");
     assert_eq!(listed["last_health_check"]["ok"], false, "{listed}");
-    host.wait_for_log("remote service unhealthy").await;
+    host.wait_for_log("remote service unhealthy").await.unwrap();
 
     // One heartbeat and it is routed again, at once.
     let (status, beat) = heartbeat(&host, "flaky").await;
@@ -209,7 +220,8 @@ async fn silence_past_the_ttl_is_503_until_a_heartbeat_or_a_passing_check() {
     })
     .await;
     host.wait_for_log_since(mark, &["remote service unhealthy", "service=flaky"])
-        .await;
+        .await
+        .unwrap();
     let mark = host.log_mark();
     upstream.set_healthy(true);
     eventually("routed after a passing check", || async {
@@ -217,28 +229,34 @@ async fn silence_past_the_ttl_is_503_until_a_heartbeat_or_a_passing_check() {
     })
     .await;
     host.wait_for_log_since(mark, &["remote service healthy again", "service=flaky"])
-        .await;
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn a_service_reporting_itself_unhealthy_is_not_routed() {
-    let host = fast_host().start().await;
+    let host = fast_host().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("honest", upstream.port()))
+        register(&host, &registration("honest", upstream.addr()))
             .await
             .0,
         201
     );
     let (status, _) = post_json(
-        &host,
-        "/api/registry/heartbeat",
+        &host.registry_url("/api/registry/heartbeat"),
         &json!({"service_id": "honest", "status": "unhealthy"}),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(status, 200);
-    // Its health endpoint still passes: its own word counts more.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its health endpoint still passes: its own word counts more. Two checks
+    // begun after the report means at least one passed since.
+    let checks = upstream.health_checks();
+    eventually("two more health checks", || async {
+        upstream.health_checks() >= checks + 2
+    })
+    .await;
     assert_eq!(gateway_get(&host, "/api/honest/hello").await.0, 503);
     assert_eq!(heartbeat(&host, "honest").await.0, 200);
     assert_eq!(gateway_get(&host, "/api/honest/hello").await.0, 200);
@@ -246,21 +264,31 @@ async fn a_service_reporting_itself_unhealthy_is_not_routed() {
 
 #[tokio::test]
 async fn a_deregistered_service_is_gone() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("leaving", upstream.port()))
+        register(&host, &registration("leaving", upstream.addr()))
             .await
             .0,
         201
     );
     assert_eq!(gateway_get(&host, "/api/leaving/hello").await.0, 200);
 
-    let (status, answer) = post_json(&host, "/api/registry/deregister/leaving", &json!({})).await;
+    let (status, answer) = post_json(
+        &host.registry_url("/api/registry/deregister/leaving"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(gateway_get(&host, "/api/leaving/hello").await.0, 404);
     assert_eq!(listed(&host, "leaving").await.0, 404);
-    let (status, answer) = post_json(&host, "/api/registry/deregister/leaving", &json!({})).await;
+    let (status, answer) = post_json(
+        &host.registry_url("/api/registry/deregister/leaving"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 404, "{answer}");
 
     let (status, answer) = heartbeat(&host, "leaving").await;
@@ -274,53 +302,65 @@ async fn a_deregistered_service_is_gone() {
 
 #[tokio::test]
 async fn a_long_silent_service_is_evicted() {
-    let host = fast_host().args(["--evict-after", "2s"]).start().await;
+    let host = fast_host()
+        .args(["--evict-after", "2s"])
+        .start()
+        .await
+        .unwrap();
     let upstream = Upstream::start().await;
     upstream.set_healthy(false);
     assert_eq!(
-        register(&host, &registration("gone", upstream.port()))
+        register(&host, &registration("gone", upstream.addr()))
             .await
             .0,
         201
     );
-    host.wait_for_log("remote service unhealthy").await;
-    host.wait_for_log("remote service evicted").await;
+    host.wait_for_log("remote service unhealthy").await.unwrap();
+    host.wait_for_log("remote service evicted").await.unwrap();
     assert_eq!(listed(&host, "gone").await.0, 404);
     assert_eq!(gateway_get(&host, "/api/gone/hello").await.0, 404);
     assert_eq!(heartbeat(&host, "gone").await.0, 404);
 
     // Evicted for good: not restored by a restart.
     let dirs = host.kill9();
-    let host = fast_host().dirs(dirs).start().await;
+    let host = fast_host().dirs(dirs).start().await.unwrap();
     assert_eq!(listed(&host, "gone").await.0, 404);
 }
 
 #[tokio::test]
 async fn registrations_survive_kill_9_and_are_routed_at_once() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("durable", upstream.port()))
+        register(&host, &registration("durable", upstream.addr()))
             .await
             .0,
         201
     );
     assert_eq!(
-        register(&host, &registration("dropped", upstream.port()))
+        register(&host, &registration("dropped", upstream.addr()))
             .await
             .0,
         201
     );
-    let (status, _) = post_json(&host, "/api/registry/deregister/dropped", &json!({})).await;
+    let (status, _) = post_json(
+        &host.registry_url("/api/registry/deregister/dropped"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let (_, before) = listed(&host, "durable").await;
 
     let dirs = host.kill9();
-    let host = Host::builder().dirs(dirs).start().await;
+    let host = host_builder().dirs(dirs).start().await.unwrap();
     host.wait_for_log("remote services restored restored=1")
-        .await;
+        .await
+        .unwrap();
     // No new registration: the guide's plugin never sends one.
-    let (status, body) = get_json(&host.gateway_url("/api/durable/hello?name=again")).await;
+    let (status, body) = get_json(&host.gateway_url("/api/durable/hello?name=again"))
+        .await
+        .unwrap();
     assert_eq!((status, body), (200, json!({"message": "Hello, again!"})));
     let (_, after) = listed(&host, "durable").await;
     assert_eq!(after["registered_at"], before["registered_at"]);
@@ -331,12 +371,13 @@ async fn registrations_survive_kill_9_and_are_routed_at_once() {
 
 #[tokio::test]
 async fn a_plugin_name_cannot_be_registered() {
-    let host = Host::start().await;
-    host.install_plugin("hello", "libhello.so");
-    host.wait_for_log("plugin mounted").await;
+    let host = host_builder().start().await.unwrap();
+    host.install_plugin(plugin_library("hello"), "libhello.so")
+        .unwrap();
+    host.wait_for_log("plugin mounted").await.unwrap();
     let upstream = Upstream::start().await;
 
-    let (status, answer) = register(&host, &registration("hello", upstream.port())).await;
+    let (status, answer) = register(&host, &registration("hello", upstream.addr())).await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["field"], "name");
     assert_eq!(answer["holder"]["kind"], "plugin");
@@ -348,7 +389,12 @@ async fn a_plugin_name_cannot_be_registered() {
 
     let (status, answer) = heartbeat(&host, "hello").await;
     assert_eq!(status, 409, "{answer}");
-    let (status, answer) = post_json(&host, "/api/registry/deregister/hello", &json!({})).await;
+    let (status, answer) = post_json(
+        &host.registry_url("/api/registry/deregister/hello"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 409, "{answer}");
     let (_, listed) = listed(&host, "hello").await;
     assert_eq!(listed["kind"], "plugin");
@@ -356,24 +402,25 @@ async fn a_plugin_name_cannot_be_registered() {
 
 #[tokio::test]
 async fn a_plugin_file_cannot_take_a_registered_name_even_across_a_restart() {
-    let host = Host::start().await;
+    let host = host_builder().start().await.unwrap();
     let upstream = Upstream::start().await;
     assert_eq!(
-        register(&host, &registration("hello", upstream.port()))
+        register(&host, &registration("hello", upstream.addr()))
             .await
             .0,
         201
     );
-    host.install_plugin("hello", "libhello.so");
-    let refused = host.wait_for_log("plugin file refused").await;
+    host.install_plugin(plugin_library("hello"), "libhello.so")
+        .unwrap();
+    let refused = host.wait_for_log("plugin file refused").await.unwrap();
     assert!(refused.contains("remote service `hello`"), "{refused}");
     // Only the remote service has /echo.
     assert_eq!(gateway_get(&host, "/api/hello/echo/x").await.0, 200);
 
     // Restored registrations are in place before the plugin file is seen.
     let dirs = host.kill9();
-    let host = Host::builder().dirs(dirs).start().await;
-    let refused = host.wait_for_log("plugin file refused").await;
+    let host = host_builder().dirs(dirs).start().await.unwrap();
+    let refused = host.wait_for_log("plugin file refused").await.unwrap();
     assert!(refused.contains("file=libhello.so"), "{refused}");
     let (_, listed) = listed(&host, "hello").await;
     assert_eq!(listed["kind"], "remote");
@@ -381,27 +428,34 @@ async fn a_plugin_file_cannot_take_a_registered_name_even_across_a_restart() {
 
     // Once the remote service lets go of the name, the waiting file loads.
     let mark = host.log_mark();
-    let (status, _) = post_json(&host, "/api/registry/deregister/hello", &json!({})).await;
+    let (status, _) = post_json(
+        &host.registry_url("/api/registry/deregister/hello"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     host.wait_for_log_since(mark, &["plugin mounted", "file=libhello.so"])
-        .await;
+        .await
+        .unwrap();
     let (status, body) = gateway_get(&host, "/api/hello/hello?name=x").await;
     assert_eq!((status, body.as_str()), (200, r#"{"message":"Hello, x!"}"#));
 }
 
 #[tokio::test]
 async fn bad_input_is_refused_naming_the_field() {
-    let host = Host::builder()
+    let host = host_builder()
         .args(["--max-body-bytes", "4096"])
         .start()
-        .await;
+        .await
+        .unwrap();
     let with = |key: &str, value: Value| {
-        let mut body = registration("bad", 8010);
+        let mut body = registration("bad", ([127, 0, 0, 1], 8010).into());
         body[key] = value;
         body.to_string()
     };
     let without = |key: &str| {
-        let mut body = registration("bad", 8010);
+        let mut body = registration("bad", ([127, 0, 0, 1], 8010).into());
         body.as_object_mut().unwrap().remove(key);
         body.to_string()
     };

@@ -5,7 +5,9 @@
 //!   runs the host (gateway on 127.0.0.1:8000, registry on 127.0.0.1:8001
 //!   unless HOST ARGS say otherwise).
 //! - `cargo xtask test`: builds every crate of the workspace (the host, the
-//!   example and test plugins) and runs every test.
+//!   example and test plugins) and runs every test; with
+//!   `PLUGIN_HOST_REQUIRE_ALL=1`, the ignored ones (they need python3 and
+//!   PyPI) too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -102,5 +104,14 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
     cargo(&["build", "--workspace"])?;
     let mut args = vec!["test", "--workspace"];
     args.extend(cargo_test_args.iter().map(String::as_str));
+    // Under PLUGIN_HOST_REQUIRE_ALL=1 nothing may go unchecked: the tests
+    // ignored for what they need from the machine run too, and fail if it
+    // is missing.
+    if std::env::var("PLUGIN_HOST_REQUIRE_ALL").is_ok_and(|value| value == "1") {
+        if !args.contains(&"--") {
+            args.push("--");
+        }
+        args.push("--include-ignored");
+    }
     cargo(&args)
 }

@@ -5,7 +5,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::procs::{Pinning, Proc};
+use host_harness::Proc;
+
+use crate::procs::Pinning;
 
 const TEMPLATE: &str = include_str!("../../nginx.conf.template");
 

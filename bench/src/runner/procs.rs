@@ -1,12 +1,12 @@
-//! Child processes of the benchmark: started pinned to a core, their output
-//! captured line by line, stopped with SIGTERM when dropped.
+//! Child processes of the benchmark: pinned to a core, and their CPU time.
+//! Running them and reading their output is [`host_harness::Proc`].
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use host_harness::{PATIENCE, Proc};
+use tokio::runtime::Runtime;
 
 /// Which cores things run on. With two cores or more, the servers under
 /// test get core 1 and the load generators (wrk, this driver) core 0.
@@ -80,167 +80,6 @@ impl Pinning {
     }
 }
 
-/// A running child whose stdout and stderr lines are kept.
-#[derive(Debug)]
-pub struct Proc {
-    name: String,
-    child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    /// Spawns `command` with stdout and stderr captured.
-    pub fn spawn(name: &str, mut command: Command) -> Result<Self, String> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|error| format!("cannot start {name}: {error}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        if let Some(stdout) = child.stdout.take() {
-            collect(stdout, lines.clone());
-        }
-        if let Some(stderr) = child.stderr.take() {
-            collect(stderr, lines.clone());
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            child: Some(child),
-            lines,
-        })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    /// Number of lines so far: a mark for [`Proc::wait_for_since`].
-    pub fn mark(&self) -> usize {
-        lock(&self.lines).len()
-    }
-
-    /// Lines after `mark` that contain every one of `needles`.
-    pub fn count_since(&self, mark: usize, needles: &[&str]) -> usize {
-        let lines = lock(&self.lines);
-        lines[mark.min(lines.len())..]
-            .iter()
-            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-            .count()
-    }
-
-    /// Lines after `mark` that contain every one of `needles`.
-    pub fn lines_since(&self, mark: usize, needles: &[&str]) -> Vec<String> {
-        let lines = lock(&self.lines);
-        lines[mark.min(lines.len())..]
-            .iter()
-            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-            .cloned()
-            .collect()
-    }
-
-    /// Waits for the first line after `mark` containing all `needles`.
-    pub fn wait_for_since(
-        &mut self,
-        mark: usize,
-        needles: &[&str],
-        patience: Duration,
-    ) -> Result<String, String> {
-        let deadline = Instant::now() + patience;
-        loop {
-            if let Some(line) = self.lines_since(mark, needles).into_iter().next() {
-                return Ok(line);
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                return Err(format!(
-                    "{} exited ({status}) before logging {needles:?}; output:\n{}",
-                    self.name,
-                    self.tail(40)
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{} logged no line with {needles:?} within {patience:?}; output:\n{}",
-                    self.name,
-                    self.tail(40)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// The last `n` lines.
-    pub fn tail(&self, n: usize) -> String {
-        let lines = lock(&self.lines);
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Resident set size in KiB, from `/proc/<pid>/status`.
-    pub fn rss_kib(&self) -> Option<u64> {
-        rss_kib(self.pid())
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within five seconds.
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn collect(stream: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            lock(&sink).push(line);
-        }
-    });
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// VmRSS of `pid` in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The value of `key=value` in a log line.
-pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let needle = format!(" {key}=");
-    let start = line.find(&needle)? + needle.len();
-    line[start..].split_whitespace().next()
-}
-
 /// A server binary of this workspace that prints `listening <addr>`.
 #[derive(Debug)]
 pub struct SimpleServer {
@@ -252,94 +91,20 @@ pub struct SimpleServer {
 
 impl SimpleServer {
     /// Starts `binary` on the server core and waits for its address.
-    pub fn start(name: &str, binary: &Path, pinning: Pinning) -> Result<Self, String> {
-        let mut proc = Proc::spawn(name, pinning.server(binary))?;
-        let line = proc.wait_for_since(0, &["listening "], Duration::from_secs(20))?;
+    pub fn start(
+        rt: &Runtime,
+        name: &str,
+        binary: &Path,
+        pinning: Pinning,
+    ) -> Result<Self, String> {
+        let proc = Proc::spawn(name, pinning.server(binary))?;
+        let line = rt.block_on(proc.wait_for_since(0, &["listening "], PATIENCE))?;
         let addr = line
             .trim()
             .strip_prefix("listening ")
             .and_then(|addr| addr.parse().ok())
             .ok_or_else(|| format!("{name}: no address in `{line}`"))?;
         Ok(Self { proc, addr })
-    }
-}
-
-/// A running `plugin-host` with directories of its own.
-#[derive(Debug)]
-pub struct Host {
-    /// The process.
-    pub proc: Proc,
-    /// Gateway address.
-    pub gateway: SocketAddr,
-    /// Registry address.
-    pub registry: SocketAddr,
-    /// The watched plugins directory.
-    pub plugins_dir: PathBuf,
-    _root: tempfile::TempDir,
-}
-
-impl Host {
-    /// Starts the host on the server core with empty directories and waits
-    /// until it listens. `RUST_LOG=info`: nothing is logged per request.
-    pub fn start(binary: &Path, pinning: Pinning, extra_args: &[&str]) -> Result<Self, String> {
-        let root = tempfile::Builder::new()
-            .prefix("bench-host-")
-            .tempdir()
-            .map_err(|error| format!("temp dir: {error}"))?;
-        let plugins_dir = root.path().join("plugins");
-        std::fs::create_dir(&plugins_dir).map_err(|error| format!("plugins dir: {error}"))?;
-        let mut command = pinning.server(binary);
-        command
-            .arg("--plugins-dir")
-            .arg(&plugins_dir)
-            .arg("--data-dir")
-            .arg(root.path().join("data"))
-            .args(["--gateway-addr", "127.0.0.1:0"])
-            .args(["--registry-addr", "127.0.0.1:0"])
-            .args(extra_args)
-            .env("RUST_LOG", "info")
-            .env_remove("RUST_BACKTRACE");
-        let mut proc = Proc::spawn("plugin-host", command)?;
-        let line = proc.wait_for_since(0, &["listening"], Duration::from_secs(30))?;
-        let parse = |key| {
-            field(&line, key)
-                .and_then(|addr| addr.parse().ok())
-                .ok_or_else(|| format!("no `{key}=` address in `{line}`"))
-        };
-        Ok(Self {
-            gateway: parse("gateway")?,
-            registry: parse("registry")?,
-            proc,
-            plugins_dir,
-            _root: root,
-        })
-    }
-
-    /// Writes `library` into the plugins directory as `file` the way a
-    /// deployment should: copy under a name the watcher ignores, then
-    /// rename over the target (atomic).
-    pub fn install(&self, library: &Path, file: &str) -> Result<(), String> {
-        let temp = self.plugins_dir.join(format!(".{file}.partial"));
-        std::fs::copy(library, &temp)
-            .map_err(|error| format!("copy {}: {error}", library.display()))?;
-        std::fs::rename(&temp, self.plugins_dir.join(file))
-            .map_err(|error| format!("rename to {file}: {error}"))
-    }
-
-    /// Removes `file` from the plugins directory.
-    pub fn remove(&self, file: &str) -> Result<(), String> {
-        std::fs::remove_file(self.plugins_dir.join(file))
-            .map_err(|error| format!("remove {file}: {error}"))
-    }
-
-    /// `http://<gateway><path>`.
-    pub fn gateway_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.gateway)
-    }
-
-    /// `http://<registry><path>`.
-    pub fn registry_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.registry)
     }
 }
 

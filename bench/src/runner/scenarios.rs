@@ -12,14 +12,13 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::runtime::Runtime;
 
+use host_harness::http::{self, get, registration};
+use host_harness::{Host, PATIENCE, field};
+
 use crate::load::{self, WrkOptions};
 use crate::nginx::Nginx;
-use crate::procs::{Host, Pinning, SimpleServer, cpu_seconds, field, with_children};
+use crate::procs::{Pinning, SimpleServer, cpu_seconds, with_children};
 use crate::{Artifacts, Settings};
-
-/// How long the driver waits for the host to do something it should do
-/// at once (mount, unmount, answer).
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Everything measured.
 #[derive(Debug, Default, Serialize)]
@@ -56,8 +55,8 @@ pub struct HostWarnings {
 }
 
 fn warnings(host: &Host, name: &str) -> HostWarnings {
-    let mut lines = host.proc.lines_since(0, &["WARN"]);
-    lines.extend(host.proc.lines_since(0, &["ERROR"]));
+    let mut lines = host.log_lines_since(0, &["WARN"]);
+    lines.extend(host.log_lines_since(0, &["ERROR"]));
     let count = lines.len();
     let mut samples: Vec<String> = Vec::new();
     for line in lines {
@@ -294,26 +293,11 @@ fn percentiles<const N: usize>(values: &[f64], ps: [f64; N]) -> [f64; N] {
     ps.map(|p| percentile(values, p).unwrap_or(f64::NAN))
 }
 
-fn http_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|error| format!("HTTP client: {error}"))
-}
-
-async fn get(client: &reqwest::Client, url: &str) -> Result<(u16, bytes::Bytes), String> {
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|error| format!("GET {url}: {error}"))?;
-    let status = response.status().as_u16();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|error| format!("GET {url}: {error}"))?;
-    Ok((status, body))
+/// A `plugin-host` on the server core, with empty directories, logging
+/// nothing per request.
+fn start_host(rt: &Runtime, pinning: Pinning, artifacts: &Artifacts) -> Result<Host, String> {
+    let builder = Host::builder(pinning.server(&artifacts.host)).log_filter("info");
+    Ok(rt.block_on(builder.start())?)
 }
 
 /// Runs everything `only` selects.
@@ -349,22 +333,20 @@ fn host_scenarios(
     only: &dyn Fn(u8) -> bool,
     results: &mut ScenarioResults,
 ) -> Result<(), String> {
-    let mut host = Host::start(&artifacts.host, pinning, &[])?;
-    let client = http_client()?;
+    let mut host = start_host(rt, pinning, artifacts)?;
+    let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
-        idle_kib: host.proc.rss_kib().unwrap_or(0),
+        idle_kib: host.rss_kib().unwrap_or(0),
         ..Memory::default()
     };
-    let mark = host.proc.mark();
-    host.install(&artifacts.hello, "hello.so")?;
-    host.install(&artifacts.demo, "demo-service.so")?;
-    host.proc
-        .wait_for_since(mark, &["plugin mounted", "plugin=hello"], PATIENCE)?;
-    host.proc
-        .wait_for_since(mark, &["plugin mounted", "plugin=demo-service"], PATIENCE)?;
+    let mark = host.log_mark();
+    host.rename_plugin_in(&artifacts.hello, "hello.so")?;
+    host.rename_plugin_in(&artifacts.demo, "demo-service.so")?;
+    rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=hello"]))?;
+    rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=demo-service"]))?;
     std::thread::sleep(Duration::from_secs(1));
-    memory.plugins_kib = host.proc.rss_kib().unwrap_or(0);
+    memory.plugins_kib = host.rss_kib().unwrap_or(0);
     eprintln!(
         "[6] RSS idle {} KiB, with hello + demo-service {} KiB",
         memory.idle_kib, memory.plugins_kib
@@ -386,13 +368,13 @@ fn host_scenarios(
         }
     }
     if only(1) || only(2) {
-        memory.after_load_kib = host.proc.rss_kib();
+        memory.after_load_kib = host.rss_kib().ok();
     }
     if only(3) {
         match hot_swap(rt, settings, artifacts, &mut host) {
             Ok(swap) => {
                 results.hot_swap = Some(swap);
-                memory.after_swaps_kib = host.proc.rss_kib();
+                memory.after_swaps_kib = host.rss_kib().ok();
             }
             Err(error) => results.errors.push(format!("scenario 3: {error}")),
         }
@@ -404,7 +386,7 @@ fn host_scenarios(
         }
     }
     results.memory = Some(memory);
-    host.proc.stop();
+    host.stop();
     results
         .host_warnings
         .push(warnings(&host, "host of scenarios 1-4 and 6"));
@@ -499,7 +481,7 @@ fn in_process(
     artifacts: &Artifacts,
     host: &Host,
 ) -> Result<Comparison, String> {
-    let native = SimpleServer::start("bench-native", &artifacts.native, pinning)?;
+    let native = SimpleServer::start(rt, "bench-native", &artifacts.native, pinning)?;
     let path = "/api/hello/hello?name=x";
     let plugin_url = host.gateway_url(path);
     let native_url = format!("http://{}{path}", native.addr);
@@ -529,7 +511,7 @@ fn in_process(
             Spec {
                 label: "plugin",
                 url: plugin_url,
-                pids: vec![host.proc.pid()],
+                pids: vec![host.pid()],
                 behind: Vec::new(),
             },
         ],
@@ -550,8 +532,8 @@ fn proxy(
     artifacts: &Artifacts,
     host: &Host,
 ) -> Result<(Comparison, Comparison), String> {
-    let upstream = SimpleServer::start("bench-upstream", &artifacts.upstream, pinning)?;
-    register_upstream(rt, client, host, upstream.addr)?;
+    let upstream = SimpleServer::start(rt, "bench-upstream", &artifacts.upstream, pinning)?;
+    register_upstream(rt, host, upstream.addr)?;
     // plugin-host runs one tokio worker on its one core; nginx gets one
     // worker process on the same core.
     let nginx = Nginx::start(upstream.addr, 1, pinning)?;
@@ -597,7 +579,7 @@ fn proxy(
                 Spec {
                     label: "ours",
                     url: ours,
-                    pids: vec![host.proc.pid()],
+                    pids: vec![host.pid()],
                     behind: vec![upstream.proc.pid()],
                 },
             ],
@@ -615,47 +597,21 @@ fn proxy(
     Ok((small, large))
 }
 
-fn register_upstream(
-    rt: &Runtime,
-    client: &reqwest::Client,
-    host: &Host,
-    upstream: SocketAddr,
-) -> Result<(), String> {
-    let body = json!({
-        "name": "upstream",
-        "display_name": "Bench upstream",
-        "description": "bench-upstream: small JSON and 1 MiB answers",
-        "version": "1.0.0",
-        "host": upstream.ip().to_string(),
-        "port": upstream.port(),
-        "base_path": "/",
-        "health_check_url": "/health",
-        "metadata": {},
-        "tags": ["bench"],
-        "requires_auth": false,
-        "endpoints": [
-            {"path": "/small", "method": "GET", "description": "small JSON", "is_public": true},
-            {"path": "/large", "method": "GET", "description": "1 MiB", "is_public": true}
-        ]
-    });
+fn register_upstream(rt: &Runtime, host: &Host, upstream: SocketAddr) -> Result<(), String> {
+    let mut body = registration("upstream", upstream);
+    body["endpoints"] = json!([
+        {"path": "/small", "method": "GET", "description": "small JSON", "is_public": true},
+        {"path": "/large", "method": "GET", "description": "1 MiB", "is_public": true}
+    ]);
     let url = host.registry_url("/api/registry/register");
-    rt.block_on(async {
-        let response = client
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|error| format!("POST {url}: {error}"))?;
-        let status = response.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            let text = response.text().await.unwrap_or_default();
-            Err(format!(
-                "registering the upstream answered {status}: {text}"
-            ))
-        }
-    })
+    let (status, answer) = rt.block_on(http::post_json(&url, &body))?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "registering the upstream answered {status}: {answer}"
+        ))
+    }
 }
 
 /// Scenario 3: the swap plugin replaced back and forth under full load.
@@ -665,15 +621,14 @@ fn hot_swap(
     artifacts: &Artifacts,
     host: &mut Host,
 ) -> Result<HotSwap, String> {
-    let mark = host.proc.mark();
-    host.install(&artifacts.swap_a, "swap.so")?;
-    host.proc
-        .wait_for_since(mark, &["plugin mounted", "plugin=swap"], PATIENCE)?;
+    let mark = host.log_mark();
+    host.rename_plugin_in(&artifacts.swap_a, "swap.so")?;
+    rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=swap"]))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let load = rt.spawn(load::closed_loop(
-        host.gateway,
+        host.gateway_addr(),
         "/api/swap/",
         settings.swap_connections,
         &["swap-a", "swap-b"],
@@ -681,8 +636,8 @@ fn hot_swap(
         start,
     ));
     std::thread::sleep(Duration::from_secs_f64(settings.swap_lead_seconds));
-    let mut rss_kib = [host.proc.rss_kib().unwrap_or(0), 0, 0];
-    let swaps_mark = host.proc.mark();
+    let mut rss_kib = [host.rss_kib().unwrap_or(0), 0, 0];
+    let swaps_mark = host.log_mark();
     let swaps_start = start.elapsed();
     let mut swap_ms = Vec::new();
     let swapped = (|| -> Result<(), String> {
@@ -692,17 +647,15 @@ fn hot_swap(
             } else {
                 &artifacts.swap_a
             };
-            let mark = host.proc.mark();
+            let mark = host.log_mark();
             let written = Instant::now();
-            host.install(library, "swap.so")?;
-            host.proc.wait_for_since(
-                mark,
-                &["plugin mounted", "plugin=swap", "replaced=true"],
-                PATIENCE,
+            host.rename_plugin_in(library, "swap.so")?;
+            rt.block_on(
+                host.wait_for_log_since(mark, &["plugin mounted", "plugin=swap", "replaced=true"]),
             )?;
             swap_ms.push(written.elapsed().as_secs_f64() * 1000.0);
             if index + 1 == settings.swaps / 2 {
-                rss_kib[1] = host.proc.rss_kib().unwrap_or(0);
+                rss_kib[1] = host.rss_kib().unwrap_or(0);
             }
         }
         Ok(())
@@ -722,14 +675,14 @@ fn hot_swap(
     let deadline = Instant::now() + PATIENCE;
     let unloaded = loop {
         let unloaded = host
-            .proc
-            .count_since(swaps_mark, &["plugin unloaded", "plugin=swap"]);
+            .log_lines_since(swaps_mark, &["plugin unloaded", "plugin=swap"])
+            .len();
         if unloaded >= settings.swaps || Instant::now() > deadline {
             break unloaded;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    rss_kib[2] = host.proc.rss_kib().unwrap_or(0);
+    rss_kib[2] = host.rss_kib().unwrap_or(0);
     let mut ok_per_100ms = Vec::new();
     for sample in report.samples.iter().filter(|s| s.ok) {
         let window = (sample.done_us / 100_000) as usize;
@@ -844,31 +797,28 @@ fn load_unload(
     host: &mut Host,
 ) -> Result<LoadUnload, String> {
     let url = host.gateway_url("/api/swap/health");
-    if host.plugins_dir.join("swap.so").exists() {
-        let mark = host.proc.mark();
-        host.remove("swap.so")?;
-        host.proc
-            .wait_for_since(mark, &["plugin unmounted", "plugin=swap"], PATIENCE)?;
+    if host.plugins_dir().join("swap.so").exists() {
+        let mark = host.log_mark();
+        host.remove_plugin("swap.so")?;
+        rt.block_on(host.wait_for_log_since(mark, &["plugin unmounted", "plugin=swap"]))?;
     }
     let mut unexpected = 0;
     let (mut loads, mut unloads, mut mounts) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..settings.load_rounds {
-        let mark = host.proc.mark();
+        let mark = host.log_mark();
         let written = Instant::now();
-        host.install(&artifacts.swap_a, "swap.so")?;
+        host.rename_plugin_in(&artifacts.swap_a, "swap.so")?;
         loads.push(rt.block_on(poll_until(client, &url, 200, 404, written, &mut unexpected))?);
-        let line = host
-            .proc
-            .wait_for_since(mark, &["plugin mounted", "plugin=swap"], PATIENCE)?;
+        let line =
+            rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=swap"]))?;
         if let Some(ms) = field(&line, "elapsed_ms").and_then(|ms| ms.parse::<f64>().ok()) {
             mounts.push(ms);
         }
         let removed = Instant::now();
-        host.remove("swap.so")?;
+        host.remove_plugin("swap.so")?;
         unloads.push(rt.block_on(poll_until(client, &url, 404, 200, removed, &mut unexpected))?);
         // The next round starts with the old version gone.
-        host.proc
-            .wait_for_since(mark, &["plugin unloaded", "plugin=swap"], PATIENCE)?;
+        rt.block_on(host.wait_for_log_since(mark, &["plugin unloaded", "plugin=swap"]))?;
         if round == 0 || (round + 1) % 10 == 0 {
             eprintln!(
                 "[4] round {}/{}: load {:.1} ms, unload {:.1} ms",
@@ -896,10 +846,10 @@ fn registry_scale(
     settings: &Settings,
     artifacts: &Artifacts,
 ) -> Result<RegistryScale, String> {
-    let host = Host::start(&artifacts.host, pinning, &[])?;
-    let client = http_client()?;
+    let host = start_host(rt, pinning, artifacts)?;
+    let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
-    let rss_before_kib = host.proc.rss_kib().unwrap_or(0);
+    let rss_before_kib = host.rss_kib().unwrap_or(0);
     let started = Instant::now();
     let Registrations {
         latencies,
@@ -921,7 +871,7 @@ fn registry_scale(
         settings.services as f64 / register_seconds
     );
     std::thread::sleep(Duration::from_secs(1));
-    let rss_after_register_kib = host.proc.rss_kib().unwrap_or(0);
+    let rss_after_register_kib = host.rss_kib().unwrap_or(0);
 
     let script = tempfile::Builder::new()
         .prefix("bench-heartbeat-")
@@ -975,7 +925,7 @@ fn registry_scale(
         list.p50_ms,
         list.p99_ms
     );
-    let rss_end_kib = host.proc.rss_kib().unwrap_or(0);
+    let rss_end_kib = host.rss_kib().unwrap_or(0);
     let host_warnings = warnings(&host, "host of scenario 5");
     let latency_ms: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
     let register_ms = percentiles(&latency_ms, [50.0, 99.0]);
@@ -1061,23 +1011,11 @@ async fn register_many(
                 if index >= services {
                     break;
                 }
-                let body = json!({
-                    "name": format!("svc-{index:05}"),
-                    "display_name": format!("Service {index}"),
-                    "description": "registered by bench-runner",
-                    "version": "1.0.0",
-                    "host": "127.0.0.1",
-                    "port": 10_000 + (index % 50_000),
-                    "base_path": "/",
-                    "health_check_url": "/health",
-                    "metadata": {"zone": "bench", "owner": "bench-runner"},
-                    "tags": ["bench", "scale"],
-                    "requires_auth": false,
-                    "endpoints": [
-                        {"path": "/items", "method": "GET", "description": "list", "is_public": true},
-                        {"path": "/items", "method": "POST", "description": "create", "is_public": false}
-                    ]
-                });
+                let port = 10_000 + (index % 50_000) as u16;
+                let body = registration(
+                    &format!("svc-{index:05}"),
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                );
                 let sent = Instant::now();
                 match client.post(url.as_str()).json(&body).send().await {
                     Ok(response) if response.status().is_success() => {

@@ -1,0 +1,292 @@
+//! The real `plugin-host` on `127.0.0.1:0` with directories of its own.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+
+use crate::process::Proc;
+use crate::{Error, PATIENCE, Result};
+
+/// The value of `key=value` in a log line of the host.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let needle = format!(" {key}=");
+    let start = line.find(&needle)? + needle.len();
+    line[start..].split_whitespace().next()
+}
+
+/// A plugins directory and a data directory, kept across restarts of a
+/// host; deleted when dropped.
+#[derive(Debug)]
+pub struct Dirs {
+    root: tempfile::TempDir,
+}
+
+impl Dirs {
+    /// Fresh, empty directories.
+    pub fn new() -> Result<Self> {
+        let root = tempfile::Builder::new()
+            .prefix("plugin-host-")
+            .tempdir()
+            .map_err(|error| Error::new(format!("temp dir: {error}")))?;
+        std::fs::create_dir(root.path().join("plugins"))
+            .map_err(|error| Error::new(format!("plugins dir: {error}")))?;
+        Ok(Self { root })
+    }
+
+    /// The watched plugins directory.
+    pub fn plugins(&self) -> PathBuf {
+        self.root.path().join("plugins")
+    }
+
+    /// The host's data directory.
+    pub fn data(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+}
+
+/// Options for starting a host.
+#[derive(Debug)]
+pub struct HostBuilder {
+    command: Command,
+    args: Vec<String>,
+    dirs: Option<Dirs>,
+    gateway_addr: String,
+    registry_addr: String,
+    log_filter: String,
+}
+
+impl HostBuilder {
+    /// Adds a command-line argument.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds command-line arguments.
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Uses existing directories (e.g. of a host that was killed).
+    pub fn dirs(mut self, dirs: Dirs) -> Self {
+        self.dirs = Some(dirs);
+        self
+    }
+
+    /// Fixed addresses instead of ephemeral ports on 127.0.0.1.
+    pub fn addrs(mut self, gateway: &str, registry: &str) -> Self {
+        gateway.clone_into(&mut self.gateway_addr);
+        registry.clone_into(&mut self.registry_addr);
+        self
+    }
+
+    /// `RUST_LOG` of the host (default `info,plugin_host=debug`; the bench
+    /// uses `info`, which logs nothing per request).
+    pub fn log_filter(mut self, filter: &str) -> Self {
+        filter.clone_into(&mut self.log_filter);
+        self
+    }
+
+    /// Starts the host and waits until it logs the addresses it listens
+    /// on.
+    pub async fn start(mut self) -> Result<Host> {
+        let dirs = match self.dirs {
+            Some(dirs) => dirs,
+            None => Dirs::new()?,
+        };
+        self.command
+            .arg("--plugins-dir")
+            .arg(dirs.plugins())
+            .arg("--data-dir")
+            .arg(dirs.data())
+            .args(["--gateway-addr", &self.gateway_addr])
+            .args(["--registry-addr", &self.registry_addr])
+            .args(&self.args)
+            .env("RUST_LOG", &self.log_filter)
+            .env_remove("RUST_BACKTRACE");
+        let proc = Proc::spawn("plugin-host", self.command)?;
+        let line = proc.wait_for_since(0, &["listening"], PATIENCE).await?;
+        let address = |key| {
+            field(&line, key)
+                .and_then(|addr| addr.parse().ok())
+                .ok_or_else(|| Error::new(format!("no `{key}=` address in `{line}`")))
+        };
+        Ok(Host {
+            gateway: address("gateway")?,
+            registry: address("registry")?,
+            proc,
+            dirs: Some(dirs),
+        })
+    }
+}
+
+/// A running `plugin-host`, killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Host {
+    proc: Proc,
+    /// `None` only once [`Host::kill9`] handed them back.
+    dirs: Option<Dirs>,
+    gateway: SocketAddr,
+    registry: SocketAddr,
+}
+
+impl Host {
+    /// Options for a host running `command` (the `plugin-host` binary,
+    /// possibly behind a wrapper such as `taskset`); the harness adds the
+    /// directories, the addresses and `RUST_LOG`.
+    pub fn builder(command: Command) -> HostBuilder {
+        HostBuilder {
+            command,
+            args: Vec::new(),
+            dirs: None,
+            gateway_addr: "127.0.0.1:0".to_owned(),
+            registry_addr: "127.0.0.1:0".to_owned(),
+            log_filter: "info,plugin_host=debug".to_owned(),
+        }
+    }
+
+    /// The gateway's address.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    /// The registry's address.
+    pub fn registry_addr(&self) -> SocketAddr {
+        self.registry
+    }
+
+    /// `http://<gateway><path>`.
+    pub fn gateway_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gateway)
+    }
+
+    /// `http://<registry><path>`.
+    pub fn registry_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.registry)
+    }
+
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Whether the host is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
+    fn dirs(&self) -> &Dirs {
+        self.dirs.as_ref().expect("dirs are only taken by kill9")
+    }
+
+    /// The watched plugins directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.dirs().plugins()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dirs().data()
+    }
+
+    /// Copies `library` into the plugins directory as `file` the way `cp`
+    /// does: truncating and rewriting the file in place.
+    pub fn install_plugin(&self, library: impl AsRef<Path>, file: &str) -> Result<()> {
+        let library = library.as_ref();
+        std::fs::copy(library, self.plugins_dir().join(file))
+            .map(drop)
+            .map_err(|error| Error::new(format!("copy {} to {file}: {error}", library.display())))
+    }
+
+    /// Writes `library` under a name the watcher ignores, then renames it
+    /// to `file`: the atomic replace a deployment should use.
+    pub fn rename_plugin_in(&self, library: impl AsRef<Path>, file: &str) -> Result<()> {
+        let temp = format!(".{file}.partial");
+        self.install_plugin(library, &temp)?;
+        std::fs::rename(
+            self.plugins_dir().join(&temp),
+            self.plugins_dir().join(file),
+        )
+        .map_err(|error| Error::new(format!("rename {temp} to {file}: {error}")))
+    }
+
+    /// Removes `file` from the plugins directory.
+    pub fn remove_plugin(&self, file: &str) -> Result<()> {
+        std::fs::remove_file(self.plugins_dir().join(file))
+            .map_err(|error| Error::new(format!("remove {file}: {error}")))
+    }
+
+    /// Everything the host logged so far.
+    pub fn logs(&self) -> String {
+        self.proc.output()
+    }
+
+    /// Number of log lines so far: a mark for the `*_since` methods.
+    pub fn log_mark(&self) -> usize {
+        self.proc.mark()
+    }
+
+    /// Log lines after `mark` containing all `needles`.
+    pub fn log_lines_since(&self, mark: usize, needles: &[&str]) -> Vec<String> {
+        self.proc.lines_since(mark, needles)
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub async fn wait_for_log(&self, needle: &str) -> Result<String> {
+        self.wait_for_log_since(0, &[needle]).await
+    }
+
+    /// Waits for a log line after line `mark` containing all `needles`.
+    pub async fn wait_for_log_since(&self, mark: usize, needles: &[&str]) -> Result<String> {
+        self.proc.wait_for_since(mark, needles, PATIENCE).await
+    }
+
+    /// The host's `/proc/<pid>/maps`.
+    pub fn maps(&self) -> Result<String> {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .map_err(|error| Error::new(format!("maps of the host: {error}")))
+    }
+
+    /// The host's resident set size in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
+        self.proc
+            .rss_kib()
+            .ok_or_else(|| Error::new("no VmRSS: the host is gone"))
+    }
+
+    /// Kills the host with SIGKILL, as a crash would, and returns its
+    /// directories for a restart.
+    pub fn kill9(mut self) -> Dirs {
+        self.proc.kill();
+        self.dirs.take().expect("dirs are only taken by kill9")
+    }
+
+    /// Stops the host with SIGTERM and waits for it and its last log
+    /// line; [`Host::logs`] still answers afterwards.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        self.proc.stop()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A test that is done (or failed) needs no graceful shutdown; the
+        // directories go right after.
+        self.proc.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn a_field_is_the_word_after_its_key() {
+        let line = "2024 INFO plugin_host: listening gateway=127.0.0.1:8000 registry=[::1]:9";
+        assert_eq!(field(line, "gateway"), Some("127.0.0.1:8000"));
+        assert_eq!(field(line, "registry"), Some("[::1]:9"));
+        assert_eq!(field(line, "way"), None, "a key is a whole word");
+        assert_eq!(field(line, "missing"), None);
+    }
+}
