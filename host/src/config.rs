@@ -39,9 +39,9 @@ pub struct Config {
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Largest request body accepted for a plugin or by the registry API, in
-    /// bytes; a larger one is answered 413. (Bodies proxied to remote
-    /// services are streamed and not buffered.)
+    /// Largest request body accepted for a plugin, in bytes; a larger one is
+    /// answered 413. (Bodies proxied to remote services are streamed and
+    /// not buffered.)
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
@@ -90,6 +90,16 @@ pub struct Config {
     /// be longer than `--heartbeat-ttl`.
     #[arg(long, env = "EVICT_AFTER", default_value = "24h", value_parser = humantime::parse_duration)]
     pub evict_after: Duration,
+
+    /// Largest body the registry API accepts, in bytes (413 beyond). A
+    /// registration with every field at its limit fits.
+    #[arg(long, env = "REGISTRY_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub registry_max_body_bytes: usize,
+
+    /// Most bytes of registrations the registry keeps (their stored JSON,
+    /// added up). A registration that would exceed it is answered 413.
+    #[arg(long, env = "REGISTRY_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub registry_max_bytes: u64,
 
     /// Networks a registered service's addresses must be in (CIDRs,
     /// comma-separated). Link-local and unspecified addresses are refused

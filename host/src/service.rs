@@ -113,18 +113,61 @@ impl InvalidField {
     }
 }
 
+/// Bounds on a declaration. A service's declaration is held in memory,
+/// listed, stored and (for a plugin) copied on every load: nothing a
+/// caller declares may make it grow without bound.
+pub mod limits {
+    /// Longest display name, version or tag, in bytes.
+    pub const SHORT_TEXT: usize = 256;
+    /// Longest description, metadata value or endpoint description.
+    pub const LONG_TEXT: usize = 4096;
+    /// Longest path (health check, endpoint, base path).
+    pub const PATH: usize = 2048;
+    /// Most endpoints per service.
+    pub const ENDPOINTS: usize = 256;
+    /// Most tags per service.
+    pub const TAGS: usize = 64;
+    /// Most metadata entries per service.
+    pub const METADATA: usize = 64;
+}
+
 /// Checks a declaration against the rules every service meets: a valid
-/// name, a version, a health check path relative to the service, and
-/// endpoints with a known method and a path starting with `/`. The first
-/// field at fault is reported.
+/// name, a version, a health check path relative to the service,
+/// endpoints with a known method and a path starting with `/`, every
+/// field within [`limits`], and no control characters in anything that is
+/// logged or shown on one line (only a description may span lines). The
+/// first field at fault is reported.
 pub fn validate(info: &ServiceInfo) -> Result<(), InvalidField> {
     validate_name(&info.name).map_err(|error| InvalidField::new("name", error.to_string()))?;
     if info.version.trim().is_empty() {
         return Err(InvalidField::new("version", "must not be empty"));
     }
+    check_text("version", &info.version, limits::SHORT_TEXT)?;
+    check_text("display_name", &info.display_name, limits::SHORT_TEXT)?;
+    check_description("description", &info.description)?;
+    check_text("health_check_url", &info.health_check_url, limits::PATH)?;
     check_health_check_url(&info.health_check_url)
         .map_err(|reason| InvalidField::new("health_check_url", reason))?;
+    check_count("tags", info.tags.len(), limits::TAGS)?;
+    for (index, tag) in info.tags.iter().enumerate() {
+        check_text(&format!("tags[{index}]"), tag, limits::SHORT_TEXT)?;
+    }
+    check_count("metadata", info.metadata.len(), limits::METADATA)?;
+    for (key, value) in &info.metadata {
+        check_text("metadata", key, limits::SHORT_TEXT)?;
+        check_text(&format!("metadata.{key}"), value, limits::LONG_TEXT)?;
+    }
+    check_count("endpoints", info.endpoints.len(), limits::ENDPOINTS)?;
     for (index, endpoint) in info.endpoints.iter().enumerate() {
+        check_text(
+            &format!("endpoints[{index}].path"),
+            &endpoint.path,
+            limits::PATH,
+        )?;
+        check_description(
+            &format!("endpoints[{index}].description"),
+            &endpoint.description,
+        )?;
         if !HTTP_METHODS.contains(&endpoint.method.as_str()) {
             return Err(InvalidField::new(
                 format!("endpoints[{index}].method"),
@@ -141,6 +184,44 @@ pub fn validate(info: &ServiceInfo) -> Result<(), InvalidField> {
                 format!("`{}` must start with `/`", endpoint.path),
             ));
         }
+    }
+    Ok(())
+}
+
+/// At most `limit` bytes, and no control characters: such a field is
+/// logged and listed, and a newline or an escape sequence in it could
+/// forge log lines or terminal output.
+pub fn check_text(field: &str, text: &str, limit: usize) -> Result<(), InvalidField> {
+    if text.len() > limit {
+        return Err(InvalidField::new(
+            field,
+            format!("is {} bytes long, the limit is {limit}", text.len()),
+        ));
+    }
+    if let Some(control) = text.chars().find(|c| c.is_control()) {
+        return Err(InvalidField::new(
+            field,
+            format!("must not contain control characters (found {control:?})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Like [`check_text`] with the longer limit, but lines and tabs allowed.
+fn check_description(field: &str, text: &str) -> Result<(), InvalidField> {
+    check_text(
+        field,
+        &text.replace(['\n', '\t', '\r'], " "),
+        limits::LONG_TEXT,
+    )
+}
+
+fn check_count(field: &str, count: usize, limit: usize) -> Result<(), InvalidField> {
+    if count > limit {
+        return Err(InvalidField::new(
+            field,
+            format!("has {count} entries, the limit is {limit}"),
+        ));
     }
     Ok(())
 }
@@ -253,5 +334,43 @@ mod tests {
             refused(|i| i.endpoints[0].path = "x".into()),
             "endpoints[0].path"
         );
+    }
+
+    #[test]
+    fn every_field_is_bounded_and_single_line_fields_hold_no_control_characters() {
+        let refused = |change: &dyn Fn(&mut ServiceInfo)| {
+            let mut info = info();
+            change(&mut info);
+            validate(&info).expect_err("refused")
+        };
+        let forged = refused(&|i| i.version = "1.0\nINFO forged line".into());
+        assert_eq!(forged.field, "version");
+        assert!(forged.reason.contains("control characters"), "{forged}");
+        assert_eq!(
+            refused(&|i| i.display_name = "\u{1b}[31mred".into()).field,
+            "display_name"
+        );
+        assert_eq!(
+            refused(&|i| i.description = "x".repeat(limits::LONG_TEXT + 1)).field,
+            "description"
+        );
+        assert_eq!(
+            refused(&|i| i.tags = vec!["t".into(); limits::TAGS + 1]).field,
+            "tags"
+        );
+        let many = refused(&|i| i.endpoints = vec![i.endpoints[0].clone(); limits::ENDPOINTS + 1]);
+        assert_eq!(many.field, "endpoints");
+        assert!(many.reason.contains("the limit is 256"), "{many}");
+        assert_eq!(
+            refused(&|i| {
+                i.metadata
+                    .insert("k".into(), "v".repeat(limits::LONG_TEXT + 1));
+            })
+            .field,
+            "metadata.k"
+        );
+        let mut multi_line = info();
+        multi_line.description = "first line\nsecond line\twith a tab".into();
+        assert_eq!(validate(&multi_line), Ok(()));
     }
 }

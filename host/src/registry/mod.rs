@@ -16,6 +16,7 @@ mod liveness;
 mod model;
 mod store;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, read_body};
 use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
+use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
 use store::{Store, StoreError, StoredService};
@@ -52,6 +54,8 @@ pub struct RegistryConfig {
     pub policy: Policy,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Most bytes of stored registrations, added up.
+    pub max_stored_bytes: u64,
     /// Which upstream addresses a registration may name.
     pub egress: Arc<EgressPolicy>,
     /// Marks the health checks, like every request the host sends.
@@ -82,6 +86,9 @@ struct Shared {
     store: Arc<Store>,
     policy: Policy,
     max_body_bytes: usize,
+    max_stored_bytes: u64,
+    /// What the stored registrations take; changed only under `writes`.
+    storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
     /// Serializes registrations, deregistrations and evictions. Each is a
@@ -104,6 +111,7 @@ impl Registry {
         config.policy.validate()?;
         let store = Store::open(&config.database)?;
         let mut restored = 0;
+        let mut storage = Storage::default();
         for loaded in store.load()? {
             let name = loaded.name;
             let stored = match loaded.service {
@@ -117,6 +125,7 @@ impl Registry {
                     continue;
                 }
             };
+            storage.set(&name, Some(stored_size(&stored)));
             // Names are resolved again at every connection; an address
             // literal can be judged now (the listeners or the allow-list may
             // have changed since it was accepted).
@@ -166,6 +175,8 @@ impl Registry {
                 store: Arc::new(store),
                 policy: config.policy,
                 max_body_bytes: config.max_body_bytes,
+                max_stored_bytes: config.max_stored_bytes,
+                storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
                 loop_guard: config.loop_guard,
                 writes: tokio::sync::Mutex::new(()),
@@ -261,7 +272,10 @@ impl Registry {
             registered_at_unix_ms: unix_ms(registered_at),
             owner: Some(caller),
         };
+        let size = stored_size(&stored);
+        self.reserve_storage(&name, size)?;
         self.durably(&name, move |store| store.put(&stored)).await?;
+        self.record_storage(&name, Some(size));
         let version = spec.info.version.clone();
         let service = Service {
             info: spec.info,
@@ -278,8 +292,11 @@ impl Registry {
                 let name = name.clone();
                 move |store| store.delete(&name)
             });
-            if let Err(error) = undo.await {
-                tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
+            match undo.await {
+                Ok(()) => self.record_storage(&name, None),
+                Err(error) => {
+                    tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
+                }
             }
             return Err(name_taken(&holder));
         }
@@ -312,6 +329,31 @@ impl Registry {
         Ok((status, axum::Json(answer)).into_response())
     }
 
+    /// Refuses a registration of `size` bytes under `name` (replacing what
+    /// `name` held) that would take the registry past its size limit.
+    /// Called under `writes`, before the durable write.
+    fn reserve_storage(&self, name: &str, size: u64) -> Result<(), ApiError> {
+        let storage = lock(&self.shared.storage);
+        let total = storage.total - storage.by_name.get(name).copied().unwrap_or(0);
+        let limit = self.shared.max_stored_bytes;
+        if total.saturating_add(size) > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the registry holds {total} bytes of registrations, and this one ({size} bytes) would take it past its limit of {limit} bytes"
+                ),
+            )
+            .with("limit_bytes", limit)
+            .with("service", name));
+        }
+        Ok(())
+    }
+
+    /// Records what `name` now takes in the store (`None`: nothing).
+    fn record_storage(&self, name: &str, size: Option<u64>) {
+        lock(&self.shared.storage).set(name, size);
+    }
+
     async fn deregister(&self, name: &str, caller: IpAddr) -> Result<Response, ApiError> {
         let _writes = self.shared.writes.lock().await;
         let remote = match self.shared.services.get(name) {
@@ -336,6 +378,7 @@ impl Registry {
         };
         let key = name.to_owned();
         self.durably(name, move |store| store.delete(&key)).await?;
+        self.record_storage(name, None);
         self.shared
             .services
             .remove_if(name, |service| holds(service, &remote));
@@ -367,6 +410,7 @@ impl Registry {
         {
             return;
         }
+        self.record_storage(&name, None);
         self.shared
             .services
             .remove_if(&name, |service| holds(service, remote));
@@ -397,6 +441,32 @@ impl Registry {
         )
         .with("service", service))
     }
+}
+
+/// The size of every stored registration, and their sum.
+#[derive(Debug, Default)]
+struct Storage {
+    by_name: HashMap<String, u64>,
+    total: u64,
+}
+
+impl Storage {
+    fn set(&mut self, name: &str, size: Option<u64>) {
+        let previous = match size {
+            Some(size) => {
+                self.total += size;
+                self.by_name.insert(name.to_owned(), size)
+            }
+            None => self.by_name.remove(name),
+        };
+        self.total -= previous.unwrap_or(0);
+    }
+}
+
+/// How much a registration counts against the registry's size limit: its
+/// stored JSON.
+fn stored_size(stored: &StoredService) -> u64 {
+    serde_json::to_vec(stored).map_or(u64::MAX, |encoded| encoded.len() as u64)
 }
 
 /// Whether `service` is `remote` (and not a successor with the same name).

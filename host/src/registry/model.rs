@@ -279,6 +279,13 @@ fn check_host(host: &str) -> Result<String, String> {
 /// A path prefix without query or fragment that stays a prefix: no dot
 /// segments or encoded slashes.
 fn check_base_path(path: &str) -> Result<(), String> {
+    if path.len() > service::limits::PATH {
+        return Err(format!(
+            "is {} bytes long, the limit is {}",
+            path.len(),
+            service::limits::PATH
+        ));
+    }
     if path.contains(['?', '#']) {
         return Err("must be a path without `?` or `#`".to_owned());
     }
