@@ -260,7 +260,8 @@ impl PluginLibrary {
         std::fs::write(&private_copy, &candidate.bytes)?;
         let opened = Self::open_copy(&private_copy, entry_timeout);
         if opened.is_err() {
-            // Even a library left loaded keeps its mapping without the file.
+            // Harmless even for a library left loaded: its mapping
+            // outlives the file's name.
             let _ = std::fs::remove_file(&private_copy);
         }
         opened
