@@ -59,6 +59,13 @@ pub struct Config {
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// How long a plugin's entry calls may take: loading its library (which
+    /// runs its initializers), its `config`, its `init`, and its shutdown
+    /// hook. A plugin still in one after this is refused (or, on unload,
+    /// abandoned) and its library is left loaded.
+    #[arg(long, env = "PLUGIN_ENTRY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub plugin_entry_timeout: Duration,
+
     /// How long a plugin file must stay unchanged before it is loaded, so a
     /// file still being copied is never opened.
     #[arg(long, env = "WATCH_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]

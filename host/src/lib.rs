@@ -127,6 +127,7 @@ pub async fn run(
                 queue: config.plugin_queue,
             },
             drain_timeout: config.drain_timeout,
+            entry_timeout: config.plugin_entry_timeout,
         },
         services.clone(),
         file_events_rx,

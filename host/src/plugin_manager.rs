@@ -4,10 +4,14 @@
 //! asks the loader for a library, starts a runtime for it, and swaps it into
 //! the table in one step, so a request sees the old version or the new one,
 //! never neither. Whatever leaves the table (replaced, removed, refused
-//! after start) is unloaded on a thread of its own: wait for in-flight
-//! requests to let go, then shut the runtime down. It runs on one std
-//! thread, so file events are applied strictly in order; it never serves a
-//! request.
+//! after start) is unloaded on a thread of its own: wait (bounded by the
+//! drain timeout, woken by the last call's end) until no call is in flight,
+//! then shut the runtime down. It runs on one std thread, so file events
+//! are applied strictly in order; it never serves a request. The plugin
+//! code a load waits for (`dlopen`, `config`, `init`) runs on threads of
+//! its own with the entry timeout, so a plugin that hangs there costs the
+//! manager that long once, and its file is refused with its library left
+//! loaded.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,6 +36,9 @@ pub struct ManagerConfig {
     pub limits: RuntimeLimits,
     /// Longest wait for an unloaded plugin's requests and threads.
     pub drain_timeout: Duration,
+    /// Longest wait for each call into plugin code a load or unload waits
+    /// for (`dlopen`, `config`, `init`, the shutdown hook).
+    pub entry_timeout: Duration,
 }
 
 struct Mounted {
@@ -126,7 +133,12 @@ impl Manager {
             .file_stem()
             .map(|stem| stem.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (library, info) = match PluginLibrary::open(candidate, &stem, &self.config.cache_dir) {
+        let (library, info) = match PluginLibrary::open(
+            candidate,
+            &stem,
+            &self.config.cache_dir,
+            self.config.entry_timeout,
+        ) {
             Ok(opened) => opened,
             Err(error) => {
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
@@ -140,10 +152,15 @@ impl Manager {
             self.waiting_for_name.insert(path, name);
             return;
         }
-        let runtime = match PluginRuntime::start(&name, library, self.config.limits) {
+        let runtime = match PluginRuntime::start(
+            &name,
+            library,
+            self.config.limits,
+            self.config.entry_timeout,
+        ) {
             Ok(runtime) => Arc::new(runtime),
             Err(error) => {
-                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused: init failed");
+                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
                 return;
             }
         };
@@ -275,16 +292,15 @@ fn describe(service: &Service) -> String {
     }
 }
 
-/// Waits until no request holds `runtime` (the table no longer does), then
-/// shuts it down.
+/// Waits until no call is in flight on `runtime` (the table no longer
+/// holds it, so no new one starts but a racing lookup's), then shuts it
+/// down; both waits share `drain_timeout`.
 fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
     let started = Instant::now();
     let name = runtime.name().to_owned();
-    while Arc::strong_count(&runtime) > 1 && started.elapsed() < drain_timeout {
-        thread::sleep(Duration::from_millis(2));
-    }
-    if Arc::strong_count(&runtime) > 1 {
-        tracing::warn!(plugin = %name, file = %file, "requests still in flight after the drain timeout; shutting down anyway");
+    let in_flight = runtime.wait_for_calls(drain_timeout);
+    if in_flight > 0 {
+        tracing::warn!(plugin = %name, file = %file, in_flight, "requests still in flight after the drain timeout; shutting down anyway");
     }
     let remaining = drain_timeout.saturating_sub(started.elapsed());
     match runtime.shutdown(remaining.max(Duration::from_millis(100))) {
@@ -297,6 +313,9 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
         }
         ShutdownReport::Leaked { running_workers } => {
             tracing::warn!(plugin = %name, file = %file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
+        }
+        ShutdownReport::HookAbandoned(error) => {
+            tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook abandoned; library left loaded");
         }
     }
 }

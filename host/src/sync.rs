@@ -1,15 +1,83 @@
-//! Locking that survives a poisoned mutex.
+//! Locking that survives a poisoned mutex, and a count of work in progress
+//! that a thread can wait on.
 //!
 //! Every mutex in the host guards state that stays consistent field by
 //! field, and plugin panics never unwind through host code (the SDK catches
 //! them), so a poisoned lock means a host bug on one request: it must not
 //! take every later request down with it.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Locks `mutex`, ignoring poisoning.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How many of something are in progress (calls into a plugin, its worker
+/// threads), for a thread that must wait until none are, with a deadline
+/// rather than by polling.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    count: Mutex<usize>,
+    /// Notified whenever the count drops to zero.
+    idle: Condvar,
+}
+
+/// One thing in progress: counted from [`Tally::enter`] until dropped. Being
+/// a drop guard, it is released on every path out, an unwinding panic
+/// included.
+#[derive(Debug)]
+pub(crate) struct TallyGuard(Arc<Tally>);
+
+impl Tally {
+    /// Counts one more until the guard is dropped.
+    pub(crate) fn enter(self: &Arc<Self>) -> TallyGuard {
+        *lock(&self.count) += 1;
+        TallyGuard(Arc::clone(self))
+    }
+
+    /// Waits until the count is zero, at most `timeout`, and returns the
+    /// count then (zero unless the timeout passed).
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> usize {
+        let count = lock(&self.count);
+        let (count, _) = self
+            .idle
+            .wait_timeout_while(count, timeout, |count| *count > 0)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *count
+    }
+}
+
+impl Drop for TallyGuard {
+    fn drop(&mut self) {
+        let mut count = lock(&self.0.count);
+        *count -= 1;
+        if *count == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_idle_returns_when_the_last_guard_drops_or_at_the_deadline() {
+        let tally = Arc::new(Tally::default());
+        assert_eq!(tally.wait_idle(Duration::ZERO), 0);
+        let first = tally.enter();
+        let second = tally.enter();
+        assert_eq!(tally.wait_idle(Duration::from_millis(20)), 2);
+        drop(first);
+        let waiter = std::thread::spawn({
+            let tally = tally.clone();
+            move || tally.wait_idle(Duration::from_secs(60))
+        });
+        drop(second);
+        assert_eq!(waiter.join().unwrap(), 0);
+    }
 }

@@ -2,6 +2,7 @@
 
 mod gateway;
 mod hardening;
+mod lifecycle;
 mod liveness;
 mod plugins;
 mod proxy;

@@ -6,9 +6,11 @@
 //! never hand back a cached older library, and a `cp` over the watched file
 //! cannot touch mapped code), opens the copy, checks the ABI version and
 //! descriptor size before reading anything else, and copies the service
-//! config into host-owned memory. Plugin code it runs (the entry point and
-//! the config) runs on a scoped thread that ends before `open` returns, so
-//! no host thread keeps plugin thread-locals alive.
+//! config into host-owned memory. Plugin code it runs (the initializers
+//! `dlopen` runs, the entry point and the config) runs on threads of its
+//! own with a deadline ([`super::entry`]): one that returns in time has
+//! ended before `open` returns, so no host thread keeps plugin
+//! thread-locals alive; one that does not leaves its library loaded.
 //!
 //! [`PluginLibrary`] is the only owner of the function pointers into a
 //! library; it closes the library only in [`PluginLibrary::close`], which
@@ -17,7 +19,7 @@
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread;
+use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use plugin_api::ffi::{
@@ -25,6 +27,7 @@ use plugin_api::ffi::{
     FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr,
 };
 
+use super::entry::{EntryError, run_bounded};
 use super::message::{PluginRequest, PluginResponse};
 use crate::service::{self, Endpoint, ServiceInfo};
 
@@ -240,10 +243,14 @@ static NEXT_COPY: AtomicU64 = AtomicU64::new(0);
 impl PluginLibrary {
     /// Opens `candidate` from a private copy in `cache_dir` and reads its
     /// config. `file_stem` names the copy, for people reading `/proc/maps`.
+    /// `dlopen` (the library's initializers) and the config each get
+    /// `entry_timeout`; a library still running either after it is refused
+    /// and left loaded.
     pub fn open(
         candidate: Candidate,
         file_stem: &str,
         cache_dir: &Path,
+        entry_timeout: Duration,
     ) -> Result<(Self, ServiceInfo), LoadError> {
         let private_copy = cache_dir.join(format!(
             "{file_stem}.{}.{}.so",
@@ -251,37 +258,61 @@ impl PluginLibrary {
             NEXT_COPY.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&private_copy, &candidate.bytes)?;
-        let opened = Self::open_copy(&private_copy);
+        let opened = Self::open_copy(&private_copy, entry_timeout);
         if opened.is_err() {
+            // Harmless even for a library left loaded: its mapping
+            // outlives the file's name.
             let _ = std::fs::remove_file(&private_copy);
         }
         opened
     }
 
-    fn open_copy(private_copy: &Path) -> Result<(Self, ServiceInfo), LoadError> {
+    fn open_copy(
+        private_copy: &Path,
+        entry_timeout: Duration,
+    ) -> Result<(Self, ServiceInfo), LoadError> {
         use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
-        // SAFETY: opening a library runs its initializers. The file passed
-        // the ELF check, and running foreign initializers is the purpose of
-        // a plugin host; RTLD_LOCAL keeps its symbols out of the global
-        // namespace and RTLD_NOW makes missing symbols fail here, not later.
-        let library: libloading::Library =
-            unsafe { Library::open(Some(private_copy), RTLD_NOW | RTLD_LOCAL) }
-                .map_err(|e| LoadError::Open(e.to_string()))?
-                .into();
+        let path = private_copy.to_owned();
+        let opened = run_bounded(
+            "dlopen",
+            "plugin-dlopen".to_owned(),
+            entry_timeout,
+            move || {
+                // SAFETY: opening a library runs its initializers. The file
+                // passed the ELF check, and running foreign initializers is the
+                // purpose of a plugin host; RTLD_LOCAL keeps its symbols out of
+                // the global namespace and RTLD_NOW makes missing symbols fail
+                // here, not later.
+                unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_LOCAL) }
+                    .map(libloading::Library::from)
+                    .map_err(|e| e.to_string())
+            },
+        );
+        let library = opened
+            .map_err(|e| LoadError::Thread(e.to_string()))?
+            .map_err(LoadError::Open)?;
         // SAFETY: `EntryFn` is the signature `export_plugin!` generates; a
         // library exporting the name with another signature is caught by the
         // header check below before any other field is used.
         let entry: EntryFn = *unsafe { library.get::<EntryFn>(ENTRY_SYMBOL) }
             .map_err(|_| LoadError::MissingEntry)?;
 
-        let read = thread::scope(|scope| {
-            thread::Builder::new()
-                .name("plugin-load".to_owned())
-                .spawn_scoped(scope, || read_descriptor(entry))
-                .map_err(|e| LoadError::Thread(e.to_string()))?
-                .join()
-                .map_err(|_| LoadError::Thread("the load thread panicked".to_owned()))?
-        });
+        let read = match run_bounded(
+            "config",
+            "plugin-config".to_owned(),
+            entry_timeout,
+            move || read_descriptor(entry),
+        ) {
+            Ok(read) => read,
+            Err(error) => {
+                if matches!(error, EntryError::TimedOut { .. }) {
+                    // The plugin's code still runs on the abandoned thread:
+                    // `dlclose` (dropping `library`) would unmap it.
+                    std::mem::forget(library);
+                }
+                return Err(LoadError::Thread(error.to_string()));
+            }
+        };
         let (functions, info) = read?;
         service::validate(&info).map_err(LoadError::InvalidConfig)?;
         Ok((
@@ -375,7 +406,7 @@ struct Functions {
 }
 
 /// Calls the entry point, checks the header, reads the config. Runs plugin
-/// code, hence on a scoped thread.
+/// code, hence on a thread of its own.
 fn read_descriptor(entry: EntryFn) -> Result<(Functions, ServiceInfo), LoadError> {
     // SAFETY: `entry` is the library's exported entry point and takes no
     // arguments; the library stays open for the whole call.

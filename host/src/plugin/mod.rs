@@ -3,16 +3,20 @@
 //!
 //! [`loader`] opens a checked private copy of a file and is the only code
 //! that holds pointers into a library; [`runtime`] owns the threads a
-//! plugin's code runs on and is the only way a plugin ends; [`message`] is
+//! plugin's code runs on and is the only way a plugin ends; [`entry`] runs
+//! the calls a load or unload waits for (`dlopen`, `config`, `init`, the
+//! shutdown hook) on threads of their own with a deadline; [`message`] is
 //! what the gateway and a plugin exchange. Which file is mounted under
 //! which name is the plugin manager's (`crate::plugin_manager`), one layer
 //! up, because it writes to the service table that routes to these
 //! runtimes.
 
+pub mod entry;
 pub mod loader;
 pub mod message;
 pub mod runtime;
 
+pub use entry::EntryError;
 pub use loader::{Candidate, CloseReport, LoadError, PluginLibrary};
 pub use message::{PluginRequest, PluginResponse};
 pub use runtime::{CallError, PluginRuntime, RuntimeLimits, ShutdownReport};

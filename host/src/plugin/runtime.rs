@@ -3,23 +3,28 @@
 //! Each plugin gets a bounded queue and worker threads of its own. The
 //! gateway sends a request as a message and awaits the reply on a oneshot
 //! channel, so plugin code never runs on a tokio thread, and a slow or stuck
-//! plugin costs its own workers only. [`PluginRuntime::shutdown`] is the
-//! only way a plugin ends: stop taking work, let the queue drain, join every
-//! worker, run the plugin's shutdown hook on a thread that is joined too,
-//! and only then close the library.
+//! plugin costs its own workers only. [`PluginRuntime::start`] runs the
+//! plugin's `init` on a thread of its own with a deadline
+//! ([`super::entry`]). [`PluginRuntime::shutdown`] is the only way a plugin
+//! ends: stop taking work, let the queue drain, wait (bounded) until every
+//! worker has signalled its exit and join them, run the plugin's shutdown
+//! hook on a thread of its own with a deadline, and only then close the
+//! library. Calls in flight and running workers are counted ([`Tally`]), so
+//! the unload sequence waits for them instead of polling.
 
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use axum::http::StatusCode;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
+use super::entry::{EntryError, run_bounded};
 use super::loader::{CloseReport, Instance, PluginLibrary};
 use super::message::{PluginRequest, PluginResponse};
-use crate::sync::lock;
+use crate::sync::{Tally, lock};
 
 /// Why a call got no answer from the plugin.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +91,9 @@ pub enum ShutdownReport {
         /// Workers still running.
         running_workers: usize,
     },
+    /// The shutdown hook did not return in time (or got no thread): the
+    /// plugin's state and library are left alive with it.
+    HookAbandoned(EntryError),
 }
 
 /// A loaded plugin's workers. Shared by the service table and in-flight
@@ -95,8 +103,14 @@ pub struct PluginRuntime {
     name: String,
     /// `None` once shutdown began. Read on every call, so lock-free.
     jobs: ArcSwapOption<Sender<Job>>,
+    /// Calls between being queued and being answered or given up on.
+    calls: Arc<Tally>,
+    /// Worker threads whose loop has not ended; each holds one count.
+    running: Arc<Tally>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     shared: Mutex<Option<Arc<Shared>>>,
+    /// Deadline of the shutdown hook.
+    entry_timeout: Duration,
 }
 
 impl std::fmt::Debug for PluginRuntime {
@@ -110,57 +124,69 @@ impl std::fmt::Debug for PluginRuntime {
 /// Why a runtime could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The plugin's `init` failed or panicked.
+    /// The plugin's `init` failed or panicked; the library was closed.
     #[error("{0}")]
     Init(String),
-    /// The OS refused a thread.
+    /// `init` did not return in time or could not be run; its library is
+    /// left loaded.
+    #[error(transparent)]
+    Entry(#[from] EntryError),
+    /// The OS refused a worker thread.
     #[error("could not spawn a worker thread: {0}")]
     Spawn(std::io::Error),
 }
 
 impl PluginRuntime {
-    /// Creates the plugin's state on a thread of its own and starts the
-    /// workers. On failure the library is closed before returning.
+    /// Creates the plugin's state on a thread of its own, waiting at most
+    /// `entry_timeout` for it, and starts the workers. `entry_timeout` also
+    /// bounds the shutdown hook. On failure the library is closed before
+    /// returning, unless plugin code may still run in it.
     pub fn start(
         name: &str,
         library: PluginLibrary,
         limits: RuntimeLimits,
+        entry_timeout: Duration,
     ) -> Result<Self, StartError> {
-        let instance = match thread::scope(|scope| {
-            thread::Builder::new()
-                .name(format!("plugin-{name}-init"))
-                .spawn_scoped(scope, || library.create())
-                .map(|handle| handle.join())
-        }) {
-            Ok(Ok(Ok(instance))) => instance,
-            Ok(Ok(Err(message))) => {
+        // The library travels with the call and comes back with its result:
+        // if `init` hangs, it stays with the abandoned thread, never closed.
+        let created = run_bounded(
+            "init",
+            format!("plugin-{name}-init"),
+            entry_timeout,
+            move || {
+                let instance = library.create();
+                (library, instance)
+            },
+        )?;
+        let (library, instance) = match created {
+            (library, Ok(instance)) => (library, instance),
+            (library, Err(message)) => {
                 library.close();
                 return Err(StartError::Init(message));
-            }
-            // The SDK catches panics in `create`, so a join error means the
-            // panic came from the host's side of the thread; report it alike.
-            Ok(Err(_)) => {
-                library.close();
-                return Err(StartError::Init("init thread panicked".to_owned()));
-            }
-            Err(error) => {
-                library.close();
-                return Err(StartError::Spawn(error));
             }
         };
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(limits.queue);
         let runtime = Self {
             name: name.to_owned(),
             jobs: ArcSwapOption::from_pointee(jobs),
+            calls: Arc::default(),
+            running: Arc::default(),
             workers: Mutex::new(Vec::new()),
             shared: Mutex::new(Some(Arc::new(Shared { library, instance }))),
+            entry_timeout,
         };
         for index in 0..limits.workers {
             let queue = queue.clone();
             let shared = lock(&runtime.shared).clone();
+            // Counted before the thread exists, so a shutdown can never
+            // find zero running while a worker is about to start.
+            let running = runtime.running.enter();
             let spawned = thread::Builder::new()
                 .name(format!("plugin-{name}-{index}"))
                 .spawn(move || {
+                    // Released when the loop ends, after the worker let go
+                    // of the shared state (or if it unwinds).
+                    let _running = running;
                     if let Some(shared) = shared {
                         work(&shared, &queue);
                     }
@@ -182,12 +208,16 @@ impl PluginRuntime {
     }
 
     /// Sends `request` to a worker and awaits the answer for at most
-    /// `timeout`.
+    /// `timeout`. The call counts as in flight (see
+    /// [`PluginRuntime::wait_for_calls`]) until it returns; a handler still
+    /// running after a timeout is covered by the worker join in
+    /// [`PluginRuntime::shutdown`].
     pub async fn call(
         &self,
         request: Arc<PluginRequest>,
         timeout: Duration,
     ) -> Result<PluginResponse, CallError> {
+        let _in_flight = self.calls.enter();
         let (reply, answer) = oneshot::channel();
         {
             let jobs = self.jobs.load();
@@ -207,21 +237,23 @@ impl PluginRuntime {
         }
     }
 
-    /// Stops the plugin: refuses new calls, lets queued ones finish, joins
-    /// the workers (waiting at most `deadline`), runs the shutdown hook and
-    /// closes the library. Blocks; call it off the async runtime. A second
-    /// call finds nothing to do and reports a leak of zero workers.
+    /// Waits until no call is in flight, at most `timeout`, and returns how
+    /// many still are. Blocks; call it off the async runtime.
+    pub fn wait_for_calls(&self, timeout: Duration) -> usize {
+        self.calls.wait_idle(timeout)
+    }
+
+    /// Stops the plugin: refuses new calls, lets queued ones finish, waits
+    /// at most `deadline` for the workers to end and joins them, runs the
+    /// shutdown hook (bounded by the entry timeout) and closes the library.
+    /// Blocks; call it off the async runtime. A second call finds nothing to
+    /// do and reports a leak of zero workers.
     pub fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        // Dropping the sender ends each worker's loop once the queue is
+        // empty.
         self.jobs.store(None);
-        let started = Instant::now();
+        let running_workers = self.running.wait_idle(deadline);
         let workers = std::mem::take(&mut *lock(&self.workers));
-        while workers.iter().any(|worker| !worker.is_finished()) && started.elapsed() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
-        let running_workers = workers
-            .iter()
-            .filter(|worker| !worker.is_finished())
-            .count();
         if running_workers > 0 {
             // Dropping the handles detaches the threads. They hold the
             // shared state; whichever finishes last drops it, which leaves
@@ -231,8 +263,11 @@ impl PluginRuntime {
             return ShutdownReport::Leaked { running_workers };
         }
         for worker in workers {
-            // Workers catch nothing themselves, but plugin panics never reach
-            // them (the SDK answers 500), so a join error is a host bug.
+            // Every worker signalled the end of its loop: what is left is
+            // its exit (thread-local destructors), which must be over
+            // before the library is closed. Workers catch nothing
+            // themselves, but plugin panics never reach them (the SDK
+            // answers 500), so a join error is a host bug.
             if worker.join().is_err() {
                 tracing::error!(plugin = %self.name, "a plugin worker thread panicked");
             }
@@ -243,27 +278,22 @@ impl PluginRuntime {
         let Some(Shared { library, instance }) = Arc::into_inner(shared) else {
             unreachable!("every worker holding the shared state was joined");
         };
-        let hook = thread::scope(|scope| {
-            thread::Builder::new()
-                .name(format!("plugin-{}-shutdown", self.name))
-                .spawn_scoped(scope, || library.destroy(instance))
-                .map(|handle| handle.join())
-        });
-        let hook_error = match hook {
-            Ok(Ok(Ok(()))) => None,
-            Ok(Ok(Err(message))) => Some(message),
-            Ok(Err(_)) => Some("shutdown thread panicked".to_owned()),
-            Err(error) => {
-                // Without a thread to run the hook on, the state is leaked
-                // (freeing it here would run plugin code on this thread) and
-                // the library, dropped unclosed, stays mapped.
-                tracing::error!(plugin = %self.name, %error, "could not spawn the shutdown thread; library left loaded");
-                return ShutdownReport::Leaked { running_workers: 0 };
-            }
-        };
-        ShutdownReport::Closed {
-            hook_error,
-            close: library.close(),
+        let hook = run_bounded(
+            "shutdown hook",
+            format!("plugin-{}-shutdown", self.name),
+            self.entry_timeout,
+            move || {
+                let result = library.destroy(instance);
+                (library, result)
+            },
+        );
+        match hook {
+            Ok((library, result)) => ShutdownReport::Closed {
+                hook_error: result.err(),
+                close: library.close(),
+            },
+            // The library and the state stay with the abandoned thread.
+            Err(error) => ShutdownReport::HookAbandoned(error),
         }
     }
 }
