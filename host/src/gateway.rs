@@ -15,13 +15,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::egress::LoopGuard;
 use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
+use crate::service::{HTTP_METHODS, ServiceInfo};
 use crate::table::{Backend, ServiceTable};
 
 /// What the gateway needs to serve.
@@ -80,6 +81,9 @@ async fn dispatch(
     let Some(service) = gateway.services.get(name) else {
         return unknown_service(name);
     };
+    if let Err(refused) = check_method(name, request.method(), &service.info) {
+        return refused;
+    }
     match &service.backend {
         // The runtime is looked up again once the body is in: a slow upload
         // must not pin a version that is being swapped out.
@@ -93,6 +97,59 @@ async fn dispatch(
             gateway.proxy.forward(&remote, rest, client, request).await
         }
     }
+}
+
+/// Refuses a method the service cannot have meant to receive: any method
+/// outside those a service can declare (an extension token, and CONNECT
+/// and TRACE, which would let a script read back what the browser sent),
+/// and, for a service that declared its endpoints, a method none of them
+/// declares. OPTIONS always passes (CORS preflights are the service's to
+/// answer), and HEAD wherever GET does.
+fn check_method(name: &str, method: &Method, info: &ServiceInfo) -> Result<(), Response> {
+    let refuse = |status: StatusCode, reason: String, allowed: &[&str]| {
+        let mut response = ApiError::new(status, reason)
+            .with("service", name)
+            .into_response();
+        if let Ok(allow) = HeaderValue::from_str(&allowed.join(", ")) {
+            response.headers_mut().insert(header::ALLOW, allow);
+        }
+        response
+    };
+    let method = method.as_str();
+    if !HTTP_METHODS.contains(&method) {
+        let known = [Method::CONNECT.as_str(), Method::TRACE.as_str()].contains(&method);
+        let shown: String = method.chars().take(32).collect();
+        let (status, reason) = if known {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("the gateway does not route {shown} requests"),
+            )
+        } else {
+            (
+                StatusCode::NOT_IMPLEMENTED,
+                format!("unknown method `{shown}`"),
+            )
+        };
+        return Err(refuse(status, reason, HTTP_METHODS));
+    }
+    if info.endpoints.is_empty() || method == Method::OPTIONS {
+        return Ok(());
+    }
+    let mut declared: Vec<&str> = info.endpoints.iter().map(|e| e.method.as_str()).collect();
+    if declared.contains(&Method::GET.as_str()) {
+        declared.push(Method::HEAD.as_str());
+    }
+    declared.push(Method::OPTIONS.as_str());
+    if declared.contains(&method) {
+        return Ok(());
+    }
+    declared.sort_unstable();
+    declared.dedup();
+    Err(refuse(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("service `{name}` declares no {method} endpoint"),
+        &declared,
+    ))
 }
 
 fn unknown_service(name: &str) -> Response {

@@ -122,10 +122,21 @@ pub enum UnsafePath {
     /// A literal backslash or a NUL byte.
     #[error("path contains a backslash or a NUL byte")]
     BadCharacter,
+    /// `%25` encoding a `%` that would encode a dot, a slash, a backslash
+    /// or NUL once the service decodes it again.
+    #[error("path contains a double-encoded dot, slash, backslash or NUL (`%25..`)")]
+    DoubleEncoded,
+    /// `//`: an empty segment, which servers collapse or treat as a root.
+    #[error("path contains an empty segment (`//`)")]
+    EmptySegment,
 }
 
 /// Checks the raw (still percent-encoded) path below `/api/<name>`, so that
-/// nothing a service receives can resolve outside its mount point.
+/// nothing a service receives can resolve outside its mount point, however
+/// it decodes or normalises the path: dot segments (also written `%2e`, or
+/// followed by `;` parameters as in `..;`, which Java servers strip),
+/// encoded or double-encoded slashes and dots, and empty segments are all
+/// refused.
 pub fn check_service_path(raw: &str) -> Result<(), UnsafePath> {
     let has = |needle: &str| {
         raw.as_bytes()
@@ -138,7 +149,22 @@ pub fn check_service_path(raw: &str) -> Result<(), UnsafePath> {
     if raw.contains('\\') || has("%00") {
         return Err(UnsafePath::BadCharacter);
     }
-    if raw.split('/').any(is_dot_segment) {
+    if ["%252e", "%252f", "%255c", "%2500"]
+        .iter()
+        .any(|needle| has(needle))
+    {
+        return Err(UnsafePath::DoubleEncoded);
+    }
+    let segments: Vec<&str> = raw.split('/').collect();
+    // `rest` starts with `/` (an empty first segment) and may end with one
+    // (an empty last segment): only empty segments in between are `//`.
+    if segments.len() > 2 && segments[1..segments.len() - 1].iter().any(|s| s.is_empty()) {
+        return Err(UnsafePath::EmptySegment);
+    }
+    if segments
+        .iter()
+        .any(|segment| is_dot_segment(segment.split(';').next().unwrap_or_default()))
+    {
         return Err(UnsafePath::DotSegment);
     }
     Ok(())
@@ -176,6 +202,22 @@ mod tests {
         assert_eq!(check_service_path("/a%2fb"), Err(UnsafePath::EncodedSlash));
         assert_eq!(check_service_path("/a%5Cb"), Err(UnsafePath::EncodedSlash));
         assert_eq!(check_service_path("/a\\b"), Err(UnsafePath::BadCharacter));
+        assert_eq!(check_service_path("/..;/x"), Err(UnsafePath::DotSegment));
+        assert_eq!(check_service_path("/a/.;a=b"), Err(UnsafePath::DotSegment));
+        assert_eq!(check_service_path("/a;b/c"), Ok(()));
+        assert_eq!(
+            check_service_path("/%252e%252e/x"),
+            Err(UnsafePath::DoubleEncoded)
+        );
+        assert_eq!(
+            check_service_path("/a%252Fb"),
+            Err(UnsafePath::DoubleEncoded)
+        );
+        assert_eq!(check_service_path("/100%25"), Ok(()));
+        assert_eq!(check_service_path("//x"), Err(UnsafePath::EmptySegment));
+        assert_eq!(check_service_path("/a//b"), Err(UnsafePath::EmptySegment));
+        assert_eq!(check_service_path("/a/"), Ok(()));
+        assert_eq!(check_service_path("/"), Ok(()));
     }
 
     #[test]

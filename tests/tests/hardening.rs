@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use host_harness::http::{client, post_json, registration};
 use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Dirs, Host, PATIENCE};
+use integration_tests::raw_http;
 use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
 use serde_json::{Value, json};
 
@@ -267,4 +268,69 @@ async fn a_registration_during_start_up_cannot_take_a_plugin_files_name() {
         gateway_get(&host, "/api/slow-init/").await,
         (200, "ready".to_owned())
     );
+}
+
+#[tokio::test]
+async fn paths_and_methods_a_service_cannot_mean_never_reach_it() {
+    // One health check round at start-up, before anything is registered,
+    // then none: every connection the upstream sees is a request's.
+    let host = host_builder()
+        .args(["--health-check-interval", "1h"])
+        .start()
+        .await
+        .unwrap();
+    let upstream = Upstream::start().await;
+    assert_eq!(
+        register(&host, &registration("strict", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    let raw = |request: String| raw_http(host.gateway_addr(), &request);
+    for path in [
+        "/api/strict/..;/registry",
+        "/api/strict/%252e%252e/x",
+        "/api/strict/a%252fb",
+        "/api/strict//hello",
+    ] {
+        let (status, answer) = raw(format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(status, 400, "{path}: {answer}");
+        assert!(answer.contains("refused path"), "{path}: {answer}");
+    }
+    let long_token = "X".repeat(5000);
+    for (method, expected) in [
+        ("TRACE", 405),
+        ("CONNECT", 405),
+        ("FOO", 501),
+        (long_token.as_str(), 501),
+        // Declared: only `GET hello`.
+        ("DELETE", 405),
+        ("POST", 405),
+    ] {
+        let (status, answer) = raw(format!(
+            "{method} /api/strict/hello HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ));
+        assert_eq!(
+            status,
+            expected,
+            "{}: {answer}",
+            &method[..method.len().min(10)]
+        );
+        if method == "DELETE" {
+            assert!(answer.contains("allow: GET, HEAD, OPTIONS"), "{answer}");
+        }
+    }
+    assert_eq!(
+        upstream.connections(),
+        0,
+        "a refused request reached the upstream"
+    );
+    assert_eq!(gateway_get(&host, "/api/strict/hello").await.0, 200);
+    let (status, _) = raw(
+        "HEAD /api/strict/hello HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".to_owned(),
+    );
+    assert_eq!(status, 200);
+    assert!(upstream.connections() >= 1);
 }

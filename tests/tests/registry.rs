@@ -445,7 +445,7 @@ async fn a_plugin_file_cannot_take_a_registered_name_even_across_a_restart() {
 #[tokio::test]
 async fn bad_input_is_refused_naming_the_field() {
     let host = host_builder()
-        .args(["--max-body-bytes", "4096"])
+        .args(["--registry-max-body-bytes", "4096"])
         .start()
         .await
         .unwrap();
