@@ -7,6 +7,8 @@
 //! - `cargo xtask test`: builds every crate of the workspace (the host, the
 //!   example and test plugins) and runs every test.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
