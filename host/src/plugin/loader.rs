@@ -5,8 +5,8 @@
 //! the ELF header, writes a private copy at a unique path (so `dlopen` can
 //! never hand back a cached older library, and a `cp` over the watched file
 //! cannot touch mapped code), opens the copy, checks the ABI version and
-//! descriptor size before reading anything else, and copies the service
-//! config into host-owned memory. Plugin code it runs (the entry point and
+//! descriptor size, then the layout fingerprint, before reading anything
+//! else, and copies the service config into host-owned memory. Plugin code it runs (the entry point and
 //! the config) runs on a scoped thread that ends before `open` returns, so
 //! no host thread keeps plugin thread-locals alive.
 //!
@@ -22,10 +22,11 @@ use std::thread;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use plugin_api::ffi::{
     ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, ENTRY_SYMBOL, EntryFn, FfiHeaderRef,
-    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr,
+    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr, layout_fingerprint,
 };
 
 use super::message::{PluginRequest, PluginResponse};
+use crate::http::error_chain;
 use crate::service::{self, Endpoint, ServiceInfo};
 
 /// Why a plugin file was refused.
@@ -56,9 +57,10 @@ pub enum LoadError {
         /// Bytes in the file.
         actual: u64,
     },
-    /// `dlopen` failed.
-    #[error("dlopen failed: {0}")]
-    Open(String),
+    /// `dlopen` failed. Shown with its sources: libloading's own message
+    /// is only "dlopen failed", the cause (`dlerror`) is its source.
+    #[error("{}", error_chain(.0))]
+    Open(libloading::Error),
     /// No entry symbol.
     #[error(
         "missing entry symbol `plugin_api_entry` (was the plugin built with `export_plugin!`?)"
@@ -86,6 +88,17 @@ pub enum LoadError {
         found: u32,
         /// Ours.
         expected: u32,
+    },
+    /// Same version and size, but the types crossing the boundary are laid
+    /// out differently: a `plugin-api` changed without a version bump.
+    #[error(
+        "ABI layout mismatch: the plugin's plugin-api types have layout fingerprint {found:#018x}, this host's {expected:#018x}; rebuild the plugin against this host's plugin-api"
+    )]
+    LayoutFingerprint {
+        /// The plugin's.
+        found: u64,
+        /// Ours.
+        expected: u64,
     },
     /// The plugin's code failed while building its config.
     #[error("plugin failed to describe itself: {0}")]
@@ -182,6 +195,21 @@ fn check_elf(bytes: &[u8]) -> Result<(), LoadError> {
             actual: bytes.len() as u64,
         });
     }
+    // A position-independent executable is ET_DYN too, and glibc refuses to
+    // `dlopen` it with a message that would name our private copy rather
+    // than the file. It is the one with a program interpreter. (The program
+    // header table was just checked to lie inside the file.)
+    const PT_INTERP: u32 = 3;
+    let program_headers = u64_at(0x20) as usize;
+    let has_interpreter = (0..usize::from(u16_at(0x38))).any(|nth| {
+        let at = program_headers + nth * usize::from(u16_at(0x36));
+        bytes.get(at..at + 4) == Some(&PT_INTERP.to_le_bytes()[..])
+    });
+    if has_interpreter {
+        return Err(LoadError::WrongElf(
+            "an executable (PIE), not a shared library",
+        ));
+    }
     Ok(())
 }
 
@@ -266,7 +294,7 @@ impl PluginLibrary {
         // namespace and RTLD_NOW makes missing symbols fail here, not later.
         let library: libloading::Library =
             unsafe { Library::open(Some(private_copy), RTLD_NOW | RTLD_LOCAL) }
-                .map_err(|e| LoadError::Open(e.to_string()))?
+                .map_err(LoadError::Open)?
                 .into();
         // SAFETY: `EntryFn` is the signature `export_plugin!` generates; a
         // library exporting the name with another signature is caught by the
@@ -399,7 +427,17 @@ fn read_descriptor(entry: EntryFn) -> Result<(Functions, ServiceInfo), LoadError
         });
     }
     // SAFETY: version and size match ours, so the pointee is a
-    // `PluginDescriptor` with static lifetime inside the open library.
+    // `PluginDescriptor` with static lifetime inside the open library. Only
+    // the fingerprint field is read until the fingerprint matched.
+    let plugin_fingerprint = unsafe { (*descriptor).layout_fingerprint };
+    // The number is all that crosses: the host keeps no pointer into the
+    // plugin's layouts, so a closed library cannot leave one behind.
+    let found = plugin_fingerprint();
+    let expected = layout_fingerprint();
+    if found != expected {
+        return Err(LoadError::LayoutFingerprint { found, expected });
+    }
+    // SAFETY: as above, and the plugin's types are laid out as ours.
     let descriptor = unsafe { &*descriptor };
     let config = match (descriptor.service_config)() {
         RResult::ROk(config) => config,
@@ -459,6 +497,13 @@ mod tests {
     #[test]
     fn elf_checks() {
         assert!(check_elf(&elf_header()).is_ok());
+        assert!(matches!(
+            check_elf(b""),
+            Err(LoadError::Truncated {
+                needed: 64,
+                actual: 0
+            })
+        ));
         assert!(matches!(check_elf(b"hello world"), Err(LoadError::NotElf)));
         assert!(matches!(
             check_elf(&elf_header()[..40]),
@@ -482,5 +527,20 @@ mod tests {
                 actual: 64
             })
         ));
+        // Two program headers of 56 bytes right after the ELF header; the
+        // second is a PT_INTERP: an executable.
+        let mut pie = elf_header();
+        pie[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        pie[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        pie[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        pie.resize(64 + 2 * 56, 0);
+        pie[64..68].copy_from_slice(&1u32.to_le_bytes());
+        assert!(check_elf(&pie).is_ok(), "PT_LOAD alone is a library");
+        pie[120..124].copy_from_slice(&3u32.to_le_bytes());
+        let refusal = check_elf(&pie).unwrap_err().to_string();
+        assert_eq!(
+            refusal,
+            "not a shared object for this host: an executable (PIE), not a shared library"
+        );
     }
 }
