@@ -543,4 +543,19 @@ mod tests {
             "not a shared object for this host: an executable (PIE), not a shared library"
         );
     }
+
+    #[test]
+    fn a_dlopen_failure_names_its_cause() {
+        use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        let missing = Path::new("/nonexistent/libmissing.so");
+        // SAFETY: the file does not exist, so no initializer can run.
+        let error = unsafe { Library::open(Some(missing), RTLD_NOW | RTLD_LOCAL) }.unwrap_err();
+        let message = LoadError::Open(error).to_string();
+        assert!(
+            message.starts_with(
+                "dlopen failed: /nonexistent/libmissing.so: cannot open shared object file"
+            ),
+            "{message}"
+        );
+    }
 }
