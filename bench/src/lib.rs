@@ -6,6 +6,8 @@
 //! `bench-native` (the native baseline of the hello plugin) and
 //! `bench-runner` (the driver behind `bench/run`).
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::net::SocketAddr;
 

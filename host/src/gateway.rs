@@ -81,7 +81,7 @@ async fn dispatch(
     let Some(service) = gateway.services.get(name) else {
         return unknown_service(name);
     };
-    if let Err(refused) = check_method(name, request.method(), &service.info) {
+    if let Some(refused) = refuse_method(name, request.method(), &service.info) {
         return refused;
     }
     match &service.backend {
@@ -99,13 +99,13 @@ async fn dispatch(
     }
 }
 
-/// Refuses a method the service cannot have meant to receive: any method
+/// The answer to a method the service cannot have meant to receive: any method
 /// outside those a service can declare (an extension token, and CONNECT
 /// and TRACE, which would let a script read back what the browser sent),
 /// and, for a service that declared its endpoints, a method none of them
 /// declares. OPTIONS always passes (CORS preflights are the service's to
 /// answer), and HEAD wherever GET does.
-fn check_method(name: &str, method: &Method, info: &ServiceInfo) -> Result<(), Response> {
+fn refuse_method(name: &str, method: &Method, info: &ServiceInfo) -> Option<Response> {
     let refuse = |status: StatusCode, reason: String, allowed: &[&str]| {
         let mut response = ApiError::new(status, reason)
             .with("service", name)
@@ -130,10 +130,10 @@ fn check_method(name: &str, method: &Method, info: &ServiceInfo) -> Result<(), R
                 format!("unknown method `{shown}`"),
             )
         };
-        return Err(refuse(status, reason, HTTP_METHODS));
+        return Some(refuse(status, reason, HTTP_METHODS));
     }
     if info.endpoints.is_empty() || method == Method::OPTIONS {
-        return Ok(());
+        return None;
     }
     let mut declared: Vec<&str> = info.endpoints.iter().map(|e| e.method.as_str()).collect();
     if declared.contains(&Method::GET.as_str()) {
@@ -141,11 +141,11 @@ fn check_method(name: &str, method: &Method, info: &ServiceInfo) -> Result<(), R
     }
     declared.push(Method::OPTIONS.as_str());
     if declared.contains(&method) {
-        return Ok(());
+        return None;
     }
     declared.sort_unstable();
     declared.dedup();
-    Err(refuse(
+    Some(refuse(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("service `{name}` declares no {method} endpoint"),
         &declared,

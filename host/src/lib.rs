@@ -4,6 +4,8 @@
 //! `main.rs` parses the [`Config`] and calls [`run`]; integration tests
 //! drive the real binary. See `ARCHITECTURE.md` for the code map.
 
+#![deny(unsafe_code)]
+
 pub mod config;
 pub mod egress;
 pub mod gateway;

@@ -1,6 +1,8 @@
 //! `plugin-host`: parses the configuration, sets up logging, runs the host
 //! until SIGINT or SIGTERM.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

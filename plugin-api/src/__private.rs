@@ -11,8 +11,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use abi_stable::std_types::{RErr, ROk, RResult, RString};
 
 use crate::ffi::{
-    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiRequest, FfiResponse, FfiServiceConfig,
-    InstancePtr, PluginDescriptor,
+    self, ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiRequest, FfiResponse,
+    FfiServiceConfig, InstancePtr, PluginDescriptor,
 };
 use crate::{Error, Plugin, Router};
 
@@ -23,6 +23,7 @@ pub const fn descriptor<P: Plugin>() -> PluginDescriptor {
             abi_version: ABI_VERSION,
             descriptor_size: DESCRIPTOR_SIZE,
         },
+        layout_fingerprint,
         service_config: service_config::<P>,
         create: create::<P>,
         handle: handle::<P>,
@@ -43,6 +44,15 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     } else {
         "panic with a non-string payload".to_owned()
     }
+}
+
+/// Not generic: the fingerprint is a property of this copy of `plugin-api`,
+/// whatever the plugin.
+extern "C" fn layout_fingerprint() -> u64 {
+    // Walking static layout data does not panic; if it ever did, 0 is a
+    // number no host has, so the load is refused rather than the host
+    // aborted.
+    catch_unwind(ffi::layout_fingerprint).unwrap_or(0)
 }
 
 extern "C" fn service_config<P: Plugin>() -> RResult<FfiServiceConfig, RString> {

@@ -6,7 +6,10 @@
 //! The handshake is deliberately dumb: the entry symbol returns a pointer to a
 //! static [`PluginDescriptor`] whose first two fields are a `u32` ABI version
 //! and the descriptor's size in bytes. The host reads those two words, and
-//! only if both match its own does it look at anything else. Every type that
+//! only if both match its own does it read the next field, a function
+//! returning the [layout fingerprint](layout_fingerprint) of the plugin's copy
+//! of these types; only if that matches its own too does it look at anything
+//! else. Every type that
 //! crosses the boundary is `#[repr(C)]` and built from abi_stable's FFI-safe
 //! containers, and every function pointer is `extern "C"` and never unwinds:
 //! the SDK catches panics inside the plugin, because a panic cannot be caught
@@ -19,12 +22,19 @@
 
 use std::ffi::c_void;
 
+use std::sync::OnceLock;
+
 use abi_stable::StableAbi;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use abi_stable::type_layout::TypeLayout;
 
 /// The version of this ABI. The host refuses a library whose descriptor
-/// carries another number. Bump it on any change to a type in this module.
-pub const ABI_VERSION: u32 = 1;
+/// carries another number. Bump it on any change to a type in this module:
+/// the [layout fingerprint](layout_fingerprint) catches a change nobody
+/// bumped it for, but only from version 2 on, and with a vaguer message.
+///
+/// Version 2 added [`PluginDescriptor::layout_fingerprint`].
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the symbol every plugin library exports, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"plugin_api_entry\0";
@@ -38,6 +48,10 @@ pub const DESCRIPTOR_SIZE: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
 
 /// The first two words of every descriptor, whatever its ABI version.
 /// The host reads only this until both fields are checked.
+///
+/// It never grows: a plugin of another version may export nothing more than
+/// these two words, so the fingerprint that version 2 added is the
+/// descriptor's next field, read only once the version is known to be ours.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, StableAbi)]
 pub struct DescriptorHeader {
@@ -53,6 +67,10 @@ pub struct DescriptorHeader {
 pub struct PluginDescriptor {
     /// Must come first: see [`DescriptorHeader`].
     pub header: DescriptorHeader,
+    /// Returns [`layout_fingerprint`] as the plugin's build computes it. The
+    /// host calls it right after checking the header, and reads no other
+    /// field unless the number equals its own. Never unwinds.
+    pub layout_fingerprint: extern "C" fn() -> u64,
     /// Returns the service config, or a message if building it panicked.
     pub service_config: extern "C" fn() -> RResult<FfiServiceConfig, RString>,
     /// Creates the plugin's state. Called once per load, before any request.
@@ -64,6 +82,26 @@ pub struct PluginDescriptor {
     /// after the last request returned. Returns an error message if the hook
     /// panicked; the state is freed either way.
     pub destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
+}
+
+/// The layout fingerprint of every type crossing the boundary in this
+/// build: [`PluginDescriptor`] and, through its fields and function
+/// pointers, the request, response and config types.
+///
+/// A hash of abi_stable's [`StableAbi`] description of the types (names,
+/// sizes, alignments, field names and types), computed once per process
+/// and equal in every build of the same types. A host and a plugin whose
+/// numbers differ disagree on a layout, even if version and size agree.
+pub fn layout_fingerprint() -> u64 {
+    static FINGERPRINT: OnceLock<u64> = OnceLock::new();
+    *FINGERPRINT.get_or_init(|| layout_fingerprint_of(PluginDescriptor::LAYOUT))
+}
+
+/// The fingerprint of any type's layout, computed as [`layout_fingerprint`]
+/// computes it for [`PluginDescriptor`]. Test plugins use it to pose as a
+/// plugin built against other types.
+pub fn layout_fingerprint_of(layout: &'static TypeLayout) -> u64 {
+    crate::fingerprint::of(layout)
 }
 
 /// Opaque pointer to a plugin's state, created by

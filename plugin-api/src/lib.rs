@@ -4,7 +4,8 @@
 //! [`export_plugin!`]. The host loads the library, reads its
 //! [`ServiceConfig`], mounts it under `/api/<name>/`, and sends it requests on
 //! worker threads of its own. A plugin author writes a router and handlers;
-//! the C ABI underneath ([`ffi`]) is generated.
+//! the C ABI underneath is generated, and never needs `unsafe` code: a plugin
+//! crate can carry `#![forbid(unsafe_code)]`.
 //!
 //! ```
 //! use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
@@ -55,8 +56,15 @@
 //!   synchronous by design.
 
 #![deny(missing_docs)]
+#![deny(unsafe_code)]
 
+// The ABI types and the entry points behind them are the only `unsafe` code
+// of the SDK. `ffi` stays public because the host reads a plugin through it,
+// and hidden because a plugin author never needs it.
+#[doc(hidden)]
+#[allow(unsafe_code)]
 pub mod ffi;
+mod fingerprint;
 mod request;
 mod response;
 mod router;
@@ -64,6 +72,7 @@ mod service;
 pub mod testing;
 
 #[doc(hidden)]
+#[allow(unsafe_code)]
 pub mod __private;
 
 pub use request::Request;

@@ -1,5 +1,8 @@
 //! One test binary for every end-to-end test (one link, one run).
 
+#![forbid(unsafe_code)]
+
+mod abi;
 mod gateway;
 mod hardening;
 mod lifecycle;

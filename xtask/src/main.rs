@@ -9,6 +9,8 @@
 //!   `PLUGIN_HOST_REQUIRE_ALL=1`, the ignored ones (they need python3 and
 //!   PyPI) too.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 

@@ -5,6 +5,8 @@
 //!
 //! Prints `listening <addr>` on stdout once it accepts connections.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use axum::extract::Query;

@@ -4,6 +4,8 @@
 //!
 //! Prints `listening <addr>` on stdout once it accepts connections.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 
 use axum::Router;

@@ -6,6 +6,8 @@
 //! It expects release builds of `plugin-host`, the plugins and the bench
 //! binaries next to its own executable (`bench/run` builds them).
 
+#![forbid(unsafe_code)]
+
 mod load;
 mod nginx;
 mod procs;

@@ -5,12 +5,13 @@
 //! the ELF header, writes a private copy at a unique path (so `dlopen` can
 //! never hand back a cached older library, and a `cp` over the watched file
 //! cannot touch mapped code), opens the copy, checks the ABI version and
-//! descriptor size before reading anything else, and copies the service
-//! config into host-owned memory. Plugin code it runs (the initializers
-//! `dlopen` runs, the entry point and the config) runs on threads of its
-//! own with a deadline ([`super::entry`]): one that returns in time has
-//! ended before `open` returns, so no host thread keeps plugin
-//! thread-locals alive; one that does not leaves its library loaded.
+//! descriptor size, then the layout fingerprint, before reading anything
+//! else, and copies the service config into host-owned memory. Plugin code
+//! it runs (the initializers `dlopen` runs, the entry point, the
+//! fingerprint and the config) runs on threads of its own with a deadline
+//! ([`super::entry`]): one that returns in time has ended before `open`
+//! returns, so no host thread keeps plugin thread-locals alive; one that
+//! does not leaves its library loaded.
 //!
 //! [`PluginLibrary`] is the only owner of the function pointers into a
 //! library; it closes the library only in [`PluginLibrary::close`], which
@@ -24,11 +25,12 @@ use std::time::Duration;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use plugin_api::ffi::{
     ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, ENTRY_SYMBOL, EntryFn, FfiHeaderRef,
-    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr,
+    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr, layout_fingerprint,
 };
 
 use super::entry::{EntryError, run_bounded};
 use super::message::{PluginRequest, PluginResponse};
+use crate::http::error_chain;
 use crate::service::{self, Endpoint, ServiceInfo};
 
 /// Why a plugin file was refused.
@@ -59,9 +61,10 @@ pub enum LoadError {
         /// Bytes in the file.
         actual: u64,
     },
-    /// `dlopen` failed.
-    #[error("dlopen failed: {0}")]
-    Open(String),
+    /// `dlopen` failed. Shown with its sources: libloading's own message
+    /// is only "dlopen failed", the cause (`dlerror`) is its source.
+    #[error("{}", error_chain(.0))]
+    Open(libloading::Error),
     /// No entry symbol.
     #[error(
         "missing entry symbol `plugin_api_entry` (was the plugin built with `export_plugin!`?)"
@@ -89,6 +92,17 @@ pub enum LoadError {
         found: u32,
         /// Ours.
         expected: u32,
+    },
+    /// Same version and size, but the types crossing the boundary are laid
+    /// out differently: a `plugin-api` changed without a version bump.
+    #[error(
+        "ABI layout mismatch: the plugin's plugin-api types have layout fingerprint {found:#018x}, this host's {expected:#018x}; rebuild the plugin against this host's plugin-api"
+    )]
+    LayoutFingerprint {
+        /// The plugin's.
+        found: u64,
+        /// Ours.
+        expected: u64,
     },
     /// The plugin's code failed while building its config.
     #[error("plugin failed to describe itself: {0}")]
@@ -184,6 +198,21 @@ fn check_elf(bytes: &[u8]) -> Result<(), LoadError> {
             needed,
             actual: bytes.len() as u64,
         });
+    }
+    // A position-independent executable is ET_DYN too, and glibc refuses to
+    // `dlopen` it with a message that would name our private copy rather
+    // than the file. It is the one with a program interpreter. (The program
+    // header table was just checked to lie inside the file.)
+    const PT_INTERP: u32 = 3;
+    let program_headers = u64_at(0x20) as usize;
+    let has_interpreter = (0..usize::from(u16_at(0x38))).any(|nth| {
+        let at = program_headers + nth * usize::from(u16_at(0x36));
+        bytes.get(at..at + 4) == Some(&PT_INTERP.to_le_bytes()[..])
+    });
+    if has_interpreter {
+        return Err(LoadError::WrongElf(
+            "an executable (PIE), not a shared library",
+        ));
     }
     Ok(())
 }
@@ -285,7 +314,6 @@ impl PluginLibrary {
                 // here, not later.
                 unsafe { Library::open(Some(&path), RTLD_NOW | RTLD_LOCAL) }
                     .map(libloading::Library::from)
-                    .map_err(|e| e.to_string())
             },
         );
         let library = opened
@@ -430,7 +458,17 @@ fn read_descriptor(entry: EntryFn) -> Result<(Functions, ServiceInfo), LoadError
         });
     }
     // SAFETY: version and size match ours, so the pointee is a
-    // `PluginDescriptor` with static lifetime inside the open library.
+    // `PluginDescriptor` with static lifetime inside the open library. Only
+    // the fingerprint field is read until the fingerprint matched.
+    let plugin_fingerprint = unsafe { (*descriptor).layout_fingerprint };
+    // The number is all that crosses: the host keeps no pointer into the
+    // plugin's layouts, so a closed library cannot leave one behind.
+    let found = plugin_fingerprint();
+    let expected = layout_fingerprint();
+    if found != expected {
+        return Err(LoadError::LayoutFingerprint { found, expected });
+    }
+    // SAFETY: as above, and the plugin's types are laid out as ours.
     let descriptor = unsafe { &*descriptor };
     let config = match (descriptor.service_config)() {
         RResult::ROk(config) => config,
@@ -490,6 +528,13 @@ mod tests {
     #[test]
     fn elf_checks() {
         assert!(check_elf(&elf_header()).is_ok());
+        assert!(matches!(
+            check_elf(b""),
+            Err(LoadError::Truncated {
+                needed: 64,
+                actual: 0
+            })
+        ));
         assert!(matches!(check_elf(b"hello world"), Err(LoadError::NotElf)));
         assert!(matches!(
             check_elf(&elf_header()[..40]),
@@ -513,5 +558,35 @@ mod tests {
                 actual: 64
             })
         ));
+        // Two program headers of 56 bytes right after the ELF header; the
+        // second is a PT_INTERP: an executable.
+        let mut pie = elf_header();
+        pie[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        pie[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        pie[0x38..0x3a].copy_from_slice(&2u16.to_le_bytes());
+        pie.resize(64 + 2 * 56, 0);
+        pie[64..68].copy_from_slice(&1u32.to_le_bytes());
+        assert!(check_elf(&pie).is_ok(), "PT_LOAD alone is a library");
+        pie[120..124].copy_from_slice(&3u32.to_le_bytes());
+        let refusal = check_elf(&pie).unwrap_err().to_string();
+        assert_eq!(
+            refusal,
+            "not a shared object for this host: an executable (PIE), not a shared library"
+        );
+    }
+
+    #[test]
+    fn a_dlopen_failure_names_its_cause() {
+        use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        let missing = Path::new("/nonexistent/libmissing.so");
+        // SAFETY: the file does not exist, so no initializer can run.
+        let error = unsafe { Library::open(Some(missing), RTLD_NOW | RTLD_LOCAL) }.unwrap_err();
+        let message = LoadError::Open(error).to_string();
+        assert!(
+            message.starts_with(
+                "dlopen failed: /nonexistent/libmissing.so: cannot open shared object file"
+            ),
+            "{message}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! Example plugin: CRUD on items, mounted at `/api/demo-service/`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 

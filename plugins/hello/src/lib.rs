@@ -1,5 +1,7 @@
 //! The first example plugin, mounted at `/api/hello/`.
 
+#![forbid(unsafe_code)]
+
 use std::sync::Mutex;
 
 use plugin_api::{Error, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};

@@ -72,9 +72,14 @@ fn artifact(file: &str) -> PathBuf {
     path
 }
 
+/// The freshly built `plugin-host` binary.
+pub fn host_binary() -> PathBuf {
+    artifact("plugin-host")
+}
+
 /// A host running the freshly built `plugin-host`.
 pub fn host_builder() -> HostBuilder {
-    Host::builder(Command::new(artifact("plugin-host")))
+    Host::builder(Command::new(host_binary()))
 }
 
 /// The freshly built library of the plugin crate whose lib name is `lib`

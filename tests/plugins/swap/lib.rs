@@ -3,6 +3,8 @@
 //! with, so a test can replace one with the other under load and tell which
 //! answered.
 
+#![forbid(unsafe_code)]
+
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 use serde_json::json;
 

@@ -1,6 +1,8 @@
 //! Test plugin `bad_name`: valid in every way but its service name, which
 //! the host must refuse naming the `name` field.
 
+#![forbid(unsafe_code)]
+
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 
 struct BadName;

@@ -1,6 +1,8 @@
 //! Test plugin `echo`: answers any GET or POST up to two segments deep with
 //! the request exactly as the plugin received it.
 
+#![forbid(unsafe_code)]
+
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 use serde_json::json;
 

@@ -2,6 +2,8 @@
 //! already taken by the `hello` example; the host must refuse whichever of
 //! the two loads second.
 
+#![forbid(unsafe_code)]
+
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 use serde_json::json;
 

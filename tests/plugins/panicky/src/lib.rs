@@ -1,6 +1,8 @@
 //! Test plugin `panicky`: `GET /boom` panics, `GET /ok` answers `{"ok":true}`.
 //! The panic must become a 500 and leave the plugin serving.
 
+#![forbid(unsafe_code)]
+
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 
 struct Panicky;

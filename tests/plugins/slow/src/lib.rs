@@ -1,6 +1,8 @@
 //! Test plugin `slow`: `GET /sleep?ms=N` blocks its worker thread for N ms,
 //! then answers `{"slept_ms": N}`.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use plugin_api::{Error, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};

@@ -5,6 +5,8 @@
 //!
 //! `GET /` answers `{"thread": <thread name>, "count": <requests this thread served>}`.
 
+#![forbid(unsafe_code)]
+
 use std::cell::Cell;
 
 use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
