@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 
 use crate::egress::LoopGuard;
-use crate::http::{ApiError, check_service_path, read_body, remove_hop_by_hop};
+use crate::http::{ApiError, Escaped, check_service_path, read_body, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
 use crate::service::{HTTP_METHODS, ServiceInfo};
@@ -257,7 +257,7 @@ fn plugin_response(name: &str, response: PluginResponse) -> Response {
                 headers.append(header_name, value);
             }
             _ => {
-                tracing::warn!(plugin = name, header = %header_name, "plugin answered an invalid header; dropped")
+                tracing::warn!(plugin = name, header = %Escaped(&header_name), "plugin answered an invalid header; dropped")
             }
         }
     }

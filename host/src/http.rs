@@ -81,6 +81,21 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Text a client or a plugin chose, made safe to log: control characters
+/// (a newline that would start a forged log line, an escape sequence that
+/// would rewrite an operator's terminal), quotes and backslashes are
+/// escaped as in Rust string literals; printable text, any script, is kept.
+/// Fields checked by `service::validate` hold no control characters and
+/// need no escaping; anything else from outside is logged through this.
+#[derive(Debug, Clone, Copy)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0.escape_debug(), f)
+    }
+}
+
 /// Headers that describe one hop, not the message (RFC 9110 section 7.6.1);
 /// a gateway must not forward them.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -218,6 +233,15 @@ mod tests {
         assert_eq!(check_service_path("/a//b"), Err(UnsafePath::EmptySegment));
         assert_eq!(check_service_path("/a/"), Ok(()));
         assert_eq!(check_service_path("/"), Ok(()));
+    }
+
+    #[test]
+    fn escaped_text_cannot_start_a_line_or_drive_a_terminal() {
+        assert_eq!(
+            Escaped("x\nINFO forged \u{1b}[31m").to_string(),
+            "x\\nINFO forged \\u{1b}[31m"
+        );
+        assert_eq!(Escaped("我的插件").to_string(), "我的插件");
     }
 
     #[test]

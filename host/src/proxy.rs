@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
+use axum::http::uri::Authority;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -39,6 +40,7 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// Longest client-supplied `X-Request-Id` kept; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -113,6 +115,15 @@ impl Proxy {
             &request_id,
         );
         self.loop_guard.stamp(&mut parts.headers);
+        let redirects = Redirects {
+            upstream: &route.authority,
+            base_path: route.base_path().trim_end_matches('/'),
+            mount: format!("/api/{name}"),
+            gateway_host: parts.headers.get(X_FORWARDED_HOST).cloned(),
+        };
+        if let Ok(prefix) = HeaderValue::from_str(&redirects.mount) {
+            parts.headers.insert(X_FORWARDED_PREFIX, prefix);
+        }
         parts.uri = uri;
         // Upstreams are spoken to in HTTP/1.1 whatever the client used.
         parts.version = Version::HTTP_11;
@@ -166,6 +177,7 @@ impl Proxy {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
+                redirects.rewrite(&mut parts.headers);
                 parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
                 tracing::debug!(
                     service = %name,
@@ -274,6 +286,82 @@ fn forwarding_headers(
         None => headers.remove(X_FORWARDED_HOST),
     };
     headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+/// Where a service's answers may send the client, seen from the gateway.
+///
+/// A service builds redirect URLs from what it was asked: its own address
+/// (the `Host` the proxy sent) and its own paths. Passed on unchanged, they
+/// send the client around the gateway (and around whatever the gateway
+/// enforces) or to a path outside the service's mount. So, as nginx's
+/// `proxy_redirect default` does, `Location`, `Content-Location` and the URL
+/// in `Refresh` are rewritten when they point at the upstream's own
+/// authority or are absolute paths: the base path becomes `/api/<name>`, and
+/// an absolute URL gets the host the client used. Relative references and
+/// other hosts are left alone; they resolve correctly or are not ours.
+struct Redirects<'a> {
+    upstream: &'a Authority,
+    /// Without its trailing `/`: `""` for a service at the root.
+    base_path: &'a str,
+    mount: String,
+    gateway_host: Option<HeaderValue>,
+}
+
+impl Redirects<'_> {
+    fn rewrite(&self, headers: &mut HeaderMap) {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(url) = headers.get(&name).and_then(|value| value.to_str().ok())
+                && let Some(public) = self.public_url(url)
+                && let Ok(value) = HeaderValue::from_str(&public)
+            {
+                headers.insert(name, value);
+            }
+        }
+        // `Refresh: 5; url=http://...`
+        if let Some(refresh) = headers
+            .get(header::REFRESH)
+            .and_then(|value| value.to_str().ok())
+            && let Some(at) = refresh.to_ascii_lowercase().find("url=")
+        {
+            let url = refresh[at + 4..].trim().trim_matches(['\'', '"']);
+            if let Some(public) = self.public_url(url)
+                && let Ok(value) = HeaderValue::from_str(&format!("{}{public}", &refresh[..at + 4]))
+            {
+                headers.insert(header::REFRESH, value);
+            }
+        }
+    }
+
+    /// `url` as the client must follow it, if it points into the service.
+    fn public_url(&self, url: &str) -> Option<String> {
+        let scheme_end = ["http://", "https://"].iter().find_map(|scheme| {
+            url.get(..scheme.len())
+                .filter(|head| head.eq_ignore_ascii_case(scheme))
+                .map(|_| scheme.len())
+        });
+        let (absolute, path) = match scheme_end {
+            Some(end) => {
+                let rest = &url[end..];
+                let (authority, path) =
+                    rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+                if !authority.eq_ignore_ascii_case(self.upstream.as_str()) {
+                    return None;
+                }
+                (true, path)
+            }
+            None if url.starts_with('/') && !url.starts_with("//") => (false, url),
+            None => return None,
+        };
+        let below = path.strip_prefix(self.base_path)?;
+        if !(below.is_empty() || below.starts_with(['/', '?', '#'])) {
+            return None;
+        }
+        let public = format!("{}{below}", self.mount);
+        match (absolute, &self.gateway_host) {
+            (true, Some(host)) => Some(format!("http://{}{public}", host.to_str().ok()?)),
+            _ => Some(public),
+        }
+    }
 }
 
 /// When the client's request body last moved, and whether it is complete.
@@ -393,5 +481,47 @@ mod tests {
         assert_eq!(request_id(&headers), "abc-123");
         headers.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_ne!(request_id(&headers), "has space");
+    }
+
+    #[test]
+    fn redirects_into_the_service_are_rewritten_to_its_mount() {
+        let upstream: Authority = "localhost:8010".parse().unwrap();
+        let at = |base_path| Redirects {
+            upstream: &upstream,
+            base_path,
+            mount: "/api/svc".to_owned(),
+            gateway_host: Some(HeaderValue::from_static("gw:8000")),
+        };
+        let root = at("");
+        assert_eq!(
+            root.public_url("http://localhost:8010/data").as_deref(),
+            Some("http://gw:8000/api/svc/data")
+        );
+        assert_eq!(
+            root.public_url("HTTP://LOCALHOST:8010?x=1").as_deref(),
+            Some("http://gw:8000/api/svc?x=1")
+        );
+        assert_eq!(root.public_url("/get").as_deref(), Some("/api/svc/get"));
+        assert_eq!(root.public_url("get"), None);
+        assert_eq!(root.public_url("//elsewhere/x"), None);
+        assert_eq!(root.public_url("http://elsewhere:8010/x"), None);
+        let v1 = at("/v1");
+        assert_eq!(v1.public_url("/v1/a").as_deref(), Some("/api/svc/a"));
+        assert_eq!(v1.public_url("/v1").as_deref(), Some("/api/svc"));
+        assert_eq!(v1.public_url("/v10/a"), None);
+        assert_eq!(v1.public_url("/other"), None);
+
+        let mut headers = HeaderMap::new();
+        headers.insert(header::LOCATION, HeaderValue::from_static("/v1/next"));
+        headers.insert(
+            header::REFRESH,
+            HeaderValue::from_static("5; URL='http://localhost:8010/v1/later'"),
+        );
+        v1.rewrite(&mut headers);
+        assert_eq!(headers[header::LOCATION], "/api/svc/next");
+        assert_eq!(
+            headers[header::REFRESH],
+            "5; URL=http://gw:8000/api/svc/later"
+        );
     }
 }

@@ -22,6 +22,11 @@
 //!   it had and whether they followed [`pattern_byte`].
 //! - `GET /bytes/{n}`: `n` bytes of [`pattern_byte`], streamed.
 //! - `GET /slow/{ms}`: answers after `ms` milliseconds.
+//! - `GET /redirect/{kind}`: redirects to `/hello?name=<kind>` the way web
+//!   frameworks build their redirects, from the `Host` they were asked and
+//!   their own paths: `absolute` (307, `http://<Host>/...`), `path` (301,
+//!   `/hello...`), `relative` (302, `../hello...`), `chain` (302 to
+//!   `redirect/absolute`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,7 +94,8 @@ impl Upstream {
             .route("/echo/{*rest}", any(echo))
             .route("/count", post(count))
             .route("/bytes/{n}", get(bytes))
-            .route("/slow/{ms}", get(slow));
+            .route("/slow/{ms}", get(slow))
+            .route("/redirect/{kind}", get(redirect));
         let app = Router::new()
             .nest("/v1", routes.clone())
             .merge(routes)
@@ -250,4 +256,34 @@ pub async fn heartbeat(host: &Host, name: &str) -> (u16, Value) {
 pub async fn gateway_get(host: &Host, path: &str) -> (u16, String) {
     let (status, body) = http::get(&client(), &host.gateway_url(path)).await.unwrap();
     (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+async fn redirect(
+    Path(kind): Path<String>,
+    OriginalUri(uri): OriginalUri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let prefix = if uri.path().starts_with("/v1/") {
+        "/v1"
+    } else {
+        ""
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .unwrap_or_default();
+    let (status, location) = match kind.as_str() {
+        "absolute" => (
+            StatusCode::TEMPORARY_REDIRECT,
+            format!("http://{host}{prefix}/hello?name=absolute"),
+        ),
+        "path" => (
+            StatusCode::MOVED_PERMANENTLY,
+            format!("{prefix}/hello?name=path"),
+        ),
+        "relative" => (StatusCode::FOUND, "../hello?name=relative".to_owned()),
+        "chain" => (StatusCode::FOUND, format!("{prefix}/redirect/absolute")),
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    (status, [(axum::http::header::LOCATION, location)]).into_response()
 }

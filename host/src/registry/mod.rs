@@ -37,7 +37,7 @@ pub use liveness::{InvalidPolicy, Policy};
 use liveness::Checker;
 
 use crate::egress::{EgressPolicy, LoopGuard};
-use crate::http::{ApiError, read_body};
+use crate::http::{ApiError, Escaped, read_body};
 use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
 use crate::sync::lock;
@@ -583,7 +583,7 @@ async fn heartbeat(
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
     let Some(service) = registry.shared.services.get(&name) else {
-        tracing::debug!(service = %name, "heartbeat for an unknown service");
+        tracing::debug!(service = %Escaped(&name), "heartbeat for an unknown service");
         return Err(not_registered(&name, "service_id"));
     };
     let Backend::Remote(remote) = &service.backend else {

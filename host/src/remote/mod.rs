@@ -118,6 +118,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// The path prefix on the instance that `/api/<name>` maps to.
+    pub fn base_path(&self) -> &str {
+        &self.base_path
+    }
+
     /// `http://<authority><base_path><rest>?<query>`. `rest` is the raw path
     /// below `/api/<name>`, already checked by the gateway; an empty `rest`
     /// is the base path itself.
