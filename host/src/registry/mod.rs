@@ -719,3 +719,6 @@ fn describe(service: &Service) -> Listed<'_> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+//! The registry API driven through its router, without a socket: whatever
+//! a client sends, it never earns a 5xx, and nothing changes unless the
+//! answer says it was accepted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Request, StatusCode};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::egress::{DEFAULT_ALLOWED, EgressPolicy, LoopGuard};
+
+fn open(dir: &std::path::Path) -> Router {
+    let services = Arc::new(ServiceTable::new());
+    let registry = Registry::open(
+        services,
+        RegistryConfig {
+            database: dir.join("registry.redb"),
+            policy: Policy {
+                heartbeat_interval: Duration::from_secs(30),
+                ttl: Duration::from_secs(90),
+                check_interval: Duration::from_secs(10),
+                check_timeout: Duration::from_secs(5),
+                evict_after: Duration::from_secs(3600),
+            },
+            max_body_bytes: 64 * 1024,
+            max_stored_bytes: 1024 * 1024,
+            egress: Arc::new(
+                EgressPolicy::new(DEFAULT_ALLOWED.iter().map(|n| n.parse().unwrap()).collect())
+                    .with_own_listeners(
+                        "127.0.0.1:8000".parse().unwrap(),
+                        "127.0.0.1:8001".parse().unwrap(),
+                    ),
+            ),
+            loop_guard: LoopGuard::new(),
+        },
+    )
+    .expect("registry opens");
+    router(registry).layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))))
+}
+
+async fn call(router: &Router, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::post(path).body(Body::from(body)).unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn listing(router: &Router) -> Value {
+    let request = Request::get("/api/registry/services")
+        .body(Body::empty())
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let mut listed: Value = serde_json::from_slice(&bytes).unwrap();
+    // Liveness timestamps move by themselves; what was registered does not.
+    for service in listed.as_array_mut().into_iter().flatten() {
+        if let Some(service) = service.as_object_mut() {
+            service.retain(|key, _| !key.starts_with("last_") && key != "instances");
+        }
+    }
+    listed
+}
+
+/// JSON values shaped like registrations: the real field names with
+/// values of any type, some valid, most not. Host values are limited to
+/// literals and `localhost`, so no case waits on DNS.
+fn body() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        (0u32..70000).prop_map(Value::from),
+        any::<f64>().prop_map(|f| json!(f)),
+        "[a-z0-9-]{0,12}".prop_map(Value::from),
+        "\\PC{0,20}".prop_map(Value::from),
+        Just(json!("/health")),
+        Just(json!("127.0.0.1")),
+        Just(json!("localhost")),
+        Just(json!("169.254.169.254")),
+        Just(json!("1.0.0")),
+        Just(json!("GET")),
+    ];
+    let value = leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map("[a-z_]{1,10}", inner, 0..4)
+                .prop_map(|map| Value::Object(map.into_iter().collect())),
+        ]
+    });
+    let field = prop_oneof![
+        Just("name"),
+        Just("version"),
+        Just("host"),
+        Just("port"),
+        Just("base_path"),
+        Just("health_check_url"),
+        Just("endpoints"),
+        Just("tags"),
+        Just("metadata"),
+        Just("requires_auth"),
+        Just("service_id"),
+        Just("status"),
+    ];
+    prop_oneof![
+        prop::collection::btree_map(field, value.clone(), 0..10).prop_map(|map| Value::Object(
+            map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        )),
+        value,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    #[test]
+    fn no_body_earns_a_5xx_or_changes_anything_unless_accepted(
+        bodies in prop::collection::vec(
+            prop_oneof![
+                body().prop_map(|value| value.to_string().into_bytes()),
+                prop::collection::vec(any::<u8>(), 0..64),
+            ],
+            1..6,
+        ),
+        endpoints in prop::collection::vec(
+            prop_oneof![
+                Just("/api/registry/register"),
+                Just("/api/registry/heartbeat"),
+                Just("/api/registry/deregister/x"),
+            ],
+            6,
+        ),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let router = open(dir.path());
+            for (body, path) in bodies.into_iter().zip(endpoints) {
+                let before = listing(&router).await;
+                let (status, answer) = call(&router, path, body).await;
+                prop_assert!(!status.is_server_error(), "{path}: {status} {answer}");
+                if !status.is_success() {
+                    prop_assert!(answer["error"].is_string(), "{path}: {status} {answer}");
+                    prop_assert_eq!(listing(&router).await, before, "{} refused with {} yet changed state", path, status);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
