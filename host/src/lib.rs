@@ -12,6 +12,7 @@ pub mod plugin_manager;
 pub mod proxy;
 pub mod registry;
 pub mod remote;
+pub mod server;
 pub mod service;
 mod sync;
 pub mod table;
@@ -53,7 +54,7 @@ pub enum HostError {
     /// The plugins directory cannot be watched.
     #[error(transparent)]
     Watch(#[from] watcher::WatchError),
-    /// A server failed.
+    /// A server task failed (it panicked).
     #[error("{what} server failed: {source}")]
     Serve {
         /// Which server.
@@ -97,6 +98,7 @@ pub async fn run(
                 evict_after: config.evict_after,
             },
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.request_timeout,
         },
     )?;
 
@@ -135,9 +137,15 @@ pub async fn run(
         "listening"
     );
 
+    let limits = server::ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        write_stall_timeout: config.write_stall_timeout,
+        max_connections: config.max_connections as usize,
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let gateway_server = serve(gateway_listener, gateway, stopped.clone());
-    let registry_server = serve(registry_listener, registry, stopped);
+    let gateway_server = server::serve("gateway", gateway_listener, gateway, limits, stopped.clone());
+    let registry_server = server::serve("registry", registry_listener, registry, limits, stopped);
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -152,26 +160,20 @@ pub async fn run(
     drop(watcher);
     let _ = tokio::task::spawn_blocking(move || manager.join()).await;
     for (what, result) in [("gateway", gateway_result), ("registry", registry_result)] {
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(HostError::Serve { what, source }),
-            Err(join) => {
-                return Err(HostError::Serve {
-                    what,
-                    source: std::io::Error::other(join),
-                });
-            }
-        }
+        result.map_err(|join| HostError::Serve {
+            what,
+            source: std::io::Error::other(join),
+        })?;
     }
     Ok(())
 }
 
 /// Waits for a server to finish its requests, at most `deadline`, then
-/// stops it.
+/// stops it (which closes the connections still open).
 async fn finish(
-    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    mut server: tokio::task::JoinHandle<()>,
     deadline: std::time::Duration,
-) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+) -> Result<(), tokio::task::JoinError> {
     match tokio::time::timeout(deadline, &mut server).await {
         Ok(result) => result,
         Err(_) => {
@@ -181,30 +183,11 @@ async fn finish(
             );
             server.abort();
             match server.await {
-                Err(join) if join.is_cancelled() => Ok(Ok(())),
+                Err(join) if join.is_cancelled() => Ok(()),
                 other => other,
             }
         }
     }
-}
-
-/// Serves `router` on `listener` until `stopped` turns true, then finishes
-/// the requests in flight.
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future(),
-    )
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, HostError> {

@@ -34,7 +34,7 @@ pub use liveness::{InvalidPolicy, Policy};
 
 use liveness::Checker;
 
-use crate::http::{ApiError, read_body};
+use crate::http::{ApiError, read_body_within};
 use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
 use crate::table::{Backend, Service, ServiceTable};
@@ -50,6 +50,8 @@ pub struct RegistryConfig {
     pub policy: Policy,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Longest wait for a whole request body (408 past it).
+    pub body_timeout: Duration,
 }
 
 /// Why the registry could not start.
@@ -76,6 +78,7 @@ struct Shared {
     store: Arc<Store>,
     policy: Policy,
     max_body_bytes: usize,
+    body_timeout: Duration,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
@@ -144,6 +147,7 @@ impl Registry {
                 store: Arc::new(store),
                 policy: config.policy,
                 max_body_bytes: config.max_body_bytes,
+                body_timeout: config.body_timeout,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -165,10 +169,15 @@ impl Registry {
         })
     }
 
-    /// A request's whole body, within the registry's limit.
+    /// A request's whole body, within the registry's size and time limits.
     async fn read_body(&self, body: Body, headers: &HeaderMap) -> Result<bytes::Bytes, ApiError> {
-        read_body(body, headers, self.shared.max_body_bytes)
-            .await
+        read_body_within(
+            body,
+            headers,
+            self.shared.max_body_bytes,
+            self.shared.body_timeout,
+        )
+        .await
             .map_err(|error| error.with("field", "body"))
     }
 
