@@ -90,7 +90,10 @@ pub async fn read_body_within(
                     humantime::format_duration(timeout)
                 ),
             )
-            .with("limit_ms", u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)))
+            .with(
+                "limit_ms",
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            ))
         })
 }
 

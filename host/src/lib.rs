@@ -144,7 +144,13 @@ pub async fn run(
         max_connections: config.max_connections as usize,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let gateway_server = server::serve("gateway", gateway_listener, gateway, limits, stopped.clone());
+    let gateway_server = server::serve(
+        "gateway",
+        gateway_listener,
+        gateway,
+        limits,
+        stopped.clone(),
+    );
     let registry_server = server::serve("registry", registry_listener, registry, limits, stopped);
 
     shutdown.await;

@@ -410,9 +410,8 @@ struct RequestService {
 impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
     type Response = hyper::Response<Tracked>;
     type Error = std::convert::Infallible;
-    type Future = Pin<
-        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
-    >;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
 
     fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));

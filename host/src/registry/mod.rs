@@ -39,7 +39,7 @@ use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
 use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
-use store::{Store, StoreError, StoredService};
+use store::{RecordError, Store, StoreError, StoredService};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
@@ -95,16 +95,32 @@ impl Registry {
     /// service registers while the plugin is absent. A registration
     /// accepted earlier is never lost to a plugin that happened to be in
     /// the directory at start-up.
+    ///
+    /// A damaged database refuses the start ([`StoreError::Damaged`]); a
+    /// single record that cannot be read or fails its checksum is logged
+    /// (ERROR, naming the service), left in the database and not routed.
     pub fn open(services: Arc<ServiceTable>, config: RegistryConfig) -> Result<Self, StartError> {
         config.policy.validate()?;
         let store = Store::open(&config.database)?;
         let mut restored = 0;
+        let mut unchecked = 0;
         for loaded in store.load()? {
             let name = loaded.name;
+            unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
                 Ok(stored) if stored.spec.info.name == name => stored,
                 Ok(_) => {
                     tracing::error!(service = %name, "stored registration is filed under another name; left in the database, not routed");
+                    continue;
+                }
+                Err(RecordError::Checksum { stored, computed }) => {
+                    tracing::error!(
+                        service = %name,
+                        database = %config.database.display(),
+                        stored_xxh3 = format_args!("{stored:016x}"),
+                        computed_xxh3 = format_args!("{computed:016x}"),
+                        "stored registration fails its checksum (edited or damaged); left in the database, not routed; register the service again to replace it"
+                    );
                     continue;
                 }
                 Err(error) => {
@@ -136,8 +152,10 @@ impl Registry {
                 }
             }
         }
+        // Records from before checksums get one at their next write.
         tracing::info!(
             restored,
+            unchecked,
             database = %config.database.display(),
             "remote services restored"
         );
@@ -178,7 +196,7 @@ impl Registry {
             self.shared.body_timeout,
         )
         .await
-            .map_err(|error| error.with("field", "body"))
+        .map_err(|error| error.with("field", "body"))
     }
 
     /// The remote services in the table now.
