@@ -118,4 +118,37 @@ pub struct Config {
         default_values_t = crate::egress::DEFAULT_ALLOWED.iter().map(|net| net.parse::<IpNet>().expect("a valid default network")),
     )]
     pub upstream_allow: Vec<IpNet>,
+
+    /// Longest wait for a complete request head: from the accept for a
+    /// connection's first request, from its first byte for a later one.
+    /// Past it the client is answered 408 and the connection closed (both
+    /// listeners).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A keep-alive connection with no request in flight and no bytes
+    /// moving for this long is closed (both listeners).
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// A response the client reads nothing of for this long is dropped and
+    /// its connection closed, so a client that never reads cannot pin the
+    /// response in memory (both listeners).
+    #[arg(long, env = "WRITE_STALL_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+    pub write_stall_timeout: Duration,
+
+    /// Connections open at once on each listener; further ones wait in the
+    /// kernel's accept backlog until one closes.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+}
+
+/// A duration that is not zero: a zero timeout would close every
+/// connection at once.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than zero".to_owned()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }

@@ -1,5 +1,8 @@
 //! HTTP vocabulary shared by the gateway, the proxy and the registry API:
-//! the JSON error every refusal is answered with, and the edge checks.
+//! the JSON error every refusal is answered with, the bounded body reader
+//! (in size and time), and the edge checks.
+
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
@@ -66,6 +69,32 @@ pub async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<
             format!("could not read the request body: {error}"),
         )),
     }
+}
+
+/// [`read_body`], answered 408 if the whole body has not arrived within
+/// `timeout`: a client trickling its body cannot hold a handler (and the
+/// connection) open for longer.
+pub async fn read_body_within(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(timeout, read_body(body, headers, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+            .with(
+                "limit_ms",
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            ))
+        })
 }
 
 /// `error` and its sources, `: `-separated: hyper's own messages are terse

@@ -15,6 +15,7 @@ pub mod plugin_manager;
 pub mod proxy;
 pub mod registry;
 pub mod remote;
+pub mod server;
 pub mod service;
 mod sync;
 pub mod table;
@@ -57,7 +58,7 @@ pub enum HostError {
     /// The plugins directory cannot be watched.
     #[error(transparent)]
     Watch(#[from] watcher::WatchError),
-    /// A server failed.
+    /// A server task failed (it panicked).
     #[error("{what} server failed: {source}")]
     Serve {
         /// Which server.
@@ -113,6 +114,7 @@ pub async fn run(
                 evict_after: config.evict_after,
             },
             max_body_bytes: config.registry_max_body_bytes,
+            body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
@@ -165,9 +167,21 @@ pub async fn run(
         );
     }
 
+    let limits = server::ConnectionLimits {
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        write_stall_timeout: config.write_stall_timeout,
+        max_connections: config.max_connections as usize,
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let gateway_server = serve(gateway_listener, gateway, stopped.clone());
-    let registry_server = serve(registry_listener, registry, stopped);
+    let gateway_server = server::serve(
+        "gateway",
+        gateway_listener,
+        gateway,
+        limits,
+        stopped.clone(),
+    );
+    let registry_server = server::serve("registry", registry_listener, registry, limits, stopped);
 
     if !stopped_during_start {
         shutdown.await;
@@ -184,26 +198,20 @@ pub async fn run(
     drop(watcher);
     let _ = tokio::task::spawn_blocking(move || manager.join()).await;
     for (what, result) in [("gateway", gateway_result), ("registry", registry_result)] {
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(HostError::Serve { what, source }),
-            Err(join) => {
-                return Err(HostError::Serve {
-                    what,
-                    source: std::io::Error::other(join),
-                });
-            }
-        }
+        result.map_err(|join| HostError::Serve {
+            what,
+            source: std::io::Error::other(join),
+        })?;
     }
     Ok(())
 }
 
 /// Waits for a server to finish its requests, at most `deadline`, then
-/// stops it.
+/// stops it (which closes the connections still open).
 async fn finish(
-    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    mut server: tokio::task::JoinHandle<()>,
     deadline: std::time::Duration,
-) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+) -> Result<(), tokio::task::JoinError> {
     match tokio::time::timeout(deadline, &mut server).await {
         Ok(result) => result,
         Err(_) => {
@@ -213,30 +221,11 @@ async fn finish(
             );
             server.abort();
             match server.await {
-                Err(join) if join.is_cancelled() => Ok(Ok(())),
+                Err(join) if join.is_cancelled() => Ok(()),
                 other => other,
             }
         }
     }
-}
-
-/// Serves `router` on `listener` until `stopped` turns true, then finishes
-/// the requests in flight.
-fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    tokio::spawn(
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        })
-        .into_future(),
-    )
 }
 
 /// Binds `addr`; also returns the address really bound (port 0 picks one).

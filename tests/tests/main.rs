@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod abi;
+mod edge;
 mod gateway;
 mod hardening;
 mod lifecycle;
@@ -11,3 +12,4 @@ mod plugins;
 mod proxy;
 mod python_guide;
 mod registry;
+mod store;

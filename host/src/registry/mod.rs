@@ -37,13 +37,13 @@ pub use liveness::{InvalidPolicy, Policy};
 use liveness::Checker;
 
 use crate::egress::{EgressPolicy, LoopGuard};
-use crate::http::{ApiError, Escaped, read_body};
+use crate::http::{ApiError, Escaped, read_body_within};
 use crate::remote::{self, RemoteService};
 use crate::service::ServiceInfo;
 use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
-use store::{Store, StoreError, StoredService};
+use store::{RecordError, Store, StoreError, StoredService};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
@@ -54,6 +54,8 @@ pub struct RegistryConfig {
     pub policy: Policy,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// Longest wait for a whole request body (408 past it).
+    pub body_timeout: Duration,
     /// Most bytes of stored registrations, added up.
     pub max_stored_bytes: u64,
     /// Which upstream addresses a registration may name.
@@ -86,6 +88,7 @@ struct Shared {
     store: Arc<Store>,
     policy: Policy,
     max_body_bytes: usize,
+    body_timeout: Duration,
     max_stored_bytes: u64,
     /// What the stored registrations take; changed only under `writes`.
     storage: std::sync::Mutex<Storage>,
@@ -107,17 +110,33 @@ impl Registry {
     /// service registers while the plugin is absent. A registration
     /// accepted earlier is never lost to a plugin that happened to be in
     /// the directory at start-up.
+    ///
+    /// A damaged database refuses the start ([`StoreError::Damaged`]); a
+    /// single record that cannot be read or fails its checksum is logged
+    /// (ERROR, naming the service), left in the database and not routed.
     pub fn open(services: Arc<ServiceTable>, config: RegistryConfig) -> Result<Self, StartError> {
         config.policy.validate()?;
         let store = Store::open(&config.database)?;
         let mut restored = 0;
         let mut storage = Storage::default();
+        let mut unchecked = 0;
         for loaded in store.load()? {
             let name = loaded.name;
+            unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
                 Ok(stored) if stored.spec.info.name == name => stored,
                 Ok(_) => {
                     tracing::error!(service = %name, "stored registration is filed under another name; left in the database, not routed");
+                    continue;
+                }
+                Err(RecordError::Checksum { stored, computed }) => {
+                    tracing::error!(
+                        service = %name,
+                        database = %config.database.display(),
+                        stored_xxh3 = format_args!("{stored:016x}"),
+                        computed_xxh3 = format_args!("{computed:016x}"),
+                        "stored registration fails its checksum (edited or damaged); left in the database, not routed; register the service again to replace it"
+                    );
                     continue;
                 }
                 Err(error) => {
@@ -164,8 +183,10 @@ impl Registry {
                 }
             }
         }
+        // Records from before checksums get one at their next write.
         tracing::info!(
             restored,
+            unchecked,
             database = %config.database.display(),
             "remote services restored"
         );
@@ -175,6 +196,7 @@ impl Registry {
                 store: Arc::new(store),
                 policy: config.policy,
                 max_body_bytes: config.max_body_bytes,
+                body_timeout: config.body_timeout,
                 max_stored_bytes: config.max_stored_bytes,
                 storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
@@ -204,11 +226,16 @@ impl Registry {
         })
     }
 
-    /// A request's whole body, within the registry's limit.
+    /// A request's whole body, within the registry's size and time limits.
     async fn read_body(&self, body: Body, headers: &HeaderMap) -> Result<bytes::Bytes, ApiError> {
-        read_body(body, headers, self.shared.max_body_bytes)
-            .await
-            .map_err(|error| error.with("field", "body"))
+        read_body_within(
+            body,
+            headers,
+            self.shared.max_body_bytes,
+            self.shared.body_timeout,
+        )
+        .await
+        .map_err(|error| error.with("field", "body"))
     }
 
     /// The remote services in the table now.

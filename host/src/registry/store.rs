@@ -7,17 +7,56 @@
 //! stored: after a restart a service gets a fresh TTL and the health checks
 //! take over. The calls block on disk I/O; async callers run them on the
 //! blocking pool.
+//!
+//! **A damaged file is refused, never replaced.** Only a missing file means
+//! "new registry": an existing file is opened, never re-initialised, so a
+//! 0-byte (truncated) file is refused instead of silently becoming an empty
+//! registry. The open verifies every page's checksum (redb's integrity
+//! check), so a file altered outside redb fails with an error rather than
+//! being trusted. redb may still panic on a file it cannot make sense of;
+//! a panic is a Rust panic in this process, so the open and the first full
+//! read run under `catch_unwind` and a panic there becomes
+//! [`StoreError::Damaged`] as well. The error names the file and how to
+//! recover; the host does not start over a damaged registry.
+//!
+//! **Every record carries a checksum.** A value is the line
+//! `xxh3=<16 hex digits>\n` followed by the record's JSON; the checksum is
+//! xxh3-64 of the JSON bytes. It catches a value edited or damaged in a way
+//! redb's page checksums cannot see (a value rewritten through redb itself,
+//! or a future store whose pages carry no checksum). A record that fails it
+//! is reported as [`RecordError::Checksum`]: the registry logs it naming the
+//! service and does not route it, but keeps it in the database, exactly like
+//! a record it cannot decode. One bad record does not refuse the start,
+//! because the registry's other services are still sound and a refusal
+//! would take them all offline; the service's owner recovers by
+//! registering again, which overwrites the record.
+//!
+//! Records written before checksums (a bare JSON value, starting with `{`)
+//! are still read, reported as unchecked, and get a checksum at their next
+//! write (a registration or update). They are not rewritten at start-up:
+//! the host then never writes what no client asked it to, and a host of the
+//! previous version can still read a database this one only opened.
 
+use std::cell::Cell;
 use std::net::IpAddr;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::remote::{InstanceAddr, RemoteSpec};
 
-/// Service name -> JSON of a [`Record`].
+/// Service name -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
+
+/// What starts a value's checksum line.
+const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
+
+/// How to recover from a damaged database, for the error message.
+const RECOVERY: &str = "move it aside to start with an empty registry, or restore it from a backup";
 
 /// One registration as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +93,22 @@ pub enum StoreError {
         /// What redb said.
         source: redb::DatabaseError,
     },
+    /// The file exists but is not a sound database.
+    #[error("registry database {path} is damaged: {problem}; {RECOVERY}")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The file's size cannot be read.
+    #[error("registry database {path}: {source}")]
+    Inspect {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A read or a write failed.
     #[error("registry database: {0}")]
     Database(#[from] redb::Error),
@@ -62,47 +117,118 @@ pub enum StoreError {
     Encode(#[from] serde_json::Error),
 }
 
+/// Why one stored record is not used.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The record's bytes do not match the checksum stored with them.
+    #[error(
+        "record fails its checksum (stored xxh3 {stored:016x}, computed {computed:016x}): it was edited or damaged"
+    )]
+    Checksum {
+        /// The checksum stored with the record.
+        stored: u64,
+        /// The checksum of the bytes read.
+        computed: u64,
+    },
+    /// The checksum line is not `xxh3=<16 hex digits>`.
+    #[error("record has a malformed checksum line")]
+    ChecksumLine,
+    /// The record is not a registration this host can read.
+    #[error("record cannot be decoded: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
 /// One stored record as read back.
 #[derive(Debug)]
 pub struct Loaded {
     /// Its key.
     pub name: String,
-    /// The record, or why it cannot be read.
-    pub service: Result<StoredService, serde_json::Error>,
+    /// The record, or why it is not used.
+    pub service: Result<StoredService, RecordError>,
+    /// Whether it carried a checksum (records written before checksums do
+    /// not, until their next write).
+    pub checksummed: bool,
 }
 
 /// The open database.
 #[derive(Debug)]
 pub struct Store {
     db: Database,
+    path: PathBuf,
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path`. redb recovers from an
-    /// interrupted write by itself on open.
+    /// Opens the database at `path`, or creates it if there is no file.
+    /// redb recovers from an interrupted write by itself on open; a file
+    /// that is damaged otherwise is refused with [`StoreError::Damaged`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
+        let exists = match std::fs::metadata(path) {
+            Ok(metadata) if metadata.len() == 0 => {
+                return Err(damaged(
+                    path,
+                    "the file is empty (0 bytes), so every registration it held is gone",
+                ));
+            }
+            Ok(_) => true,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+            Err(source) => {
+                return Err(StoreError::Inspect {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let opened = catching_panics(|| {
+            let mut builder = Database::builder();
+            builder.set_check_integrity_on_open(true);
+            // `create` would initialise an empty file as a new database:
+            // an existing file must be opened, so damage is not papered
+            // over.
+            let db = if exists {
+                builder.open(path)
+            } else {
+                builder.create(path)
+            };
+            let db = db.map_err(|source| open_error(path, source))?;
+            // Create the table up front so that reads never meet a missing
+            // one.
+            let write = db.begin_write().map_err(redb::Error::from)?;
+            write.open_table(SERVICES).map_err(redb::Error::from)?;
+            write.commit().map_err(redb::Error::from)?;
+            Ok(db)
+        });
+        let db = opened
+            .map_err(|panic| damaged(path, &format!("the database engine failed on it ({panic})")))?
+            .map_err(|error| classify(path, error))?;
+        Ok(Self {
+            db,
             path: path.to_owned(),
-            source,
-        })?;
-        // Create the table up front so that reads never meet a missing one.
-        let write = db.begin_write().map_err(redb::Error::from)?;
-        write.open_table(SERVICES).map_err(redb::Error::from)?;
-        write.commit().map_err(redb::Error::from)?;
-        Ok(Self { db })
+        })
     }
 
     /// Every stored registration.
     pub fn load(&self) -> Result<Vec<Loaded>, StoreError> {
+        catching_panics(|| self.load_all())
+            .map_err(|panic| {
+                damaged(
+                    &self.path,
+                    &format!("the database engine failed reading it ({panic})"),
+                )
+            })?
+            .map_err(|error| classify(&self.path, error))
+    }
+
+    fn load_all(&self) -> Result<Vec<Loaded>, StoreError> {
         let read = self.db.begin_read().map_err(redb::Error::from)?;
         let table = read.open_table(SERVICES).map_err(redb::Error::from)?;
         let mut loaded = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
             let (name, value) = entry.map_err(redb::Error::from)?;
+            let (service, checksummed) = decode(value.value());
             loaded.push(Loaded {
                 name: name.value().to_owned(),
-                service: serde_json::from_slice::<Record>(value.value())
-                    .map(|Record::V1(service)| service),
+                service,
+                checksummed,
             });
         }
         Ok(loaded)
@@ -112,7 +238,7 @@ impl Store {
     /// when it returns.
     pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
         let name = service.spec.info.name.as_str();
-        let encoded = serde_json::to_vec(&Record::V1(service.clone()))?;
+        let encoded = encode(service)?;
         let write = self.db.begin_write().map_err(redb::Error::from)?;
         {
             let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
@@ -134,6 +260,116 @@ impl Store {
         write.commit().map_err(redb::Error::from)?;
         Ok(())
     }
+}
+
+/// The stored value of `service`: checksum line, then the record's JSON.
+fn encode(service: &StoredService) -> Result<Vec<u8>, serde_json::Error> {
+    let json = serde_json::to_vec(&Record::V1(service.clone()))?;
+    let mut value = format!("xxh3={:016x}\n", xxh3_64(&json)).into_bytes();
+    value.extend_from_slice(&json);
+    Ok(value)
+}
+
+/// A stored value back as a registration, and whether it had a checksum.
+fn decode(value: &[u8]) -> (Result<StoredService, RecordError>, bool) {
+    let Some(rest) = value.strip_prefix(CHECKSUM_PREFIX) else {
+        // Written before checksums: the bare JSON.
+        return (parse(value), false);
+    };
+    let checked = match rest.split_first_chunk::<16>() {
+        Some((hex, [b'\n', json @ ..])) => std::str::from_utf8(hex)
+            .ok()
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .ok_or(RecordError::ChecksumLine)
+            .and_then(|stored| {
+                let computed = xxh3_64(json);
+                if computed == stored {
+                    parse(json)
+                } else {
+                    Err(RecordError::Checksum { stored, computed })
+                }
+            }),
+        _ => Err(RecordError::ChecksumLine),
+    };
+    (checked, true)
+}
+
+fn parse(json: &[u8]) -> Result<StoredService, RecordError> {
+    let Record::V1(service) = serde_json::from_slice(json)?;
+    Ok(service)
+}
+
+fn damaged(path: &Path, problem: &str) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_owned(),
+        problem: problem.to_owned(),
+    }
+}
+
+fn open_error(path: &Path, source: redb::DatabaseError) -> StoreError {
+    StoreError::Open {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reports what says the file itself is unsound as [`StoreError::Damaged`];
+/// anything else (a lock held by another host, an I/O error) as it was.
+fn classify(path: &Path, error: StoreError) -> StoreError {
+    use redb::{DatabaseError, StorageError};
+    let problem = match &error {
+        StoreError::Open {
+            source: DatabaseError::Storage(StorageError::Corrupted(what)),
+            ..
+        }
+        | StoreError::Database(redb::Error::Corrupted(what)) => what.clone(),
+        StoreError::Open {
+            source: DatabaseError::Storage(StorageError::Io(io)),
+            ..
+        } if io.kind() == std::io::ErrorKind::InvalidData => format!("not a redb database ({io})"),
+        StoreError::Open {
+            source: DatabaseError::RepairAborted,
+            ..
+        }
+        | StoreError::Database(redb::Error::RepairAborted) => {
+            "its integrity check failed and it could not be repaired".to_owned()
+        }
+        _ => return error,
+    };
+    damaged(path, &problem)
+}
+
+thread_local! {
+    /// Set while [`catching_panics`] runs on this thread.
+    static CATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `operation`, turning a panic into `Err(message)`. redb panics on
+/// some damaged files (an `unreachable!` on a page it cannot make sense
+/// of); that is a Rust panic in our process, and a damaged file must be a
+/// clear refusal, not a crash. The panic hook stays quiet for panics caught
+/// here (the refusal says what happened); every other panic is reported as
+/// before.
+fn catching_panics<T>(operation: impl FnOnce() -> T) -> Result<T, String> {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if !CATCHING.get() {
+                previous(info);
+            }
+        }));
+    });
+    CATCHING.set(true);
+    let result = panic::catch_unwind(AssertUnwindSafe(operation));
+    CATCHING.set(false);
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|message| (*message).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned())
+    })
 }
 
 #[cfg(test)]
@@ -183,5 +419,103 @@ mod tests {
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].name, "a");
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("a", 3));
+    }
+
+    fn damage(result: Result<Store, StoreError>) -> String {
+        match result {
+            Err(StoreError::Damaged { problem, .. }) => problem,
+            other => panic!("expected a damaged-store error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_refused_not_reinitialised() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        std::fs::write(&path, b"").unwrap();
+        let problem = damage(Store::open(&path));
+        assert!(problem.contains("empty"), "{problem}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left untouched");
+    }
+
+    #[test]
+    fn garbage_pages_are_refused_without_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            for port in 1..50 {
+                store.put(&service(&format!("s{port}"), port)).unwrap();
+            }
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len();
+        // Everything past the header region: the tree pages.
+        for (offset, byte) in bytes[4096..len].iter_mut().enumerate() {
+            *byte = (offset * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let error = Store::open(&path).and_then(|store| store.load().map(|_| store));
+        let message = match error {
+            Err(error @ StoreError::Damaged { .. }) => error.to_string(),
+            other => panic!("expected a damaged-store error, got {other:?}"),
+        };
+        assert!(message.contains("registry.redb"), "{message}");
+        assert!(message.contains("move it aside"), "{message}");
+    }
+
+    #[test]
+    fn an_edited_record_fails_its_checksum_and_others_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store.put(&service("a", 1)).unwrap();
+            store.put(&service("b", 2)).unwrap();
+            let write = store.db.begin_write().unwrap();
+            {
+                let mut table = write.open_table(SERVICES).unwrap();
+                let edited = {
+                    let value = table.get("a").unwrap().unwrap();
+                    String::from_utf8(value.value().to_vec())
+                        .unwrap()
+                        .replace("\"port\":1", "\"port\":9")
+                };
+                table.insert("a", edited.as_bytes()).unwrap();
+            }
+            write.commit().unwrap();
+        }
+        let loaded = Store::open(&path).unwrap().load().unwrap();
+        assert!(matches!(
+            loaded[0].service,
+            Err(RecordError::Checksum { .. })
+        ));
+        assert_eq!(loaded[1].service.as_ref().unwrap(), &service("b", 2));
+    }
+
+    #[test]
+    fn records_without_a_checksum_load_and_get_one_when_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            // The format before checksums: the bare tagged JSON.
+            let legacy = serde_json::to_vec(&Record::V1(service("old", 1))).unwrap();
+            let write = store.db.begin_write().unwrap();
+            write
+                .open_table(SERVICES)
+                .unwrap()
+                .insert("old", legacy.as_slice())
+                .unwrap();
+            write.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(!loaded[0].checksummed);
+        assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 1));
+        store.put(&service("old", 2)).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded[0].checksummed);
+        assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 2));
     }
 }

@@ -30,6 +30,7 @@ fn open(dir: &std::path::Path) -> Router {
                 evict_after: Duration::from_secs(3600),
             },
             max_body_bytes: 64 * 1024,
+            body_timeout: Duration::from_secs(5),
             max_stored_bytes: 1024 * 1024,
             egress: Arc::new(
                 EgressPolicy::new(DEFAULT_ALLOWED.iter().map(|n| n.parse().unwrap()).collect())

@@ -267,6 +267,13 @@ impl Host {
     pub fn stop(&mut self) -> Option<ExitStatus> {
         self.proc.stop()
     }
+
+    /// Stops the host as [`Host::stop`] does and returns its directories
+    /// for a restart.
+    pub fn stop_keeping_dirs(mut self) -> (Option<ExitStatus>, Dirs) {
+        let exit = self.stop();
+        (exit, self.dirs.take().expect("dirs are only taken once"))
+    }
 }
 
 impl Drop for Host {

@@ -1,0 +1,195 @@
+//! A damaged registry database: refused at start with one ERROR line that
+//! names the file and the way out, never a panic, never an empty registry
+//! started over it; an edited record is reported and not routed.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use host_harness::http::{client, registration};
+use host_harness::workspace::{host_binary, host_builder};
+use host_harness::{Dirs, PATIENCE};
+use integration_tests::upstream::{Upstream, register};
+use redb::{ReadableDatabase, ReadableTable};
+
+/// Starts a host, registers one remote service per name, stops it, and
+/// returns its directories and the database file.
+async fn registered(names: &[&str], upstream: &Upstream) -> (Dirs, PathBuf) {
+    let host = host_builder().start().await.unwrap();
+    for name in names {
+        let (status, answer) = register(&host, &registration(name, upstream.addr())).await;
+        assert_eq!(status, 201, "{answer}");
+    }
+    let (exit, dirs) = host.stop_keeping_dirs();
+    assert!(exit.is_some_and(|exit| exit.success()), "{exit:?}");
+    let database = dirs.data().join("registry.redb");
+    (dirs, database)
+}
+
+/// Runs the binary on `dirs` and expects it to refuse to start: returns its
+/// exit status and everything it wrote to stderr. Fails if it starts
+/// listening instead.
+fn failed_start(dirs: &Dirs) -> (ExitStatus, String) {
+    let mut child = Command::new(host_binary())
+        .arg("--plugins-dir")
+        .arg(dirs.plugins())
+        .arg("--data-dir")
+        .arg(dirs.data())
+        .args([
+            "--gateway-addr",
+            "127.0.0.1:0",
+            "--registry-addr",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start plugin-host");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut log = Vec::new();
+    loop {
+        match received.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(line) => {
+                if line.contains("listening") {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "the host started over a damaged database:\n{}\n{line}",
+                        log.join("\n")
+                    );
+                }
+                log.push(line);
+            }
+            // The host exited and its stderr is drained.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the host neither started nor exited within {PATIENCE:?}:\n{}",
+                log.join("\n")
+            );
+        }
+    }
+    let status = child.wait().expect("wait");
+    (status, log.join("\n"))
+}
+
+/// The single ERROR line of a refused start.
+fn refusal(log: &str) -> &str {
+    let errors: Vec<&str> = log.lines().filter(|line| line.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "one ERROR line expected:\n{log}");
+    errors[0]
+}
+
+#[tokio::test]
+async fn an_emptied_database_is_refused_not_started_empty() {
+    let upstream = Upstream::start().await;
+    let (dirs, database) = registered(&["svc"], &upstream).await;
+    std::fs::File::create(&database).expect("truncate the database to 0 bytes");
+
+    let (status, log) = failed_start(&dirs);
+    assert_eq!(status.code(), Some(1), "{log}");
+    let line = refusal(&log);
+    assert!(line.contains(&database.display().to_string()), "{line}");
+    assert!(line.contains("empty (0 bytes)"), "{line}");
+    assert!(
+        line.contains("move it aside to start with an empty registry, or restore it from a backup"),
+        "{line}"
+    );
+    assert_eq!(
+        std::fs::metadata(&database).expect("still there").len(),
+        0,
+        "left as it was"
+    );
+}
+
+#[tokio::test]
+async fn garbage_in_the_database_pages_is_refused_without_a_panic() {
+    let upstream = Upstream::start().await;
+    let names: Vec<String> = (0..20).map(|index| format!("svc-{index}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (dirs, database) = registered(&names, &upstream).await;
+    let mut bytes = std::fs::read(&database).expect("read the database");
+    let len = bytes.len();
+    // Keep the file header, overwrite every page after it.
+    for (offset, byte) in bytes[4096..len].iter_mut().enumerate() {
+        *byte = (offset.wrapping_mul(31) ^ 0xA5) as u8;
+    }
+    std::fs::write(&database, &bytes).expect("write garbage");
+
+    let (status, log) = failed_start(&dirs);
+    assert_eq!(status.code(), Some(1), "exit 1, not a panic's 101:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let line = refusal(&log);
+    assert!(line.contains(&database.display().to_string()), "{line}");
+    assert!(line.contains("is damaged"), "{line}");
+    assert!(line.contains("move it aside"), "{line}");
+}
+
+#[tokio::test]
+async fn an_edited_record_fails_its_checksum_and_is_not_routed() {
+    let upstream = Upstream::start().await;
+    let (dirs, database) = registered(&["edited", "intact"], &upstream).await;
+    {
+        // Rewritten through redb itself, so only the record's own checksum
+        // can tell.
+        let table = redb::TableDefinition::<&str, &[u8]>::new("remote_services");
+        let db = redb::Database::open(&database).expect("open the database");
+        let write = db.begin_write().expect("write");
+        {
+            let mut services = write.open_table(table).expect("table");
+            let edited = {
+                let value = services.get("edited").expect("get").expect("stored");
+                let text = String::from_utf8(value.value().to_vec()).expect("utf-8");
+                assert!(text.contains("Test service edited"), "{text}");
+                text.replace("Service edited", "Service EDITED")
+            };
+            services
+                .insert("edited", edited.as_bytes())
+                .expect("insert");
+        }
+        write.commit().expect("commit");
+    }
+
+    let host = host_builder().dirs(dirs).start().await.unwrap();
+    let line = host
+        .wait_for_log("stored registration fails its checksum")
+        .await
+        .unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("service=edited"), "{line}");
+    let status = |path: &str| {
+        let url = host.gateway_url(path);
+        async move { client().get(url).send().await.expect("request").status() }
+    };
+    assert_eq!(status("/api/edited/hello").await, 404);
+    assert_eq!(status("/api/intact/hello").await, 200);
+    let (exit, dirs) = host.stop_keeping_dirs();
+    assert!(exit.is_some_and(|exit| exit.success()), "{exit:?}");
+
+    // Kept in the database, as it was.
+    let db = redb::Database::open(dirs.data().join("registry.redb")).expect("open");
+    let read = db.begin_read().expect("read");
+    let table = read
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("remote_services"))
+        .expect("table");
+    let value = table.get("edited").expect("get").expect("still stored");
+    assert!(String::from_utf8_lossy(value.value()).contains("Test service EDITED"));
+}
