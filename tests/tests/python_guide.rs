@@ -295,6 +295,18 @@ async fn section_5(gateway: &str, registry: &str, direct: &str) {
             json!({"service": "我的插件服务", "version": "1.0.0", "status": "running"})
         )
     );
+    // FastAPI redirects `/data/` to `http://<its Host>/data`: the client
+    // must land back on the gateway, not on the plugin's private port.
+    let redirected = client()
+        .get(format!("{gateway}/api/my-plugin/data/"))
+        .send()
+        .await
+        .expect("GET data/");
+    assert_eq!(
+        redirected.url().as_str(),
+        format!("{gateway}/api/my-plugin/data")
+    );
+    assert_eq!(redirected.status(), 200);
 }
 
 #[test]
