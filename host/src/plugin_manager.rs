@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use crate::plugin::{
-    Candidate, CloseReport, PluginLibrary, PluginRuntime, RuntimeLimits, ShutdownReport,
+    Candidate, CloseReport, FileChecks, PluginLibrary, PluginRuntime, RuntimeLimits,
+    ShutdownReport, ThreadBudget,
 };
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
@@ -39,6 +40,10 @@ pub struct ManagerConfig {
     /// Longest wait for each call into plugin code a load or unload waits
     /// for (`dlopen`, `config`, `init`, the shutdown hook).
     pub entry_timeout: Duration,
+    /// Which plugin files are trusted enough to read.
+    pub file_checks: FileChecks,
+    /// Worker threads of all plugins together.
+    pub max_plugin_threads: usize,
 }
 
 struct Mounted {
@@ -61,6 +66,7 @@ pub fn spawn(
         .spawn(move || {
             let freed = services.freed_names();
             let mut manager = Manager {
+                threads: ThreadBudget::new(config.max_plugin_threads),
                 config,
                 services,
                 mounted: HashMap::new(),
@@ -94,6 +100,7 @@ pub fn spawn(
 
 struct Manager {
     config: ManagerConfig,
+    threads: Arc<ThreadBudget>,
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
     /// Files refused because another service held their name: loaded again
@@ -113,7 +120,7 @@ impl Manager {
         self.waiting_for_name.remove(&path);
         let started = Instant::now();
         let file = file_name(&path);
-        let candidate = match Candidate::read(&path) {
+        let candidate = match Candidate::read(&path, self.config.file_checks) {
             Ok(candidate) => candidate,
             Err(error) => {
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
@@ -129,6 +136,22 @@ impl Manager {
             return;
         }
         let digest = candidate.digest();
+        // Before any plugin code runs: a plugin refused for want of threads
+        // must not have run its initializers. The version this file
+        // replaces gives its workers back once drained; until then the swap
+        // may use them (see `ThreadBudget::acquire`).
+        let replacing = self
+            .mounted
+            .get(&path)
+            .map_or(0, |mounted| mounted.runtime.worker_count());
+        let wanted = usize::from(self.config.limits.workers);
+        let workers = match self.threads.acquire(wanted, replacing) {
+            Ok(workers) => workers,
+            Err(error) => {
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
+                return;
+            }
+        };
         let stem = path
             .file_stem()
             .map(|stem| stem.to_string_lossy().into_owned())
@@ -152,10 +175,12 @@ impl Manager {
             self.waiting_for_name.insert(path, name);
             return;
         }
+        let granted = workers.len();
         let runtime = match PluginRuntime::start(
             &name,
             library,
-            self.config.limits,
+            workers,
+            self.config.limits.queue,
             self.config.entry_timeout,
         ) {
             Ok(runtime) => Arc::new(runtime),
@@ -196,6 +221,16 @@ impl Manager {
             },
         );
         let replaced = previous.is_some();
+        if granted < wanted {
+            tracing::warn!(
+                plugin = %name,
+                file = %file,
+                workers = granted,
+                wanted,
+                max_plugin_threads = self.threads.max(),
+                "plugin thread limit reached: plugin runs with fewer workers"
+            );
+        }
         if let Some(previous) = previous {
             if previous.name != name {
                 self.services
@@ -208,6 +243,7 @@ impl Manager {
             version = %version,
             file = %file,
             endpoints,
+            workers = granted,
             replaced,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "plugin mounted"
