@@ -464,3 +464,28 @@ fn work(shared: &Shared, queue: &Receiver<Job>) {
         let _ = reply.send(response);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_budget_degrades_refuses_and_takes_shares_back() {
+        let budget = ThreadBudget::new(5);
+        let first = budget.acquire(2, 0).unwrap();
+        let second = budget.acquire(2, 0).unwrap();
+        let third = budget.acquire(2, 0).unwrap();
+        assert_eq!(third.len(), 1, "what is left, at least one");
+        assert_eq!(
+            budget.acquire(2, 0).unwrap_err(),
+            BudgetExhausted { in_use: 5, max: 5 }
+        );
+        // A swap of `first` may use its share while both versions run.
+        let swapped = budget.acquire(2, first.len()).unwrap();
+        assert_eq!(swapped.len(), 2);
+        drop(first);
+        drop(second);
+        // 1 + 2 of 5 in use.
+        assert_eq!(budget.acquire(4, 0).map(|permits| permits.len()), Ok(2));
+    }
+}
