@@ -1,9 +1,10 @@
 //! The plugin manager: applies settled file events to the service table.
 //!
-//! It owns which file is mounted under which name. For a changed file it
-//! asks the loader for a library, starts a runtime for it, and swaps it into
-//! the table in one step, so a request sees the old version or the new one,
-//! never neither. Whatever leaves the table (replaced, removed, refused
+//! It owns which file is mounted under which name, and the budget of
+//! worker threads all plugins share. For a changed file it takes the
+//! file's workers from that budget, asks the loader for a library, starts
+//! a runtime for it, and swaps it into the table in one step, so a request
+//! sees the old version or the new one, never neither. Whatever leaves the table (replaced, removed, refused
 //! after start) is unloaded on a thread of its own: wait (bounded by the
 //! drain timeout, woken by the last call's end) until no call is in flight,
 //! then shut the runtime down. It runs on one std thread, so file events

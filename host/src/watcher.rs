@@ -10,8 +10,8 @@
 //! A change of a file's metadata (`chmod`, `chown`) is a change like any
 //! other, since it decides whether the file is trusted; one of the
 //! directory's own re-examines every file in it. The initial scan feeds the
-//! same queue, so start-up loading and hot loading are one code path. It never opens a file's content: the loader
-//! does.
+//! same queue, so start-up loading and hot loading are one code path. It
+//! never opens a file's content: the loader does.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::DirBuilderExt;

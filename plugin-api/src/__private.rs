@@ -54,8 +54,10 @@ thread_local! {
     /// it pins nothing on the host's threads.
     static IN_ENTRY: Cell<bool> = const { Cell::new(false) };
     /// Where the last panic inside an entry point was raised, from the hook
-    /// to the entry point's `catch_unwind`. Taken right after each panic,
-    /// so it is empty whenever the thread exits.
+    /// to the entry point's `catch_unwind`, which takes it. Touched only by
+    /// a panic; its destructor, registered then, runs at the thread's exit,
+    /// which the host waits for before it closes the library (it joins
+    /// every thread that ran plugin code).
     static PANIC_LOCATION: Cell<Option<String>> = const { Cell::new(None) };
 }
 

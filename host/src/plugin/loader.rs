@@ -171,7 +171,10 @@ impl Candidate {
             return Err(LoadError::TooLarge { size });
         }
         let mut file = file.take(MAX_LIBRARY_BYTES);
-        let mut bytes = Vec::new();
+        // Sized once: growing a buffer of many megabytes by doubling, on
+        // every load, fragments the heap (the host's RSS grew by the
+        // library's size per load).
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         (&mut file).take(4).read_to_end(&mut bytes)?;
         if bytes.len() == 4 && bytes != b"\x7fELF" {
             return Err(LoadError::NotElf);
