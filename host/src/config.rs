@@ -10,6 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 use ipnet::IpNet;
 
+use crate::plugin::FileChecks;
+
 /// Command line of `plugin-host`. Every option can also be set by the
 /// environment variable named in its help.
 #[derive(Debug, Clone, Parser)]
@@ -141,6 +143,21 @@ pub struct Config {
     /// kernel's accept backlog until one closes.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Which plugin files are trusted: `strict` refuses a plugin file (or
+    /// a symlink's target) that is writable by group or others, whose
+    /// directory is, or that is owned by neither the host's user nor root,
+    /// as sshd's StrictModes does; `off` checks only that it is a regular
+    /// file, for a directory protected some other way.
+    #[arg(long, env = "PLUGIN_FILE_CHECKS", value_enum, default_value_t = FileChecks::Strict)]
+    pub plugin_file_checks: FileChecks,
+
+    /// Worker threads of all plugins together. A plugin gets
+    /// `--plugin-workers` threads, or as many as are left (at least one);
+    /// with none left it is refused. A swap may exceed the limit by the
+    /// replaced version's workers until that version has drained.
+    #[arg(long, env = "MAX_PLUGIN_THREADS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_plugin_threads: u32,
 }
 
 /// A duration that is not zero: a zero timeout would close every

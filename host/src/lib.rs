@@ -132,6 +132,8 @@ pub async fn run(
             },
             drain_timeout: config.drain_timeout,
             entry_timeout: config.plugin_entry_timeout,
+            file_checks: config.plugin_file_checks,
+            max_plugin_threads: config.max_plugin_threads as usize,
         },
         services.clone(),
         file_events_rx,

@@ -1,9 +1,10 @@
 //! The plugin manager: applies settled file events to the service table.
 //!
-//! It owns which file is mounted under which name. For a changed file it
-//! asks the loader for a library, starts a runtime for it, and swaps it into
-//! the table in one step, so a request sees the old version or the new one,
-//! never neither. Whatever leaves the table (replaced, removed, refused
+//! It owns which file is mounted under which name, and the budget of
+//! worker threads all plugins share. For a changed file it takes the
+//! file's workers from that budget, asks the loader for a library, starts
+//! a runtime for it, and swaps it into the table in one step, so a request
+//! sees the old version or the new one, never neither. Whatever leaves the table (replaced, removed, refused
 //! after start) is unloaded on a thread of its own: wait (bounded by the
 //! drain timeout, woken by the last call's end) until no call is in flight,
 //! then shut the runtime down. It runs on one std thread, so file events
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use crate::plugin::{
-    Candidate, CloseReport, PluginLibrary, PluginRuntime, RuntimeLimits, ShutdownReport,
+    Candidate, CloseReport, FileChecks, PluginLibrary, PluginRuntime, RuntimeLimits,
+    ShutdownReport, ThreadBudget,
 };
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
@@ -39,6 +41,10 @@ pub struct ManagerConfig {
     /// Longest wait for each call into plugin code a load or unload waits
     /// for (`dlopen`, `config`, `init`, the shutdown hook).
     pub entry_timeout: Duration,
+    /// Which plugin files are trusted enough to read.
+    pub file_checks: FileChecks,
+    /// Worker threads of all plugins together.
+    pub max_plugin_threads: usize,
 }
 
 struct Mounted {
@@ -61,6 +67,7 @@ pub fn spawn(
         .spawn(move || {
             let freed = services.freed_names();
             let mut manager = Manager {
+                threads: ThreadBudget::new(config.max_plugin_threads),
                 config,
                 services,
                 mounted: HashMap::new(),
@@ -94,6 +101,7 @@ pub fn spawn(
 
 struct Manager {
     config: ManagerConfig,
+    threads: Arc<ThreadBudget>,
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
     /// Files refused because another service held their name: loaded again
@@ -113,7 +121,7 @@ impl Manager {
         self.waiting_for_name.remove(&path);
         let started = Instant::now();
         let file = file_name(&path);
-        let candidate = match Candidate::read(&path) {
+        let candidate = match Candidate::read(&path, self.config.file_checks) {
             Ok(candidate) => candidate,
             Err(error) => {
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
@@ -129,6 +137,22 @@ impl Manager {
             return;
         }
         let digest = candidate.digest();
+        // Before any plugin code runs: a plugin refused for want of threads
+        // must not have run its initializers. The version this file
+        // replaces gives its workers back once drained; until then the swap
+        // may use them (see `ThreadBudget::acquire`).
+        let replacing = self
+            .mounted
+            .get(&path)
+            .map_or(0, |mounted| mounted.runtime.worker_count());
+        let wanted = usize::from(self.config.limits.workers);
+        let workers = match self.threads.acquire(wanted, replacing) {
+            Ok(workers) => workers,
+            Err(error) => {
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
+                return;
+            }
+        };
         let stem = path
             .file_stem()
             .map(|stem| stem.to_string_lossy().into_owned())
@@ -152,10 +176,12 @@ impl Manager {
             self.waiting_for_name.insert(path, name);
             return;
         }
+        let granted = workers.len();
         let runtime = match PluginRuntime::start(
             &name,
             library,
-            self.config.limits,
+            workers,
+            self.config.limits.queue,
             self.config.entry_timeout,
         ) {
             Ok(runtime) => Arc::new(runtime),
@@ -196,6 +222,16 @@ impl Manager {
             },
         );
         let replaced = previous.is_some();
+        if granted < wanted {
+            tracing::warn!(
+                plugin = %name,
+                file = %file,
+                workers = granted,
+                wanted,
+                max_plugin_threads = self.threads.max(),
+                "plugin thread limit reached: plugin runs with fewer workers"
+            );
+        }
         if let Some(previous) = previous {
             if previous.name != name {
                 self.services
@@ -208,6 +244,7 @@ impl Manager {
             version = %version,
             file = %file,
             endpoints,
+            workers = granted,
             replaced,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "plugin mounted"

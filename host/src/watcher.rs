@@ -7,17 +7,20 @@
 //! not change over that period. Whether the path then exists decides
 //! between [`FileEvent::Changed`] and [`FileEvent::Removed`]: renames in and
 //! out, atomic replaces and `cp` over a file all reduce to that one question.
-//! The initial scan feeds the same queue, so start-up loading and hot
-//! loading are one code path. It never opens a file's content: the loader
-//! does.
+//! A change of a file's metadata (`chmod`, `chown`) is a change like any
+//! other, since it decides whether the file is trusted; one of the
+//! directory's own re-examines every file in it. The initial scan feeds the
+//! same queue, so start-up loading and hot loading are one code path. It
+//! never opens a file's content: the loader does.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 
 /// A settled change of a plugin file.
@@ -89,13 +92,26 @@ pub fn watch(
         path: dir.to_owned(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(dir_error)?;
+    // Never group- or world-writable, whatever the umask: the host refuses
+    // files in such a directory (`--plugin-file-checks`).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(dir_error)?;
     // notify reports absolute paths; compare like with like.
     let dir = &dir.canonicalize().map_err(dir_error)?;
     let (raw_tx, raw_rx) = crossbeam_channel::unbounded::<Raw>();
+    let watched = dir.clone();
     let mut notify = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let raw = match event {
             Ok(event) if event.need_rescan() => Raw::Rescan,
+            // The directory's own owner or mode changed, and with it
+            // whether the host trusts the files in it: every file is looked
+            // at again.
+            Ok(event) if is_metadata_change(&event.kind) && event.paths.contains(&watched) => {
+                Raw::Rescan
+            }
             Ok(event) if is_content_read(&event.kind) => return,
             Ok(event) => Raw::Paths(event.paths),
             Err(error) => {
@@ -131,6 +147,10 @@ pub fn watch(
         notify: Some(notify),
         debouncer: Some(debouncer),
     })
+}
+
+fn is_metadata_change(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Modify(ModifyKind::Metadata(_)))
 }
 
 /// Reads do not change a file, and the loader's own read of a file must not

@@ -5,10 +5,12 @@
 //! host (it would abort the process).
 
 use std::any::Any;
+use std::cell::Cell;
 use std::ffi::c_void;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{self, AssertUnwindSafe, catch_unwind};
+use std::sync::Once;
 
-use abi_stable::std_types::{RErr, ROk, RResult, RString};
+use abi_stable::std_types::{RErr, ROk, RResult, RSome, RString};
 
 use crate::ffi::{
     self, ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiRequest, FfiResponse,
@@ -46,6 +48,76 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+thread_local! {
+    /// Whether this thread is inside one of the entry points below: only
+    /// their panics are kept from the plugin's panic hook. No destructor, so
+    /// it pins nothing on the host's threads.
+    static IN_ENTRY: Cell<bool> = const { Cell::new(false) };
+    /// Where the last panic inside an entry point was raised, from the hook
+    /// to the entry point's `catch_unwind`, which takes it. Touched only by
+    /// a panic; its destructor, registered then, runs at the thread's exit,
+    /// which the host waits for before it closes the library (it joins
+    /// every thread that ran plugin code).
+    static PANIC_LOCATION: Cell<Option<String>> = const { Cell::new(None) };
+}
+
+/// Replaces the plugin's panic hook, once per load, by one that records
+/// where a panic inside an entry point was raised instead of printing it:
+/// the entry point hands the message to the host, which logs it under its
+/// own rate limit (std's default hook writes every panic to stderr, outside
+/// the host's logging, which a handler panicking under load turns into a
+/// flood). Panics on threads of the plugin's own keep the previous hook.
+///
+/// The hook lives in the plugin's own copy of std (its hook `static` is in
+/// this library's data), never in the host's: only panics raised by this
+/// library's code consult it, and the closure and the `static` holding it
+/// are unmapped together by `dlclose`, after the host joined every thread
+/// that ran plugin code. So nothing can reach it once the library is gone,
+/// and `destroy` has nothing to restore. Each load is a fresh copy of the
+/// library, with a fresh `INSTALL`, hence once per load.
+fn quiet_entry_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            if IN_ENTRY.get() {
+                PANIC_LOCATION.set(info.location().map(ToString::to_string));
+            } else {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// A panic caught in an entry point.
+struct Caught {
+    message: String,
+    location: Option<String>,
+}
+
+impl Caught {
+    /// `<what> panicked at <location>: <message>`, for the host's log.
+    fn describe(&self, what: &str) -> String {
+        match &self.location {
+            Some(location) => format!("{what} panicked at {location}: {}", self.message),
+            None => format!("{what} panicked: {}", self.message),
+        }
+    }
+}
+
+/// Runs `f` as an entry point: a panic is caught, kept from the plugin's
+/// panic hook, and returned with its message and location.
+fn entry<R>(f: impl FnOnce() -> R) -> Result<R, Caught> {
+    quiet_entry_panics();
+    IN_ENTRY.set(true);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    IN_ENTRY.set(false);
+    result.map_err(|payload| Caught {
+        message: panic_message(&*payload),
+        location: PANIC_LOCATION.take(),
+    })
+}
+
 /// Not generic: the fingerprint is a property of this copy of `plugin-api`,
 /// whatever the plugin.
 extern "C" fn layout_fingerprint() -> u64 {
@@ -56,14 +128,14 @@ extern "C" fn layout_fingerprint() -> u64 {
 }
 
 extern "C" fn service_config<P: Plugin>() -> RResult<FfiServiceConfig, RString> {
-    match catch_unwind(|| P::config().into_ffi(&P::router())) {
+    match entry(|| P::config().into_ffi(&P::router())) {
         Ok(config) => ROk(config),
-        Err(payload) => RErr(format!("config panicked: {}", panic_message(&*payload)).into()),
+        Err(caught) => RErr(format!("config panicked: {}", caught.message).into()),
     }
 }
 
 extern "C" fn create<P: Plugin>() -> RResult<InstancePtr, RString> {
-    let result = catch_unwind(|| -> Result<InstancePtr, String> {
+    let result = entry(|| -> Result<InstancePtr, String> {
         let plugin = P::init().map_err(|e| e.message().to_owned())?;
         let instance = Box::new(Instance {
             plugin,
@@ -74,7 +146,7 @@ extern "C" fn create<P: Plugin>() -> RResult<InstancePtr, RString> {
     match result {
         Ok(Ok(ptr)) => ROk(ptr),
         Ok(Err(message)) => RErr(format!("init failed: {message}").into()),
-        Err(payload) => RErr(format!("init panicked: {}", panic_message(&*payload)).into()),
+        Err(caught) => RErr(format!("init panicked: {}", caught.message).into()),
     }
 }
 
@@ -82,29 +154,29 @@ extern "C" fn handle<P: Plugin>(instance: InstancePtr, request: &FfiRequest<'_>)
     // SAFETY: the host passes back the pointer `create` returned, and calls
     // `destroy` only after every `handle` call returned.
     let instance = unsafe { &*instance.0.cast::<Instance<P>>() };
-    let response = catch_unwind(AssertUnwindSafe(|| {
-        instance.router.dispatch(&instance.plugin, request)
-    }))
-    .unwrap_or_else(|payload| {
-        Err(Error::internal(format!(
-            "handler panicked: {}",
-            panic_message(&*payload)
-        )))
-    });
-    response.unwrap_or_else(Error::into_response).into_ffi()
+    match entry(|| instance.router.dispatch(&instance.plugin, request)) {
+        Ok(response) => response.unwrap_or_else(Error::into_response).into_ffi(),
+        Err(caught) => {
+            // The client learns that the handler panicked and why; where in
+            // the plugin's source is for the host's log only.
+            let mut response = Error::internal(format!("handler panicked: {}", caught.message))
+                .into_response()
+                .into_ffi();
+            response.panic = RSome(caught.describe("handler").into());
+            response
+        }
+    }
 }
 
 extern "C" fn destroy<P: Plugin>(instance: InstancePtr) -> RResult<(), RString> {
     // SAFETY: `create` made this pointer with `Box::into_raw`, and the host
     // calls `destroy` once, after the last `handle` returned.
     let instance = unsafe { Box::from_raw(instance.0.cast::<Instance<P>>()) };
-    let hook = catch_unwind(AssertUnwindSafe(|| instance.plugin.shutdown()));
-    let drop_result = catch_unwind(AssertUnwindSafe(move || drop(instance)));
+    let hook = entry(|| instance.plugin.shutdown());
+    let drop_result = entry(move || drop(instance));
     match (hook, drop_result) {
         (Ok(()), Ok(())) => ROk(()),
-        (Err(payload), _) => {
-            RErr(format!("shutdown panicked: {}", panic_message(&*payload)).into())
-        }
-        (_, Err(payload)) => RErr(format!("drop panicked: {}", panic_message(&*payload)).into()),
+        (Err(caught), _) => RErr(format!("shutdown panicked: {}", caught.message).into()),
+        (_, Err(caught)) => RErr(format!("drop panicked: {}", caught.message).into()),
     }
 }

@@ -25,7 +25,7 @@ use std::ffi::c_void;
 use std::sync::OnceLock;
 
 use abi_stable::StableAbi;
-use abi_stable::std_types::{RResult, RSlice, RStr, RString, RVec};
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr, RString, RVec};
 use abi_stable::type_layout::TypeLayout;
 
 /// The version of this ABI. The host refuses a library whose descriptor
@@ -33,8 +33,9 @@ use abi_stable::type_layout::TypeLayout;
 /// the [layout fingerprint](layout_fingerprint) catches a change nobody
 /// bumped it for, but only from version 2 on, and with a vaguer message.
 ///
-/// Version 2 added [`PluginDescriptor::layout_fingerprint`].
-pub const ABI_VERSION: u32 = 2;
+/// Version 2 added [`PluginDescriptor::layout_fingerprint`], version 3
+/// [`FfiResponse::panic`].
+pub const ABI_VERSION: u32 = 3;
 
 /// Name of the symbol every plugin library exports, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"plugin_api_entry\0";
@@ -204,6 +205,11 @@ pub struct FfiResponse {
     pub headers: RVec<FfiHeader>,
     /// The whole response body.
     pub body: RVec<u8>,
+    /// If the handler panicked: the panic's message and where it was
+    /// raised, for the host's log (the response is then the SDK's 500). The
+    /// SDK keeps the plugin's own panic hook from printing it, so that the
+    /// host decides what reaches its log, and how often.
+    pub panic: ROption<RString>,
 }
 
 /// An owned response header.

@@ -51,7 +51,9 @@
 //! # Rules for plugin code
 //! - Do not spawn threads that outlive [`Plugin::shutdown`]: a live thread
 //!   keeps the library mapped (the host then logs that it could not unload).
-//! - Panics are caught at the boundary and answered with a 500.
+//! - Panics are caught at the boundary and answered with a 500; the host
+//!   logs them (rate-limited), and the SDK keeps your library's panic hook
+//!   from printing them.
 //! - Do not start an async runtime of your own to serve requests; handlers are
 //!   synchronous by design.
 

@@ -1,4 +1,4 @@
-use abi_stable::std_types::RVec;
+use abi_stable::std_types::{RNone, RVec};
 use serde::Serialize;
 
 use crate::ffi::{FfiHeader, FfiResponse};
@@ -85,6 +85,7 @@ impl Response {
                 })
                 .collect(),
             body: RVec::from(self.body),
+            panic: RNone,
         }
     }
 }

@@ -8,6 +8,8 @@ mod gateway;
 mod hardening;
 mod lifecycle;
 mod liveness;
+mod plugin_files;
+mod plugin_limits;
 mod plugins;
 mod proxy;
 mod python_guide;

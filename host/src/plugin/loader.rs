@@ -1,10 +1,12 @@
 //! The loader: from a file in the plugins directory to an open library whose
 //! ABI and config were checked. The only module with `unsafe` code.
 //!
-//! It never opens the watched file itself. It reads the file once, checks
-//! the ELF header, writes a private copy at a unique path (so `dlopen` can
-//! never hand back a cached older library, and a `cp` over the watched file
-//! cannot touch mapped code), opens the copy, checks the ABI version and
+//! It never `dlopen`s the watched file itself. It opens the file once,
+//! after the ownership and permission checks of [`super::file_checks`] (on
+//! the descriptor it then reads from), reads it, checks the ELF header,
+//! writes a private copy at a unique path (so `dlopen` can never hand back
+//! a cached older library, and a `cp` over the watched file cannot touch
+//! mapped code), opens the copy, checks the ABI version and
 //! descriptor size, then the layout fingerprint, before reading anything
 //! else, and copies the service config into host-owned memory. Plugin code
 //! it runs (the initializers `dlopen` runs, the entry point, the
@@ -17,6 +19,8 @@
 //! library; it closes the library only in [`PluginLibrary::close`], which
 //! consumes it.
 
+use std::fs::File;
+use std::io::Read;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,8 +33,9 @@ use plugin_api::ffi::{
 };
 
 use super::entry::{EntryError, run_bounded};
+use super::file_checks::{self, FileChecks, OpenError, Untrusted};
 use super::message::{PluginRequest, PluginResponse};
-use crate::http::error_chain;
+use crate::http::{Escaped, error_chain};
 use crate::service::{self, Endpoint, ServiceInfo};
 
 /// Why a plugin file was refused.
@@ -39,6 +44,19 @@ pub enum LoadError {
     /// The file could not be read or copied.
     #[error("could not read or copy the file: {0}")]
     Io(#[from] std::io::Error),
+    /// The file (or its directory, or a symlink's target) may be written by
+    /// someone the host does not trust.
+    #[error(transparent)]
+    Untrusted(#[from] Untrusted),
+    /// The file is a symlink, and what it points to was refused: the
+    /// message names the file that was really read.
+    #[error("symlink to {}: {source}", Escaped(&target.to_string_lossy()))]
+    LinkTarget {
+        /// The resolved target.
+        target: PathBuf,
+        /// Why it was refused.
+        source: Box<LoadError>,
+    },
     /// Larger than any plugin library should be; not read.
     #[error(
         "file is {size} bytes, more than the limit of {MAX_LIBRARY_BYTES} bytes for a plugin library"
@@ -115,6 +133,15 @@ pub enum LoadError {
     Thread(String),
 }
 
+impl From<OpenError> for LoadError {
+    fn from(error: OpenError) -> Self {
+        match error {
+            OpenError::Io(error) => LoadError::Io(error),
+            OpenError::Untrusted(error) => LoadError::Untrusted(error),
+        }
+    }
+}
+
 /// A plugin file's bytes, read once and checked to be a loadable ELF
 /// shared object for this host.
 #[derive(Debug)]
@@ -124,13 +151,35 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// Reads `path` and checks its ELF header.
-    pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let size = std::fs::metadata(path)?.len();
+    /// Opens `path` after the checks `checks` asks for ([`file_checks`]),
+    /// then reads it from that descriptor and checks its ELF header. A file
+    /// that does not start like an ELF file is refused after its first
+    /// bytes, never read whole.
+    pub fn read(path: &Path, checks: FileChecks) -> Result<Self, LoadError> {
+        let opened = file_checks::open(path, checks, host_uid())?;
+        Self::read_elf(opened.file, opened.size).map_err(|error| match opened.link_target {
+            Some(target) => LoadError::LinkTarget {
+                target,
+                source: Box::new(error),
+            },
+            None => error,
+        })
+    }
+
+    fn read_elf(file: File, size: u64) -> Result<Self, LoadError> {
         if size > MAX_LIBRARY_BYTES {
             return Err(LoadError::TooLarge { size });
         }
-        let bytes = std::fs::read(path)?;
+        let mut file = file.take(MAX_LIBRARY_BYTES);
+        // Sized once: growing a buffer of many megabytes by doubling, on
+        // every load, fragments the heap (the host's RSS grew by the
+        // library's size per load).
+        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        (&mut file).take(4).read_to_end(&mut bytes)?;
+        if bytes.len() == 4 && bytes != b"\x7fELF" {
+            return Err(LoadError::NotElf);
+        }
+        file.read_to_end(&mut bytes)?;
         check_elf(&bytes)?;
         Ok(Self {
             digest: xxhash_rust::xxh3::xxh3_64(&bytes),
@@ -142,6 +191,14 @@ impl Candidate {
     pub fn digest(&self) -> u64 {
         self.digest
     }
+}
+
+/// The host's effective uid: the user besides root whose plugin files it
+/// trusts.
+fn host_uid() -> u32 {
+    // SAFETY: `geteuid` takes nothing, cannot fail and touches no memory of
+    // ours; libc declares every foreign function `unsafe`.
+    unsafe { libc::geteuid() }
 }
 
 /// Largest plugin file read. The loader holds a file in memory while it
@@ -364,9 +421,14 @@ impl PluginLibrary {
         }
     }
 
-    /// Handles one request. Runs plugin code: call it only from the
-    /// plugin's own worker threads.
-    pub fn handle(&self, instance: &Instance, request: &PluginRequest) -> PluginResponse {
+    /// Handles one request, and returns the answer with the handler's panic
+    /// message if it panicked (the answer is then the SDK's 500). Runs
+    /// plugin code: call it only from the plugin's own worker threads.
+    pub fn handle(
+        &self,
+        instance: &Instance,
+        request: &PluginRequest,
+    ) -> (PluginResponse, Option<String>) {
         let headers: Vec<FfiHeaderRef<'_>> = request
             .headers
             .iter()
@@ -386,7 +448,7 @@ impl PluginLibrary {
         let response = (self.handle)(instance.0, &ffi_request);
         // Copy into host memory; dropping `response` frees the plugin's
         // allocations through the plugin's own allocator, while it is loaded.
-        PluginResponse {
+        let answer = PluginResponse {
             status: response.status,
             headers: response
                 .headers
@@ -394,7 +456,13 @@ impl PluginLibrary {
                 .map(|header| (header.name.to_string(), header.value.to_vec()))
                 .collect(),
             body: response.body.to_vec(),
-        }
+        };
+        let panic = response
+            .panic
+            .as_ref()
+            .map(|message| message.to_string())
+            .into_option();
+        (answer, panic)
     }
 
     /// Runs the plugin's shutdown hook and frees its state. Runs plugin

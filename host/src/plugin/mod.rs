@@ -1,6 +1,7 @@
 //! In-process plugins: from a library file to threads that answer
 //! requests.
 //!
+//! [`file_checks`] decides which files are trusted enough to read;
 //! [`loader`] opens a checked private copy of a file and is the only code
 //! that holds pointers into a library; [`runtime`] owns the threads a
 //! plugin's code runs on and is the only way a plugin ends; [`entry`] runs
@@ -12,6 +13,7 @@
 //! runtimes.
 
 pub mod entry;
+pub mod file_checks;
 // The one module of the host allowed `unsafe`: opening libraries and
 // calling through their pointers cannot be done without it.
 #[allow(unsafe_code)]
@@ -20,6 +22,7 @@ pub mod message;
 pub mod runtime;
 
 pub use entry::EntryError;
+pub use file_checks::FileChecks;
 pub use loader::{Candidate, CloseReport, LoadError, PluginLibrary};
 pub use message::{PluginRequest, PluginResponse};
-pub use runtime::{CallError, PluginRuntime, RuntimeLimits, ShutdownReport};
+pub use runtime::{CallError, PluginRuntime, RuntimeLimits, ShutdownReport, ThreadBudget};

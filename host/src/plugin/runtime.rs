@@ -14,7 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use axum::http::StatusCode;
@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use super::entry::{EntryError, run_bounded};
 use super::loader::{CloseReport, Instance, PluginLibrary};
 use super::message::{PluginRequest, PluginResponse};
+use crate::http::Escaped;
 use crate::sync::{Tally, lock};
 
 /// Why a call got no answer from the plugin.
@@ -57,10 +58,134 @@ impl CallError {
 /// How a plugin's threads are sized.
 #[derive(Debug, Clone, Copy)]
 pub struct RuntimeLimits {
-    /// Worker threads.
+    /// Worker threads it asks the [`ThreadBudget`] for.
     pub workers: u16,
     /// Requests that may wait for a worker.
     pub queue: usize,
+}
+
+/// The worker threads all plugins together may have
+/// (`--max-plugin-threads`): each worker holds a [`WorkerPermit`] from the
+/// moment it is planned until its thread's loop ended, so a plugin's share
+/// comes back when it is unloaded, and a worker left running past the drain
+/// timeout keeps its share for as long as it runs.
+#[derive(Debug)]
+pub struct ThreadBudget {
+    max: usize,
+    used: Mutex<usize>,
+}
+
+/// Why a plugin got no worker thread.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "no plugin worker thread left: {in_use} of --max-plugin-threads={max} are in use; remove a plugin or raise the limit, then copy the file again"
+)]
+pub struct BudgetExhausted {
+    /// Worker threads of other plugins.
+    pub in_use: usize,
+    /// The limit.
+    pub max: usize,
+}
+
+impl ThreadBudget {
+    /// A budget of `max` worker threads.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            used: Mutex::new(0),
+        })
+    }
+
+    /// Up to `wanted` permits, as many as are left but at least one. A
+    /// load that replaces a mounted version may count that version's
+    /// `replacing` workers as free: both run side by side until the old one
+    /// drained, so a swap exceeds the limit by at most that many, for that
+    /// long, rather than failing when the limit is reached.
+    pub fn acquire(
+        self: &Arc<Self>,
+        wanted: usize,
+        replacing: usize,
+    ) -> Result<Vec<WorkerPermit>, BudgetExhausted> {
+        let mut used = lock(&self.used);
+        let granted = wanted.min((self.max + replacing).saturating_sub(*used));
+        if granted == 0 {
+            return Err(BudgetExhausted {
+                in_use: *used,
+                max: self.max,
+            });
+        }
+        *used += granted;
+        Ok((0..granted).map(|_| WorkerPermit(self.clone())).collect())
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One worker thread's share of a [`ThreadBudget`], given back when
+/// dropped.
+#[derive(Debug)]
+pub struct WorkerPermit(Arc<ThreadBudget>);
+
+impl Drop for WorkerPermit {
+    fn drop(&mut self) {
+        *lock(&self.0.used) -= 1;
+    }
+}
+
+/// Handler panics logged per plugin and second; more are counted and
+/// summed up in one line. A handler that panics on every request under load
+/// must not flood the host's log (its own panic hook, which printed each
+/// one, is silenced by the SDK).
+const PANIC_LINES_PER_SECOND: u32 = 5;
+
+/// The rate limit of one plugin's panic lines: a window of one second.
+struct PanicLog {
+    plugin: String,
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl PanicLog {
+    fn new(plugin: &str) -> Self {
+        Self {
+            plugin: plugin.to_owned(),
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn record(&mut self, message: &str) {
+        let now = Instant::now();
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            self.flush();
+            self.window = now;
+            self.logged = 0;
+        }
+        if self.logged < PANIC_LINES_PER_SECOND {
+            self.logged += 1;
+            tracing::warn!(plugin = %self.plugin, error = %Escaped(message), "plugin handler panicked");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    /// Logs how many lines were held back since the last summary, if any.
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                plugin = %self.plugin,
+                suppressed = self.suppressed,
+                limit_per_second = PANIC_LINES_PER_SECOND,
+                "suppressed plugin panic messages over the rate limit"
+            );
+            self.suppressed = 0;
+        }
+    }
 }
 
 struct Job {
@@ -68,10 +193,12 @@ struct Job {
     reply: oneshot::Sender<PluginResponse>,
 }
 
-/// What the workers share: the library and the plugin's state in it.
+/// What the workers share: the library, the plugin's state in it, and the
+/// rate limit of its panic lines.
 struct Shared {
     library: PluginLibrary,
     instance: Instance,
+    panics: Mutex<PanicLog>,
 }
 
 /// What [`PluginRuntime::shutdown`] found.
@@ -108,6 +235,8 @@ pub struct PluginRuntime {
     /// Worker threads whose loop has not ended; each holds one count.
     running: Arc<Tally>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// How many workers it started with.
+    worker_count: usize,
     shared: Mutex<Option<Arc<Shared>>>,
     /// Deadline of the shutdown hook.
     entry_timeout: Duration,
@@ -138,13 +267,16 @@ pub enum StartError {
 
 impl PluginRuntime {
     /// Creates the plugin's state on a thread of its own, waiting at most
-    /// `entry_timeout` for it, and starts the workers. `entry_timeout` also
-    /// bounds the shutdown hook. On failure the library is closed before
-    /// returning, unless plugin code may still run in it.
+    /// `entry_timeout` for it, and starts one worker per permit in
+    /// `workers`, each holding its permit until its loop ends, with a queue
+    /// of `queue` requests. `entry_timeout` also bounds the shutdown hook.
+    /// On failure the library is closed before returning, unless plugin
+    /// code may still run in it.
     pub fn start(
         name: &str,
         library: PluginLibrary,
-        limits: RuntimeLimits,
+        workers: Vec<WorkerPermit>,
+        queue: usize,
         entry_timeout: Duration,
     ) -> Result<Self, StartError> {
         // The library travels with the call and comes back with its result:
@@ -165,17 +297,22 @@ impl PluginRuntime {
                 return Err(StartError::Init(message));
             }
         };
-        let (jobs, queue) = crossbeam_channel::bounded::<Job>(limits.queue);
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(queue);
         let runtime = Self {
             name: name.to_owned(),
             jobs: ArcSwapOption::from_pointee(jobs),
             calls: Arc::default(),
             running: Arc::default(),
             workers: Mutex::new(Vec::new()),
-            shared: Mutex::new(Some(Arc::new(Shared { library, instance }))),
+            worker_count: workers.len(),
+            shared: Mutex::new(Some(Arc::new(Shared {
+                library,
+                instance,
+                panics: Mutex::new(PanicLog::new(name)),
+            }))),
             entry_timeout,
         };
-        for index in 0..limits.workers {
+        for (index, permit) in workers.into_iter().enumerate() {
             let queue = queue.clone();
             let shared = lock(&runtime.shared).clone();
             // Counted before the thread exists, so a shutdown can never
@@ -185,7 +322,9 @@ impl PluginRuntime {
                 .name(format!("plugin-{name}-{index}"))
                 .spawn(move || {
                     // Released when the loop ends, after the worker let go
-                    // of the shared state (or if it unwinds).
+                    // of the shared state (or if it unwinds); the permit
+                    // just after (declared first, dropped last).
+                    let _permit = permit;
                     let _running = running;
                     if let Some(shared) = shared {
                         work(&shared, &queue);
@@ -205,6 +344,11 @@ impl PluginRuntime {
     /// The plugin's service name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// How many worker threads it started with.
+    pub fn worker_count(&self) -> usize {
+        self.worker_count
     }
 
     /// Sends `request` to a worker and awaits the answer for at most
@@ -275,9 +419,17 @@ impl PluginRuntime {
         let Some(shared) = lock(&self.shared).take() else {
             return ShutdownReport::Leaked { running_workers: 0 };
         };
-        let Some(Shared { library, instance }) = Arc::into_inner(shared) else {
+        let Some(Shared {
+            library,
+            instance,
+            panics,
+        }) = Arc::into_inner(shared)
+        else {
             unreachable!("every worker holding the shared state was joined");
         };
+        // What was held back since the last summary is summed up before
+        // the plugin's last line.
+        lock(&panics).flush();
         let hook = run_bounded(
             "shutdown hook",
             format!("plugin-{}-shutdown", self.name),
@@ -304,8 +456,36 @@ fn work(shared: &Shared, queue: &Receiver<Job>) {
         if reply.is_closed() {
             continue;
         }
-        let response = shared.library.handle(&shared.instance, &request);
+        let (response, panic) = shared.library.handle(&shared.instance, &request);
+        if let Some(message) = panic {
+            lock(&shared.panics).record(&message);
+        }
         // The client may have given up (timeout); nobody else needs to know.
         let _ = reply.send(response);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_thread_budget_degrades_refuses_and_takes_shares_back() {
+        let budget = ThreadBudget::new(5);
+        let first = budget.acquire(2, 0).unwrap();
+        let second = budget.acquire(2, 0).unwrap();
+        let third = budget.acquire(2, 0).unwrap();
+        assert_eq!(third.len(), 1, "what is left, at least one");
+        assert_eq!(
+            budget.acquire(2, 0).unwrap_err(),
+            BudgetExhausted { in_use: 5, max: 5 }
+        );
+        // A swap of `first` may use its share while both versions run.
+        let swapped = budget.acquire(2, first.len()).unwrap();
+        assert_eq!(swapped.len(), 2);
+        drop(first);
+        drop(second);
+        // 1 + 2 of 5 in use.
+        assert_eq!(budget.acquire(4, 0).map(|permits| permits.len()), Ok(2));
     }
 }

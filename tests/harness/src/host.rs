@@ -1,6 +1,7 @@
 //! The real `plugin-host` on `127.0.0.1:0` with directories of its own.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
@@ -28,7 +29,11 @@ impl Dirs {
             .prefix("plugin-host-")
             .tempdir()
             .map_err(|error| Error::new(format!("temp dir: {error}")))?;
-        std::fs::create_dir(root.path().join("plugins"))
+        // Not group-writable whatever the umask: the host refuses the files
+        // of such a directory.
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(root.path().join("plugins"))
             .map_err(|error| Error::new(format!("plugins dir: {error}")))?;
         Ok(Self { root })
     }
@@ -191,12 +196,21 @@ impl Host {
     }
 
     /// Copies `library` into the plugins directory as `file` the way `cp`
-    /// does: truncating and rewriting the file in place.
+    /// does: truncating and rewriting the file in place. The copy is mode
+    /// 0755 whatever the source's mode and the umask: the host refuses a
+    /// group- or world-writable plugin file.
     pub fn install_plugin(&self, library: impl AsRef<Path>, file: &str) -> Result<()> {
         let library = library.as_ref();
-        std::fs::copy(library, self.plugins_dir().join(file))
-            .map(drop)
-            .map_err(|error| Error::new(format!("copy {} to {file}: {error}", library.display())))
+        let target = self.plugins_dir().join(file);
+        let failed = |error| Error::new(format!("copy {} to {file}: {error}", library.display()));
+        std::fs::copy(library, &target).map_err(failed)?;
+        // Only if needed: a chmod is an event the host reacts to.
+        let mode = std::fs::metadata(&target).map_err(failed)?.mode() & 0o7777;
+        if mode != 0o755 {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                .map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// Writes `library` under a name the watcher ignores, then renames it

@@ -8,7 +8,7 @@
 #![deny(unsafe_code)]
 
 use abi_stable::StableAbi;
-use abi_stable::std_types::{RResult, RString, RVec};
+use abi_stable::std_types::{ROption, RResult, RString, RVec};
 use plugin_api::ffi::{
     ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiHeader, FfiRequest, FfiServiceConfig,
     InstancePtr, layout_fingerprint_of,
@@ -24,6 +24,8 @@ pub struct FfiResponse {
     pub headers: RVec<FfiHeader>,
     /// As in `plugin-api`.
     pub body: RVec<u8>,
+    /// As in `plugin-api`.
+    pub panic: ROption<RString>,
 }
 
 /// `plugin_api::ffi::PluginDescriptor`, whose `handle` returns the changed
