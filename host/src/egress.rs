@@ -45,7 +45,8 @@ pub const DEFAULT_ALLOWED: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct EgressPolicy {
     allowed: Vec<IpNet>,
-    own_listeners: Vec<SocketAddr>,
+    /// The host's listeners, as bound, and which each is.
+    own_listeners: Vec<(SocketAddr, &'static str)>,
 }
 
 /// Why an upstream address is refused.
@@ -93,7 +94,7 @@ impl EgressPolicy {
     /// The same policy, also refusing the host's listeners: `[gateway,
     /// registry]`, as bound.
     pub fn with_own_listeners(mut self, gateway: SocketAddr, registry: SocketAddr) -> Self {
-        self.own_listeners = vec![gateway, registry];
+        self.own_listeners = vec![(gateway, "gateway"), (registry, "registry")];
         self
     }
 
@@ -120,7 +121,7 @@ impl EgressPolicy {
     pub fn check(&self, addr: SocketAddr) -> Result<(), Refused> {
         self.check_ip(addr.ip())?;
         let ip = addr.ip().to_canonical();
-        for (listener, which) in self.own_listeners.iter().zip(["gateway", "registry"]) {
+        for &(listener, which) in &self.own_listeners {
             let same_ip = listener.ip().to_canonical() == ip
                 // A listener on 0.0.0.0 or [::] answers on every local
                 // address; binding a socket to `ip` succeeds only for those.

@@ -388,3 +388,106 @@ async fn redirects_are_followed_through_the_gateway_to_the_same_resource() {
         "{echo}"
     );
 }
+
+#[tokio::test]
+async fn registrations_are_bounded_field_by_field_and_in_total() {
+    let host = host_builder()
+        .args(["--registry-max-bytes", "4096"])
+        .start()
+        .await
+        .unwrap();
+    let upstream = Upstream::start().await;
+    let url = host.registry_url("/api/registry/register");
+
+    let mut huge = registration("huge", upstream.addr());
+    huge["description"] = json!("x".repeat(2 * 1024 * 1024));
+    let (status, answer) = post_json(&url, &huge).await.unwrap();
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["limit_bytes"], 1024 * 1024);
+
+    let mut many = registration("many", upstream.addr());
+    many["endpoints"] = json!(vec![json!({"path": "/x", "method": "GET"}); 257]);
+    let (status, answer) = post_json(&url, &many).await.unwrap();
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], "endpoints");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("the limit is 256"),
+        "{answer}"
+    );
+
+    // Each registration below is about 500 bytes stored: the registry's
+    // 4096-byte budget takes a handful, then says no, naming the limit.
+    let mut accepted = 0;
+    let refusal = loop {
+        let name = format!("svc-{accepted}");
+        let (status, answer) = post_json(&url, &registration(&name, upstream.addr()))
+            .await
+            .unwrap();
+        if status != 201 {
+            break (status, answer);
+        }
+        accepted += 1;
+        assert!(accepted < 20, "the size limit never applied");
+    };
+    assert!(
+        accepted >= 3,
+        "only {accepted} registrations fit in 4096 bytes"
+    );
+    assert_eq!(refusal.0, 413, "{}", refusal.1);
+    assert_eq!(refusal.1["limit_bytes"], 4096);
+    // Freeing one makes room for one.
+    let (status, _) = post_json(
+        &host.registry_url("/api/registry/deregister/svc-0"),
+        &json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let (status, answer) = post_json(&url, &registration("svc-next", upstream.addr()))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{answer}");
+}
+
+#[tokio::test]
+async fn client_text_cannot_forge_a_log_line() {
+    let host = host_builder().start().await.unwrap();
+    let upstream = Upstream::start().await;
+    let forged = "INFO plugin_host: remote service registered service=forged";
+
+    let mut body = registration("honest", upstream.addr());
+    body["version"] = json!(format!("1.0\n{forged}"));
+    let (status, answer) = register(&host, &body).await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["field"], "version");
+
+    let mark = host.log_mark();
+    let heartbeat_body = json!({"service_id": format!("nobody\n{forged}\u{1b}[2J")});
+    let (status, _) = post_json(
+        &host.registry_url("/api/registry/heartbeat"),
+        &heartbeat_body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 404);
+    let line = host
+        .wait_for_log_since(mark, &["heartbeat for an unknown service"])
+        .await
+        .unwrap();
+    assert!(line.contains("nobody\\nINFO"), "{line}");
+    assert!(line.contains("\\u{1b}[2J"), "{line}");
+    let logs = host.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|line| line.starts_with("INFO plugin_host")),
+        "a forged line reached the log:\n{logs}"
+    );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "an escape sequence reached the log"
+    );
+}
