@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header}
 use axum::response::{IntoResponse, Response};
 
 use crate::egress::LoopGuard;
-use crate::http::{ApiError, Escaped, check_service_path, read_body, remove_hop_by_hop};
+use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
 use crate::service::{HTTP_METHODS, ServiceInfo};
@@ -166,21 +166,15 @@ async fn call_plugin(
     request: Request,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    let reading = read_body(body, &parts.headers, gateway.max_body_bytes);
-    let body = match tokio::time::timeout(gateway.request_timeout, reading).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(error)) => return error.with("service", name).into_response(),
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "request body not received within {}",
-                    humantime::format_duration(gateway.request_timeout)
-                ),
-            )
-            .with("service", name)
-            .into_response();
-        }
+    let reading = read_body_within(
+        body,
+        &parts.headers,
+        gateway.max_body_bytes,
+        gateway.request_timeout,
+    );
+    let body = match reading.await {
+        Ok(body) => body,
+        Err(error) => return error.with("service", name).into_response(),
     };
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
