@@ -18,9 +18,9 @@ async fn hello_answers(host: &Host) {
 #[tokio::test]
 async fn a_plugin_built_against_another_layout_is_refused_by_its_fingerprint() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let mark = host.log_mark();
     host.install_plugin(plugin_library("bad_layout"), "libbad_layout.so")
@@ -53,9 +53,9 @@ async fn a_plugin_built_against_another_layout_is_refused_by_its_fingerprint() {
 #[tokio::test]
 async fn an_executable_is_refused_naming_it_an_executable() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let mark = host.log_mark();
     // The host binary is a position-independent executable: ELF type

@@ -166,9 +166,9 @@ async fn a_client_that_never_reads_its_answer_is_disconnected_after_the_write_st
         .start()
         .await
         .unwrap();
-    host.install_plugin(plugin_library("echo"), "libecho.so")
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     let mark = host.log_mark();
 
     // `echo` answers the body back inside JSON: 8 MiB in, a little more

@@ -14,9 +14,9 @@ async fn host_with_hello(extra: &[&str]) -> Host {
         builder = builder.arg(*arg);
     }
     let host = builder.start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     host
 }
 
@@ -103,9 +103,9 @@ async fn oversized_body_is_413_naming_the_limit() {
 #[tokio::test]
 async fn a_plugin_gets_the_request_relative_to_its_mount_without_hop_by_hop_headers() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("echo"), "libecho.so")
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     let (status, answer) = raw_http(
         host.gateway_addr(),
         "POST /api/echo/a%20b/c?x=1&y=%20 HTTP/1.1\r\nHost: test\r\nConnection: close, x-private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\nContent-Length: 4\r\n\r\nbody",
@@ -141,9 +141,9 @@ async fn a_plugin_request_whose_upload_stalls_is_408() {
         .start()
         .await
         .unwrap();
-    host.install_plugin(plugin_library("echo"), "libecho.so")
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     // The whole body must arrive within the timeout: three bytes 100 ms
     // apart, then silence.
     let started = Instant::now();

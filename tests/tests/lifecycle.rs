@@ -146,9 +146,9 @@ async fn a_hanging_init_is_refused_after_the_entry_timeout_and_the_host_goes_on(
 #[tokio::test]
 async fn a_request_in_flight_at_removal_is_answered_before_the_unload() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("stuck"), "libstuck.so")
+    host.mount_plugin(plugin_library("stuck"), "libstuck.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let held = tokio::spawn(get_text(host.gateway_url("/api/stuck/hold?ms=1000")));
     host.wait_for_log("stuck: handler entered").await.unwrap();
@@ -186,9 +186,9 @@ async fn a_handler_stuck_past_the_drain_timeout_leaks_its_library_and_frees_the_
         .start()
         .await
         .unwrap();
-    host.install_plugin(plugin_library("stuck"), "libstuck.so")
+    host.mount_plugin(plugin_library("stuck"), "libstuck.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let held = tokio::spawn(get_text(host.gateway_url("/api/stuck/hold?ms=6000")));
     host.wait_for_log("stuck: handler entered").await.unwrap();
@@ -238,9 +238,9 @@ async fn a_handler_stuck_past_the_drain_timeout_leaks_its_library_and_frees_the_
 #[tokio::test]
 async fn a_panicking_shutdown_hook_is_logged_and_the_library_still_unmapped() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("shutdown_panic"), "libshutdown_panic.so")
+    host.mount_plugin(plugin_library("shutdown_panic"), "libshutdown_panic.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     let (status, body) = get_text(host.gateway_url("/api/shutdown-panic/")).await;
     assert_eq!((status, body.as_str()), (200, "ok"));
     assert!(mapped_lines(&host, "libshutdown_panic") > 0);
@@ -274,9 +274,9 @@ async fn a_panicking_shutdown_hook_is_logged_and_the_library_still_unmapped() {
 #[tokio::test]
 async fn a_plugin_that_joins_its_own_thread_in_shutdown_unloads_cleanly() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("background"), "libbackground.so")
+    host.mount_plugin(plugin_library("background"), "libbackground.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     // Its thread runs: the count moves.
     let ticks = || async {
         let (status, body) = get_text(host.gateway_url("/api/background/")).await;

@@ -42,9 +42,10 @@ fn mapped_copies(host: &Host, stem: &str) -> usize {
 #[tokio::test]
 async fn a_dropped_file_is_mounted_listed_and_served() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    let line = host
+        .mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    let line = host.wait_for_log("plugin mounted").await.unwrap();
     assert!(
         line.contains("plugin=hello") && line.contains("file=libhello.so"),
         "{line}"
@@ -107,9 +108,9 @@ async fn a_dropped_file_is_mounted_listed_and_served() {
 #[tokio::test]
 async fn a_removed_file_is_unmounted_and_its_library_unmapped() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     assert_eq!(mapped_copies(&host, "libhello"), 1);
 
     let mark = host.log_mark();
@@ -133,10 +134,7 @@ async fn a_removed_file_is_unmounted_and_its_library_unmapped() {
     assert!(!host.logs().contains("still mapped"), "{}", host.logs());
 
     // Back again: live at once.
-    let mark = host.log_mark();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
-        .unwrap();
-    host.wait_for_log_since(mark, &["plugin mounted"])
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
         .await
         .unwrap();
     assert_eq!(
@@ -156,9 +154,9 @@ async fn variant(host: &Host) -> Option<String> {
 #[tokio::test]
 async fn a_replaced_file_serves_the_new_version_by_cp_and_by_rename() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("swap_a"), "swap.so")
+    host.mount_plugin(plugin_library("swap_a"), "swap.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     assert_eq!(variant(&host).await.as_deref(), Some("swap-a"));
 
     let mark = host.log_mark();
@@ -193,9 +191,9 @@ async fn no_request_fails_while_a_plugin_is_replaced_20_times_under_load() {
             .await
             .unwrap(),
     );
-    host.install_plugin(plugin_library("swap_a"), "swap.so")
+    host.mount_plugin(plugin_library("swap_a"), "swap.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -264,9 +262,9 @@ async fn no_request_fails_while_a_plugin_is_replaced_20_times_under_load() {
 #[tokio::test]
 async fn bad_files_are_refused_naming_the_file_and_the_reason() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
 
     let plugins = host.plugins_dir();
     std::fs::write(plugins.join("garbage.so"), b"this is not a library").unwrap();
@@ -319,9 +317,9 @@ async fn bad_files_are_refused_naming_the_file_and_the_reason() {
 #[tokio::test]
 async fn a_panicking_handler_is_a_500_and_the_host_lives_on() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("panicky"), "libpanicky.so")
+    host.mount_plugin(plugin_library("panicky"), "libpanicky.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     for _ in 0..3 {
         let (status, body) = get_json(&host.gateway_url("/api/panicky/boom"))
             .await
@@ -346,9 +344,9 @@ async fn a_plugin_with_thread_locals_unloads_and_the_host_survives() {
         .start()
         .await
         .unwrap();
-    host.install_plugin(plugin_library("tls"), "libtls.so")
+    host.mount_plugin(plugin_library("tls"), "libtls.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     for _ in 0..10 {
         let (status, body) = get_json(&host.gateway_url("/api/tls/")).await.unwrap();
         assert_eq!(status, 200);
@@ -422,9 +420,9 @@ async fn a_full_queue_is_answered_503() {
         .start()
         .await
         .unwrap();
-    host.install_plugin(plugin_library("slow"), "libslow.so")
+    host.mount_plugin(plugin_library("slow"), "libslow.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     // One worker and one queue slot hold two requests; of six sent at once
     // the others find the queue full, whatever order they arrive in.
     let url = host.gateway_url("/api/slow/sleep?ms=1500");
@@ -470,10 +468,7 @@ async fn a_hundred_load_unload_cycles_do_not_grow_the_host() {
         if cycle == 10 {
             warm_rss = host.rss_kib().unwrap();
         }
-        let mark = host.log_mark();
-        host.install_plugin(plugin_library("hello"), "libhello.so")
-            .unwrap();
-        host.wait_for_log_since(mark, &["plugin mounted"])
+        host.mount_plugin(plugin_library("hello"), "libhello.so")
             .await
             .unwrap();
         assert_eq!(
@@ -483,6 +478,7 @@ async fn a_hundred_load_unload_cycles_do_not_grow_the_host() {
                 .0,
             200
         );
+        let mark = host.log_mark();
         host.remove_plugin("libhello.so").unwrap();
         host.wait_for_log_since(mark, &["plugin unloaded"])
             .await
@@ -565,9 +561,9 @@ async fn a_file_written_slowly_in_chunks_is_loaded_once_complete() {
 #[tokio::test]
 async fn a_renamed_file_keeps_its_service_mounted() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "a.so")
+    host.mount_plugin(plugin_library("hello"), "a.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     for (from, to) in [("a.so", "b.so"), ("b.so", "a.so")].repeat(3) {
         let mark = host.log_mark();
         std::fs::rename(host.plugins_dir().join(from), host.plugins_dir().join(to)).unwrap();
@@ -607,9 +603,9 @@ async fn a_renamed_file_keeps_its_service_mounted() {
 #[tokio::test]
 async fn a_file_refused_for_its_name_loads_once_the_name_is_free() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     host.install_plugin(plugin_library("hello_dup"), "libhello_dup.so")
         .unwrap();
     host.wait_for_log_since(0, &["refused", "file=libhello_dup.so"])

@@ -372,9 +372,9 @@ async fn registrations_survive_kill_9_and_are_routed_at_once() {
 #[tokio::test]
 async fn a_plugin_name_cannot_be_registered() {
     let host = host_builder().start().await.unwrap();
-    host.install_plugin(plugin_library("hello"), "libhello.so")
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
         .unwrap();
-    host.wait_for_log("plugin mounted").await.unwrap();
     let upstream = Upstream::start().await;
 
     let (status, answer) = register(&host, &registration("hello", upstream.addr())).await;

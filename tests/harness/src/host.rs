@@ -213,6 +213,16 @@ impl Host {
         Ok(())
     }
 
+    /// Installs `library` as `file` (as [`Host::install_plugin`] does) and
+    /// waits until the host mounted that file; returns the `plugin mounted`
+    /// line.
+    pub async fn mount_plugin(&self, library: impl AsRef<Path>, file: &str) -> Result<String> {
+        let mark = self.log_mark();
+        self.install_plugin(library, file)?;
+        self.wait_for_log_since(mark, &["plugin mounted", &format!("file={file}")])
+            .await
+    }
+
     /// Writes `library` under a name the watcher ignores, then renames it
     /// to `file`: the atomic replace a deployment should use.
     pub fn rename_plugin_in(&self, library: impl AsRef<Path>, file: &str) -> Result<()> {
