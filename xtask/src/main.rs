@@ -79,12 +79,17 @@ fn run(host_args: &[String]) -> Result<(), String> {
     cargo(&build)?;
     let release = target_dir().join("release");
     let plugins_dir = workspace_root().join("plugins-dir");
+    // The host refuses plugin files and directories that group or others may
+    // write (`--plugin-file-checks strict`); under a umask of 002 both the
+    // checkout and cargo's output would be group-writable.
+    without_group_and_other_write(&plugins_dir)?;
     for (_, library) in EXAMPLE_PLUGINS {
         // Write then rename: the host may already be watching the directory,
         // and must never see a half-written library.
         let staged = plugins_dir.join(format!(".{library}.partial"));
         std::fs::copy(release.join(library), &staged)
             .map_err(|e| format!("copying {library} into {}: {e}", plugins_dir.display()))?;
+        without_group_and_other_write(&staged)?;
         std::fs::rename(&staged, plugins_dir.join(library))
             .map_err(|e| format!("installing {library}: {e}"))?;
     }
@@ -98,6 +103,21 @@ fn run(host_args: &[String]) -> Result<(), String> {
     } else {
         Err(format!("plugin-host exited with {status}"))
     }
+}
+
+/// Clears the group and other write bits of `path`, if set.
+fn without_group_and_other_write(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let failed = |e| format!("setting the permissions of {}: {e}", path.display());
+    let mode = std::fs::metadata(path)
+        .map_err(failed)?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & !0o022))
+            .map_err(failed)?;
+    }
+    Ok(())
 }
 
 fn test(cargo_test_args: &[String]) -> Result<(), String> {
