@@ -4,7 +4,10 @@
 //!
 //! Each accepted connection is one task running hyper's HTTP/1 connection
 //! and, beside it, a watchdog that knows whether a request is in flight and
-//! when bytes last moved:
+//! when bytes last moved. The watchdog is lazy: requests starting and ending
+//! only update counters, and it wakes at the earliest deadline that could
+//! apply, to re-read them (see [`Activity::expired`]), so a request costs no
+//! wake-up of its own.
 //!
 //! - **Header read** (`header_read_timeout`): a connection's first request
 //!   head must be complete within the timeout of the accept, and any later
@@ -41,7 +44,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -50,10 +53,10 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, Sleep};
 
@@ -289,14 +292,15 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Requests begun on this connection.
     requests: AtomicU64,
-    /// When a byte was last read or written.
+    /// When a byte last moved with no request in flight, or the last
+    /// request ended. Bytes moving for a request in flight are not
+    /// recorded: no idle deadline runs then, and the request's end restarts
+    /// the idle clock anyway.
     last_io_ms: AtomicU64,
     /// When the first byte of the next request head arrived, or [`NONE`].
     head_started_ms: AtomicU64,
     /// Set when a write stalled past the timeout.
     stalled: AtomicBool,
-    /// Wakes the watchdog when a request starts or ends, or a head starts.
-    changed: Notify,
 }
 
 const NONE: u64 = u64::MAX;
@@ -310,7 +314,6 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
             stalled: AtomicBool::new(false),
-            changed: Notify::new(),
         }
     }
 
@@ -318,20 +321,29 @@ impl Activity {
         millis(self.accepted.elapsed())
     }
 
+    /// Bytes were read. Only the clock of a connection with no request in
+    /// flight is read: they may be the first of a request head.
     fn read(&self) {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return;
+        }
         let now = self.now_ms();
         self.last_io_ms.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Acquire) == 0
-            && self
-                .head_started_ms
-                .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.changed.notify_one();
+        let _ =
+            self.head_started_ms
+                .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// Bytes were written. Only those written with no request in flight (a
+    /// response hyper still flushes after its body ended) keep the
+    /// connection from being idle.
+    fn wrote(&self) {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.moved();
         }
     }
 
-    fn wrote(&self) {
+    fn moved(&self) {
         self.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
@@ -339,44 +351,59 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.head_started_ms.store(NONE, Ordering::Release);
-        self.changed.notify_one();
         InFlight(self.clone())
+    }
+
+    /// The deadline that applies now (milliseconds since the accept) and
+    /// what passing it means, or `None` while a request is in flight.
+    fn deadline_ms(&self, header_ms: u64, idle_ms: u64) -> Option<(u64, Expired)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let head = self.head_started_ms.load(Ordering::Acquire);
+        let (due_ms, expired) = if self.requests.load(Ordering::Relaxed) == 0 {
+            (header_ms, Expired::Headers)
+        } else if head != NONE {
+            (head.saturating_add(header_ms), Expired::Headers)
+        } else {
+            let last = self.last_io_ms.load(Ordering::Relaxed);
+            (last.saturating_add(idle_ms), Expired::Idle)
+        };
+        Some((due_ms, expired))
     }
 
     /// Resolves when the connection has waited too long for a request head,
     /// or has been idle too long.
+    ///
+    /// Nothing wakes it when a request starts or ends or a head starts:
+    /// notifying it per request cost a wake-up of the connection task and a
+    /// timer insertion each time. Instead it sleeps until the deadline that
+    /// applies now, but never longer than the shorter of the two timeouts:
+    /// any deadline a later event sets (a head starting, a request ending)
+    /// falls at least that long after the event, so it is never overslept,
+    /// and on waking the state is read again. Bytes moving only push the
+    /// idle deadline later, which the next wake-up also finds.
     async fn expired(&self, limits: ConnectionLimits) -> Expired {
         let header_ms = millis(limits.header_read_timeout);
         let idle_ms = millis(limits.idle_timeout);
+        // In the whole milliseconds events are recorded in; a timeout under
+        // one rounds to zero, and tokio's timer is no finer anyway.
+        let recheck_ms = header_ms.min(idle_ms).max(1);
+        // One timer for the connection's life, moved with `reset` rather
+        // than made anew at each wake-up.
+        let sleep = tokio::time::sleep_until(self.accepted);
+        tokio::pin!(sleep);
         loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the state is read, so a change made after
-            // the read still wakes this loop.
-            changed.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) > 0 {
-                changed.await;
-                continue;
-            }
-            let head = self.head_started_ms.load(Ordering::Acquire);
-            let (due_ms, expired) = if self.requests.load(Ordering::Relaxed) == 0 {
-                (header_ms, Expired::Headers)
-            } else if head != NONE {
-                (head.saturating_add(header_ms), Expired::Headers)
-            } else {
-                let last = self.last_io_ms.load(Ordering::Relaxed);
-                (last.saturating_add(idle_ms), Expired::Idle)
+            let now_ms = self.now_ms();
+            let wake_ms = match self.deadline_ms(header_ms, idle_ms) {
+                Some((due_ms, expired)) if now_ms >= due_ms => return expired,
+                Some((due_ms, _)) => due_ms.min(now_ms.saturating_add(recheck_ms)),
+                None => now_ms.saturating_add(recheck_ms),
             };
-            let due = self.accepted + Duration::from_millis(due_ms);
-            if Instant::now() >= due {
-                return expired;
-            }
-            // Waking at `due` re-reads the state: bytes that moved meanwhile
-            // (a slow reader draining a response) push the idle deadline on.
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = changed => {}
-            }
+            sleep
+                .as_mut()
+                .reset(self.accepted + Duration::from_millis(wake_ms));
+            sleep.as_mut().await;
         }
     }
 }
@@ -388,12 +415,12 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
-        activity.wrote();
+        // The idle clock starts when the request ends.
+        activity.moved();
         // A head byte counted while this request was in flight belongs to
         // no head the watchdog should time.
         activity.head_started_ms.store(NONE, Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-        activity.changed.notify_one();
     }
 }
 
@@ -410,20 +437,42 @@ struct RequestService {
 impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
     type Response = hyper::Response<Tracked>;
     type Error = std::convert::Infallible;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+    type Future = Responding;
 
     fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
-        let in_flight = self.activity.request_started();
-        let response = self.router.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            Ok(response.map(|body| Tracked {
-                body,
-                _in_flight: in_flight,
-            }))
-        })
+        let in_flight = Some(self.activity.request_started());
+        Responding {
+            response: self.router.call(request),
+            in_flight,
+        }
+    }
+}
+
+/// The router's response future, handing the request's [`InFlight`] on to
+/// the response body. A named type rather than a boxed `async` block saves
+/// an allocation per request.
+struct Responding {
+    response: TowerToHyperServiceFuture<Router, hyper::Request<Incoming>>,
+    /// Taken when the response is ready; dropped with the future if the
+    /// request is abandoned first.
+    in_flight: Option<InFlight>,
+}
+
+impl Future for Responding {
+    type Output = Result<hyper::Response<Tracked>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let response = ready!(Pin::new(&mut this.response).poll(cx))?;
+        let in_flight = this
+            .in_flight
+            .take()
+            .expect("a ready response future is not polled again");
+        Poll::Ready(Ok(response.map(|body| Tracked {
+            body,
+            _in_flight: in_flight,
+        })))
     }
 }
 
