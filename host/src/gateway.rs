@@ -135,14 +135,16 @@ fn refuse_method(name: &str, method: &Method, info: &ServiceInfo) -> Option<Resp
     if info.endpoints.is_empty() || method == Method::OPTIONS {
         return None;
     }
+    let declares = |wanted: &str| info.endpoints.iter().any(|e| e.method == wanted);
+    if declares(method) || (method == Method::HEAD && declares(Method::GET.as_str())) {
+        return None;
+    }
+    // Refused: only now is the `Allow` list worth building.
     let mut declared: Vec<&str> = info.endpoints.iter().map(|e| e.method.as_str()).collect();
     if declared.contains(&Method::GET.as_str()) {
         declared.push(Method::HEAD.as_str());
     }
     declared.push(Method::OPTIONS.as_str());
-    if declared.contains(&method) {
-        return None;
-    }
     declared.sort_unstable();
     declared.dedup();
     Some(refuse(
