@@ -6,6 +6,8 @@
 
 #![deny(unsafe_code)]
 
+pub mod admission;
+pub mod auth;
 pub mod config;
 pub mod egress;
 pub mod gateway;

@@ -10,7 +10,16 @@ use plugin_host::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
+    if let Some(path) = &config.config_file {
+        match plugin_host::config::file::FileConfig::read(path) {
+            Ok(file) => config.file = file,
+            Err(error) => {
+                eprintln!("plugin-host: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

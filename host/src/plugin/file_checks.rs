@@ -25,7 +25,8 @@ use crate::http::Escaped;
 
 /// How plugin files are checked before they are read
 /// (`--plugin-file-checks`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FileChecks {
     /// Refuse a file, or a symlink's target, that is writable by group or
     /// others, whose directory is, or that is owned by neither the host's

@@ -15,6 +15,7 @@
 mod liveness;
 mod model;
 mod store;
+mod tokens;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +34,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 pub use liveness::{InvalidPolicy, Policy};
+pub use tokens::{ListingAccess, RegistryAuthSettings, RegistryTokenSettings};
 
 use liveness::Checker;
 

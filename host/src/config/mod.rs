@@ -12,11 +12,22 @@ use ipnet::IpNet;
 
 use crate::plugin::FileChecks;
 
+pub mod file;
+
 /// Command line of `plugin-host`. Every option can also be set by the
 /// environment variable named in its help.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "plugin-host", version, about, long_about = None)]
 pub struct Config {
+    /// A TOML config file (see `docs/GATEWAY_CONFIG.md`). A key set on the
+    /// command line or in the environment wins over the file.
+    #[arg(long = "config", env = "PLUGIN_HOST_CONFIG")]
+    pub config_file: Option<PathBuf>,
+
+    /// What the config file says (empty without one).
+    #[arg(skip)]
+    pub file: file::FileConfig,
+
     /// Directory watched for plugin libraries (`*.so`): a file dropped here
     /// is loaded and mounted, replaced is swapped, removed is unloaded.
     #[arg(long, env = "PLUGINS_DIR", default_value = "./plugins-dir")]

@@ -1,0 +1,70 @@
+//! Who is calling: turns a request's credentials (an API key in
+//! `X-API-Key`, a JWT in `Authorization: Bearer`) into an [`Identity`], and
+//! decides whether that identity may reach a service's endpoint.
+//!
+//! It owns the compiled credentials (key digests, JWT verifying keys) and
+//! nothing else: the gateway asks it, with the service's declaration, and
+//! answers 401 or 403 from its verdict. It does no I/O and never sees a
+//! plain-text key after start-up: keys are held, and configured, as
+//! SHA-256 digests.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The `[auth]` section of the config file: the credentials the gateway
+/// accepts. Reloadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// API keys accepted in `X-API-Key`.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeySettings>,
+    /// JWT issuers whose tokens are accepted in `Authorization: Bearer`.
+    #[serde(default)]
+    pub jwt: Vec<JwtIssuerSettings>,
+}
+
+/// One API key, `[[auth.api_keys]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySettings {
+    /// Names the key in logs and to services (`X-Consumer-Id`); never
+    /// secret.
+    pub id: String,
+    /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`): the key
+    /// itself is never written in the file.
+    pub sha256: String,
+    /// Services the key may reach; absent: every service.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+}
+
+/// One JWT issuer, `[[auth.jwt]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtIssuerSettings {
+    /// The `iss` claim its tokens must carry.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name one of them.
+    pub audiences: Vec<String>,
+    /// The one algorithm its tokens are signed with: `HS256`, `RS256` or
+    /// `EdDSA`. A token naming any other (`none` included) is refused.
+    pub algorithm: String,
+    /// For `HS256`: a file holding the shared secret.
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// For `RS256` and `EdDSA`: a PEM file holding the public key.
+    #[serde(default)]
+    pub public_key_file: Option<std::path::PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Services its tokens may reach; absent: every service.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}

@@ -1,0 +1,272 @@
+//! The config file's schema (`--config`, TOML): every command-line option
+//! has a key here, and the sections only a file can express (credentials,
+//! CORS, rate limits, per-plugin and per-service settings).
+//!
+//! Every field is optional: a key absent from the file leaves the
+//! command line, the environment or the default to decide. Unknown keys
+//! are refused with their path.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::admission::{CorsSettings, RateLimitSettings, ServiceSettingsByName};
+use crate::auth::{ApiKeySettings, JwtIssuerSettings};
+use crate::plugin::FileChecks;
+use crate::registry::RegistryAuthSettings;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `[gateway]`.
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    /// `[registry]`.
+    #[serde(default)]
+    pub registry: RegistrySection,
+    /// `[connections]`: limits of both listeners.
+    #[serde(default)]
+    pub connections: ConnectionsSection,
+    /// `[plugins]`.
+    #[serde(default)]
+    pub plugins: PluginsSection,
+    /// `[plugin.<name>]`: one plugin's overrides and settings.
+    #[serde(default)]
+    pub plugin: BTreeMap<String, PluginSection>,
+    /// `[auth]`, with `[auth.registry]`.
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// `[cors]`.
+    #[serde(default)]
+    pub cors: CorsSettings,
+    /// `[rate_limit]`.
+    #[serde(default)]
+    pub rate_limit: RateLimitSettings,
+    /// `[service.<name>]`.
+    #[serde(default)]
+    pub service: ServiceSettingsByName,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// `--gateway-addr`. Needs a restart.
+    pub listen: Option<SocketAddr>,
+    /// `--request-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// `--max-body-bytes`.
+    pub max_body_bytes: Option<usize>,
+    /// Default for `[service.<name>] max_concurrent`.
+    pub max_concurrent_per_service: Option<u32>,
+}
+
+/// `[registry]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySection {
+    /// `--registry-addr`. Needs a restart.
+    pub listen: Option<SocketAddr>,
+    /// `--heartbeat-interval`.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    /// `--heartbeat-ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub heartbeat_ttl: Option<Duration>,
+    /// `--health-check-interval`.
+    #[serde(default, with = "humantime_serde")]
+    pub health_check_interval: Option<Duration>,
+    /// `--health-check-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub health_check_timeout: Option<Duration>,
+    /// `--evict-after`.
+    #[serde(default, with = "humantime_serde")]
+    pub evict_after: Option<Duration>,
+    /// `--registry-max-body-bytes`.
+    pub max_body_bytes: Option<usize>,
+    /// `--registry-max-bytes`.
+    pub max_bytes: Option<u64>,
+    /// `--upstream-allow`.
+    pub upstream_allow: Option<Vec<IpNet>>,
+}
+
+/// `[connections]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsSection {
+    /// `--header-read-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// `--idle-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// `--write-stall-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub write_stall_timeout: Option<Duration>,
+    /// `--max-connections`.
+    pub max_connections: Option<u32>,
+}
+
+/// `[plugins]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsSection {
+    /// `--plugins-dir`. Needs a restart.
+    pub dir: Option<PathBuf>,
+    /// `--plugin-workers`.
+    pub workers: Option<u16>,
+    /// `--plugin-queue`.
+    pub queue: Option<usize>,
+    /// `--drain-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    /// `--plugin-entry-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub entry_timeout: Option<Duration>,
+    /// `--watch-debounce`.
+    #[serde(default, with = "humantime_serde")]
+    pub watch_debounce: Option<Duration>,
+    /// `--plugin-file-checks`.
+    pub file_checks: Option<FileChecks>,
+    /// `--max-plugin-threads`.
+    pub max_threads: Option<u32>,
+}
+
+/// `[plugin.<name>]`: applies to the plugin whose service is `<name>` at
+/// its next load.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSection {
+    /// Overrides `[plugins] workers`.
+    pub workers: Option<u16>,
+    /// Overrides `[plugins] queue`.
+    pub queue: Option<usize>,
+    /// Hex SHA-256 the plugin's file must have; a file that does not is
+    /// refused.
+    pub sha256: Option<String>,
+    /// The plugin's own settings, handed to it at `init`.
+    #[serde(default)]
+    pub settings: toml::Table,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// `[[auth.api_keys]]`.
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeySettings>,
+    /// `[[auth.jwt]]`.
+    #[serde(default)]
+    pub jwt: Vec<JwtIssuerSettings>,
+    /// `[auth.registry]`.
+    #[serde(default)]
+    pub registry: RegistryAuthSettings,
+}
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// It could not be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// It is not valid TOML, or a key is unknown or has a bad value.
+    #[error("config file {path}: `{key}`: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key's dotted path (`.` for the file as a whole).
+        key: String,
+        /// What is wrong with it, with the line and column.
+        reason: String,
+    },
+}
+
+impl FileConfig {
+    /// Reads and parses the file at `path`.
+    pub fn read(path: &std::path::Path) -> Result<Self, FileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(key, reason)| FileError::Invalid {
+            path: path.to_owned(),
+            key,
+            reason,
+        })
+    }
+
+    /// Parses a file's text; an error is the key's path and the reason.
+    pub fn parse(text: &str) -> Result<Self, (String, String)> {
+        let deserializer = toml::de::Deserializer::parse(text)
+            .map_err(|error| (".".to_owned(), error.to_string().trim_end().to_owned()))?;
+        serde_path_to_error::deserialize(deserializer).map_err(|error| {
+            (
+                error.path().to_string(),
+                error.inner().to_string().trim_end().to_owned(),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_path() {
+        let (key, reason) =
+            FileConfig::parse("[gateway]\nlisten = \"127.0.0.1:1\"\nlisten_on = 1\n")
+                .expect_err("unknown key");
+        assert_eq!(key, "gateway.listen_on");
+        assert!(reason.contains("unknown field `listen_on`"), "{reason}");
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_its_path() {
+        let (key, reason) =
+            FileConfig::parse("[plugins]\ndrain_timeout = \"soon\"\n").expect_err("bad duration");
+        assert_eq!(key, "plugins.drain_timeout");
+        assert!(reason.contains("line 2"), "{reason}");
+    }
+
+    #[test]
+    fn every_section_parses() {
+        let file = FileConfig::parse(
+            r#"
+            data_dir = "/var/lib/plugin-host"
+            [gateway]
+            request_timeout = "5s"
+            [plugin.hello]
+            workers = 2
+            sha256 = "00"
+            settings = { greeting = "hi" }
+            [[auth.api_keys]]
+            id = "ci"
+            sha256 = "00"
+            [auth.registry]
+            listing = "token"
+            [service.hello]
+            max_concurrent = 8
+            "#,
+        )
+        .expect("valid file");
+        assert_eq!(file.gateway.request_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(file.plugin["hello"].workers, Some(2));
+        assert_eq!(file.auth.api_keys[0].id, "ci");
+        assert_eq!(file.service["hello"].max_concurrent, Some(8));
+    }
+}
