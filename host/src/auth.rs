@@ -68,3 +68,70 @@ pub struct JwtIssuerSettings {
 fn default_leeway() -> Duration {
     Duration::from_secs(30)
 }
+
+/// The SHA-256 digest of a secret (an API key, a registry token): what
+/// the host keeps instead of the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretDigest([u8; 32]);
+
+impl std::fmt::Debug for SecretDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretDigest(..)")
+    }
+}
+
+/// A configured digest that is not 64 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a SHA-256 digest: expected 64 hex digits (`printf %s \"$SECRET\" | sha256sum`)")]
+pub struct BadDigest;
+
+impl SecretDigest {
+    /// Parses a digest written as 64 hex digits.
+    pub fn from_hex(hex_digest: &str) -> Result<Self, BadDigest> {
+        let mut bytes = [0; 32];
+        hex::decode_to_slice(hex_digest.trim(), &mut bytes).map_err(|_| BadDigest)?;
+        Ok(Self(bytes))
+    }
+
+    /// The digest of `secret`.
+    pub fn of(secret: &[u8]) -> Self {
+        use sha2::Digest as _;
+        Self(sha2::Sha256::digest(secret).into())
+    }
+
+    /// Whether `presented` is the secret this is the digest of. The
+    /// comparison takes the same time wherever the digests differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        self.matches_digest(&Self::of(presented))
+    }
+
+    /// Whether two digests are equal, in constant time.
+    pub fn matches_digest(&self, other: &SecretDigest) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_digest_matches_its_secret_only() {
+        // printf %s secret | sha256sum
+        let digest = SecretDigest::from_hex(
+            "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b",
+        )
+        .expect("valid hex");
+        assert!(digest.matches(b"secret"));
+        assert!(!digest.matches(b"secret "));
+        assert!(!digest.matches(b""));
+    }
+
+    #[test]
+    fn a_digest_must_be_64_hex_digits() {
+        assert_eq!(SecretDigest::from_hex("abc"), Err(BadDigest));
+        assert_eq!(SecretDigest::from_hex(&"g".repeat(64)), Err(BadDigest));
+        assert!(SecretDigest::from_hex(&"A".repeat(64)).is_ok());
+    }
+}
