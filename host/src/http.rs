@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -20,6 +20,8 @@ use serde_json::{Map, Value};
 pub struct ApiError {
     status: StatusCode,
     body: Map<String, Value>,
+    /// Few and rare: a `Vec` keeps every `Result<_, ApiError>` small.
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -27,7 +29,11 @@ impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         let mut body = Map::new();
         body.insert("error".to_owned(), Value::String(message.into()));
-        Self { status, body }
+        Self {
+            status,
+            body,
+            headers: Vec::new(),
+        }
     }
 
     /// Adds a context field, e.g. `("service", name)` or `("field", "port")`.
@@ -36,11 +42,19 @@ impl ApiError {
         self.body.insert(key.to_owned(), value);
         self
     }
+
+    /// Adds a response header, e.g. `WWW-Authenticate` or `Retry-After`.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(Value::Object(self.body))).into_response()
+        let mut response = (self.status, axum::Json(Value::Object(self.body))).into_response();
+        response.headers_mut().extend(self.headers);
+        response
     }
 }
 

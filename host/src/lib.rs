@@ -71,6 +71,9 @@ pub enum HostError {
     /// The registry's database or options are unusable.
     #[error(transparent)]
     Registry(#[from] registry::StartError),
+    /// `[auth.registry]` is invalid.
+    #[error("config: {0}")]
+    RegistryTokens(#[from] registry::TokenSettingsError),
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
@@ -93,6 +96,9 @@ pub async fn run(
             .with_own_listeners(gateway_addr, registry_addr),
     );
     let loop_guard = LoopGuard::new();
+    let registry_tokens = Arc::new(arc_swap::ArcSwap::from_pointee(
+        registry::TokenPolicy::from_settings(&config.file.auth.registry)?,
+    ));
 
     let services = Arc::new(ServiceTable::new());
     let cache_dir = config.data_dir.join("plugin-cache");
@@ -120,6 +126,7 @@ pub async fn run(
             max_stored_bytes: config.registry_max_bytes,
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
+            tokens: registry_tokens,
         },
     )?;
 

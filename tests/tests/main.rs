@@ -14,4 +14,5 @@ mod plugins;
 mod proxy;
 mod python_guide;
 mod registry;
+mod registry_tokens;
 mod store;

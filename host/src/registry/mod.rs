@@ -23,24 +23,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 pub use liveness::{InvalidPolicy, Policy};
-pub use tokens::{ListingAccess, RegistryAuthSettings, RegistryTokenSettings};
+pub use tokens::{
+    ListingAccess, RegistryAuthSettings, RegistryTokenSettings,
+    SettingsError as TokenSettingsError, TokenPolicy,
+};
+
+use tokens::{Unauthenticated, Writer};
 
 use liveness::Checker;
 
 use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, Escaped, read_body_within};
-use crate::remote::{self, RemoteService};
+use crate::remote::{self, Owner, RemoteService};
 use crate::service::ServiceInfo;
 use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable};
@@ -64,6 +70,8 @@ pub struct RegistryConfig {
     pub egress: Arc<EgressPolicy>,
     /// Marks the health checks, like every request the host sends.
     pub loop_guard: LoopGuard,
+    /// Who may write and read (`[auth.registry]`); swapped on reload.
+    pub tokens: Arc<ArcSwap<TokenPolicy>>,
 }
 
 /// Why the registry could not start.
@@ -96,6 +104,7 @@ struct Shared {
     storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
+    tokens: Arc<ArcSwap<TokenPolicy>>,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
@@ -165,7 +174,10 @@ impl Registry {
                 stored.spec.clone(),
                 stored.instances,
                 registered_at,
-                stored.owner,
+                Owner {
+                    address: stored.owner,
+                    token: stored.owner_token,
+                },
                 config.policy.ttl,
             ) {
                 Ok(remote) => Arc::new(remote),
@@ -203,6 +215,7 @@ impl Registry {
                 storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
                 loop_guard: config.loop_guard,
+                tokens: config.tokens,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -240,6 +253,25 @@ impl Registry {
         .map_err(|error| error.with("field", "body"))
     }
 
+    /// Who the request's registry token says is writing (401 for a
+    /// missing or unknown token when tokens are configured).
+    fn writer(&self, headers: &HeaderMap) -> Result<Writer, ApiError> {
+        self.shared
+            .tokens
+            .load()
+            .writer(headers)
+            .map_err(unauthenticated)
+    }
+
+    /// Whether the request may read the listing.
+    fn reader(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.shared
+            .tokens
+            .load()
+            .reader(headers)
+            .map_err(unauthenticated)
+    }
+
     /// The remote services in the table now.
     fn remotes(&self) -> Vec<Arc<RemoteService>> {
         self.shared
@@ -257,18 +289,41 @@ impl Registry {
         &self,
         registration: Registration,
         caller: IpAddr,
+        writer: Writer,
     ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
         let _writes = self.shared.writes.lock().await;
         let previous = match self.shared.services.get(&name) {
-            None => None,
+            None => {
+                may_write(&writer, &name, None, caller, StatusCode::CONFLICT, "name")?;
+                None
+            }
             Some(holder) => match &holder.backend {
-                Backend::Remote(remote) if remote.is_owned_by(caller) => Some(remote.clone()),
                 Backend::Remote(remote) => {
-                    return Err(not_the_owner(remote, caller, StatusCode::CONFLICT, "name"));
+                    may_write(
+                        &writer,
+                        &name,
+                        Some(remote),
+                        caller,
+                        StatusCode::CONFLICT,
+                        "name",
+                    )?;
+                    Some(remote.clone())
                 }
                 Backend::Plugin(_) => return Err(name_taken(&holder)),
+            },
+        };
+        let owner = Owner {
+            address: Some(caller),
+            token: match &writer {
+                Writer::Anyone => None,
+                Writer::Token(token) => Some(token.id().to_owned()),
+                // The admin token manages a name; it does not take it from
+                // the token that owns it.
+                Writer::Admin => previous
+                    .as_ref()
+                    .and_then(|previous| previous.owner().token.clone()),
             },
         };
         let registered_at = previous
@@ -288,7 +343,7 @@ impl Registry {
             spec.clone(),
             vec![instance.clone()],
             registered_at,
-            Some(caller),
+            owner.clone(),
             self.shared.policy.ttl,
         )
         .map_err(|error| {
@@ -299,7 +354,8 @@ impl Registry {
             spec: spec.clone(),
             instances: vec![instance.clone()],
             registered_at_unix_ms: unix_ms(registered_at),
-            owner: Some(caller),
+            owner: owner.address,
+            owner_token: owner.token,
         };
         let size = stored_size(&stored);
         self.reserve_storage(&name, size)?;
@@ -383,14 +439,26 @@ impl Registry {
         lock(&self.shared.storage).set(name, size);
     }
 
-    async fn deregister(&self, name: &str, caller: IpAddr) -> Result<Response, ApiError> {
+    async fn deregister(
+        &self,
+        name: &str,
+        caller: IpAddr,
+        writer: Writer,
+    ) -> Result<Response, ApiError> {
         let _writes = self.shared.writes.lock().await;
         let remote = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
             Some(holder) => match &holder.backend {
-                Backend::Remote(remote) if remote.is_owned_by(caller) => remote.clone(),
                 Backend::Remote(remote) => {
-                    return Err(not_the_owner(remote, caller, StatusCode::FORBIDDEN, "name"));
+                    may_write(
+                        &writer,
+                        name,
+                        Some(remote),
+                        caller,
+                        StatusCode::FORBIDDEN,
+                        "name",
+                    )?;
+                    remote.clone()
                 }
                 Backend::Plugin(plugin) => {
                     return Err(ApiError::new(
@@ -531,6 +599,7 @@ fn not_the_owner(
     let name = remote.name();
     let owner = remote
         .owner()
+        .address
         .map_or_else(|| "another address".to_owned(), |owner| owner.to_string());
     ApiError::new(
         status,
@@ -540,6 +609,70 @@ fn not_the_owner(
     )
     .with("field", field)
     .with("service", name)
+}
+
+/// Whether `writer` may register, heartbeat or remove `name`, held now by
+/// `remote` (or by nothing). Without tokens, the address that registered a
+/// service owns it (`address_status` when another address tries); with
+/// tokens, the token that registered it does, and a token may only write
+/// the names its patterns cover (403 otherwise). A name registered before
+/// tokens were configured may be claimed by any token covering it.
+fn may_write(
+    writer: &Writer,
+    name: &str,
+    remote: Option<&Arc<RemoteService>>,
+    caller: IpAddr,
+    address_status: StatusCode,
+    field: &str,
+) -> Result<(), ApiError> {
+    let forbidden = |reason: String| {
+        ApiError::new(StatusCode::FORBIDDEN, reason)
+            .with("field", field)
+            .with("service", name)
+    };
+    match writer {
+        Writer::Admin => Ok(()),
+        Writer::Anyone => match remote {
+            Some(remote) if !remote.is_owned_by(caller) => {
+                Err(not_the_owner(remote, caller, address_status, field))
+            }
+            _ => Ok(()),
+        },
+        Writer::Token(token) if !token.covers(name) => Err(forbidden(format!(
+            "registry token `{}` may not write `{name}`: it covers {}",
+            token.id(),
+            token.patterns().join(", ")
+        ))),
+        Writer::Token(token) => match remote.and_then(|remote| remote.owner().token.as_deref()) {
+            Some(owner) if owner != token.id() => Err(forbidden(format!(
+                "service `{name}` belongs to registry token `{owner}`: only it (or the admin token) may change it, and `{}` is not it",
+                token.id()
+            ))),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// The answer to a request whose registry credentials were refused.
+fn unauthenticated(refused: Unauthenticated) -> ApiError {
+    let status = match refused {
+        Unauthenticated::Missing | Unauthenticated::Invalid => StatusCode::UNAUTHORIZED,
+        Unauthenticated::NotAdmin | Unauthenticated::NoAdmin => StatusCode::FORBIDDEN,
+    };
+    let mut error = ApiError::new(status, refused.to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        let challenge = match refused {
+            Unauthenticated::Invalid => {
+                r#"Bearer realm="plugin-host registry", error="invalid_token""#
+            }
+            _ => r#"Bearer realm="plugin-host registry""#,
+        };
+        error = error.with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
+    error
 }
 
 fn not_registered(name: &str, field: &str) -> ApiError {
@@ -587,6 +720,7 @@ async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let writer = registry.writer(&headers)?;
     let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
     let instance = &registration.instance;
@@ -599,7 +733,7 @@ async fn register(
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {refused}"))
                 .with("field", "host")
         })?;
-    uncancellable(async move { registry.register(registration, caller.ip()).await }).await
+    uncancellable(async move { registry.register(registration, caller.ip(), writer).await }).await
 }
 
 async fn heartbeat(
@@ -608,6 +742,7 @@ async fn heartbeat(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let writer = registry.writer(&headers)?;
     let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
@@ -625,14 +760,14 @@ async fn heartbeat(
         .with("field", "service_id")
         .with("service", name));
     };
-    if !remote.is_owned_by(caller.ip()) {
-        return Err(not_the_owner(
-            remote,
-            caller.ip(),
-            StatusCode::FORBIDDEN,
-            "service_id",
-        ));
-    }
+    may_write(
+        &writer,
+        &name,
+        Some(remote),
+        caller.ip(),
+        StatusCode::FORBIDDEN,
+        "service_id",
+    )?;
     remote.heartbeat(beat.status);
     remote.announce_health();
     let policy = registry.shared.policy;
@@ -648,10 +783,12 @@ async fn heartbeat(
 async fn deregister(
     State(registry): State<Registry>,
     ConnectInfo(caller): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let writer = registry.writer(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
-    uncancellable(async move { registry.deregister(&name, caller.ip()).await }).await
+    uncancellable(async move { registry.deregister(&name, caller.ip(), writer).await }).await
 }
 
 /// Runs a write to completion even if the client hangs up: hyper drops a
@@ -669,16 +806,22 @@ async fn uncancellable(
     })
 }
 
-async fn list_services(State(registry): State<Registry>) -> Response {
+async fn list_services(
+    State(registry): State<Registry>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    registry.reader(&headers)?;
     let services = registry.shared.services.list();
     let listed: Vec<Listed<'_>> = services.iter().map(|service| describe(service)).collect();
-    axum::Json(listed).into_response()
+    Ok(axum::Json(listed).into_response())
 }
 
 async fn get_service(
     State(registry): State<Registry>,
+    headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
     match registry.shared.services.get(&name) {
         Some(service) => Ok(axum::Json(describe(&service)).into_response()),

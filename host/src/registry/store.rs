@@ -71,6 +71,10 @@ pub struct StoredService {
     /// before owners were recorded.
     #[serde(default)]
     pub owner: Option<IpAddr>,
+    /// The id of the registry token that registered it; absent when the
+    /// registry had no tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_token: Option<String>,
 }
 
 /// The stored encoding, tagged so a later format can be read beside this
@@ -399,6 +403,7 @@ mod tests {
             }],
             registered_at_unix_ms: 1,
             owner: Some(IpAddr::from([127, 0, 0, 1])),
+            owner_token: None,
         }
     }
 

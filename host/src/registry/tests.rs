@@ -40,6 +40,7 @@ fn open(dir: &std::path::Path) -> Router {
                     ),
             ),
             loop_guard: LoopGuard::new(),
+            tokens: Arc::default(),
         },
     )
     .expect("registry opens");

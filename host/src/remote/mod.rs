@@ -23,14 +23,25 @@ mod spec;
 
 pub use spec::{InstanceAddr, RemoteSpec, Reported};
 
+/// Who registered a remote service, which decides who may change it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The client address it was registered from; `None` for a
+    /// registration stored before owners were recorded, which any address
+    /// may claim.
+    pub address: Option<IpAddr>,
+    /// The id of the registry token that registered it, when the registry
+    /// has tokens: only that token (or the admin token) may change it.
+    pub token: Option<String>,
+}
+
 /// A registered out-of-process service.
 #[derive(Debug)]
 pub struct RemoteService {
     spec: RemoteSpec,
     registered_at: SystemTime,
-    /// The address that registered it; `None` for a registration stored
-    /// before owners were recorded, which any address may claim.
-    owner: Option<IpAddr>,
+    /// Who registered it.
+    owner: Owner,
     /// Longest silence before the service is unhealthy.
     ttl: Duration,
     state: Mutex<State>,
@@ -202,7 +213,7 @@ impl RemoteService {
         spec: RemoteSpec,
         instances: Vec<InstanceAddr>,
         registered_at: SystemTime,
-        owner: Option<IpAddr>,
+        owner: Owner,
         ttl: Duration,
     ) -> Result<Self, InvalidUri> {
         let now = Instant::now();
@@ -225,7 +236,10 @@ impl RemoteService {
         Ok(Self {
             spec,
             registered_at,
-            owner: owner.map(|owner| owner.to_canonical()),
+            owner: Owner {
+                address: owner.address.map(|address| address.to_canonical()),
+                token: owner.token,
+            },
             ttl,
             state: Mutex::new(State {
                 instances,
@@ -244,15 +258,17 @@ impl RemoteService {
         self.registered_at
     }
 
-    /// The address that registered it, if recorded.
-    pub fn owner(&self) -> Option<IpAddr> {
-        self.owner
+    /// Who registered it.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
     }
 
-    /// Whether a client at `caller` may change, heartbeat or remove it:
-    /// only the address that registered it may.
+    /// Whether a client at `caller` may change, heartbeat or remove it
+    /// when the registry has no tokens: only the address that registered
+    /// it may.
     pub fn is_owned_by(&self, caller: IpAddr) -> bool {
         self.owner
+            .address
             .is_none_or(|owner| owner == caller.to_canonical())
     }
 
@@ -531,7 +547,7 @@ mod tests {
             host: "::1".to_owned(),
             port: 8010,
         };
-        RemoteService::new(spec, vec![addr], SystemTime::now(), None, ttl).unwrap()
+        RemoteService::new(spec, vec![addr], SystemTime::now(), Owner::default(), ttl).unwrap()
     }
 
     #[test]
