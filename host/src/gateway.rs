@@ -2,9 +2,9 @@
 //!
 //! It owns nothing but the request path: it looks the name up in the
 //! [`ServiceTable`], refuses what must not reach a service (a request that
-//! looped back into the host, an unsafe path,
-//! an oversized body), and hands the request to the plugin runtime or to the
-//! proxy. It never loads, unloads or registers anything, and never calls
+//! looped back into the host, an unsafe path, a missing credential where
+//! the service asked for one, an oversized body), and hands the request to
+//! the plugin runtime or to the proxy. It never loads, unloads or registers anything, and never calls
 //! plugin code itself: a plugin request is a message to the plugin's own
 //! worker threads, awaited here.
 
@@ -12,18 +12,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::{Authenticator, Identity, forward_identity};
 use crate::egress::LoopGuard;
 use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::Proxy;
 use crate::service::{HTTP_METHODS, ServiceInfo};
-use crate::table::{Backend, ServiceTable};
+use crate::table::{Backend, Service, ServiceTable};
 
 /// What the gateway needs to serve.
 #[derive(Debug, Clone)]
@@ -38,6 +41,9 @@ pub struct Gateway {
     pub request_timeout: Duration,
     /// Recognises requests that looped back into the host.
     pub loop_guard: LoopGuard,
+    /// The credentials accepted for services that require authentication;
+    /// a reload stores a new one.
+    pub auth: Arc<ArcSwap<Authenticator>>,
 }
 
 /// The gateway's routes.
@@ -54,7 +60,7 @@ fn split_service_path(path: &str) -> Option<(&str, &str)> {
 async fn dispatch(
     State(gateway): State<Gateway>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    request: Request,
+    mut request: Request,
 ) -> Response {
     let path = request.uri().path().to_owned();
     let Some((name, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
@@ -84,6 +90,20 @@ async fn dispatch(
     if let Some(refused) = refuse_method(name, request.method(), &service.info) {
         return refused;
     }
+    let identity = match authenticate(&gateway, &service, name, rest, &request) {
+        Ok(identity) => identity,
+        Err(refused) => return refused,
+    };
+    // A `Connection` header naming `X-Consumer-Id` would have the later
+    // hop-by-hop pass remove the gateway's own value: that pass runs first.
+    if request.headers().contains_key(header::CONNECTION) {
+        remove_hop_by_hop(request.headers_mut());
+    }
+    forward_identity(
+        request.headers_mut(),
+        identity.as_ref(),
+        service.info.requires_auth,
+    );
     match &service.backend {
         // The runtime is looked up again once the body is in: a slow upload
         // must not pin a version that is being swapped out.
@@ -152,6 +172,48 @@ fn refuse_method(name: &str, method: &Method, info: &ServiceInfo) -> Option<Resp
         format!("service `{name}` declares no {method} endpoint"),
         &declared,
     ))
+}
+
+/// Who calls, as far as the service asked the gateway to check. A service
+/// without `requires_auth` gets no one: its credentials, if any, are its
+/// own business and pass untouched. One with it gets, on a protected
+/// endpoint, the verified identity or the request is refused here (401,
+/// 403); on a public endpoint, whoever a valid credential names, if the
+/// client sent one. A CORS preflight (OPTIONS with `Origin` and
+/// `Access-Control-Request-Method`) is never refused for lacking a
+/// credential: browsers never send one with it.
+fn authenticate(
+    gateway: &Gateway,
+    service: &Service,
+    name: &str,
+    rest: &str,
+    request: &Request,
+) -> Result<Option<Identity>, Response> {
+    if !service.info.requires_auth || is_preflight(request) {
+        return Ok(None);
+    }
+    let auth = gateway.auth.load();
+    let headers = request.headers();
+    if service
+        .public_endpoints()
+        .is_public(request.method().as_str(), rest)
+    {
+        return Ok(auth.identify(name, headers));
+    }
+    auth.admit(name, headers).map(Some).map_err(|refusal| {
+        tracing::debug!(service = %name, error = ?refusal, "request refused: authentication");
+        refusal.into_response(name)
+    })
+}
+
+/// A CORS preflight: what a browser sends, without credentials, before a
+/// cross-origin request.
+fn is_preflight(request: &Request) -> bool {
+    request.method() == Method::OPTIONS
+        && request.headers().contains_key(header::ORIGIN)
+        && request
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 fn unknown_service(name: &str) -> Response {

@@ -77,6 +77,9 @@ pub enum HostError {
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
+    /// The `[auth]` section is invalid (the message names the key).
+    #[error("invalid config: {0}")]
+    Auth(#[from] auth::SettingsError),
 }
 
 /// Runs the host until `shutdown` completes, then stops serving, unloads
@@ -85,6 +88,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostError> {
+    // Keys added at run time outlive every authenticator a reload builds.
+    let managed_keys = Arc::new(auth::ManagedKeys::new());
+    let gateway_auth = Arc::new(arc_swap::ArcSwap::from_pointee(
+        auth::Authenticator::from_settings(&config.file.auth.gateway(), &managed_keys)?,
+    ));
+
     // Bound first: the registry must know the listeners' real addresses
     // (port 0 picks one) to refuse services pointing back at them. Nothing
     // is served before start-up state is complete; connections wait in the
@@ -165,6 +174,7 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         loop_guard,
+        auth: gateway_auth,
     });
     let liveness = registry.spawn_liveness();
     let registry = registry::router(registry);

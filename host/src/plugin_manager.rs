@@ -192,13 +192,13 @@ impl Manager {
         };
         let version = info.version.clone();
         let endpoints = info.endpoints.len();
-        let service = Service {
+        let service = Service::new(
             info,
-            backend: Backend::Plugin(PluginBackend {
+            Backend::Plugin(PluginBackend {
                 runtime: runtime.clone(),
                 loaded_from: file.clone(),
             }),
-        };
+        );
         // The table decides the race with a remote registration: it may
         // have taken the name since `name_holder` looked.
         match self

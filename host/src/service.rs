@@ -255,6 +255,143 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
     check_service_path(path).map_err(|error| format!("`{path}`: {error}"))
 }
 
+/// Which endpoints of a service may be called without authentication,
+/// compiled once from its declaration (a table entry is built once per
+/// load or registration), so the gateway matches a request without
+/// allocating.
+///
+/// A request is matched to the declared endpoints of its method (`HEAD`
+/// counts as `GET`) by path template, as the SDK's router does: a `{name}`
+/// segment matches any one segment, other segments match literally, a
+/// trailing slash does not matter, and where several templates match, the
+/// one with more literal segments decides (a tie: private wins). A path no
+/// endpoint declares is not public.
+///
+/// Servers differ in how they decode a path before routing: `/%61dmin`
+/// and `/admin;x=1` reach `/admin` on many of them, while the SDK's
+/// router and this matcher compare raw segments. So a path holding `%` or
+/// `;` is matched twice, as sent and decoded (parameters after `;` cut),
+/// and is public only if both readings say so.
+#[derive(Debug, Clone, Default)]
+pub struct PublicEndpoints {
+    /// Every endpoint, private ones too (they may outrank a public
+    /// template); empty when none is public, which makes the answer
+    /// `false` without looking.
+    rules: Box<[Rule]>,
+}
+
+#[derive(Debug, Clone)]
+struct Rule {
+    method: String,
+    segments: Box<[Pattern]>,
+    literals: usize,
+    public: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Pattern {
+    /// A literal segment as declared, and percent-decoded.
+    Literal { raw: Box<str>, decoded: Box<[u8]> },
+    /// `{name}`: any one segment.
+    Param,
+}
+
+impl PublicEndpoints {
+    /// The public endpoints of `info`'s declaration.
+    pub fn compile(info: &ServiceInfo) -> Self {
+        if !info.endpoints.iter().any(|endpoint| endpoint.is_public) {
+            return Self::default();
+        }
+        let rules = info
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let segments: Box<[Pattern]> = path_segments(&endpoint.path)
+                    .map(|segment| {
+                        if segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}') {
+                            Pattern::Param
+                        } else {
+                            Pattern::Literal {
+                                raw: segment.into(),
+                                decoded: decode_segment(segment).into(),
+                            }
+                        }
+                    })
+                    .collect();
+                Rule {
+                    method: endpoint.method.clone(),
+                    literals: segments
+                        .iter()
+                        .filter(|p| matches!(p, Pattern::Literal { .. }))
+                        .count(),
+                    segments,
+                    public: endpoint.is_public,
+                }
+            })
+            .collect();
+        Self { rules }
+    }
+
+    /// Whether `method` on `path` (below the service's mount point, still
+    /// percent-encoded) reaches a public endpoint.
+    pub fn is_public(&self, method: &str, path: &str) -> bool {
+        if self.rules.is_empty() {
+            return false;
+        }
+        let method = if method == "HEAD" { "GET" } else { method };
+        let as_sent = self.verdict(method, path, |pattern, segment| match pattern {
+            Pattern::Literal { raw, .. } => **raw == *segment,
+            Pattern::Param => true,
+        });
+        if !as_sent || !path.contains(['%', ';']) {
+            return as_sent;
+        }
+        self.verdict(method, path, |pattern, segment| match pattern {
+            Pattern::Literal { decoded, .. } => **decoded == *decode_segment(segment),
+            Pattern::Param => true,
+        })
+    }
+
+    /// The verdict of the most specific endpoint matching, with `matches`
+    /// comparing a template's segment with the path's.
+    fn verdict(&self, method: &str, path: &str, matches: impl Fn(&Pattern, &str) -> bool) -> bool {
+        let count = path_segments(path).count();
+        let mut best: Option<(usize, bool)> = None;
+        for rule in self.rules.iter() {
+            if rule.method != method
+                || rule.segments.len() != count
+                || !rule
+                    .segments
+                    .iter()
+                    .zip(path_segments(path))
+                    .all(|(pattern, segment)| matches(pattern, segment))
+            {
+                continue;
+            }
+            best = match best {
+                Some((literals, public)) if literals == rule.literals => {
+                    Some((literals, public && rule.public))
+                }
+                Some((literals, _)) if literals > rule.literals => best,
+                _ => Some((rule.literals, rule.public)),
+            };
+        }
+        best.is_some_and(|(_, public)| public)
+    }
+}
+
+/// A path's non-empty segments: `/a/b/` and `a/b` are the same path.
+fn path_segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|segment| !segment.is_empty())
+}
+
+/// A segment as a server that decodes before routing sees it: `;`
+/// parameters cut, percent-decoded.
+fn decode_segment(segment: &str) -> Vec<u8> {
+    let segment = segment.split(';').next().unwrap_or_default();
+    percent_encoding::percent_decode_str(segment).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +436,83 @@ mod tests {
                 is_public: true,
             }],
         }
+    }
+
+    fn declaring(endpoints: &[(&str, &str, bool)]) -> PublicEndpoints {
+        let mut info = info();
+        info.requires_auth = true;
+        info.endpoints = endpoints
+            .iter()
+            .map(|(method, path, is_public)| Endpoint {
+                path: (*path).to_owned(),
+                method: (*method).to_owned(),
+                description: String::new(),
+                is_public: *is_public,
+            })
+            .collect();
+        PublicEndpoints::compile(&info)
+    }
+
+    #[test]
+    fn public_endpoints_match_by_method_and_template() {
+        let access = declaring(&[
+            ("GET", "/health", true),
+            ("GET", "/data/{id}", true),
+            ("POST", "/data/{id}", false),
+            ("GET", "/", true),
+        ]);
+        assert!(access.is_public("GET", "/health"));
+        assert!(access.is_public("HEAD", "/health"));
+        assert!(access.is_public("GET", "/health/"));
+        assert!(access.is_public("GET", "/data/7"));
+        assert!(access.is_public("GET", ""));
+        assert!(access.is_public("GET", "/"));
+        assert!(!access.is_public("POST", "/data/7"), "private method");
+        assert!(!access.is_public("DELETE", "/data/7"), "undeclared method");
+        assert!(!access.is_public("GET", "/data"), "undeclared path");
+        assert!(!access.is_public("GET", "/data/7/more"), "one segment only");
+        assert!(!access.is_public("OPTIONS", "/health"));
+    }
+
+    #[test]
+    fn the_more_literal_template_decides_and_a_tie_is_private() {
+        let access = declaring(&[
+            ("GET", "/items/{id}", true),
+            ("GET", "/items/admin", false),
+            ("GET", "/open/new", true),
+            ("GET", "/open/{id}", false),
+            ("GET", "/tie/{a}", true),
+            ("GET", "/tie/{b}", false),
+        ]);
+        assert!(access.is_public("GET", "/items/7"));
+        assert!(!access.is_public("GET", "/items/admin"));
+        assert!(access.is_public("GET", "/open/new"));
+        assert!(!access.is_public("GET", "/open/7"));
+        assert!(!access.is_public("GET", "/tie/x"));
+    }
+
+    #[test]
+    fn a_path_is_public_only_if_its_decoded_reading_is_too() {
+        let access = declaring(&[
+            ("GET", "/items/{id}", true),
+            ("GET", "/items/admin", false),
+            ("GET", "/caf%C3%A9", true),
+        ]);
+        assert!(access.is_public("GET", "/items/a%20b"));
+        assert!(!access.is_public("GET", "/items/%61dmin"));
+        assert!(!access.is_public("GET", "/items/admin;jsessionid=1"));
+        assert!(access.is_public("GET", "/caf%C3%A9"));
+        assert!(
+            !access.is_public("GET", "/caf%c3%a9"),
+            "literals compare as sent too"
+        );
+    }
+
+    #[test]
+    fn no_public_endpoint_means_nothing_is_public() {
+        let access = declaring(&[("GET", "/health", false)]);
+        assert!(!access.is_public("GET", "/health"));
+        assert!(!PublicEndpoints::default().is_public("GET", "/"));
     }
 
     #[test]

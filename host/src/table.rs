@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::plugin::PluginRuntime;
 use crate::remote::RemoteService;
-use crate::service::ServiceInfo;
+use crate::service::{PublicEndpoints, ServiceInfo};
 use crate::sync::lock;
 
 /// Where a service's requests go.
@@ -42,9 +42,26 @@ pub struct Service {
     pub info: ServiceInfo,
     /// Where its requests go.
     pub backend: Backend,
+    /// Its public endpoints, compiled from `info` once rather than per
+    /// request.
+    public_endpoints: PublicEndpoints,
 }
 
 impl Service {
+    /// The entry for a service declaring `info`, reached through `backend`.
+    pub fn new(info: ServiceInfo, backend: Backend) -> Self {
+        Self {
+            public_endpoints: PublicEndpoints::compile(&info),
+            info,
+            backend,
+        }
+    }
+
+    /// Which of its endpoints may be called without authentication.
+    pub fn public_endpoints(&self) -> &PublicEndpoints {
+        &self.public_endpoints
+    }
+
     /// `"plugin"` or `"remote"`.
     pub fn kind(&self) -> &'static str {
         match self.backend {

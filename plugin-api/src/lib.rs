@@ -63,6 +63,7 @@
 // The ABI types and the entry points behind them are the only `unsafe` code
 // of the SDK. `ffi` stays public because the host reads a plugin through it,
 // and hidden because a plugin author never needs it.
+mod consumer;
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub mod ffi;
@@ -77,6 +78,7 @@ pub mod testing;
 #[allow(unsafe_code)]
 pub mod __private;
 
+pub use consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER, Consumer};
 pub use request::Request;
 pub use response::{Error, Response, Result};
 pub use router::{Handler, Method, Router};

@@ -3,8 +3,9 @@ use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 
-use crate::Error;
+use crate::consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER};
 use crate::ffi::FfiRequest;
+use crate::{Consumer, Error};
 
 /// One request to a plugin, borrowed from the host for the handler's call.
 #[derive(Debug)]
@@ -104,6 +105,19 @@ impl<'a> Request<'a> {
                 }
             }
         })
+    }
+
+    /// Who called, if the host authenticated the request: only on a
+    /// service that declared `requires_auth`, on a private route (always)
+    /// or on a public one when the client sent a valid credential. The
+    /// host strips these headers from every client request first, so they
+    /// can be trusted; outside the host (in [`crate::testing`]) they are
+    /// whatever the test sends.
+    pub fn consumer(&self) -> Option<Consumer> {
+        Consumer::from_headers(
+            self.header(CONSUMER_ID_HEADER),
+            self.header(CONSUMER_CLAIMS_HEADER),
+        )
     }
 
     /// The client's socket address, e.g. `127.0.0.1:51234`.

@@ -31,6 +31,8 @@ pub struct WrkOptions {
     pub script: Option<PathBuf>,
     /// Environment for the script.
     pub env: Vec<(String, String)>,
+    /// `-H`: headers sent with every request, `Name: value`.
+    pub headers: Vec<String>,
 }
 
 impl WrkOptions {
@@ -42,6 +44,7 @@ impl WrkOptions {
             seconds,
             script: None,
             env: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
@@ -53,10 +56,21 @@ impl WrkOptions {
         }
     }
 
+    /// The same, sending `header` (`Name: value`) with every request.
+    pub fn with_header(mut self, header: &str) -> Self {
+        self.headers.push(header.to_owned());
+        self
+    }
+
     /// `wrk -tT -cC -dDs` as text, for the report.
     pub fn describe(&self) -> String {
+        let headers: String = self
+            .headers
+            .iter()
+            .map(|header| format!(" -H '{header}'"))
+            .collect();
         format!(
-            "wrk -t{} -c{} -d{}s --latency",
+            "wrk -t{} -c{} -d{}s{headers} --latency",
             self.threads, self.connections, self.seconds
         )
     }
@@ -72,6 +86,9 @@ pub fn run_wrk(pinning: Pinning, url: &str, options: &WrkOptions) -> Result<WrkR
         .args(["--timeout", "10s", "--latency"]);
     if let Some(script) = &options.script {
         command.arg("-s").arg(script);
+    }
+    for header in &options.headers {
+        command.arg("-H").arg(header);
     }
     command.arg(url);
     for (key, value) in &options.env {

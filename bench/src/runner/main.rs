@@ -163,6 +163,8 @@ pub struct Artifacts {
     pub upstream: PathBuf,
     /// `libhello.so`.
     pub hello: PathBuf,
+    /// `libhello_keyed.so`.
+    pub hello_keyed: PathBuf,
     /// `libdemo_service.so`.
     pub demo: PathBuf,
     /// `libswap_a.so`.
@@ -179,7 +181,7 @@ impl Artifacts {
                 Ok(path)
             } else {
                 Err(format!(
-                    "{} is missing: build first (`bench/run` runs `cargo build --release -p plugin-host -p hello -p demo-service -p swap-a -p swap-b -p bench`)",
+                    "{} is missing: build first (`bench/run` runs `cargo build --release -p plugin-host -p hello -p hello-keyed -p demo-service -p swap-a -p swap-b -p bench`)",
                     path.display()
                 ))
             }
@@ -189,6 +191,7 @@ impl Artifacts {
             native: file("bench-native")?,
             upstream: file("bench-upstream")?,
             hello: file("libhello.so")?,
+            hello_keyed: file("libhello_keyed.so")?,
             demo: file("libdemo_service.so")?,
             swap_a: file("libswap_a.so")?,
             swap_b: file("libswap_b.so")?,

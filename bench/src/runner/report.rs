@@ -321,6 +321,7 @@ pub fn markdown(results: &Results) -> String {
         Some(c) => comparison_table(&mut out, c, &|label| match label {
             "native" => "native: axum handler, release (`bench-native`)".to_owned(),
             "plugin" => "plugin: hello through `plugin-host`".to_owned(),
+            "plugin+key" => "plugin+key: hello-keyed, `X-API-Key` required and checked".to_owned(),
             other => other.to_owned(),
         }),
         None => {

@@ -293,11 +293,33 @@ fn percentiles<const N: usize>(values: &[f64], ps: [f64; N]) -> [f64; N] {
     ps.map(|p| percentile(values, p).unwrap_or(f64::NAN))
 }
 
+/// The API key scenario 1 sends, and its digest in the host's config
+/// (`printf %s bench-api-key | sha256sum`). The runner checks that the key
+/// is accepted before it measures anything.
+const BENCH_API_KEY: &str = "bench-api-key";
+const BENCH_API_KEY_SHA256: &str =
+    "fd0ba226dc24b08a5c55782e91ba91ba5528bb35f37f7d322b35d703efb77822";
+
 /// A `plugin-host` on the server core, with empty directories, logging
-/// nothing per request.
-fn start_host(rt: &Runtime, pinning: Pinning, artifacts: &Artifacts) -> Result<Host, String> {
-    let builder = Host::builder(pinning.server(&artifacts.host)).log_filter("info");
-    Ok(rt.block_on(builder.start())?)
+/// nothing per request, and `--config` giving it [`BENCH_API_KEY`]. The
+/// returned directory holds the config file; it is read at start-up.
+fn start_host(
+    rt: &Runtime,
+    pinning: Pinning,
+    artifacts: &Artifacts,
+) -> Result<(Host, tempfile::TempDir), String> {
+    let config_dir = tempfile::tempdir().map_err(|error| format!("temp dir: {error}"))?;
+    let config = config_dir.path().join("plugin-host.toml");
+    std::fs::write(
+        &config,
+        format!("[[auth.api_keys]]\nid = \"bench\"\nsha256 = \"{BENCH_API_KEY_SHA256}\"\n"),
+    )
+    .map_err(|error| format!("{}: {error}", config.display()))?;
+    let builder = Host::builder(pinning.server(&artifacts.host))
+        .log_filter("info")
+        .arg("--config")
+        .arg(config.display().to_string());
+    Ok((rt.block_on(builder.start())?, config_dir))
 }
 
 /// Runs everything `only` selects.
@@ -333,7 +355,7 @@ fn host_scenarios(
     only: &dyn Fn(u8) -> bool,
     results: &mut ScenarioResults,
 ) -> Result<(), String> {
-    let mut host = start_host(rt, pinning, artifacts)?;
+    let (mut host, _config) = start_host(rt, pinning, artifacts)?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
@@ -472,7 +494,10 @@ fn interleaved(
 }
 
 /// Scenario 1: the hello plugin through the host against the same handler
-/// compiled into a plain axum server.
+/// compiled into a plain axum server; and the cost of gateway auth: the
+/// same handler in `hello-keyed`, whose route needs an API key, against
+/// the open `hello`, in the same host. Every target gets the same
+/// `X-API-Key` header, so the requests differ only in where they go.
 fn in_process(
     rt: &Runtime,
     client: &reqwest::Client,
@@ -482,8 +507,12 @@ fn in_process(
     host: &Host,
 ) -> Result<Comparison, String> {
     let native = SimpleServer::start(rt, "bench-native", &artifacts.native, pinning)?;
+    let mark = host.log_mark();
+    host.rename_plugin_in(&artifacts.hello_keyed, "hello-keyed.so")?;
+    rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=hello-keyed"]))?;
     let path = "/api/hello/hello?name=x";
     let plugin_url = host.gateway_url(path);
+    let keyed_url = host.gateway_url("/api/hello-keyed/hello?name=x");
     let native_url = format!("http://{}{path}", native.addr);
     let (status_p, body_p) = rt.block_on(get(client, &plugin_url))?;
     let (status_n, body_n) = rt.block_on(get(client, &native_url))?;
@@ -492,15 +521,33 @@ fn in_process(
             "plugin and native answer differently: {status_p} {body_p:?} vs {status_n} {body_n:?}"
         ));
     }
+    let (status_open, _) = rt.block_on(get(client, &keyed_url))?;
+    let (status_k, body_k) = rt.block_on(async {
+        let answer = client
+            .get(&keyed_url)
+            .header("X-API-Key", BENCH_API_KEY)
+            .send()
+            .await
+            .map_err(|error| format!("GET {keyed_url}: {error}"))?;
+        let status = answer.status().as_u16();
+        let body = answer.bytes().await.map_err(|error| error.to_string())?;
+        Ok::<_, String>((status, body))
+    })?;
+    if status_open != 401 || status_k != 200 || body_k != body_p {
+        return Err(format!(
+            "hello-keyed: {status_open} without the key (401 expected), {status_k} {body_k:?} with it"
+        ));
+    }
     let options = WrkOptions::new(
         settings.wrk_threads,
         settings.connections_small,
         settings.seconds,
-    );
+    )
+    .with_header(&format!("X-API-Key: {BENCH_API_KEY}"));
     let mut comparison = interleaved(
         pinning,
         "1",
-        "GET /api/hello/hello?name=x",
+        "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x",
         &[
             Spec {
                 label: "native",
@@ -514,11 +561,18 @@ fn in_process(
                 pids: vec![host.pid()],
                 behind: Vec::new(),
             },
+            Spec {
+                label: "plugin+key",
+                url: keyed_url,
+                pids: vec![host.pid()],
+                behind: Vec::new(),
+            },
         ],
         &options,
         settings,
     )?;
     comparison.add_ratio("plugin", "native");
+    comparison.add_ratio("plugin+key", "plugin");
     Ok(comparison)
 }
 
@@ -846,7 +900,7 @@ fn registry_scale(
     settings: &Settings,
     artifacts: &Artifacts,
 ) -> Result<RegistryScale, String> {
-    let host = start_host(rt, pinning, artifacts)?;
+    let (host, _config) = start_host(rt, pinning, artifacts)?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = host.rss_kib().unwrap_or(0);

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::admission::{CorsSettings, RateLimitSettings, ServiceSettingsByName};
-use crate::auth::{ApiKeySettings, JwtIssuerSettings};
+use crate::auth::{ApiKeySettings, AuthSettings, JwtIssuerSettings};
 use crate::plugin::FileChecks;
 use crate::registry::RegistryAuthSettings;
 
@@ -170,6 +170,17 @@ pub struct AuthSection {
     /// `[auth.registry]`.
     #[serde(default)]
     pub registry: RegistryAuthSettings,
+}
+
+impl AuthSection {
+    /// The gateway's credentials, as `auth::Authenticator::from_settings`
+    /// reads them.
+    pub fn gateway(&self) -> AuthSettings {
+        AuthSettings {
+            api_keys: self.api_keys.clone(),
+            jwt: self.jwt.clone(),
+        }
+    }
 }
 
 /// Why a config file was refused.

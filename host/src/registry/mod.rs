@@ -186,10 +186,7 @@ impl Registry {
                     continue;
                 }
             };
-            let service = Service {
-                info: stored.spec.info,
-                backend: Backend::Remote(remote),
-            };
+            let service = Service::new(stored.spec.info, Backend::Remote(remote));
             match services.insert(service, |_| false) {
                 Ok(_) => restored += 1,
                 Err(holder) => {
@@ -362,10 +359,7 @@ impl Registry {
         self.durably(&name, move |store| store.put(&stored)).await?;
         self.record_storage(&name, Some(size));
         let version = spec.info.version.clone();
-        let service = Service {
-            info: spec.info,
-            backend: Backend::Remote(Arc::new(remote)),
-        };
+        let service = Service::new(spec.info, Backend::Remote(Arc::new(remote)));
         let inserted = self.shared.services.insert(service, |holder| {
             matches!(holder.backend, Backend::Remote(_))
         });
