@@ -152,6 +152,11 @@ impl SecretDigest {
         Self(sha2::Sha256::digest(secret).into())
     }
 
+    /// The digest as 64 lower-case hex digits.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
     /// Whether `presented` is the secret this is the digest of. The
     /// comparison takes the same time wherever the digests differ.
     pub fn matches(&self, presented: &[u8]) -> bool {

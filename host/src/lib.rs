@@ -136,6 +136,8 @@ pub async fn run(
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
             tokens: registry_tokens,
+            authenticator: gateway_auth.clone(),
+            managed_keys,
         },
     )?;
 

@@ -4,7 +4,7 @@
 //! listing can be closed. Ownership survives a restart.
 
 use host_harness::http::{client, registration};
-use host_harness::workspace::host_builder;
+use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Dirs, Host};
 use integration_tests::upstream::Upstream;
 use serde_json::{Value, json};
@@ -258,4 +258,132 @@ async fn an_invalid_token_section_stops_the_start_naming_the_key() {
         message.contains("auth.registry.tokens[0].sha256"),
         "{message}"
     );
+}
+
+/// The admin endpoints add and revoke gateway API keys without a restart:
+/// a key added works at once and after a restart (only its digest is
+/// kept), a revoked one stops working, and only the admin token may do
+/// either.
+#[tokio::test]
+async fn api_keys_are_added_and_revoked_at_run_time_by_the_admin_token() {
+    // `printf %s ci-secret | sha256sum`
+    let config = format!(
+        "{TOKENS_CONFIG}\n[[auth.api_keys]]\nid = \"ci\"\nsha256 = \"f82da6e2b2e51c046a2eaf10964ef184b69c0aee9892f10a2a7b657477d407e6\"\n"
+    );
+    let registry = Registry::start(&config, Dirs::new().unwrap()).await;
+    registry
+        .host
+        .mount_plugin(plugin_library("guarded"), "libguarded.so")
+        .await
+        .unwrap();
+    let keys = "/api/registry/admin/api-keys";
+    let new_key = json!({"id": "robot", "services": ["guarded"]});
+
+    let (status, _, answer) = registry
+        .send(reqwest::Method::POST, keys, None, Some(&new_key))
+        .await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, _, answer) = registry
+        .send(reqwest::Method::POST, keys, Some("team-a"), Some(&new_key))
+        .await;
+    assert_eq!(
+        status, 403,
+        "a registration token is not the admin token: {answer}"
+    );
+
+    let (status, _, answer) = registry
+        .send(reqwest::Method::POST, keys, Some("admin"), Some(&new_key))
+        .await;
+    assert_eq!(status, 201, "{answer}");
+    let key = answer["key"]
+        .as_str()
+        .expect("a generated key is answered once")
+        .to_owned();
+    let guarded = |host: &Host| host.gateway_url("/api/guarded/private");
+    let with_key = |key: &str| {
+        let key = key.to_owned();
+        move |host: &Host| client().get(guarded(host)).header("x-api-key", key)
+    };
+    let status = with_key(&key)(&registry.host)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200, "the added key works at once");
+
+    let (status, _, answer) = registry
+        .send(
+            reqwest::Method::POST,
+            keys,
+            Some("admin"),
+            Some(&json!({"id": "ci"})),
+        )
+        .await;
+    assert_eq!(status, 409, "the config defines `ci`: {answer}");
+    let (status, _, listing) = registry
+        .send(reqwest::Method::GET, keys, Some("admin"), None)
+        .await;
+    assert_eq!(status, 200, "{listing}");
+    assert_eq!(
+        listing["api_keys"],
+        json!([{"id": "robot", "services": ["guarded"]}])
+    );
+    let stored = std::fs::read(registry.host.data_dir().join("registry.redb")).unwrap();
+    assert!(
+        !stored
+            .windows(key.len())
+            .any(|window| window == key.as_bytes()),
+        "the key itself is never stored"
+    );
+
+    let (_, dirs) = registry.host.stop_keeping_dirs();
+    let registry = Registry::start(&config, dirs).await;
+    registry
+        .host
+        .mount_plugin(plugin_library("guarded"), "libguarded.so")
+        .await
+        .unwrap();
+    let status = with_key(&key)(&registry.host)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200, "the added key survives a restart");
+
+    let (status, _, answer) = registry
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{keys}/ci"),
+            Some("admin"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status, 409,
+        "a configured key is revoked in the file: {answer}"
+    );
+    let (status, _, answer) = registry
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{keys}/robot"),
+            Some("admin"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let status = with_key(&key)(&registry.host)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401, "a revoked key is refused at once");
+    let (status, _, answer) = registry
+        .send(
+            reqwest::Method::DELETE,
+            &format!("{keys}/robot"),
+            Some("admin"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
 }

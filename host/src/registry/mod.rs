@@ -12,6 +12,7 @@
 //! Names are unique across kinds: the table's writer lock decides a race
 //! between a registration and a plugin file.
 
+mod admin;
 mod liveness;
 mod model;
 mod store;
@@ -44,6 +45,7 @@ use tokens::{Unauthenticated, Writer};
 
 use liveness::Checker;
 
+use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
 use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, Escaped, read_body_within};
 use crate::remote::{self, Owner, RemoteService};
@@ -72,6 +74,12 @@ pub struct RegistryConfig {
     pub loop_guard: LoopGuard,
     /// Who may write and read (`[auth.registry]`); swapped on reload.
     pub tokens: Arc<ArcSwap<TokenPolicy>>,
+    /// The gateway's credentials, which keys added here must not clash
+    /// with.
+    pub authenticator: Arc<ArcSwap<Authenticator>>,
+    /// The API keys added through the admin endpoints: restored from the
+    /// database at open, changed by those endpoints only.
+    pub managed_keys: Arc<ManagedKeys>,
 }
 
 /// Why the registry could not start.
@@ -105,6 +113,8 @@ struct Shared {
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
     tokens: Arc<ArcSwap<TokenPolicy>>,
+    authenticator: Arc<ArcSwap<Authenticator>>,
+    managed_keys: Arc<ManagedKeys>,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
@@ -194,6 +204,7 @@ impl Registry {
                 }
             }
         }
+        restore_api_keys(&store, &config.managed_keys, &config.authenticator.load())?;
         // Records from before checksums get one at their next write.
         tracing::info!(
             restored,
@@ -213,6 +224,8 @@ impl Registry {
                 egress: config.egress,
                 loop_guard: config.loop_guard,
                 tokens: config.tokens,
+                authenticator: config.authenticator,
+                managed_keys: config.managed_keys,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -257,6 +270,15 @@ impl Registry {
             .tokens
             .load()
             .writer(headers)
+            .map_err(unauthenticated)
+    }
+
+    /// Whether the request carries the admin token.
+    fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.shared
+            .tokens
+            .load()
+            .admin(headers)
             .map_err(unauthenticated)
     }
 
@@ -534,6 +556,36 @@ impl Registry {
     }
 }
 
+/// Puts the API keys added through the admin endpoints back, as they were
+/// before the restart. One that clashes with the config file now (same id
+/// or same key) is logged and left in the database, not used: the file
+/// wins, and revoking the stored key removes it.
+fn restore_api_keys(
+    store: &Store,
+    managed: &ManagedKeys,
+    authenticator: &Authenticator,
+) -> Result<(), StoreError> {
+    for (id, stored) in store.load_api_keys()? {
+        let restored = match stored {
+            Ok(stored) => managed
+                .insert(
+                    ApiKeySettings {
+                        id: stored.id,
+                        sha256: stored.sha256,
+                        services: stored.services,
+                    },
+                    authenticator,
+                )
+                .map_err(|refused| refused.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = restored {
+            tracing::error!(api_key = %id, %error, "stored API key not restored; left in the database");
+        }
+    }
+    Ok(())
+}
+
 /// The size of every stored registration, and their sum.
 #[derive(Debug, Default)]
 struct Storage {
@@ -703,6 +755,14 @@ pub fn router(registry: Registry) -> Router {
         .route("/api/registry/deregister/{name}", post(deregister))
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .route(
+            "/api/registry/admin/api-keys",
+            get(admin::list).post(admin::add),
+        )
+        .route(
+            "/api/registry/admin/api-keys/{id}",
+            axum::routing::delete(admin::revoke),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(registry)

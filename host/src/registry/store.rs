@@ -52,6 +52,10 @@ use crate::remote::{InstanceAddr, RemoteSpec};
 /// Service name -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
 
+/// API key id -> the checksum line and the JSON of a [`StoredApiKey`]:
+/// the keys added through the admin API, as digests.
+const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
+
 /// What starts a value's checksum line.
 const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
 
@@ -76,6 +80,21 @@ pub struct StoredService {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_token: Option<String>,
 }
+
+/// An API key added through the admin API: its digest, never the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredApiKey {
+    /// The key's id.
+    pub id: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Services it may reach; `None`: every service.
+    pub services: Option<Vec<String>>,
+}
+
+/// One stored API key as read back: its id, and the key or why it is not
+/// used.
+pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
@@ -198,6 +217,7 @@ impl Store {
             // one.
             let write = db.begin_write().map_err(redb::Error::from)?;
             write.open_table(SERVICES).map_err(redb::Error::from)?;
+            write.open_table(API_KEYS).map_err(redb::Error::from)?;
             write.commit().map_err(redb::Error::from)?;
             Ok(db)
         });
@@ -241,61 +261,102 @@ impl Store {
     /// Stores `service` under its name, replacing what was there; durable
     /// when it returns.
     pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        let name = service.spec.info.name.as_str();
-        let encoded = encode(service)?;
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
-            table
-                .insert(name, encoded.as_slice())
-                .map_err(redb::Error::from)?;
-        }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+        let encoded = checksummed(&serde_json::to_vec(&Record::V1(service.clone()))?);
+        self.insert(SERVICES, &service.spec.info.name, &encoded)
     }
 
     /// Removes the registration of `name`; durable when it returns.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        self.remove(SERVICES, name)
+    }
+
+    /// Every API key added through the admin API, by id, or why one cannot
+    /// be used.
+    pub fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError> {
+        let read = self.db.begin_read().map_err(redb::Error::from)?;
+        let table = read.open_table(API_KEYS).map_err(redb::Error::from)?;
+        let mut keys = Vec::new();
+        for entry in table.iter().map_err(redb::Error::from)? {
+            let (id, value) = entry.map_err(redb::Error::from)?;
+            let key = verified(value.value())
+                .and_then(|json| serde_json::from_slice(json).map_err(RecordError::from));
+            keys.push((id.value().to_owned(), key));
+        }
+        Ok(keys)
+    }
+
+    /// Stores `key` under its id, replacing what was there; durable when it
+    /// returns.
+    pub fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
+        self.insert(API_KEYS, &key.id, &checksummed(&serde_json::to_vec(key)?))
+    }
+
+    /// Removes the API key `id`; durable when it returns.
+    pub fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
+        self.remove(API_KEYS, id)
+    }
+
+    fn insert(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
         let write = self.db.begin_write().map_err(redb::Error::from)?;
         {
-            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
-            table.remove(name).map_err(redb::Error::from)?;
+            let mut table = write.open_table(table).map_err(redb::Error::from)?;
+            table.insert(key, value).map_err(redb::Error::from)?;
+        }
+        write.commit().map_err(redb::Error::from)?;
+        Ok(())
+    }
+
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(redb::Error::from)?;
+        {
+            let mut table = write.open_table(table).map_err(redb::Error::from)?;
+            table.remove(key).map_err(redb::Error::from)?;
         }
         write.commit().map_err(redb::Error::from)?;
         Ok(())
     }
 }
 
-/// The stored value of `service`: checksum line, then the record's JSON.
-fn encode(service: &StoredService) -> Result<Vec<u8>, serde_json::Error> {
-    let json = serde_json::to_vec(&Record::V1(service.clone()))?;
-    let mut value = format!("xxh3={:016x}\n", xxh3_64(&json)).into_bytes();
-    value.extend_from_slice(&json);
-    Ok(value)
+/// The stored value of a record's JSON: checksum line, then the JSON.
+fn checksummed(json: &[u8]) -> Vec<u8> {
+    let mut value = format!("xxh3={:016x}\n", xxh3_64(json)).into_bytes();
+    value.extend_from_slice(json);
+    value
 }
 
 /// A stored value back as a registration, and whether it had a checksum.
 fn decode(value: &[u8]) -> (Result<StoredService, RecordError>, bool) {
-    let Some(rest) = value.strip_prefix(CHECKSUM_PREFIX) else {
+    if value.starts_with(CHECKSUM_PREFIX) {
+        (verified(value).and_then(parse), true)
+    } else {
         // Written before checksums: the bare JSON.
-        return (parse(value), false);
+        (parse(value), false)
+    }
+}
+
+/// The JSON of a checksummed value, if it matches its checksum line.
+fn verified(value: &[u8]) -> Result<&[u8], RecordError> {
+    let rest = value
+        .strip_prefix(CHECKSUM_PREFIX)
+        .ok_or(RecordError::ChecksumLine)?;
+    let Some((hex, [b'\n', json @ ..])) = rest.split_first_chunk::<16>() else {
+        return Err(RecordError::ChecksumLine);
     };
-    let checked = match rest.split_first_chunk::<16>() {
-        Some((hex, [b'\n', json @ ..])) => std::str::from_utf8(hex)
-            .ok()
-            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
-            .ok_or(RecordError::ChecksumLine)
-            .and_then(|stored| {
-                let computed = xxh3_64(json);
-                if computed == stored {
-                    parse(json)
-                } else {
-                    Err(RecordError::Checksum { stored, computed })
-                }
-            }),
-        _ => Err(RecordError::ChecksumLine),
-    };
-    (checked, true)
+    let stored = std::str::from_utf8(hex)
+        .ok()
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or(RecordError::ChecksumLine)?;
+    let computed = xxh3_64(json);
+    if computed == stored {
+        Ok(json)
+    } else {
+        Err(RecordError::Checksum { stored, computed })
+    }
 }
 
 fn parse(json: &[u8]) -> Result<StoredService, RecordError> {

@@ -41,6 +41,11 @@ fn open(dir: &std::path::Path) -> Router {
             ),
             loop_guard: LoopGuard::new(),
             tokens: Arc::default(),
+            authenticator: Arc::new(ArcSwap::from_pointee(
+                crate::auth::Authenticator::from_settings(&Default::default(), &Arc::default())
+                    .expect("no credentials are valid settings"),
+            )),
+            managed_keys: Arc::default(),
         },
     )
     .expect("registry opens");
