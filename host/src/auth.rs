@@ -105,6 +105,13 @@ impl SecretDigest {
         self.matches_digest(&Self::of(presented))
     }
 
+    /// The digest as 64 lower-case hex digits. For digests that are not a
+    /// secret's (a plugin file's, for its pin): a secret's digest is never
+    /// logged.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
     /// Whether two digests are equal, in constant time.
     pub fn matches_digest(&self, other: &SecretDigest) -> bool {
         use subtle::ConstantTimeEq as _;

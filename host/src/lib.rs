@@ -1,8 +1,9 @@
 //! The plugin host: an API gateway, a service registry and a loader of
 //! native plugins in one process.
 //!
-//! `main.rs` parses the [`Config`] and calls [`run`]; integration tests
-//! drive the real binary. See `ARCHITECTURE.md` for the code map.
+//! `main.rs` loads the [`Config`], builds its reloadable pieces
+//! ([`reload::Live`]) and calls [`run`]; integration tests drive the real
+//! binary. See `ARCHITECTURE.md` for the code map.
 
 #![deny(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod plugin;
 pub mod plugin_manager;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod remote;
 pub mod server;
 pub mod service;
@@ -33,7 +35,7 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 use crate::egress::{EgressPolicy, LoopGuard};
-use crate::plugin::RuntimeLimits;
+use crate::reload::Live;
 use crate::table::ServiceTable;
 
 /// Why the host could not start or stopped with an error.
@@ -74,12 +76,32 @@ pub enum HostError {
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
+    /// The configuration (command line, environment, file) is refused.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A `[plugin.<name>]` section is refused.
+    #[error(transparent)]
+    PluginPolicy(#[from] plugin_manager::PolicyError),
+}
+
+/// Every check of the settings the host makes before it starts, without
+/// binding or loading anything: what `plugin-host check-config` runs, and
+/// what a reload passes before it applies anything. Resolving the
+/// [`Config`] checked each option and the rules between them; this builds
+/// every reloadable piece ([`Live::build`], which is where a new piece's
+/// checks go), and is where a check of a setting that needs a restart goes.
+pub fn check_settings(config: &Config) -> Result<(), HostError> {
+    Live::build(config).map(drop)
 }
 
 /// Runs the host until `shutdown` completes, then stops serving, unloads
-/// every plugin and returns.
+/// every plugin and returns. `live` holds the reloadable pieces built from
+/// `config`; each message on `reloads` (one per SIGHUP) reloads the config
+/// file (see [`reload`]).
 pub async fn run(
     config: Config,
+    mut live: Live,
+    reloads: tokio::sync::mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostError> {
     // Bound first: the registry must know the listeners' real addresses
@@ -108,13 +130,7 @@ pub async fn run(
         services.clone(),
         registry::RegistryConfig {
             database: config.data_dir.join("registry.redb"),
-            policy: registry::Policy {
-                heartbeat_interval: config.heartbeat_interval,
-                ttl: config.heartbeat_ttl,
-                check_interval: config.health_check_interval,
-                check_timeout: config.health_check_timeout,
-                evict_after: config.evict_after,
-            },
+            policy: config.registry_policy(),
             max_body_bytes: config.registry_max_body_bytes,
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
@@ -125,13 +141,11 @@ pub async fn run(
 
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
     let (initial_scan_applied, initial_scan) = tokio::sync::oneshot::channel();
+    let policy_changed = live.reloader.subscribe();
     let manager = plugin_manager::spawn(
         plugin_manager::ManagerConfig {
             cache_dir,
-            limits: RuntimeLimits {
-                workers: config.plugin_workers,
-                queue: config.plugin_queue,
-            },
+            policy: live.plugin_policy.clone(),
             drain_timeout: config.drain_timeout,
             entry_timeout: config.plugin_entry_timeout,
             file_checks: config.plugin_file_checks,
@@ -139,9 +153,11 @@ pub async fn run(
         },
         services.clone(),
         file_events_rx,
+        policy_changed,
         initial_scan_applied,
     )
     .map_err(HostError::Manager)?;
+    let reloading = tokio::spawn(reload::serve(config.clone(), live.reloader, reloads));
     let watcher = watcher::watch(&config.plugins_dir, config.watch_debounce, file_events)?;
     // Plugin files present at start-up take their names before the registry
     // accepts a registration: a service registering during a restart must
@@ -197,6 +213,7 @@ pub async fn run(
     let gateway_result = finish(gateway_server, config.drain_timeout).await;
     let registry_result = finish(registry_server, config.drain_timeout).await;
     liveness.abort();
+    reloading.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
     drop(watcher);
