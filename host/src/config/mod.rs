@@ -27,6 +27,10 @@ use file::{FileConfig, FileError};
 /// Command line of `plugin-host`. Every option can also be set by the
 /// environment variable named in its help, and by the config file key
 /// named in `docs/GATEWAY_CONFIG.md`. Built by [`Config::load`].
+///
+/// A new option needs its key in [`mod@file`], a `take!` line in
+/// `Config::resolve`, and, unless a reload applies it, a line in
+/// [`Config::keeping_restart_keys`].
 #[derive(Debug, Clone, Parser)]
 #[command(name = "plugin-host", version = version(), about, long_about = None)]
 pub struct Config {
