@@ -152,15 +152,17 @@ impl SecretDigest {
         Self(sha2::Sha256::digest(secret).into())
     }
 
-    /// The digest as 64 lower-case hex digits.
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
     /// Whether `presented` is the secret this is the digest of. The
     /// comparison takes the same time wherever the digests differ.
     pub fn matches(&self, presented: &[u8]) -> bool {
         self.matches_digest(&Self::of(presented))
+    }
+
+    /// The digest as 64 lower-case hex digits. For digests that are not a
+    /// secret's (a plugin file's, for its pin): a secret's digest is never
+    /// logged.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
     }
 
     /// Whether two digests are equal, in constant time.

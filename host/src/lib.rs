@@ -1,8 +1,9 @@
 //! The plugin host: an API gateway, a service registry and a loader of
 //! native plugins in one process.
 //!
-//! `main.rs` parses the [`Config`] and calls [`run`]; integration tests
-//! drive the real binary. See `ARCHITECTURE.md` for the code map.
+//! `main.rs` loads the [`Config`], builds its reloadable pieces
+//! ([`reload::Live`]) and calls [`run`]; integration tests drive the real
+//! binary. See `ARCHITECTURE.md` for the code map.
 
 #![deny(unsafe_code)]
 
@@ -16,6 +17,7 @@ pub mod plugin;
 pub mod plugin_manager;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod remote;
 pub mod server;
 pub mod service;
@@ -33,7 +35,7 @@ use tokio::net::TcpListener;
 pub use config::Config;
 
 use crate::egress::{EgressPolicy, LoopGuard};
-use crate::plugin::RuntimeLimits;
+use crate::reload::Live;
 use crate::table::ServiceTable;
 
 /// Why the host could not start or stopped with an error.
@@ -80,20 +82,34 @@ pub enum HostError {
     /// The `[auth]` section is invalid (the message names the key).
     #[error("invalid config: {0}")]
     Auth(#[from] auth::SettingsError),
+    /// The configuration (command line, environment, file) is refused.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// A `[plugin.<name>]` section is refused.
+    #[error(transparent)]
+    PluginPolicy(#[from] plugin_manager::PolicyError),
+}
+
+/// Every check of the settings the host makes before it starts, without
+/// binding or loading anything: what `plugin-host check-config` runs, and
+/// what a reload passes before it applies anything. Resolving the
+/// [`Config`] checked each option and the rules between them; this builds
+/// every reloadable piece ([`Live::build`], which is where a new piece's
+/// checks go), and is where a check of a setting that needs a restart goes.
+pub fn check_settings(config: &Config) -> Result<(), HostError> {
+    Live::build(config).map(drop)
 }
 
 /// Runs the host until `shutdown` completes, then stops serving, unloads
-/// every plugin and returns.
+/// every plugin and returns. `live` holds the reloadable pieces built from
+/// `config`; each message on `reloads` (one per SIGHUP) reloads the config
+/// file (see [`reload`]).
 pub async fn run(
     config: Config,
+    mut live: Live,
+    reloads: tokio::sync::mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostError> {
-    // Keys added at run time outlive every authenticator a reload builds.
-    let managed_keys = Arc::new(auth::ManagedKeys::new());
-    let gateway_auth = Arc::new(arc_swap::ArcSwap::from_pointee(
-        auth::Authenticator::from_settings(&config.file.auth.gateway(), &managed_keys)?,
-    ));
-
     // Bound first: the registry must know the listeners' real addresses
     // (port 0 picks one) to refuse services pointing back at them. Nothing
     // is served before start-up state is complete; connections wait in the
@@ -105,9 +121,6 @@ pub async fn run(
             .with_own_listeners(gateway_addr, registry_addr),
     );
     let loop_guard = LoopGuard::new();
-    let registry_tokens = Arc::new(arc_swap::ArcSwap::from_pointee(
-        registry::TokenPolicy::from_settings(&config.file.auth.registry)?,
-    ));
 
     let services = Arc::new(ServiceTable::new());
     let cache_dir = config.data_dir.join("plugin-cache");
@@ -123,33 +136,25 @@ pub async fn run(
         services.clone(),
         registry::RegistryConfig {
             database: config.data_dir.join("registry.redb"),
-            policy: registry::Policy {
-                heartbeat_interval: config.heartbeat_interval,
-                ttl: config.heartbeat_ttl,
-                check_interval: config.health_check_interval,
-                check_timeout: config.health_check_timeout,
-                evict_after: config.evict_after,
-            },
+            policy: config.registry_policy(),
             max_body_bytes: config.registry_max_body_bytes,
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
-            tokens: registry_tokens,
-            authenticator: gateway_auth.clone(),
-            managed_keys,
+            tokens: live.registry_tokens.clone(),
+            authenticator: live.authenticator.clone(),
+            managed_keys: live.managed_keys.clone(),
         },
     )?;
 
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
     let (initial_scan_applied, initial_scan) = tokio::sync::oneshot::channel();
+    let policy_changed = live.reloader.subscribe();
     let manager = plugin_manager::spawn(
         plugin_manager::ManagerConfig {
             cache_dir,
-            limits: RuntimeLimits {
-                workers: config.plugin_workers,
-                queue: config.plugin_queue,
-            },
+            policy: live.plugin_policy.clone(),
             drain_timeout: config.drain_timeout,
             entry_timeout: config.plugin_entry_timeout,
             file_checks: config.plugin_file_checks,
@@ -157,9 +162,11 @@ pub async fn run(
         },
         services.clone(),
         file_events_rx,
+        policy_changed,
         initial_scan_applied,
     )
     .map_err(HostError::Manager)?;
+    let reloading = tokio::spawn(reload::serve(config.clone(), live.reloader, reloads));
     let watcher = watcher::watch(&config.plugins_dir, config.watch_debounce, file_events)?;
     // Plugin files present at start-up take their names before the registry
     // accepts a registration: a service registering during a restart must
@@ -176,7 +183,7 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         loop_guard,
-        auth: gateway_auth,
+        auth: live.authenticator.clone(),
     });
     let liveness = registry.spawn_liveness();
     let registry = registry::router(registry);
@@ -216,6 +223,7 @@ pub async fn run(
     let gateway_result = finish(gateway_server, config.drain_timeout).await;
     let registry_result = finish(registry_server, config.drain_timeout).await;
     liveness.abort();
+    reloading.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
     drop(watcher);

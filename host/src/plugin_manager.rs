@@ -13,29 +13,154 @@
 //! its own with the entry timeout, so a plugin that hangs there costs the
 //! manager that long once, and its file is refused with its library left
 //! loaded.
+//!
+//! What it applies to each plugin by name, worker threads, queue and an
+//! integrity pin, is the [`PluginPolicy`], which a config reload replaces:
+//! a changed pin is applied at once (a mounted plugin whose file does not
+//! match its pin is unmounted; a file refused by its pin is read again
+//! when the pin changes), a changed number of workers or queue length at
+//! the plugin's next load (its file changed, or touched).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
+use serde::Deserialize;
 
+use crate::auth::SecretDigest;
 use crate::plugin::{
     Candidate, CloseReport, FileChecks, PluginLibrary, PluginRuntime, RuntimeLimits,
     ShutdownReport, ThreadBudget,
 };
+use crate::service;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
+
+/// `[plugin.<name>]` of the config file: what the host applies to the
+/// plugin whose service is `<name>`, whichever file declares it.
+/// Reloadable (see the module's doc for when each key takes effect).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSettings {
+    /// Worker threads for this plugin, 1 to 256; overrides `[plugins]
+    /// workers`. Applies at the plugin's next load.
+    pub workers: Option<u16>,
+    /// Requests that may wait for this plugin's workers; overrides
+    /// `[plugins] queue`. Applies at the plugin's next load.
+    pub queue: Option<usize>,
+    /// Hex SHA-256 the plugin's file must have (`sha256sum <file>`): a file
+    /// declaring this service with another digest is refused, and a
+    /// mounted one is unmounted when a reload pins it to another digest.
+    pub sha256: Option<String>,
+}
+
+/// A `[plugin.<name>]` section refused: the key's path and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct PolicyError {
+    /// The key's dotted path, e.g. `plugin.hello.workers`.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What the manager applies to each plugin, by its service name: threads
+/// and queue (the defaults, or the plugin's own), and the SHA-256 its file
+/// must have, if pinned. Plain values, built from the config by
+/// [`PluginPolicy::from_settings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginPolicy {
+    defaults: RuntimeLimits,
+    plugins: BTreeMap<String, PluginRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PluginRule {
+    workers: Option<u16>,
+    queue: Option<usize>,
+    pin: Option<SecretDigest>,
+}
+
+impl PluginPolicy {
+    /// The policy for `defaults` (`[plugins] workers` and `queue`) and the
+    /// `[plugin.<name>]` sections; every value is checked here, so a
+    /// policy that was built can be applied.
+    pub fn from_settings(
+        defaults: RuntimeLimits,
+        plugins: &BTreeMap<String, PluginSettings>,
+    ) -> Result<Self, PolicyError> {
+        let mut rules = BTreeMap::new();
+        for (name, settings) in plugins {
+            let refused = |key: &str, reason: String| PolicyError {
+                key: format!("plugin.{name}{key}"),
+                reason,
+            };
+            // A section no plugin can ever match is a typo.
+            service::validate_name(name)
+                .map_err(|error| refused("", format!("not a service name: {error}")))?;
+            let workers = settings
+                .workers
+                .map(RuntimeLimits::check_workers)
+                .transpose()
+                .map_err(|reason| refused(".workers", reason))?;
+            let pin = settings
+                .sha256
+                .as_deref()
+                .map(SecretDigest::from_hex)
+                .transpose()
+                .map_err(|_| {
+                    refused(
+                        ".sha256",
+                        "not a SHA-256 digest: expected 64 hex digits (`sha256sum <file>`)"
+                            .to_owned(),
+                    )
+                })?;
+            rules.insert(
+                name.clone(),
+                PluginRule {
+                    workers,
+                    queue: settings.queue,
+                    pin,
+                },
+            );
+        }
+        Ok(Self {
+            defaults,
+            plugins: rules,
+        })
+    }
+
+    /// The threads and queue of the plugin `name`.
+    pub fn limits(&self, name: &str) -> RuntimeLimits {
+        let rule = self.plugins.get(name);
+        RuntimeLimits {
+            workers: rule
+                .and_then(|rule| rule.workers)
+                .unwrap_or(self.defaults.workers),
+            queue: rule
+                .and_then(|rule| rule.queue)
+                .unwrap_or(self.defaults.queue),
+        }
+    }
+
+    /// The SHA-256 the file of the plugin `name` must have, if pinned.
+    pub fn pin(&self, name: &str) -> Option<&SecretDigest> {
+        self.plugins.get(name)?.pin.as_ref()
+    }
+}
 
 /// What the manager needs to know.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// Where private copies of libraries go.
     pub cache_dir: PathBuf,
-    /// Threads and queue per plugin.
-    pub limits: RuntimeLimits,
+    /// Threads, queue and pin per plugin; replaced by a config reload,
+    /// which then signals the manager's `policy_changed` channel.
+    pub policy: Arc<ArcSwap<PluginPolicy>>,
     /// Longest wait for an unloaded plugin's requests and threads.
     pub drain_timeout: Duration,
     /// Longest wait for each call into plugin code a load or unload waits
@@ -49,17 +174,23 @@ pub struct ManagerConfig {
 
 struct Mounted {
     name: String,
-    digest: u64,
+    /// Of the bytes loaded: checked against the pin, and tells a file
+    /// written again with the same content.
+    sha256: SecretDigest,
+    /// What it was loaded with.
+    limits: RuntimeLimits,
     runtime: Arc<PluginRuntime>,
 }
 
 /// Applies `events` until the channel closes, then unloads every plugin
-/// and waits for the unloads to finish. `initial_scan_applied` is sent once
-/// every file present at start-up was loaded or refused.
+/// and waits for the unloads to finish. A message on `policy_changed`
+/// applies the policy now in `config.policy`. `initial_scan_applied` is
+/// sent once every file present at start-up was loaded or refused.
 pub fn spawn(
     config: ManagerConfig,
     services: Arc<ServiceTable>,
     events: Receiver<FileEvent>,
+    policy_changed: Receiver<()>,
     initial_scan_applied: tokio::sync::oneshot::Sender<()>,
 ) -> std::io::Result<JoinHandle<()>> {
     thread::Builder::new()
@@ -68,13 +199,16 @@ pub fn spawn(
             let freed = services.freed_names();
             let mut manager = Manager {
                 threads: ThreadBudget::new(config.max_plugin_threads),
+                policy: config.policy.load_full(),
                 config,
                 services,
                 mounted: HashMap::new(),
                 waiting_for_name: HashMap::new(),
+                refused_by_pin: HashMap::new(),
                 unloads: Vec::new(),
             };
             let mut initial_scan_applied = Some(initial_scan_applied);
+            let mut policy_changed = policy_changed;
             loop {
                 crossbeam_channel::select! {
                     recv(events) -> event => match event {
@@ -92,6 +226,11 @@ pub fn spawn(
                             manager.name_freed(&name);
                         }
                     }
+                    recv(policy_changed) -> changed => match changed {
+                        Ok(()) => manager.policy_changed(),
+                        // No more reloads: stop selecting a closed channel.
+                        Err(_) => policy_changed = crossbeam_channel::never(),
+                    },
                 }
                 manager.unloads.retain(|unload| !unload.is_finished());
             }
@@ -101,12 +240,18 @@ pub fn spawn(
 
 struct Manager {
     config: ManagerConfig,
+    /// The policy applied: the one in `config.policy` as of the last
+    /// `policy_changed` message.
+    policy: Arc<PluginPolicy>,
     threads: Arc<ThreadBudget>,
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
     /// Files refused because another service held their name: loaded again
     /// when that name is free.
     waiting_for_name: HashMap<PathBuf, String>,
+    /// Files refused (or unmounted) because their digest did not match the
+    /// pin of the name they declared: read again when that pin changes.
+    refused_by_pin: HashMap<PathBuf, String>,
     unloads: Vec<JoinHandle<()>>,
 }
 
@@ -119,6 +264,7 @@ fn file_name(path: &Path) -> String {
 impl Manager {
     fn load(&mut self, path: PathBuf) {
         self.waiting_for_name.remove(&path);
+        self.refused_by_pin.remove(&path);
         let started = Instant::now();
         let file = file_name(&path);
         let candidate = match Candidate::read(&path, self.config.file_checks) {
@@ -128,25 +274,25 @@ impl Manager {
                 return;
             }
         };
-        if self
-            .mounted
-            .get(&path)
-            .is_some_and(|mounted| mounted.digest == candidate.digest())
-        {
+        // Of the bytes the loader read and will load, not of the path,
+        // which may have changed since.
+        let sha256 = SecretDigest::of(candidate.bytes());
+        if self.mounted.get(&path).is_some_and(|mounted| {
+            mounted.sha256 == sha256 && mounted.limits == self.policy.limits(&mounted.name)
+        }) {
             tracing::debug!(file = %file, "plugin file rewritten with the same content; kept as loaded");
             return;
         }
-        let digest = candidate.digest();
-        // Before any plugin code runs: a plugin refused for want of threads
-        // must not have run its initializers. The version this file
-        // replaces gives its workers back once drained; until then the swap
-        // may use them (see `ThreadBudget::acquire`).
+        // One worker before any plugin code runs: a plugin refused for want
+        // of threads must not have run its initializers. The rest once the
+        // plugin declared its name, which its limits depend on. The version
+        // this file replaces gives its workers back once drained; until
+        // then the swap may use them (see `ThreadBudget::acquire`).
         let replacing = self
             .mounted
             .get(&path)
             .map_or(0, |mounted| mounted.runtime.worker_count());
-        let wanted = usize::from(self.config.limits.workers);
-        let workers = match self.threads.acquire(wanted, replacing) {
+        let mut workers = match self.threads.acquire(1, replacing) {
             Ok(workers) => workers,
             Err(error) => {
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
@@ -170,18 +316,34 @@ impl Manager {
             }
         };
         let name = info.name.clone();
+        // Before `init`: a file that is not the pinned build never runs
+        // more than its initializers and `config`, and is never mounted.
+        if let Some(pin) = self.policy.pin(&name)
+            && !pin.matches_digest(&sha256)
+        {
+            refuse_pin(&file, &name, pin, &sha256);
+            log_close(&name, &file, library.close());
+            self.refused_by_pin.insert(path, name);
+            return;
+        }
         if let Some(holder) = self.name_holder(&name, &file) {
             tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
             self.waiting_for_name.insert(path, name);
             return;
         }
+        let limits = self.policy.limits(&name);
+        let wanted = usize::from(limits.workers);
+        workers.extend(
+            self.threads
+                .acquire_more(wanted.saturating_sub(workers.len()), replacing),
+        );
         let granted = workers.len();
         let runtime = match PluginRuntime::start(
             &name,
             library,
             workers,
-            self.config.limits.queue,
+            limits.queue,
             self.config.entry_timeout,
         ) {
             Ok(runtime) => Arc::new(runtime),
@@ -217,7 +379,8 @@ impl Manager {
             path,
             Mounted {
                 name: name.clone(),
-                digest,
+                sha256,
+                limits,
                 runtime,
             },
         );
@@ -245,10 +408,62 @@ impl Manager {
             file = %file,
             endpoints,
             workers = granted,
+            queue = limits.queue,
             replaced,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "plugin mounted"
         );
+    }
+
+    /// Applies the policy a reload stored. Pins take effect now: files
+    /// refused by a pin that changed are read again (first, so a fixed file
+    /// replaces its mounted predecessor in one swap), then every mounted
+    /// plugin whose file does not match its pin is unmounted. New limits
+    /// wait for each plugin's next load: restarting a plugin (its `init`,
+    /// its state) is not a reload's to decide.
+    fn policy_changed(&mut self) {
+        let previous = std::mem::replace(&mut self.policy, self.config.policy.load_full());
+        if previous == self.policy {
+            return;
+        }
+        let pin_changed: Vec<PathBuf> = self
+            .refused_by_pin
+            .iter()
+            .filter(|(_, name)| previous.pin(name) != self.policy.pin(name))
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in pin_changed {
+            tracing::info!(file = %file_name(&path), "plugin pin changed; reading the file again");
+            self.load(path);
+        }
+        let mismatched: Vec<(PathBuf, String)> = self
+            .mounted
+            .iter()
+            .filter_map(|(path, mounted)| {
+                let pin = self.policy.pin(&mounted.name)?;
+                if pin.matches_digest(&mounted.sha256) {
+                    return None;
+                }
+                refuse_pin(&file_name(path), &mounted.name, pin, &mounted.sha256);
+                Some((path.clone(), mounted.name.clone()))
+            })
+            .collect();
+        for (path, name) in mismatched {
+            self.unmount(&path);
+            self.refused_by_pin.insert(path, name);
+        }
+        for (path, mounted) in &self.mounted {
+            let limits = self.policy.limits(&mounted.name);
+            if limits != mounted.limits {
+                tracing::info!(
+                    plugin = %mounted.name,
+                    file = %file_name(path),
+                    workers = limits.workers,
+                    queue = limits.queue,
+                    "plugin limits change at its next load (touch its file to load it now)"
+                );
+            }
+        }
     }
 
     /// Who other than the plugin file `file` holds `name`, if anyone.
@@ -261,6 +476,13 @@ impl Manager {
 
     fn remove(&mut self, path: &Path) {
         self.waiting_for_name.remove(path);
+        self.refused_by_pin.remove(path);
+        self.unmount(path);
+    }
+
+    /// Takes the plugin mounted from `path`, if any, out of the table and
+    /// unloads it.
+    fn unmount(&mut self, path: &Path) {
         let Some(mounted) = self.mounted.remove(path) else {
             return;
         };
@@ -357,11 +579,96 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
     }
 }
 
+/// The one WARN line of a file refused (or unmounted) by its pin.
+fn refuse_pin(file: &str, name: &str, pin: &SecretDigest, actual: &SecretDigest) {
+    tracing::warn!(
+        file = %file,
+        plugin = %name,
+        expected = %pin.to_hex(),
+        actual = %actual.to_hex(),
+        error = %format_args!("the file's SHA-256 does not match the pin plugin.{name}.sha256"),
+        "plugin file refused"
+    );
+}
+
 fn log_close(name: &str, file: &str, close: CloseReport) {
     if let Some(error) = close.close_error {
         tracing::warn!(plugin = %name, file = %file, %error, "dlclose failed");
     }
     if close.still_mapped {
         tracing::warn!(plugin = %name, file = %file, "library still mapped after dlclose (a plugin thread or thread-local pins it)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: RuntimeLimits = RuntimeLimits {
+        workers: 4,
+        queue: 1024,
+    };
+
+    fn policy(toml: &str) -> Result<PluginPolicy, PolicyError> {
+        let sections: BTreeMap<String, PluginSettings> = toml::from_str(toml).expect("valid TOML");
+        PluginPolicy::from_settings(DEFAULTS, &sections)
+    }
+
+    #[test]
+    fn a_plugin_section_overrides_the_defaults_for_that_plugin_only() {
+        let policy = policy("[hello]\nworkers = 2\n[echo]\nqueue = 8\n").unwrap();
+        assert_eq!(
+            policy.limits("hello"),
+            RuntimeLimits {
+                workers: 2,
+                queue: 1024
+            }
+        );
+        assert_eq!(
+            policy.limits("echo"),
+            RuntimeLimits {
+                workers: 4,
+                queue: 8
+            }
+        );
+        assert_eq!(policy.limits("other"), DEFAULTS);
+        assert_eq!(policy.pin("hello"), None);
+    }
+
+    #[test]
+    fn a_pin_is_a_sha256_digest_matched_against_the_bytes() {
+        let bytes = b"\x7fELF not really";
+        let digest = SecretDigest::of(bytes);
+        let policy = policy(&format!(
+            "[hello]\nsha256 = \"{}\"\n",
+            digest.to_hex().to_uppercase()
+        ))
+        .unwrap();
+        let pin = policy.pin("hello").expect("pinned");
+        assert!(pin.matches_digest(&SecretDigest::of(bytes)));
+        assert!(!pin.matches_digest(&SecretDigest::of(b"another build")));
+        assert_eq!(pin.to_hex(), digest.to_hex(), "kept as lower-case hex");
+    }
+
+    #[test]
+    fn every_refusal_names_the_key() {
+        let refused = |toml: &str| policy(toml).unwrap_err().to_string();
+        assert_eq!(
+            refused("[hello]\nworkers = 0\n"),
+            "plugin.hello.workers: must be between 1 and 256"
+        );
+        assert_eq!(
+            refused("[hello]\nworkers = 300\n"),
+            "plugin.hello.workers: must be between 1 and 256"
+        );
+        assert_eq!(
+            refused("[hello]\nsha256 = \"abc\"\n"),
+            "plugin.hello.sha256: not a SHA-256 digest: expected 64 hex digits (`sha256sum <file>`)"
+        );
+        let bad_name = refused("[Hello]\nqueue = 1\n");
+        assert!(
+            bad_name.starts_with("plugin.Hello: not a service name: "),
+            "{bad_name}"
+        );
     }
 }

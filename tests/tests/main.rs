@@ -4,6 +4,7 @@
 
 mod abi;
 mod auth;
+mod config;
 mod edge;
 mod gateway;
 mod hardening;

@@ -2,15 +2,11 @@
 //! names the file and the way out, never a panic, never an empty registry
 //! started over it; an edited record is reported and not routed.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::Instant;
 
 use host_harness::http::{client, registration};
-use host_harness::workspace::{host_binary, host_builder};
-use host_harness::{Dirs, PATIENCE};
+use host_harness::workspace::host_builder;
+use host_harness::{Dirs, Refused};
 use integration_tests::upstream::{Upstream, register};
 use redb::{ReadableDatabase, ReadableTable};
 
@@ -28,67 +24,15 @@ async fn registered(names: &[&str], upstream: &Upstream) -> (Dirs, PathBuf) {
     (dirs, database)
 }
 
-/// Runs the binary on `dirs` and expects it to refuse to start: returns its
-/// exit status and everything it wrote to stderr. Fails if it starts
-/// listening instead.
-fn failed_start(dirs: &Dirs) -> (ExitStatus, String) {
-    let mut child = Command::new(host_binary())
-        .arg("--plugins-dir")
-        .arg(dirs.plugins())
-        .arg("--data-dir")
-        .arg(dirs.data())
-        .args([
-            "--gateway-addr",
-            "127.0.0.1:0",
-            "--registry-addr",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .env_remove("RUST_BACKTRACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start plugin-host");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (lines, received) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + PATIENCE;
-    let mut log = Vec::new();
-    loop {
-        match received.recv_timeout(std::time::Duration::from_millis(50)) {
-            Ok(line) => {
-                if line.contains("listening") {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "the host started over a damaged database:\n{}\n{line}",
-                        log.join("\n")
-                    );
-                }
-                log.push(line);
-            }
-            // The host exited and its stderr is drained.
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "the host neither started nor exited within {PATIENCE:?}:\n{}",
-                log.join("\n")
-            );
-        }
-    }
-    let status = child.wait().expect("wait");
-    (status, log.join("\n"))
+/// Starts a host on `dirs` expecting it to refuse to start: its exit
+/// status and everything it logged. Fails if it starts listening instead.
+async fn failed_start(dirs: Dirs) -> Refused {
+    host_builder()
+        .dirs(dirs)
+        .log_filter("info")
+        .start_refused()
+        .await
+        .unwrap()
 }
 
 /// The single ERROR line of a refused start.
@@ -104,7 +48,11 @@ async fn an_emptied_database_is_refused_not_started_empty() {
     let (dirs, database) = registered(&["svc"], &upstream).await;
     std::fs::File::create(&database).expect("truncate the database to 0 bytes");
 
-    let (status, log) = failed_start(&dirs);
+    let Refused {
+        status,
+        output: log,
+        dirs: _dirs,
+    } = failed_start(dirs).await;
     assert_eq!(status.code(), Some(1), "{log}");
     let line = refusal(&log);
     assert!(line.contains(&database.display().to_string()), "{line}");
@@ -134,7 +82,11 @@ async fn garbage_in_the_database_pages_is_refused_without_a_panic() {
     }
     std::fs::write(&database, &bytes).expect("write garbage");
 
-    let (status, log) = failed_start(&dirs);
+    let Refused {
+        status,
+        output: log,
+        ..
+    } = failed_start(dirs).await;
     assert_eq!(status.code(), Some(1), "exit 1, not a panic's 101:\n{log}");
     assert!(!log.contains("panicked"), "{log}");
     let line = refusal(&log);

@@ -4,7 +4,10 @@
 //!
 //! Every field is optional: a key absent from the file leaves the
 //! command line, the environment or the default to decide. Unknown keys
-//! are refused with their path.
+//! are refused with their path. A key that mirrors an option needs a
+//! restart unless its doc says it is reloadable
+//! ([`super::Config::keeping_restart_keys`] is the list); the file-only
+//! sections are reloadable. `docs/GATEWAY_CONFIG.md` describes every key.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,13 +20,14 @@ use serde::Deserialize;
 use crate::admission::{CorsSettings, RateLimitSettings, ServiceSettingsByName};
 use crate::auth::{ApiKeySettings, AuthSettings, JwtIssuerSettings};
 use crate::plugin::FileChecks;
+use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// `--data-dir`.
+    /// `--data-dir`. Needs a restart.
     pub data_dir: Option<PathBuf>,
     /// `[gateway]`.
     #[serde(default)]
@@ -37,9 +41,9 @@ pub struct FileConfig {
     /// `[plugins]`.
     #[serde(default)]
     pub plugins: PluginsSection,
-    /// `[plugin.<name>]`: one plugin's overrides and settings.
+    /// `[plugin.<name>]`: one plugin's overrides and integrity pin.
     #[serde(default)]
-    pub plugin: BTreeMap<String, PluginSection>,
+    pub plugin: BTreeMap<String, PluginSettings>,
     /// `[auth]`, with `[auth.registry]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -121,9 +125,9 @@ pub struct ConnectionsSection {
 pub struct PluginsSection {
     /// `--plugins-dir`. Needs a restart.
     pub dir: Option<PathBuf>,
-    /// `--plugin-workers`.
+    /// `--plugin-workers`. Reloadable: applies at each plugin's next load.
     pub workers: Option<u16>,
-    /// `--plugin-queue`.
+    /// `--plugin-queue`. Reloadable: applies at each plugin's next load.
     pub queue: Option<usize>,
     /// `--drain-timeout`.
     #[serde(default, with = "humantime_serde")]
@@ -138,23 +142,6 @@ pub struct PluginsSection {
     pub file_checks: Option<FileChecks>,
     /// `--max-plugin-threads`.
     pub max_threads: Option<u32>,
-}
-
-/// `[plugin.<name>]`: applies to the plugin whose service is `<name>` at
-/// its next load.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginSection {
-    /// Overrides `[plugins] workers`.
-    pub workers: Option<u16>,
-    /// Overrides `[plugins] queue`.
-    pub queue: Option<usize>,
-    /// Hex SHA-256 the plugin's file must have; a file that does not is
-    /// refused.
-    pub sha256: Option<String>,
-    /// The plugin's own settings, handed to it at `init`.
-    #[serde(default)]
-    pub settings: toml::Table,
 }
 
 /// `[auth]`.
@@ -195,15 +182,25 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// It is not valid TOML, or a key is unknown or has a bad value.
-    #[error("config file {path}: `{key}`: {reason}")]
+    #[error("config file {path}: {}", keyed(key, reason))]
     Invalid {
         /// The file.
         path: PathBuf,
         /// The key's dotted path (`.` for the file as a whole).
         key: String,
-        /// What is wrong with it, with the line and column.
+        /// What is wrong with it (a TOML error names the line and column).
         reason: String,
     },
+}
+
+/// `key: reason`, or the reason alone for the file as a whole (`.`),
+/// whose TOML error names the line already.
+fn keyed(key: &str, reason: &str) -> String {
+    if key == "." {
+        reason.to_owned()
+    } else {
+        format!("{key}: {reason}")
+    }
 }
 
 impl FileConfig {
@@ -220,17 +217,27 @@ impl FileConfig {
         })
     }
 
-    /// Parses a file's text; an error is the key's path and the reason.
+    /// Parses a file's text; an error is the key's path and the reason, on
+    /// one line.
     pub fn parse(text: &str) -> Result<Self, (String, String)> {
         let deserializer = toml::de::Deserializer::parse(text)
-            .map_err(|error| (".".to_owned(), error.to_string().trim_end().to_owned()))?;
-        serde_path_to_error::deserialize(deserializer).map_err(|error| {
-            (
-                error.path().to_string(),
-                error.inner().to_string().trim_end().to_owned(),
-            )
-        })
+            .map_err(|error| (".".to_owned(), one_line(text, &error)))?;
+        serde_path_to_error::deserialize(deserializer)
+            .map_err(|error| (error.path().to_string(), one_line(text, error.inner())))
     }
+}
+
+/// A TOML error as one line with its position: its own `Display` quotes
+/// the offending lines, and a refusal is logged as one line.
+fn one_line(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end().replace('\n', " ");
+    let Some(before) = error.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let line = before.matches('\n').count() + 1;
+    let column = before[line_start..].chars().count() + 1;
+    format!("{message} (line {line}, column {column})")
 }
 
 #[cfg(test)]
@@ -251,7 +258,16 @@ mod tests {
         let (key, reason) =
             FileConfig::parse("[plugins]\ndrain_timeout = \"soon\"\n").expect_err("bad duration");
         assert_eq!(key, "plugins.drain_timeout");
-        assert!(reason.contains("line 2"), "{reason}");
+        assert!(reason.ends_with("(line 2, column 17)"), "{reason}");
+        assert!(!reason.contains('\n'), "one line: {reason}");
+    }
+
+    #[test]
+    fn a_syntax_error_is_one_line_with_its_position() {
+        let (key, reason) = FileConfig::parse("[gateway]\nlisten = \n").expect_err("no value");
+        assert_eq!(key, ".");
+        assert!(!reason.contains('\n'), "one line: {reason}");
+        assert!(reason.contains("(line 2, column"), "{reason}");
     }
 
     #[test]
@@ -264,7 +280,6 @@ mod tests {
             [plugin.hello]
             workers = 2
             sha256 = "00"
-            settings = { greeting = "hi" }
             [[auth.api_keys]]
             id = "ci"
             sha256 = "00"

@@ -1,32 +1,59 @@
-//! The host's configuration: command line and environment, nothing else.
+//! The host's configuration: command line, environment and config file,
+//! resolved into one [`Config`].
 //!
-//! Every other module receives the part it needs as plain values; none reads
-//! the environment itself.
+//! Precedence is flag > environment > file > default: clap reads the
+//! command line and the environment, and a value clap took from its
+//! default is replaced by the file's, when the file sets it. A file value
+//! is checked as its flag's would be, and refused with its key's path.
+//! Every other module receives the part it needs as plain values; none
+//! reads the environment or the file itself.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::plugin::FileChecks;
+use crate::plugin::{FileChecks, RuntimeLimits};
+use crate::registry::{InvalidPolicy, Policy};
 
 pub mod file;
 
+use file::{FileConfig, FileError};
+
 /// Command line of `plugin-host`. Every option can also be set by the
-/// environment variable named in its help.
+/// environment variable named in its help, and by the config file key
+/// named in `docs/GATEWAY_CONFIG.md`. Built by [`Config::load`].
+///
+/// A new option needs its key in [`mod@file`], a `take!` line in
+/// `Config::resolve`, and, unless a reload applies it, a line in
+/// [`Config::keeping_restart_keys`].
 #[derive(Debug, Clone, Parser)]
-#[command(name = "plugin-host", version, about, long_about = None)]
+#[command(name = "plugin-host", version = version(), about, long_about = None)]
 pub struct Config {
+    /// What to do instead of running the host.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// A TOML config file (see `docs/GATEWAY_CONFIG.md`). A key set on the
-    /// command line or in the environment wins over the file.
+    /// command line or in the environment wins over the file. SIGHUP reads
+    /// it again.
     #[arg(long = "config", env = "PLUGIN_HOST_CONFIG")]
     pub config_file: Option<PathBuf>,
 
-    /// What the config file says (empty without one).
+    /// What the config file says (empty without one). Read the sections no
+    /// option mirrors from here; an option's value in force is its field
+    /// of this struct, whichever source set it.
     #[arg(skip)]
-    pub file: file::FileConfig,
+    pub file: FileConfig,
+
+    /// The command line and environment as clap read them: what a reload
+    /// resolves the file against again.
+    #[arg(skip)]
+    command_line: ArgMatches,
 
     /// Directory watched for plugin libraries (`*.so`): a file dropped here
     /// is loaded and mounted, replaced is swapped, removed is unloaded.
@@ -58,8 +85,9 @@ pub struct Config {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// Worker threads per plugin: how many of its requests run at once.
-    #[arg(long, env = "PLUGIN_WORKERS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Worker threads per plugin: how many of its requests run at once
+    /// (1 to 256).
+    #[arg(long, env = "PLUGIN_WORKERS", default_value_t = 4, value_parser = parse_workers)]
     pub plugin_workers: u16,
 
     /// Requests that may wait for a plugin's workers; beyond that the
@@ -171,12 +199,366 @@ pub struct Config {
     pub max_plugin_threads: u32,
 }
 
+/// What `plugin-host` does instead of running the host.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Checks a config file as the host would at start (resolved against
+    /// the command line and environment, every setting validated) without
+    /// binding or loading anything: prints `ok: <file>` and exits 0, or
+    /// the error and exits 2.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read, is not TOML, or has an unknown key or a
+    /// bad value.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// Options given on the command line or in the environment contradict
+    /// each other.
+    #[error("{setting}: {reason}")]
+    Options {
+        /// The flag.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A command line read again for a reload no longer parses (clap
+    /// accepted it at start, so this is a bug).
+    #[error("command line: {0}")]
+    CommandLine(#[from] clap::Error),
+}
+
+/// `--version`: the host's version and the plugin ABI it speaks, the
+/// number a plugin must have been built against.
+fn version() -> String {
+    format!(
+        "{} (plugin ABI {})",
+        env!("CARGO_PKG_VERSION"),
+        plugin_api::ffi::ABI_VERSION
+    )
+}
+
+impl Config {
+    /// Reads the command line and the environment (exiting with clap's
+    /// usage message and status 2 on a bad one), then the config file they
+    /// name, and resolves them.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::from_command_line(Self::command().get_matches())
+    }
+
+    /// Resolves a parsed command line against the file it names (`--config`,
+    /// or `check-config <file>`), read now.
+    pub fn from_command_line(matches: ArgMatches) -> Result<Config, ConfigError> {
+        let cli = Config::from_arg_matches(&matches)?;
+        let file = match cli.file_to_read() {
+            Some(path) => Some((path.to_owned(), FileConfig::read(path)?)),
+            None => None,
+        };
+        cli.resolve(matches, file)
+    }
+
+    /// The same command line and environment resolved against the config
+    /// file as it is now: what a reload applies.
+    pub fn reread(&self) -> Result<Config, ConfigError> {
+        Self::from_command_line(self.command_line.clone())
+    }
+
+    fn file_to_read(&self) -> Option<&Path> {
+        match &self.command {
+            Some(Command::CheckConfig { file }) => Some(file),
+            None => self.config_file.as_deref(),
+        }
+    }
+
+    /// Takes each option clap set from its default from `file`, where the
+    /// file sets it, after checking every value the file sets; then checks
+    /// the rules between options.
+    fn resolve(
+        mut self,
+        matches: ArgMatches,
+        file: Option<(PathBuf, FileConfig)>,
+    ) -> Result<Config, ConfigError> {
+        let Some((path, file)) = file else {
+            self.check_rules(&HashMap::new(), None)?;
+            self.command_line = matches;
+            return Ok(self);
+        };
+        let invalid = |key: &str, reason: String| FileError::Invalid {
+            path: path.clone(),
+            key: key.to_owned(),
+            reason,
+        };
+        // Option id -> file key, for the options whose value in force is
+        // the file's.
+        let mut from_file = HashMap::new();
+        macro_rules! take {
+            ($field:ident, $key:literal, $value:expr) => {
+                take!($field, $key, $value, Ok::<_, String>)
+            };
+            ($field:ident, $key:literal, $value:expr, $check:expr) => {
+                if let Some(value) = $value {
+                    // Checked even when a flag overrides it: a file is valid
+                    // or not by itself.
+                    let value = $check(value).map_err(|reason| invalid($key, reason))?;
+                    let id = stringify!($field);
+                    if matches.value_source(id) == Some(ValueSource::DefaultValue) {
+                        self.$field = value;
+                        from_file.insert(id, $key);
+                    }
+                }
+            };
+        }
+        take!(data_dir, "data_dir", file.data_dir.clone());
+        take!(gateway_addr, "gateway.listen", file.gateway.listen);
+        take!(
+            request_timeout,
+            "gateway.request_timeout",
+            file.gateway.request_timeout
+        );
+        take!(
+            max_body_bytes,
+            "gateway.max_body_bytes",
+            file.gateway.max_body_bytes
+        );
+        take!(registry_addr, "registry.listen", file.registry.listen);
+        take!(
+            heartbeat_interval,
+            "registry.heartbeat_interval",
+            file.registry.heartbeat_interval
+        );
+        take!(
+            heartbeat_ttl,
+            "registry.heartbeat_ttl",
+            file.registry.heartbeat_ttl
+        );
+        take!(
+            health_check_interval,
+            "registry.health_check_interval",
+            file.registry.health_check_interval
+        );
+        take!(
+            health_check_timeout,
+            "registry.health_check_timeout",
+            file.registry.health_check_timeout
+        );
+        take!(
+            evict_after,
+            "registry.evict_after",
+            file.registry.evict_after
+        );
+        take!(
+            registry_max_body_bytes,
+            "registry.max_body_bytes",
+            file.registry.max_body_bytes
+        );
+        take!(
+            registry_max_bytes,
+            "registry.max_bytes",
+            file.registry.max_bytes
+        );
+        take!(
+            upstream_allow,
+            "registry.upstream_allow",
+            file.registry.upstream_allow.clone()
+        );
+        take!(
+            header_read_timeout,
+            "connections.header_read_timeout",
+            file.connections.header_read_timeout,
+            positive
+        );
+        take!(
+            idle_timeout,
+            "connections.idle_timeout",
+            file.connections.idle_timeout,
+            positive
+        );
+        take!(
+            write_stall_timeout,
+            "connections.write_stall_timeout",
+            file.connections.write_stall_timeout,
+            positive
+        );
+        take!(
+            max_connections,
+            "connections.max_connections",
+            file.connections.max_connections,
+            at_least_one
+        );
+        take!(plugins_dir, "plugins.dir", file.plugins.dir.clone());
+        take!(
+            plugin_workers,
+            "plugins.workers",
+            file.plugins.workers,
+            RuntimeLimits::check_workers
+        );
+        take!(plugin_queue, "plugins.queue", file.plugins.queue);
+        take!(
+            drain_timeout,
+            "plugins.drain_timeout",
+            file.plugins.drain_timeout
+        );
+        take!(
+            plugin_entry_timeout,
+            "plugins.entry_timeout",
+            file.plugins.entry_timeout
+        );
+        take!(
+            watch_debounce,
+            "plugins.watch_debounce",
+            file.plugins.watch_debounce
+        );
+        take!(
+            plugin_file_checks,
+            "plugins.file_checks",
+            file.plugins.file_checks
+        );
+        take!(
+            max_plugin_threads,
+            "plugins.max_threads",
+            file.plugins.max_threads,
+            at_least_one
+        );
+        self.check_rules(&from_file, Some(&path))?;
+        self.config_file = Some(path);
+        self.file = file;
+        self.command_line = matches;
+        Ok(self)
+    }
+
+    /// The rules between options (today the registry's liveness policy),
+    /// whatever set them. A refusal names each option as it was set: its
+    /// file key if the file's value is in force, else its flag.
+    fn check_rules(
+        &self,
+        from_file: &HashMap<&str, &'static str>,
+        path: Option<&Path>,
+    ) -> Result<(), ConfigError> {
+        let name = |id: &str| match from_file.get(id) {
+            Some(key) => (*key).to_owned(),
+            None => format!("--{}", id.replace('_', "-")),
+        };
+        let (id, reason) = match self.registry_policy().validate() {
+            Ok(()) => return Ok(()),
+            Err(InvalidPolicy::Zero(flag)) => (
+                flag.replace('-', "_"),
+                "must be longer than zero".to_owned(),
+            ),
+            Err(InvalidPolicy::EvictBeforeUnhealthy { ttl, .. }) => (
+                "evict_after".to_owned(),
+                format!(
+                    "must be longer than {} ({})",
+                    name("heartbeat_ttl"),
+                    humantime::format_duration(ttl)
+                ),
+            ),
+        };
+        match (from_file.get(id.as_str()), path) {
+            (Some(key), Some(path)) => Err(FileError::Invalid {
+                path: path.to_owned(),
+                key: (*key).to_owned(),
+                reason,
+            }
+            .into()),
+            _ => Err(ConfigError::Options {
+                setting: name(&id),
+                reason,
+            }),
+        }
+    }
+
+    /// How the registry keeps track of remote services.
+    pub fn registry_policy(&self) -> Policy {
+        Policy {
+            heartbeat_interval: self.heartbeat_interval,
+            ttl: self.heartbeat_ttl,
+            check_interval: self.health_check_interval,
+            check_timeout: self.health_check_timeout,
+            evict_after: self.evict_after,
+        }
+    }
+
+    /// This config with every option that needs a restart set as in
+    /// `running`, and the file keys of those that differed: what a reload
+    /// applies, and what it warns about. This is the list of keys that
+    /// need a restart; every other key is applied by a reload.
+    pub fn keeping_restart_keys(mut self, running: &Config) -> (Config, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($($field:ident => $key:literal,)*) => {$(
+                if self.$field != running.$field {
+                    self.$field = running.$field.clone();
+                    kept.push($key);
+                }
+            )*};
+        }
+        keep! {
+            // Bound, opened and watched once, at start.
+            data_dir => "data_dir",
+            gateway_addr => "gateway.listen",
+            registry_addr => "registry.listen",
+            plugins_dir => "plugins.dir",
+            // Handed as plain values to the gateway, the proxy, the
+            // servers and the registry when they start.
+            request_timeout => "gateway.request_timeout",
+            max_body_bytes => "gateway.max_body_bytes",
+            heartbeat_interval => "registry.heartbeat_interval",
+            heartbeat_ttl => "registry.heartbeat_ttl",
+            health_check_interval => "registry.health_check_interval",
+            health_check_timeout => "registry.health_check_timeout",
+            evict_after => "registry.evict_after",
+            registry_max_body_bytes => "registry.max_body_bytes",
+            registry_max_bytes => "registry.max_bytes",
+            upstream_allow => "registry.upstream_allow",
+            header_read_timeout => "connections.header_read_timeout",
+            idle_timeout => "connections.idle_timeout",
+            write_stall_timeout => "connections.write_stall_timeout",
+            max_connections => "connections.max_connections",
+            // The plugin manager's own settings, and runtimes'
+            // deadlines fixed when they start.
+            drain_timeout => "plugins.drain_timeout",
+            plugin_entry_timeout => "plugins.entry_timeout",
+            watch_debounce => "plugins.watch_debounce",
+            plugin_file_checks => "plugins.file_checks",
+            max_plugin_threads => "plugins.max_threads",
+        }
+        (self, kept)
+    }
+}
+
+/// `--plugin-workers`, checked as `plugins.workers` is.
+fn parse_workers(text: &str) -> Result<u16, String> {
+    let workers = text.parse().map_err(|error| format!("{error}"))?;
+    RuntimeLimits::check_workers(workers)
+}
+
 /// A duration that is not zero: a zero timeout would close every
 /// connection at once.
 fn positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(duration) if duration.is_zero() => Err("must be longer than zero".to_owned()),
-        Ok(duration) => Ok(duration),
-        Err(error) => Err(error.to_string()),
+    positive(humantime::parse_duration(text).map_err(|error| error.to_string())?)
+}
+
+fn positive(duration: Duration) -> Result<Duration, String> {
+    if duration.is_zero() {
+        Err("must be longer than zero".to_owned())
+    } else {
+        Ok(duration)
     }
 }
+
+fn at_least_one(count: u32) -> Result<u32, String> {
+    if count == 0 {
+        Err("must be at least 1".to_owned())
+    } else {
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -147,7 +147,6 @@ impl From<OpenError> for LoadError {
 #[derive(Debug)]
 pub struct Candidate {
     bytes: Vec<u8>,
-    digest: u64,
 }
 
 impl Candidate {
@@ -181,15 +180,14 @@ impl Candidate {
         }
         file.read_to_end(&mut bytes)?;
         check_elf(&bytes)?;
-        Ok(Self {
-            digest: xxhash_rust::xxh3::xxh3_64(&bytes),
-            bytes,
-        })
+        Ok(Self { bytes })
     }
 
-    /// A hash of the content: the same file written again has the same one.
-    pub fn digest(&self) -> u64 {
-        self.digest
+    /// The file's content as read: exactly what [`PluginLibrary::open`]
+    /// loads, so a digest of these bytes is the digest of the code that
+    /// runs.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 }
 

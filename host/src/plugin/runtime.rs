@@ -56,12 +56,27 @@ impl CallError {
 }
 
 /// How a plugin's threads are sized.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeLimits {
     /// Worker threads it asks the [`ThreadBudget`] for.
     pub workers: u16,
     /// Requests that may wait for a worker.
     pub queue: usize,
+}
+
+impl RuntimeLimits {
+    /// The most worker threads one plugin may ask for.
+    pub const MAX_WORKERS: u16 = 256;
+
+    /// Checks a number of workers a plugin would ask for: at least one, at
+    /// most [`RuntimeLimits::MAX_WORKERS`].
+    pub fn check_workers(workers: u16) -> Result<u16, String> {
+        if (1..=Self::MAX_WORKERS).contains(&workers) {
+            Ok(workers)
+        } else {
+            Err(format!("must be between 1 and {}", Self::MAX_WORKERS))
+        }
+    }
 }
 
 /// The worker threads all plugins together may have
@@ -107,15 +122,34 @@ impl ThreadBudget {
         replacing: usize,
     ) -> Result<Vec<WorkerPermit>, BudgetExhausted> {
         let mut used = lock(&self.used);
-        let granted = wanted.min((self.max + replacing).saturating_sub(*used));
-        if granted == 0 {
+        let in_use = *used;
+        let permits = self.take(&mut used, wanted, replacing);
+        if permits.is_empty() {
             return Err(BudgetExhausted {
-                in_use: *used,
+                in_use,
                 max: self.max,
             });
         }
+        Ok(permits)
+    }
+
+    /// Up to `wanted` more permits, as many as are left, possibly none;
+    /// `replacing` counts as in [`ThreadBudget::acquire`]. For a load that
+    /// already holds the permit it cannot start without, and learns how
+    /// many more it wants once the plugin declared its name.
+    pub fn acquire_more(self: &Arc<Self>, wanted: usize, replacing: usize) -> Vec<WorkerPermit> {
+        self.take(&mut lock(&self.used), wanted, replacing)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        used: &mut usize,
+        wanted: usize,
+        replacing: usize,
+    ) -> Vec<WorkerPermit> {
+        let granted = wanted.min((self.max + replacing).saturating_sub(*used));
         *used += granted;
-        Ok((0..granted).map(|_| WorkerPermit(self.clone())).collect())
+        (0..granted).map(|_| WorkerPermit(self.clone())).collect()
     }
 
     /// The limit.
@@ -487,5 +521,31 @@ mod tests {
         drop(second);
         // 1 + 2 of 5 in use.
         assert_eq!(budget.acquire(4, 0).map(|permits| permits.len()), Ok(2));
+    }
+
+    #[test]
+    fn more_permits_are_what_is_left_possibly_none() {
+        let budget = ThreadBudget::new(3);
+        let first = budget.acquire(1, 0).unwrap();
+        let more = budget.acquire_more(4, 0);
+        assert_eq!(more.len(), 2, "what is left");
+        assert!(budget.acquire_more(1, 0).is_empty(), "none left: none");
+        assert_eq!(
+            budget.acquire_more(1, first.len()).len(),
+            1,
+            "a swap's share"
+        );
+    }
+
+    #[test]
+    fn a_plugin_asks_for_one_to_256_workers() {
+        assert_eq!(RuntimeLimits::check_workers(1), Ok(1));
+        assert_eq!(RuntimeLimits::check_workers(256), Ok(256));
+        for refused in [0, 257] {
+            assert_eq!(
+                RuntimeLimits::check_workers(refused),
+                Err("must be between 1 and 256".to_owned())
+            );
+        }
     }
 }

@@ -47,6 +47,11 @@ impl Dirs {
     pub fn data(&self) -> PathBuf {
         self.root.path().join("data")
     }
+
+    /// Where [`HostBuilder::config`] writes the host's config file.
+    pub fn config_file(&self) -> PathBuf {
+        self.root.path().join("plugin-host.toml")
+    }
 }
 
 /// Options for starting a host.
@@ -54,6 +59,8 @@ impl Dirs {
 pub struct HostBuilder {
     command: Command,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
+    config: Option<String>,
     dirs: Option<Dirs>,
     gateway_addr: String,
     registry_addr: String,
@@ -70,6 +77,20 @@ impl HostBuilder {
     /// Adds command-line arguments.
     pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable of the host.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the host with `--config` naming a file holding `toml`
+    /// ([`Dirs::config_file`]; [`Host::write_config`] rewrites it). The
+    /// harness's own flags (directories, addresses) beat the file's keys.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
         self
     }
 
@@ -95,22 +116,8 @@ impl HostBuilder {
 
     /// Starts the host and waits until it logs the addresses it listens
     /// on.
-    pub async fn start(mut self) -> Result<Host> {
-        let dirs = match self.dirs {
-            Some(dirs) => dirs,
-            None => Dirs::new()?,
-        };
-        self.command
-            .arg("--plugins-dir")
-            .arg(dirs.plugins())
-            .arg("--data-dir")
-            .arg(dirs.data())
-            .args(["--gateway-addr", &self.gateway_addr])
-            .args(["--registry-addr", &self.registry_addr])
-            .args(&self.args)
-            .env("RUST_LOG", &self.log_filter)
-            .env_remove("RUST_BACKTRACE");
-        let proc = Proc::spawn("plugin-host", self.command)?;
+    pub async fn start(self) -> Result<Host> {
+        let (proc, dirs) = self.spawn()?;
         let line = proc.wait_for_since(0, &["listening"], PATIENCE).await?;
         let address = |key| {
             field(&line, key)
@@ -124,6 +131,60 @@ impl HostBuilder {
             dirs: Some(dirs),
         })
     }
+}
+
+/// A host that refused to start, as [`HostBuilder::start_refused`] saw it.
+#[derive(Debug)]
+pub struct Refused {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote, stdout and stderr.
+    pub output: String,
+    /// Its directories, as it left them.
+    pub dirs: Dirs,
+}
+
+impl HostBuilder {
+    /// Starts a host that is expected to refuse to start, and waits until
+    /// it exited. Fails if it is still running after [`PATIENCE`] (it
+    /// started instead).
+    pub async fn start_refused(self) -> Result<Refused> {
+        let (mut proc, dirs) = self.spawn()?;
+        let status = proc.wait_for_exit(PATIENCE).await?;
+        Ok(Refused {
+            status,
+            output: proc.output(),
+            dirs,
+        })
+    }
+
+    fn spawn(mut self) -> Result<(Proc, Dirs)> {
+        let dirs = match self.dirs {
+            Some(dirs) => dirs,
+            None => Dirs::new()?,
+        };
+        if let Some(toml) = &self.config {
+            write_config(&dirs, toml)?;
+            self.command.arg("--config").arg(dirs.config_file());
+        }
+        self.command
+            .arg("--plugins-dir")
+            .arg(dirs.plugins())
+            .arg("--data-dir")
+            .arg(dirs.data())
+            .args(["--gateway-addr", &self.gateway_addr])
+            .args(["--registry-addr", &self.registry_addr])
+            .args(&self.args)
+            .envs(self.envs)
+            .env("RUST_LOG", &self.log_filter)
+            .env_remove("RUST_BACKTRACE");
+        Ok((Proc::spawn("plugin-host", self.command)?, dirs))
+    }
+}
+
+fn write_config(dirs: &Dirs, toml: &str) -> Result<()> {
+    std::fs::write(dirs.config_file(), toml)
+        .map_err(|error| Error::new(format!("write the config file: {error}")))
 }
 
 /// A running `plugin-host`, killed (SIGKILL) when dropped.
@@ -144,6 +205,8 @@ impl Host {
         HostBuilder {
             command,
             args: Vec::new(),
+            envs: Vec::new(),
+            config: None,
             dirs: None,
             gateway_addr: "127.0.0.1:0".to_owned(),
             registry_addr: "127.0.0.1:0".to_owned(),
@@ -193,6 +256,22 @@ impl Host {
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.dirs().data()
+    }
+
+    /// The config file [`HostBuilder::config`] wrote.
+    pub fn config_file(&self) -> PathBuf {
+        self.dirs().config_file()
+    }
+
+    /// Replaces the content of the host's config file (the host reads it
+    /// again on [`Host::sighup`]).
+    pub fn write_config(&self, toml: &str) -> Result<()> {
+        write_config(self.dirs(), toml)
+    }
+
+    /// Sends the host SIGHUP: reload the config file.
+    pub fn sighup(&self) -> Result<()> {
+        self.proc.signal("HUP")
     }
 
     /// Copies `library` into the plugins directory as `file` the way `cp`

@@ -30,7 +30,7 @@ mod require;
 pub mod workspace;
 
 pub use error::{Error, Result};
-pub use host::{Dirs, Host, HostBuilder, field};
+pub use host::{Dirs, Host, HostBuilder, Refused, field};
 pub use process::{Proc, status_kib};
 pub use require::{REQUIRE_ALL, require_or_skip};
 

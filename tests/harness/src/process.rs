@@ -125,6 +125,40 @@ impl Proc {
         }
     }
 
+    /// Waits until the process closed its output (it exited) and returns
+    /// its exit status. Fails after `patience`, leaving it running (it is
+    /// stopped when dropped).
+    pub async fn wait_for_exit(&mut self, patience: Duration) -> Result<ExitStatus> {
+        let mut lines = self.lines.clone();
+        let closed =
+            tokio::time::timeout(patience, async { while lines.changed().await.is_ok() {} }).await;
+        if closed.is_err() {
+            return Err(Error::new(format!(
+                "{} still running after {patience:?}; output:\n{}",
+                self.name,
+                self.output()
+            )));
+        }
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| Error::new(format!("{} was stopped before", self.name)))?;
+        let status = child
+            .wait()
+            .map_err(|error| Error::new(format!("wait for {}: {error}", self.name)))?;
+        self.finish_reading();
+        Ok(status)
+    }
+
+    /// Sends the signal `name` (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| Error::new(format!("{} was stopped before", self.name)))?;
+        send_signal(child.id(), name)
+    }
+
     /// Resident set size in KiB (`VmRSS`); `None` once it is gone.
     pub fn rss_kib(&self) -> Option<u64> {
         status_kib(self.pid(), "VmRSS")
@@ -136,10 +170,8 @@ impl Proc {
     /// was stopped before.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
+        // Gone already (it exited on its own) is fine: it is reaped below.
+        let _ = send_signal(child.id(), "TERM");
         let deadline = Instant::now() + STOP_GRACE;
         let status = loop {
             match child.try_wait() {
@@ -178,6 +210,19 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+fn send_signal(pid: u32, name: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|error| Error::new(format!("cannot run kill: {error}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::new(format!("kill -{name} {pid}: {status}")))
     }
 }
 
@@ -234,6 +279,20 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "waited out");
         assert!(error.to_string().contains("closed its output"), "{error}");
         assert!(error.to_string().contains("started"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_exit_returns_the_status_and_every_line() {
+        let mut proc = shell("echo bye >&2; exit 3");
+        let status = proc.wait_for_exit(Duration::from_secs(20)).await.unwrap();
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(proc.output(), "bye");
+        let mut running = shell("exec sleep 5");
+        let error = running
+            .wait_for_exit(Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("still running"), "{error}");
     }
 
     #[test]
