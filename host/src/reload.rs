@@ -39,8 +39,8 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::auth::{Authenticator, ManagedKeys};
 use crate::plugin::RuntimeLimits;
-use crate::registry::TokenPolicy;
 use crate::plugin_manager::PluginPolicy;
+use crate::registry::TokenPolicy;
 use crate::{Config, HostError};
 
 /// Every reloadable piece of the host, live.

@@ -501,3 +501,61 @@ async fn an_invalid_auth_section_stops_the_start_naming_the_key() {
     );
     assert!(refused.to_string().contains(&expected), "{refused}");
 }
+
+/// Keys are added and revoked by editing the file and sending SIGHUP; a
+/// file with a bad `[auth]` section is refused whole and the keys in force
+/// stay.
+#[tokio::test]
+async fn a_reload_adds_and_revokes_keys_and_a_bad_one_keeps_them() {
+    let key = |id: &str, sha256: &str| {
+        format!("[[auth.api_keys]]\nid = \"{id}\"\nsha256 = \"{sha256}\"\n")
+    };
+    let host = host_builder()
+        .config(&key("ci", CI_SHA256))
+        .start()
+        .await
+        .unwrap();
+    host.mount_plugin(plugin_library("guarded"), "libguarded.so")
+        .await
+        .unwrap();
+    let private = host.gateway_url("/api/guarded/private");
+    let status = |api_key: &'static str| {
+        let private = private.clone();
+        async move {
+            client()
+                .get(&private)
+                .header("x-api-key", api_key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(BILLING_KEY).await, 401);
+
+    let mark = host.log_mark();
+    host.write_config(&key("billing", BILLING_SHA256)).unwrap();
+    host.sighup().unwrap();
+    host.wait_for_log_since(mark, &["config reloaded"])
+        .await
+        .unwrap();
+    assert_eq!(status(BILLING_KEY).await, 200, "added by the reload");
+    assert_eq!(status(CI_KEY).await, 401, "revoked by the reload");
+
+    let mark = host.log_mark();
+    host.write_config(&format!(
+        "{}{}",
+        key("billing", BILLING_SHA256),
+        key("ci", "not hex")
+    ))
+    .unwrap();
+    host.sighup().unwrap();
+    let refused = host
+        .wait_for_log_since(mark, &["config reload refused"])
+        .await
+        .unwrap();
+    assert!(refused.contains("auth.api_keys[1].sha256"), "{refused}");
+    assert_eq!(status(BILLING_KEY).await, 200, "the keys in force stay");
+    assert_eq!(status(CI_KEY).await, 401);
+}
