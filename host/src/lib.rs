@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 pub use config::Config;
@@ -74,6 +75,10 @@ pub enum HostError {
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
+    /// A CORS, rate-limit or per-service setting of the config file is
+    /// invalid.
+    #[error("config: {0}")]
+    Admission(#[from] admission::SettingsError),
 }
 
 /// Runs the host until `shutdown` completes, then stops serving, unloads
@@ -82,6 +87,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostError> {
+    let admission = Arc::new(ArcSwap::from_pointee(admission::Admission::from_settings(
+        &config.file.cors,
+        &config.file.service,
+        &config.file.rate_limit,
+        config.file.gateway.max_concurrent_per_service,
+    )?));
     // Bound first: the registry must know the listeners' real addresses
     // (port 0 picks one) to refuse services pointing back at them. Nothing
     // is served before start-up state is complete; connections wait in the
@@ -158,8 +169,10 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         loop_guard,
+        admission: admission.clone(),
     });
     let liveness = registry.spawn_liveness();
+    let admission_housekeeping = admission::spawn_housekeeping(admission);
     let registry = registry::router(registry);
 
     if !stopped_during_start {
@@ -197,6 +210,7 @@ pub async fn run(
     let gateway_result = finish(gateway_server, config.drain_timeout).await;
     let registry_result = finish(registry_server, config.drain_timeout).await;
     liveness.abort();
+    admission_housekeeping.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
     drop(watcher);
