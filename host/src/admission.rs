@@ -26,7 +26,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::request::Parts;
 use axum::http::uri::Authority;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -564,13 +563,13 @@ pub fn is_preflight(request: &Request) -> bool {
 /// The CORS rules of a service (or the global ones), as `tower-http`'s
 /// CORS middleware applies them.
 ///
-/// The middleware wraps a service that hands the request's head back
-/// ([`HandBack`]), so the gateway gets tower-http's headers for the
-/// request and carries on with its own routing; [`CorsHeaders`] then adds
-/// them to the answer, as the middleware does.
+/// The gateway routes each request itself, so the middleware wraps a
+/// service that answers nothing ([`NoAnswer`]): what the gateway takes from
+/// it are the headers it computes, the whole answer to a preflight, the
+/// headers that [`CorsHeaders`] adds to the answer of any other request.
 #[derive(Debug, Clone)]
 pub struct CorsPolicy {
-    middleware: Cors<HandBack>,
+    middleware: Cors<NoAnswer>,
 }
 
 impl CorsPolicy {
@@ -651,7 +650,7 @@ impl CorsPolicy {
                 "expose_headers",
             )?),
         };
-        let mut middleware = Cors::new(HandBack)
+        let mut middleware = Cors::new(NoAnswer)
             .allow_origin(origins)
             .allow_methods(methods)
             .allow_headers(allow_headers)
@@ -678,7 +677,7 @@ impl CorsPolicy {
             .get(header::ACCESS_CONTROL_REQUEST_METHOD)
             .and_then(|method| Method::from_bytes(method.as_bytes()).ok());
         let routable = requested.as_ref().is_some_and(routable);
-        let (_, mut headers) = self.evaluate(parts).await;
+        let mut headers = self.evaluate(Request::from_parts(parts, ())).await;
         if !routable {
             headers = only_vary(&headers);
         }
@@ -687,32 +686,31 @@ impl CorsPolicy {
         response
     }
 
-    /// The CORS headers for the answer to `request` (not a preflight), and
-    /// the request back.
-    pub async fn actual(&self, request: Request) -> (Request, CorsHeaders) {
-        let (parts, body) = request.into_parts();
-        let (parts, headers) = self.evaluate(parts).await;
-        let parts = parts.expect("the CORS middleware passes every non-OPTIONS request on");
-        (Request::from_parts(parts, body), CorsHeaders(headers))
+    /// The CORS headers for the answer to a request that is not a
+    /// preflight, from its headers.
+    pub async fn actual(&self, request_headers: &HeaderMap) -> CorsHeaders {
+        // Only the `Origin` decides an actual request's CORS headers. The
+        // head is a GET's whatever the request's method: the middleware
+        // takes any OPTIONS for a preflight, and a plain OPTIONS is not.
+        let mut head = Request::new(());
+        if let Some(origin) = request_headers.get(header::ORIGIN) {
+            head.headers_mut().insert(header::ORIGIN, origin.clone());
+        }
+        CorsHeaders(self.evaluate(head).await)
     }
 
     /// Runs the middleware on a request head: the CORS headers it answers
-    /// with (only `Vary` for an origin it does not allow), and the head
-    /// back unless it answered the request itself (any `OPTIONS`).
-    async fn evaluate(&self, parts: Parts) -> (Option<Parts>, HeaderMap) {
+    /// with, only `Vary` for an origin it does not allow.
+    async fn evaluate(&self, head: Request<()>) -> HeaderMap {
         let mut middleware = self.middleware.clone();
         let Ok(()) = poll_fn(|cx| middleware.poll_ready(cx)).await;
-        let Ok(response) = middleware.call(Request::from_parts(parts, ())).await;
-        let (response, parts) = response.into_parts();
-        let headers = if response
-            .headers
-            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
-        {
-            response.headers
+        let Ok(response) = middleware.call(head).await;
+        let headers = response.into_parts().0.headers;
+        if headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN) {
+            headers
         } else {
-            only_vary(&response.headers)
-        };
-        (parts, headers)
+            only_vary(&headers)
+        }
     }
 }
 
@@ -757,25 +755,22 @@ impl CorsHeaders {
     }
 }
 
-/// The service tower-http's CORS middleware wraps in the gateway: it
-/// answers a request with the request's own head, so the gateway gets it
-/// back with the CORS headers beside it.
+/// The service tower-http's CORS middleware wraps in the gateway: an
+/// empty answer for the middleware to add its headers to.
 #[derive(Debug, Clone, Copy)]
-struct HandBack;
+struct NoAnswer;
 
-impl Service<Request<()>> for HandBack {
-    /// An `Option` because the middleware needs a default body for the
-    /// preflights it answers itself (`None`: nothing handed back).
-    type Response = Response<Option<Parts>>;
+impl Service<Request<()>> for NoAnswer {
+    type Response = Response<()>;
     type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
+    type Future = Ready<Result<Response<()>, Infallible>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<()>) -> Self::Future {
-        ready(Ok(Response::new(Some(request.into_parts().0))))
+    fn call(&mut self, _: Request<()>) -> Self::Future {
+        ready(Ok(Response::new(())))
     }
 }
 
@@ -1274,8 +1269,7 @@ mod tests {
 
         let get = request(Method::GET, &[("origin", "https://app.example")]);
         assert!(!is_preflight(&get));
-        let (get, headers) = policy.actual(get).await;
-        assert_eq!(get.method(), Method::GET);
+        let headers = policy.actual(get.headers()).await;
         let mut answer = service_answer();
         headers.apply_to(&mut answer);
         assert_eq!(
@@ -1289,8 +1283,8 @@ mod tests {
         let vary: Vec<_> = answer.headers().get_all(header::VARY).iter().collect();
         assert_eq!(vary.len(), 2, "{vary:?}");
 
-        let (_, headers) = policy
-            .actual(request(Method::GET, &[("origin", "https://evil.example")]))
+        let headers = policy
+            .actual(request(Method::GET, &[("origin", "https://evil.example")]).headers())
             .await;
         let mut answer = service_answer();
         headers.apply_to(&mut answer);
@@ -1301,9 +1295,20 @@ mod tests {
                 .contains_key("access-control-expose-headers")
         );
 
-        // A plain OPTIONS is no preflight: it goes to the service.
+        // A plain OPTIONS is no preflight: it goes to the service, and its
+        // answer gets the headers of an actual request.
         let options = request(Method::OPTIONS, &[("origin", "https://app.example")]);
         assert!(!is_preflight(&options));
+        let mut answer = service_answer();
+        policy.actual(options.headers()).await.apply_to(&mut answer);
+        assert_eq!(
+            answer.headers()["access-control-allow-origin"],
+            "https://app.example"
+        );
+        assert_eq!(
+            answer.headers()["access-control-expose-headers"],
+            "x-request-id"
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ async fn dispatch(
             return cors.preflight(request, routable).await;
         }
         Some(cors) => {
-            let (request, headers) = cors.actual(request).await;
+            let headers = cors.actual(request.headers()).await;
             (request, Some(headers))
         }
     };
