@@ -5,8 +5,8 @@
 //! looped back into the host, an unsafe path,
 //! an oversized body, what the [`Admission`] rules refuse: CORS
 //! preflights it answers itself, rates, requests in flight), and hands
-//! the request to the plugin runtime or to the proxy. It never loads, unloads or registers anything, and never calls
-//! plugin code itself: a plugin request is a message to the plugin's own
+//! the request to the plugin runtime or to the proxy. It never loads,
+//! unloads or registers anything, and never calls plugin code itself: a plugin request is a message to the plugin's own
 //! worker threads, awaited here.
 
 use std::net::SocketAddr;
@@ -90,21 +90,19 @@ async fn dispatch(
         return refused;
     }
     let admission = gateway.admission.load();
-    // CORS preflights are answered here, before authentication: a browser
-    // sends a preflight without credentials, so it must not need any.
-    let (request, cors) = match admission.cors(name) {
-        None => (request, None),
+    // The CORS step comes right after the lookup and the method check, and
+    // before authentication: a browser sends a preflight without
+    // credentials, so the gateway answers it without asking for any.
+    let cors = match admission.cors(name) {
+        None => None,
         Some(cors) if is_preflight(&request) => {
             let routable = |method: &Method| refuse_method(name, method, &service.info).is_none();
             return cors.preflight(request, routable).await;
         }
-        Some(cors) => {
-            let headers = cors.actual(request.headers()).await;
-            (request, Some(headers))
-        }
+        Some(cors) => Some(cors.actual(request.headers()).await),
     };
-    // Authentication goes here, after the preflight step and before the
-    // rate limits.
+    // Authentication goes here: after the CORS step, before the rate
+    // limits.
     // MERGE (auth): the authenticated caller's id (API key id or JWT
     // subject) replaces this `None`; it is the `per_key` rate limit's key.
     let consumer: Option<&str> = None;
