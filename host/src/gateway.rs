@@ -3,9 +3,11 @@
 //! It owns nothing but the request path: it looks the name up in the
 //! [`ServiceTable`], refuses what must not reach a service (a request that
 //! looped back into the host, an unsafe path, a missing credential where
-//! the service asked for one, an oversized body), and hands the request to
-//! the plugin runtime or to the proxy. It never loads, unloads or registers anything, and never calls
-//! plugin code itself: a plugin request is a message to the plugin's own
+//! the service asked for one, an oversized body, what the [`Admission`]
+//! rules refuse: CORS preflights it answers itself, rates, requests in
+//! flight), and hands the request to the plugin runtime or to the proxy.
+//! It never loads, unloads or registers anything, and never calls plugin
+//! code itself: a plugin request is a message to the plugin's own
 //! worker threads, awaited here.
 
 use std::net::SocketAddr;
@@ -13,13 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::admission::{Admission, CorsHeaders, is_preflight};
 use crate::auth::{Authenticator, Identity, Refusal, forward_identity};
 use crate::egress::LoopGuard;
 use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
@@ -44,6 +46,8 @@ pub struct Gateway {
     /// The credentials accepted for services that require authentication;
     /// a reload stores a new one.
     pub auth: Arc<ArcSwap<Authenticator>>,
+    /// CORS, rate limits and concurrency limits; reloadable.
+    pub admission: Arc<ArcSwap<Admission>>,
 }
 
 /// The gateway's routes.
@@ -90,11 +94,35 @@ async fn dispatch(
     if let Some(refused) = refuse_method(name, request.method(), &service.info) {
         return refused;
     }
+    let admission = gateway.admission.load();
+    // The CORS step comes right after the lookup and the method check, and
+    // before authentication: a browser sends a preflight without
+    // credentials, so the gateway answers it without asking for any.
+    let cors = match admission.cors(name) {
+        None => None,
+        Some(cors) if is_preflight(&request) => {
+            let routable = |method: &Method| refuse_method(name, method, &service.info).is_none();
+            return cors.preflight(request, routable).await;
+        }
+        Some(cors) => Some(cors.actual(request.headers()).await),
+    };
     let identity = match authenticate(&gateway, &service, name, rest, &request) {
         Ok(identity) => identity,
         Err(refusal) => {
             tracing::debug!(service = %name, error = ?refusal, "request refused: authentication");
-            return refusal.into_response(name);
+            return with_cors(refusal.into_response(name), cors);
+        }
+    };
+    // The authenticated caller is the `per_key` rate limit's key.
+    let admitted = admission
+        .check_rate(client.ip(), identity.as_ref().map(Identity::id))
+        .and_then(|()| admission.enter(name));
+    drop(admission);
+    let in_flight = match admitted {
+        Ok(in_flight) => in_flight,
+        Err(refused) => {
+            tracing::debug!(service = %name, refusal = ?refused, "request refused: admission");
+            return with_cors(refused.into_response(), cors);
         }
     };
     // A `Connection` header naming `X-Consumer-Id` would have the later
@@ -107,19 +135,33 @@ async fn dispatch(
         identity.as_ref(),
         service.info.requires_auth,
     );
-    match &service.backend {
+    let response = match &service.backend {
         // The runtime is looked up again once the body is in: a slow upload
-        // must not pin a version that is being swapped out.
+        // must not pin a version that is being swapped out. The request is
+        // in flight until the plugin answered.
         Backend::Plugin(_) => {
             drop(service);
-            call_plugin(&gateway, name, rest, client, request).await
+            let response = call_plugin(&gateway, name, rest, client, request).await;
+            drop(in_flight);
+            response
         }
+        // In flight until the last byte of the streamed answer.
         Backend::Remote(remote) => {
             let remote = remote.clone();
             drop(service);
-            gateway.proxy.forward(&remote, rest, client, request).await
+            let response = gateway.proxy.forward(&remote, rest, client, request).await;
+            in_flight.hold_until_body_ends(response)
         }
+    };
+    with_cors(response, cors)
+}
+
+/// `response` with the CORS headers of its request, if CORS applies.
+fn with_cors(mut response: Response, cors: Option<CorsHeaders>) -> Response {
+    if let Some(cors) = cors {
+        cors.apply_to(&mut response);
     }
+    response
 }
 
 /// The answer to a method the service cannot have meant to receive: any method
@@ -127,7 +169,8 @@ async fn dispatch(
 /// and TRACE, which would let a script read back what the browser sent),
 /// and, for a service that declared its endpoints, a method none of them
 /// declares. OPTIONS always passes (CORS preflights are the service's to
-/// answer), and HEAD wherever GET does.
+/// answer unless the gateway's CORS rules apply to it), and HEAD wherever
+/// GET does.
 fn refuse_method(name: &str, method: &Method, info: &ServiceInfo) -> Option<Response> {
     let refuse = |status: StatusCode, reason: String, allowed: &[&str]| {
         let mut response = ApiError::new(status, reason)
@@ -204,16 +247,6 @@ fn authenticate(
         return Ok(auth.identify(name, headers));
     }
     auth.admit(name, headers).map(Some)
-}
-
-/// A CORS preflight: what a browser sends, without credentials, before a
-/// cross-origin request.
-fn is_preflight(request: &Request) -> bool {
-    request.method() == Method::OPTIONS
-        && request.headers().contains_key(header::ORIGIN)
-        && request
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 fn unknown_service(name: &str) -> Response {

@@ -79,6 +79,10 @@ pub enum HostError {
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
+    /// A CORS, rate-limit or per-service setting of the config file is
+    /// invalid.
+    #[error("config: {0}")]
+    Admission(#[from] admission::SettingsError),
     /// The `[auth]` section is invalid (the message names the key).
     #[error("invalid config: {0}")]
     Auth(#[from] auth::SettingsError),
@@ -184,8 +188,10 @@ pub async fn run(
         request_timeout: config.request_timeout,
         loop_guard,
         auth: live.authenticator.clone(),
+        admission: live.admission.clone(),
     });
     let liveness = registry.spawn_liveness();
+    let admission_housekeeping = admission::spawn_housekeeping(live.admission.clone());
     let registry = registry::router(registry);
 
     if !stopped_during_start {
@@ -224,6 +230,7 @@ pub async fn run(
     let registry_result = finish(registry_server, config.drain_timeout).await;
     liveness.abort();
     reloading.abort();
+    admission_housekeeping.abort();
     // Closing the watcher closes the manager's event channel: it unloads
     // every plugin and ends.
     drop(watcher);

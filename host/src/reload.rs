@@ -37,6 +37,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::admission::Admission;
 use crate::auth::{Authenticator, ManagedKeys};
 use crate::plugin::RuntimeLimits;
 use crate::plugin_manager::PluginPolicy;
@@ -57,6 +58,11 @@ pub struct Live {
     pub managed_keys: Arc<ManagedKeys>,
     /// Who may write to and read the registry (`[auth.registry]`).
     pub registry_tokens: Arc<ArcSwap<TokenPolicy>>,
+    /// CORS, rate limits and requests in flight per service (`[cors]`,
+    /// `[rate_limit]`, `[service.<name>]`,
+    /// `gateway.max_concurrent_per_service`); a reload keeps the counts in
+    /// flight and the buckets of unchanged rates.
+    pub admission: Arc<ArcSwap<Admission>>,
     /// Builds and stores every piece above again on reload.
     pub reloader: Reloader,
 }
@@ -83,6 +89,18 @@ impl Live {
             registry_tokens: reloader.add(config, |config| {
                 Ok(TokenPolicy::from_settings(&config.file.auth.registry)?)
             })?,
+            admission: reloader.add_carrying_over(
+                config,
+                |config| {
+                    Ok(Admission::from_settings(
+                        &config.file.cors,
+                        &config.file.service,
+                        &config.file.rate_limit,
+                        config.file.gateway.max_concurrent_per_service,
+                    )?)
+                },
+                Some(Admission::carrying_over),
+            )?,
             reloader,
         })
     }
@@ -125,16 +143,28 @@ trait Piece: Send + Sync {
     fn stage(&self, config: &Config) -> Result<Staged, HostError>;
 }
 
+/// How a new value takes over the state of the one it replaces (counters,
+/// buckets), at the moment it is stored.
+pub type CarryOver<T> = fn(T, &T) -> T;
+
 struct Swappable<T> {
     live: Arc<ArcSwap<T>>,
     build: Build<T>,
+    carry_over: Option<CarryOver<T>>,
 }
 
 impl<T: Send + Sync + 'static> Piece for Swappable<T> {
     fn stage(&self, config: &Config) -> Result<Staged, HostError> {
-        let value = Arc::new((self.build)(config)?);
+        let value = (self.build)(config)?;
         let live = self.live.clone();
-        Ok(Box::new(move || live.store(value)))
+        let carry_over = self.carry_over;
+        Ok(Box::new(move || {
+            let value = match carry_over {
+                Some(carry_over) => carry_over(value, &live.load()),
+                None => value,
+            };
+            live.store(Arc::new(value));
+        }))
     }
 }
 
@@ -146,10 +176,23 @@ impl Reloader {
         config: &Config,
         build: impl Fn(&Config) -> Result<T, HostError> + Send + Sync + 'static,
     ) -> Result<Arc<ArcSwap<T>>, HostError> {
+        self.add_carrying_over(config, build, None)
+    }
+
+    /// [`Reloader::add`] for a piece with state of its own that a reload
+    /// must keep: `carry_over` moves it from the value in force to the new
+    /// one when the new one is stored.
+    pub fn add_carrying_over<T: Send + Sync + 'static>(
+        &mut self,
+        config: &Config,
+        build: impl Fn(&Config) -> Result<T, HostError> + Send + Sync + 'static,
+        carry_over: Option<CarryOver<T>>,
+    ) -> Result<Arc<ArcSwap<T>>, HostError> {
         let live = Arc::new(ArcSwap::from_pointee(build(config)?));
         self.pieces.push(Box::new(Swappable {
             live: live.clone(),
             build: Box::new(build),
+            carry_over,
         }));
         Ok(live)
     }

@@ -60,6 +60,7 @@ struct Counters {
     unhealthy: AtomicBool,
     health_checks: AtomicUsize,
     connections: AtomicUsize,
+    echoes: AtomicUsize,
 }
 
 /// A running upstream; stops when dropped.
@@ -134,6 +135,11 @@ impl Upstream {
     pub fn connections(&self) -> usize {
         self.counters.connections.load(Ordering::SeqCst)
     }
+
+    /// Requests `/echo` answered so far (whatever the method).
+    pub fn echoes(&self) -> usize {
+        self.counters.echoes.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Upstream {
@@ -160,7 +166,12 @@ async fn hello(Query(query): Query<BTreeMap<String, String>>) -> Response {
     axum::Json(json!({"message": format!("Hello, {name}!")})).into_response()
 }
 
-async fn echo(OriginalUri(uri): OriginalUri, request: Request) -> Response {
+async fn echo(
+    State(counters): State<Arc<Counters>>,
+    OriginalUri(uri): OriginalUri,
+    request: Request,
+) -> Response {
+    counters.echoes.fetch_add(1, Ordering::SeqCst);
     // `uri` is the path as sent, `/v1` included (nesting strips it from
     // the request's own).
     let (parts, body) = request.into_parts();

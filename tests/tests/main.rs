@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod abi;
+mod admission;
 mod auth;
 mod config;
 mod edge;
