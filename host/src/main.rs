@@ -9,12 +9,6 @@ use clap::Parser;
 use plugin_host::Config;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of glibc's malloc: the request paths allocate and free
-/// many small blocks per request, where glibc's allocator (and its
-/// `malloc_consolidate`) was a tenth of the host's time (BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let mut config = Config::parse();
     if let Some(path) = &config.config_file {
