@@ -52,7 +52,10 @@ pub struct Gateway {
 
 /// The gateway's routes.
 pub fn router(gateway: Gateway) -> Router {
-    Router::new().fallback(dispatch).with_state(gateway)
+    // Shared, not cloned per request as axum clones a state.
+    Router::new()
+        .fallback(dispatch)
+        .with_state(Arc::new(gateway))
 }
 
 /// `/api/<name>` or `/api/<name>/<rest>` split into name and rest (raw).
@@ -62,7 +65,7 @@ fn split_service_path(path: &str) -> Option<(&str, &str)> {
 }
 
 async fn dispatch(
-    State(gateway): State<Gateway>,
+    State(gateway): State<Arc<Gateway>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     mut request: Request,
 ) -> Response {

@@ -115,20 +115,18 @@ impl Proxy {
             &request_id,
         );
         self.loop_guard.stamp(&mut parts.headers);
-        let redirects = Redirects {
-            upstream: &route.authority,
-            base_path: route.base_path().trim_end_matches('/'),
-            mount: format!("/api/{name}"),
-            gateway_host: parts.headers.get(X_FORWARDED_HOST).cloned(),
-        };
-        if let Ok(prefix) = HeaderValue::from_str(&redirects.mount) {
-            parts.headers.insert(X_FORWARDED_PREFIX, prefix);
+        // A shared clone, for the redirect rewrite of the answer.
+        let gateway_host = parts.headers.get(X_FORWARDED_HOST).cloned();
+        if let Some(mount) = remote.mount() {
+            parts.headers.insert(X_FORWARDED_PREFIX, mount.clone());
         }
         parts.uri = uri;
         // Upstreams are spoken to in HTTP/1.1 whatever the client used.
         parts.version = Version::HTTP_11;
         let method = parts.method.clone();
-        let progress = Arc::new(Progress::new(body.is_end_stream()));
+        // A body already complete (most GETs) cannot stall: nothing to
+        // track, and the deadline below stays where it starts.
+        let progress = (!body.is_end_stream()).then(|| Arc::new(Progress::new()));
         let upstream = Request::from_parts(
             parts,
             Tracked {
@@ -148,8 +146,11 @@ impl Proxy {
             tokio::select! {
                 result = &mut answer => break result,
                 () = tokio::time::sleep_until(deadline.into()) => {
-                    let next = progress.last_activity() + self.timeout;
-                    if next <= Instant::now() && progress.is_stalled() {
+                    let (next, stalled) = match &progress {
+                        Some(progress) => (progress.last_activity() + self.timeout, progress.is_stalled()),
+                        None => (deadline, false),
+                    };
+                    if next <= Instant::now() && stalled {
                         // The upstream was reading and the client stopped
                         // sending its body: the client's fault.
                         tracing::debug!(service = %name, "client stalled while uploading");
@@ -177,7 +178,15 @@ impl Proxy {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                redirects.rewrite(&mut parts.headers);
+                if Redirects::apply_to(&parts.headers) {
+                    Redirects {
+                        upstream: &route.authority,
+                        base_path: route.base_path().trim_end_matches('/'),
+                        mount: format!("/api/{name}"),
+                        gateway_host,
+                    }
+                    .rewrite(&mut parts.headers);
+                }
                 parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
                 tracing::debug!(
                     service = %name,
@@ -194,7 +203,7 @@ impl Proxy {
 }
 
 /// The answer for a request that got no response from the upstream.
-fn failure(name: &str, route: &Route, error: &hyper_util::client::legacy::Error) -> Response {
+fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Error) -> Response {
     let detail = error_chain(error);
     let client_side =
         std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
@@ -243,8 +252,9 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a valid header value")
+            let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            HeaderValue::from_str(text).expect("a UUID is a valid header value")
         })
 }
 
@@ -266,17 +276,20 @@ fn forwarding_headers(
     // the client; the upstream gets the body without waiting.
     headers.remove(header::EXPECT);
     // Append to a chain built by proxies in front of us, as they expect.
-    let client_ip = client.ip().to_string();
-    let mut chain: Vec<&str> = headers
+    let mut forwarded_for = String::new();
+    for hops in headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .map(str::trim)
         .filter(|hops| !hops.is_empty())
-        .collect();
-    chain.push(&client_ip);
-    let forwarded_for = chain.join(", ");
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    {
+        forwarded_for.push_str(hops);
+        forwarded_for.push_str(", ");
+    }
+    // Written in place: `IpAddr` formats into any `fmt::Write`.
+    let _ = std::fmt::Write::write_fmt(&mut forwarded_for, format_args!("{}", client.ip()));
+    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     // The gateway speaks plain HTTP; what the client claimed is replaced.
@@ -308,6 +321,14 @@ struct Redirects<'a> {
 }
 
 impl Redirects<'_> {
+    /// Whether `headers` hold anything [`Redirects::rewrite`] may change:
+    /// most answers do not, and skip building the rewrite.
+    fn apply_to(headers: &HeaderMap) -> bool {
+        headers.contains_key(header::LOCATION)
+            || headers.contains_key(header::CONTENT_LOCATION)
+            || headers.contains_key(header::REFRESH)
+    }
+
     fn rewrite(&self, headers: &mut HeaderMap) {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             if let Some(url) = headers.get(&name).and_then(|value| value.to_str().ok())
@@ -376,12 +397,12 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(finished: bool) -> Self {
+    fn new() -> Self {
         Self {
             start: Instant::now(),
             last_us: AtomicU64::new(0),
             polled: AtomicBool::new(false),
-            finished: AtomicBool::new(finished),
+            finished: AtomicBool::new(false),
         }
     }
 
@@ -406,11 +427,12 @@ impl Progress {
 }
 
 /// The client's body on its way upstream, passed through frame by frame
-/// and noting when each frame went by.
+/// and noting when each frame went by (`None`: it was complete from the
+/// start).
 #[derive(Debug)]
 struct Tracked {
     body: Body,
-    progress: Arc<Progress>,
+    progress: Option<Arc<Progress>>,
 }
 
 impl HttpBody for Tracked {
@@ -421,18 +443,21 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        self.progress.polled.store(true, Ordering::Relaxed);
         let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let Some(progress) = &self.progress else {
+            return polled;
+        };
+        progress.polled.store(true, Ordering::Relaxed);
         match &polled {
             Poll::Ready(Some(Ok(_))) => {
-                self.progress.touch();
+                progress.touch();
                 if self.body.is_end_stream() {
-                    self.progress.finish();
+                    progress.finish();
                 }
             }
             Poll::Ready(None) => {
-                self.progress.touch();
-                self.progress.finish();
+                progress.touch();
+                progress.finish();
             }
             _ => {}
         }

@@ -4,7 +4,11 @@
 //! notify reports every write of a file being copied; acting on the first
 //! would open half a library. So events only mark a path dirty, and a path
 //! is reported once it had no event for the debounce period and its size did
-//! not change over that period. Whether the path then exists decides
+//! not change over that period. The events that end a write settle a path
+//! at once instead: the file was closed after writing (`IN_CLOSE_WRITE`),
+//! renamed into place or away, or deleted. Only a file still being written
+//! (created or written to, not yet closed) or whose metadata changed waits
+//! for the debounce. Whether the path then exists decides
 //! between [`FileEvent::Changed`] and [`FileEvent::Removed`]: renames in and
 //! out, atomic replaces and `cp` over a file all reduce to that one question.
 //! A change of a file's metadata (`chmod`, `chown`) is a change like any
@@ -20,7 +24,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 
 /// A settled change of a plugin file.
@@ -113,7 +117,10 @@ pub fn watch(
                 Raw::Rescan
             }
             Ok(event) if is_content_read(&event.kind) => return,
-            Ok(event) => Raw::Paths(event.paths),
+            Ok(event) => Raw::Paths {
+                settled: ends_a_write(&event.kind),
+                paths: event.paths,
+            },
             Err(error) => {
                 tracing::warn!(%error, "file watch error; rescanning the plugins directory");
                 Raw::Rescan
@@ -159,6 +166,21 @@ fn is_content_read(kind: &EventKind) -> bool {
     matches!(kind, EventKind::Access(access) if *access != AccessKind::Close(AccessMode::Write))
 }
 
+/// Events after which a file's content is final: closed after writing,
+/// renamed into place (or away: the old name is gone), deleted. The file
+/// need not wait out the debounce. A file still open for writing gives
+/// none of these until it is closed.
+fn ends_a_write(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(
+                RenameMode::To | RenameMode::From | RenameMode::Both
+            ))
+            | EventKind::Remove(_)
+    )
+}
+
 fn list_plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
@@ -172,7 +194,12 @@ fn list_plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 enum Raw {
-    Paths(Vec<PathBuf>),
+    /// Paths that had an event; `settled` when the event ended a write
+    /// ([`ends_a_write`]).
+    Paths {
+        paths: Vec<PathBuf>,
+        settled: bool,
+    },
     Rescan,
 }
 
@@ -228,8 +255,9 @@ impl Debouncer {
                 None => raw.recv().map_err(|_| RecvTimeoutError::Disconnected),
             };
             match received {
-                Ok(Raw::Paths(paths)) => {
-                    let due = Instant::now() + self.debounce;
+                Ok(Raw::Paths { paths, settled }) => {
+                    let now = Instant::now();
+                    let due = if settled { now } else { now + self.debounce };
                     for path in paths {
                         if path.parent() == Some(self.dir.as_path()) && is_plugin_file(&path) {
                             self.mark(path, due);

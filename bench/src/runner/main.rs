@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod haproxy;
 mod load;
 mod nginx;
 mod procs;
@@ -43,6 +44,16 @@ pub struct Args {
     /// Do not pin servers and clients to separate cores.
     #[arg(long)]
     no_pin: bool,
+
+    /// Another build of plugin-host (e.g. a copy of `target/release/plugin-host`
+    /// from before a change), run beside ours as one more target, `base`, of
+    /// scenarios 1 and 2, in the same interleaved rounds: an A/B of a change.
+    #[arg(long)]
+    compare_host: Option<PathBuf>,
+
+    /// Interleaved rounds per target (default 5, quick 1).
+    #[arg(long)]
+    rounds: Option<usize>,
 
     /// Only these scenarios, e.g. `1,3` (memory, 6, is measured along the
     /// way whenever 1 runs).
@@ -145,6 +156,9 @@ impl Settings {
         if let Some(services) = args.services {
             settings.services = services.max(1);
         }
+        if let Some(rounds) = args.rounds {
+            settings.rounds = rounds.max(1);
+        }
         if let Some(swaps) = args.swaps {
             settings.swaps = swaps.max(1);
         }
@@ -171,6 +185,8 @@ pub struct Artifacts {
     pub swap_a: PathBuf,
     /// `libswap_b.so`.
     pub swap_b: PathBuf,
+    /// `--compare-host`: another plugin-host build measured beside ours.
+    pub compare_host: Option<PathBuf>,
 }
 
 impl Artifacts {
@@ -195,6 +211,7 @@ impl Artifacts {
             demo: file("libdemo_service.so")?,
             swap_a: file("libswap_a.so")?,
             swap_b: file("libswap_b.so")?,
+            compare_host: None,
         })
     }
 }
@@ -218,13 +235,30 @@ fn main() -> ExitCode {
             .unwrap_or_default()
     });
     let artifacts = match Artifacts::find(&bin_dir) {
-        Ok(artifacts) => artifacts,
+        Ok(_)
+            if args
+                .compare_host
+                .as_ref()
+                .is_some_and(|path| !path.exists()) =>
+        {
+            eprintln!(
+                "bench-runner: --compare-host {}: no such file",
+                args.compare_host
+                    .as_ref()
+                    .map_or_else(String::new, |p| p.display().to_string())
+            );
+            return ExitCode::FAILURE;
+        }
+        Ok(artifacts) => Artifacts {
+            compare_host: args.compare_host.clone(),
+            ..artifacts
+        },
         Err(error) => {
             eprintln!("bench-runner: {error}");
             return ExitCode::FAILURE;
         }
     };
-    for tool in ["wrk", "nginx"] {
+    for tool in ["wrk", "nginx", "haproxy"] {
         if !report::have(tool) {
             eprintln!("bench-runner: `{tool}` not found (bench/run installs it with apt-get)");
             return ExitCode::FAILURE;

@@ -31,6 +31,8 @@ pub struct Machine {
     pub wrk: String,
     /// `nginx -v`.
     pub nginx: String,
+    /// `haproxy -v`, first line.
+    pub haproxy: String,
     /// UTC time of the run.
     pub date: String,
     /// How servers and clients were pinned.
@@ -122,6 +124,11 @@ impl Machine {
                 .unwrap_or_default()
                 .to_owned(),
             nginx: output("nginx", &["-v"]),
+            haproxy: output("haproxy", &["-v"])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             date: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             pinning: pinning.describe(),
             loadavg_start: loadavg(),
@@ -284,6 +291,192 @@ fn comparison_table(out: &mut String, comparison: &Comparison, describe: &dyn Fn
     let _ = writeln!(out);
 }
 
+/// One target of issue 13: what was measured against what was asked.
+struct Goal {
+    what: &'static str,
+    shown: String,
+    target: &'static str,
+    met: bool,
+}
+
+impl Goal {
+    fn at_least(
+        what: &'static str,
+        measured: f64,
+        shown: String,
+        target: &'static str,
+        goal: f64,
+    ) -> Self {
+        Self {
+            what,
+            shown,
+            target,
+            met: measured >= goal,
+        }
+    }
+
+    fn at_most(
+        what: &'static str,
+        measured: f64,
+        shown: String,
+        target: &'static str,
+        goal: f64,
+    ) -> Self {
+        Self {
+            what,
+            shown,
+            target,
+            met: measured <= goal,
+        }
+    }
+}
+
+/// The performance targets (issue 13) next to this run's numbers, misses
+/// marked. Scenarios not run are left out.
+fn targets_table(out: &mut String, r: &ScenarioResults) {
+    let ratio_of = |c: &Option<Comparison>, name: &str| {
+        c.as_ref()
+            .and_then(|c| c.ratios.iter().find(|ratio| ratio.name == name))
+            .cloned()
+    };
+    let mut goals = Vec::new();
+    if let Some(p) = ratio_of(&r.in_process, "plugin/native") {
+        goals.push(Goal::at_least(
+            "1. plugin / native, req/s",
+            p.rps,
+            ratio(p.rps),
+            ">= 0.90",
+            0.90,
+        ));
+        goals.push(Goal::at_most(
+            "1. plugin / native, CPU/req",
+            p.cpu,
+            ratio(p.cpu),
+            "<= 1.15",
+            1.15,
+        ));
+    }
+    if let Some(p) = ratio_of(&r.proxy_small, "ours/nginx") {
+        goals.push(Goal::at_least(
+            "2. ours / nginx, small JSON, req/s",
+            p.rps,
+            ratio(p.rps),
+            ">= 1.00",
+            1.0,
+        ));
+        goals.push(Goal::at_most(
+            "2. ours / nginx, small JSON, p99",
+            p.p99,
+            ratio(p.p99),
+            "<= 1.00",
+            1.0,
+        ));
+    }
+    if let Some(p) = ratio_of(&r.proxy_large, "ours/nginx") {
+        goals.push(Goal::at_least(
+            "2. ours / nginx, 1 MiB, req/s",
+            p.rps,
+            ratio(p.rps),
+            ">= 1.50",
+            1.5,
+        ));
+    }
+    if let Some(h) = &r.hot_swap {
+        goals.push(Goal::at_most(
+            "3. throughput dip during the swaps",
+            h.dip_percent,
+            format!("{:.1} %", h.dip_percent),
+            "<= 5 %",
+            5.0,
+        ));
+        goals.push(Goal::at_most(
+            "3. failed requests during the swaps",
+            h.failures as f64,
+            h.failures.to_string(),
+            "0",
+            0.0,
+        ));
+        let growth = h.rss_kib[2] as f64 - h.rss_kib[1] as f64;
+        goals.push(Goal::at_most(
+            "6. RSS growth over the second half of the swaps",
+            growth,
+            format!("{:+.1} MiB", growth / 1024.0),
+            "none (<= +1 MiB)",
+            1024.0,
+        ));
+    }
+    if let Some(l) = &r.load_unload {
+        goals.push(Goal::at_most(
+            "4. file written -> first 200, p99",
+            l.load_ms[1],
+            ms(l.load_ms[1]),
+            "<= 20 ms",
+            20.0,
+        ));
+        goals.push(Goal::at_most(
+            "4. file removed -> first 404, p99",
+            l.unload_ms[1],
+            ms(l.unload_ms[1]),
+            "<= 20 ms",
+            20.0,
+        ));
+    }
+    if let Some(g) = &r.registry {
+        goals.push(Goal::at_least(
+            "5. registrations/s",
+            g.registrations_per_s,
+            int(g.registrations_per_s),
+            ">= 10,000",
+            10_000.0,
+        ));
+        goals.push(Goal::at_most(
+            "5. heartbeat p99 under load",
+            g.heartbeats.p99_ms,
+            ms(g.heartbeats.p99_ms),
+            "<= 5 ms",
+            5.0,
+        ));
+        goals.push(Goal::at_most(
+            "5. listing p50",
+            g.list.p50_ms,
+            ms(g.list.p50_ms),
+            "<= 10 ms",
+            10.0,
+        ));
+        goals.push(Goal::at_most(
+            "5. listing p99",
+            g.list.p99_ms,
+            ms(g.list.p99_ms),
+            "<= 30 ms",
+            30.0,
+        ));
+        goals.push(Goal::at_most(
+            "5. host RSS per 1,000 services",
+            g.rss_per_1000_kib,
+            mib(g.rss_per_1000_kib as u64),
+            "<= 1.5 MiB",
+            1536.0,
+        ));
+    }
+    if goals.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "## Targets\n");
+    let _ = writeln!(out, "| | this run | target | |");
+    let _ = writeln!(out, "|---|---:|---:|---|");
+    for goal in goals {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            goal.what,
+            goal.shown,
+            goal.target,
+            if goal.met { "met" } else { "**missed**" }
+        );
+    }
+    let _ = writeln!(out);
+}
+
 /// The report as markdown.
 pub fn markdown(results: &Results) -> String {
     let mut out = String::new();
@@ -303,7 +496,11 @@ pub fn markdown(results: &Results) -> String {
         "- Machine: {}, {} cores (`nproc`), {} RAM; Linux {}; {}",
         m.cpu_model, m.cores, m.memory, m.kernel, m.os
     );
-    let _ = writeln!(out, "- Tools: {}; {}; {}", m.rustc, m.wrk, m.nginx);
+    let _ = writeln!(
+        out,
+        "- Tools: {}; {}; {}; {}",
+        m.rustc, m.wrk, m.nginx, m.haproxy
+    );
     let _ = writeln!(out, "- Pinning: {}", m.pinning);
     let _ = writeln!(
         out,
@@ -316,12 +513,15 @@ pub fn markdown(results: &Results) -> String {
         s.warmup_seconds, s.rounds, s.seconds
     );
 
+    targets_table(&mut out, r);
+
     let _ = writeln!(out, "## 1. In-process plugin vs. native handler\n");
     match &r.in_process {
         Some(c) => comparison_table(&mut out, c, &|label| match label {
             "native" => "native: axum handler, release (`bench-native`)".to_owned(),
             "plugin" => "plugin: hello through `plugin-host`".to_owned(),
             "plugin+key" => "plugin+key: hello-keyed, `X-API-Key` required and checked".to_owned(),
+            "base" => "base: hello through the `--compare-host` build".to_owned(),
             other => other.to_owned(),
         }),
         None => {
@@ -329,12 +529,15 @@ pub fn markdown(results: &Results) -> String {
         }
     }
 
-    let _ = writeln!(out, "## 2. Remote proxy vs. direct vs. nginx\n");
+    let _ = writeln!(out, "## 2. Remote proxy vs. direct vs. nginx and HAProxy\n");
     for c in [&r.proxy_small, &r.proxy_large].into_iter().flatten() {
         comparison_table(&mut out, c, &|label| match label {
             "direct" => "direct to `bench-upstream`".to_owned(),
             "nginx" => "nginx `proxy_pass`, upstream keep-alive".to_owned(),
+            "nginx-unbuffered" => "nginx, `proxy_buffering off`".to_owned(),
+            "haproxy" => "HAProxy, upstream keep-alive (`http-reuse always`)".to_owned(),
             "ours" => "ours: `plugin-host` gateway".to_owned(),
+            "base" => "base: the `--compare-host` build's gateway".to_owned(),
             other => other.to_owned(),
         });
     }

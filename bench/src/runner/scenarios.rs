@@ -2,6 +2,7 @@
 //! could not run; one failing does not stop the others.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use tokio::runtime::Runtime;
 use host_harness::http::{self, get, registration};
 use host_harness::{Host, PATIENCE, field};
 
+use crate::haproxy::Haproxy;
 use crate::load::{self, WrkOptions};
 use crate::nginx::Nginx;
 use crate::procs::{Pinning, SimpleServer, cpu_seconds, with_children};
@@ -306,7 +308,7 @@ const BENCH_API_KEY_SHA256: &str =
 fn start_host(
     rt: &Runtime,
     pinning: Pinning,
-    artifacts: &Artifacts,
+    binary: &Path,
 ) -> Result<(Host, tempfile::TempDir), String> {
     let config_dir = tempfile::tempdir().map_err(|error| format!("temp dir: {error}"))?;
     let config = config_dir.path().join("plugin-host.toml");
@@ -315,7 +317,7 @@ fn start_host(
         format!("[[auth.api_keys]]\nid = \"bench\"\nsha256 = \"{BENCH_API_KEY_SHA256}\"\n"),
     )
     .map_err(|error| format!("{}: {error}", config.display()))?;
-    let builder = Host::builder(pinning.server(&artifacts.host))
+    let builder = Host::builder(pinning.server(binary))
         .log_filter("info")
         .arg("--config")
         .arg(config.display().to_string());
@@ -355,7 +357,7 @@ fn host_scenarios(
     only: &dyn Fn(u8) -> bool,
     results: &mut ScenarioResults,
 ) -> Result<(), String> {
-    let (mut host, _config) = start_host(rt, pinning, artifacts)?;
+    let (mut host, _config) = start_host(rt, pinning, &artifacts.host)?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
@@ -373,15 +375,43 @@ fn host_scenarios(
         "[6] RSS idle {} KiB, with hello + demo-service {} KiB",
         memory.idle_kib, memory.plugins_kib
     );
+    // `--compare-host`: another build of plugin-host, measured as one more
+    // target of scenarios 1 and 2 (A/B of a change, in the same rounds).
+    let mut base = match &artifacts.compare_host {
+        Some(binary) if only(1) || only(2) => {
+            let (base, config) = start_host(rt, pinning, binary)?;
+            let mark = base.log_mark();
+            base.rename_plugin_in(&artifacts.hello, "hello.so")?;
+            rt.block_on(base.wait_for_log_since(mark, &["plugin mounted", "plugin=hello"]))?;
+            Some((base, config))
+        }
+        _ => None,
+    };
 
     if only(1) {
-        match in_process(rt, &client, pinning, settings, artifacts, &host) {
+        match in_process(
+            rt,
+            &client,
+            pinning,
+            settings,
+            artifacts,
+            &host,
+            base.as_ref().map(|(base, _)| base),
+        ) {
             Ok(comparison) => results.in_process = Some(comparison),
             Err(error) => results.errors.push(format!("scenario 1: {error}")),
         }
     }
     if only(2) {
-        match proxy(rt, &client, pinning, settings, artifacts, &host) {
+        match proxy(
+            rt,
+            &client,
+            pinning,
+            settings,
+            artifacts,
+            &host,
+            base.as_ref().map(|(base, _)| base),
+        ) {
             Ok((small, large)) => {
                 results.proxy_small = Some(small);
                 results.proxy_large = Some(large);
@@ -391,6 +421,12 @@ fn host_scenarios(
     }
     if only(1) || only(2) {
         memory.after_load_kib = host.rss_kib().ok();
+    }
+    if let Some((base, _)) = &mut base {
+        base.stop();
+        results
+            .host_warnings
+            .push(warnings(base, "comparison host (--compare-host)"));
     }
     if only(3) {
         match hot_swap(rt, settings, artifacts, &mut host) {
@@ -505,6 +541,7 @@ fn in_process(
     settings: &Settings,
     artifacts: &Artifacts,
     host: &Host,
+    base: Option<&Host>,
 ) -> Result<Comparison, String> {
     let native = SimpleServer::start(rt, "bench-native", &artifacts.native, pinning)?;
     let mark = host.log_mark();
@@ -544,35 +581,45 @@ fn in_process(
         settings.seconds,
     )
     .with_header(&format!("X-API-Key: {BENCH_API_KEY}"));
+    let mut targets = vec![
+        Spec {
+            label: "native",
+            url: native_url,
+            pids: vec![native.proc.pid()],
+            behind: Vec::new(),
+        },
+        Spec {
+            label: "plugin",
+            url: plugin_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
+        Spec {
+            label: "plugin+key",
+            url: keyed_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
+    ];
+    if let Some(base) = base {
+        targets.push(Spec {
+            label: "base",
+            url: base.gateway_url(path),
+            pids: vec![base.pid()],
+            behind: Vec::new(),
+        });
+    }
     let mut comparison = interleaved(
         pinning,
         "1",
         "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x",
-        &[
-            Spec {
-                label: "native",
-                url: native_url,
-                pids: vec![native.proc.pid()],
-                behind: Vec::new(),
-            },
-            Spec {
-                label: "plugin",
-                url: plugin_url,
-                pids: vec![host.pid()],
-                behind: Vec::new(),
-            },
-            Spec {
-                label: "plugin+key",
-                url: keyed_url,
-                pids: vec![host.pid()],
-                behind: Vec::new(),
-            },
-        ],
+        &targets,
         &options,
         settings,
     )?;
     comparison.add_ratio("plugin", "native");
     comparison.add_ratio("plugin+key", "plugin");
+    comparison.add_ratio("plugin", "base");
     Ok(comparison)
 }
 
@@ -585,12 +632,17 @@ fn proxy(
     settings: &Settings,
     artifacts: &Artifacts,
     host: &Host,
+    base: Option<&Host>,
 ) -> Result<(Comparison, Comparison), String> {
     let upstream = SimpleServer::start(rt, "bench-upstream", &artifacts.upstream, pinning)?;
     register_upstream(rt, host, upstream.addr)?;
+    if let Some(base) = base {
+        register_upstream(rt, base, upstream.addr)?;
+    }
     // plugin-host runs one tokio worker on its one core; nginx gets one
-    // worker process on the same core.
+    // worker process on the same core, HAProxy one thread.
     let nginx = Nginx::start(upstream.addr, 1, pinning)?;
+    let haproxy = Haproxy::start(upstream.addr, 1, pinning)?;
     let mut comparisons = Vec::new();
     for (what, path, connections) in [
         ("small JSON", "small", settings.connections_small),
@@ -599,8 +651,20 @@ fn proxy(
         let direct = format!("http://{}/{path}", upstream.addr);
         let ours = host.gateway_url(&format!("/api/upstream/{path}"));
         let via_nginx = format!("http://{}/api/upstream/{path}", nginx.addr);
+        let via_nginx_unbuffered = format!("http://{}/api/upstream/{path}", nginx.unbuffered_addr);
+        let via_haproxy = format!("http://{}/api/upstream/{path}", haproxy.addr);
+        let via_base = base.map(|base| base.gateway_url(&format!("/api/upstream/{path}")));
         let mut sizes = Vec::new();
-        for url in [&direct, &ours, &via_nginx] {
+        for url in [
+            &direct,
+            &ours,
+            &via_nginx,
+            &via_nginx_unbuffered,
+            &via_haproxy,
+        ]
+        .into_iter()
+        .chain(&via_base)
+        {
             let (status, body) = rt.block_on(get(client, url))?;
             if status != 200 {
                 return Err(format!("GET {url} answered {status}: {body:?}"));
@@ -609,43 +673,70 @@ fn proxy(
         }
         if sizes.iter().any(|size| *size != sizes[0]) {
             return Err(format!(
-                "direct, ours and nginx answer bodies of different sizes for /{path}: {sizes:?}"
+                "direct, ours, nginx, haproxy (and base) answer bodies of different sizes for /{path}: {sizes:?}"
             ));
         }
         let options = WrkOptions::new(settings.wrk_threads, connections, settings.seconds);
+        let behind = vec![upstream.proc.pid()];
+        let mut targets = vec![
+            Spec {
+                label: "direct",
+                url: direct,
+                pids: vec![upstream.proc.pid()],
+                behind: Vec::new(),
+            },
+            Spec {
+                label: "nginx",
+                url: via_nginx,
+                pids: with_children(nginx.proc.pid()),
+                behind: behind.clone(),
+            },
+        ];
+        // Buffering only differs for an answer larger than nginx's buffers.
+        if path == "large" {
+            targets.push(Spec {
+                label: "nginx-unbuffered",
+                url: via_nginx_unbuffered,
+                pids: with_children(nginx.proc.pid()),
+                behind: behind.clone(),
+            });
+        }
+        targets.push(Spec {
+            label: "haproxy",
+            url: via_haproxy,
+            pids: vec![haproxy.proc.pid()],
+            behind: behind.clone(),
+        });
+        targets.push(Spec {
+            label: "ours",
+            url: ours,
+            pids: vec![host.pid()],
+            behind: behind.clone(),
+        });
+        if let (Some(base), Some(url)) = (base, via_base) {
+            targets.push(Spec {
+                label: "base",
+                url,
+                pids: vec![base.pid()],
+                behind,
+            });
+        }
         let mut comparison = interleaved(
             pinning,
             "2",
             &format!("GET /{path} ({what})"),
-            &[
-                Spec {
-                    label: "direct",
-                    url: direct,
-                    pids: vec![upstream.proc.pid()],
-                    behind: Vec::new(),
-                },
-                Spec {
-                    label: "nginx",
-                    url: via_nginx,
-                    pids: with_children(nginx.proc.pid()),
-                    behind: vec![upstream.proc.pid()],
-                },
-                Spec {
-                    label: "ours",
-                    url: ours,
-                    pids: vec![host.pid()],
-                    behind: vec![upstream.proc.pid()],
-                },
-            ],
+            &targets,
             &options,
             settings,
         )?;
-        comparison.add_ratio("ours", "direct");
-        comparison.add_ratio("ours", "nginx");
+        for baseline in ["direct", "nginx", "nginx-unbuffered", "haproxy", "base"] {
+            comparison.add_ratio("ours", baseline);
+        }
         comparisons.push(comparison);
     }
     let large = comparisons.pop().ok_or("no large comparison")?;
     let small = comparisons.pop().ok_or("no small comparison")?;
+    drop(haproxy);
     drop(nginx);
     drop(upstream);
     Ok((small, large))
@@ -900,7 +991,7 @@ fn registry_scale(
     settings: &Settings,
     artifacts: &Artifacts,
 ) -> Result<RegistryScale, String> {
-    let (host, _config) = start_host(rt, pinning, artifacts)?;
+    let (host, _config) = start_host(rt, pinning, &artifacts.host)?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = host.rss_kib().unwrap_or(0);

@@ -107,8 +107,10 @@ pub struct Config {
     #[arg(long, env = "PLUGIN_ENTRY_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub plugin_entry_timeout: Duration,
 
-    /// How long a plugin file must stay unchanged before it is loaded, so a
-    /// file still being copied is never opened.
+    /// How long a plugin file still being written (created or written to,
+    /// not yet closed) or whose metadata changed must stay unchanged before
+    /// it is loaded, so a file still being copied is never opened. A file
+    /// closed after writing, renamed or removed is acted on at once.
     #[arg(long, env = "WATCH_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub watch_debounce: Duration,
 
