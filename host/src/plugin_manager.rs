@@ -14,7 +14,7 @@
 //! manager that long once, and its file is refused with its library left
 //! loaded.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use crate::plugin::{
-    Candidate, CloseReport, FileChecks, PluginLibrary, PluginRuntime, RuntimeLimits,
-    ShutdownReport, ThreadBudget,
+    Candidate, CloseReport, FileChecks, HostSetup, PluginLibrary, PluginRuntime, RuntimeLimits,
+    ServiceCalls, ShutdownReport, ThreadBudget,
 };
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
@@ -45,6 +45,15 @@ pub struct ManagerConfig {
     pub file_checks: FileChecks,
     /// Worker threads of all plugins together.
     pub max_plugin_threads: usize,
+    /// Where each plugin's data directory goes: `<this>/<service name>/`.
+    pub plugin_data_dir: PathBuf,
+    /// Each plugin's settings (a JSON object), by service name; read at
+    /// each load, so new settings apply from the next load of the plugin.
+    pub plugin_settings: BTreeMap<String, serde_json::Value>,
+    /// Where plugins' calls to other services go.
+    pub calls: Arc<dyn ServiceCalls>,
+    /// Longest wait of a plugin's call to another service.
+    pub call_timeout: Duration,
 }
 
 struct Mounted {
@@ -177,12 +186,24 @@ impl Manager {
             return;
         }
         let granted = workers.len();
+        let host = HostSetup {
+            settings: self
+                .config
+                .plugin_settings
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
+            data_dir: self.config.plugin_data_dir.join(&name),
+            calls: self.config.calls.clone(),
+            call_timeout: self.config.call_timeout,
+        };
         let runtime = match PluginRuntime::start(
             &name,
             library,
             workers,
             self.config.limits.queue,
             self.config.entry_timeout,
+            host,
         ) {
             Ok(runtime) => Arc::new(runtime),
             Err(error) => {
@@ -350,6 +371,9 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
         }
         ShutdownReport::Leaked { running_workers } => {
             tracing::warn!(plugin = %name, file = %file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
+        }
+        ShutdownReport::TasksLeaked { running_tasks } => {
+            tracing::warn!(plugin = %name, file = %file, running_tasks, "plugin background tasks still running after the stop signal and the drain timeout; library left loaded");
         }
         ShutdownReport::HookAbandoned(error) => {
             tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook abandoned; library left loaded");

@@ -57,7 +57,7 @@ impl Plugin for DemoService {
             .tag("example")
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(DemoService::default())
     }
 

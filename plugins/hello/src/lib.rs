@@ -40,7 +40,7 @@ impl Plugin for Hello {
             .tag("example")
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Hello::default())
     }
 
