@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 
 use crate::http::{ApiError, check_service_path, remove_hop_by_hop};
@@ -23,8 +23,6 @@ use crate::plugin::{CallError, PluginRequest, PluginResponse, ServiceCalls};
 use crate::proxy::Proxy;
 use crate::remote::RemoteService;
 use crate::table::{Backend, ServiceTable};
-
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Resolves plugins' calls in the service table.
 #[derive(Debug)]
@@ -68,11 +66,9 @@ impl ServiceCaller {
             .method(request.method.clone())
             .uri(target);
         if let Some(headers) = builder.headers_mut() {
+            // The request id of the chain is among them.
             headers.clone_from(&request.headers);
             remove_hop_by_hop(headers);
-            if let Ok(id) = HeaderValue::from_str(&request.chain.request_id) {
-                headers.insert(X_REQUEST_ID, id);
-            }
         }
         let upstream = match builder.body(Body::from(request.body.clone())) {
             Ok(upstream) => upstream,

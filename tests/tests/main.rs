@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod abi;
+mod context;
 mod edge;
 mod gateway;
 mod hardening;

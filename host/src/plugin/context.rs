@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 
 use super::loader::PluginTask;
 use super::message::{PluginRequest, PluginResponse};
@@ -236,6 +236,13 @@ impl HostContext {
                 );
             }
         };
+        // The callee sees the request id of the chain, whatever the
+        // plugin set.
+        if let Ok(id) = HeaderValue::from_str(&chain.request_id) {
+            request
+                .headers
+                .insert(HeaderName::from_static("x-request-id"), id);
+        }
         request.chain = Arc::new(chain);
         let timeout = timeout.map_or(self.call_timeout, |asked| asked.min(self.call_timeout));
         self.calls.call(service, request, timeout)
