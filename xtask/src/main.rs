@@ -18,6 +18,8 @@ use std::process::{Command, ExitCode};
 const EXAMPLE_PLUGINS: &[(&str, &str)] = &[
     ("hello", "libhello.so"),
     ("demo-service", "libdemo_service.so"),
+    ("analytics-service", "libanalytics_service.so"),
+    ("notification-service", "libnotification_service.so"),
 ];
 
 fn main() -> ExitCode {
