@@ -5,6 +5,7 @@
 mod abi;
 mod context;
 mod edge;
+mod examples;
 mod gateway;
 mod hardening;
 mod lifecycle;
