@@ -17,4 +17,5 @@ mod proxy;
 mod python_guide;
 mod registry;
 mod registry_tokens;
+mod scaffold;
 mod store;
