@@ -12,6 +12,7 @@ mod load;
 mod nginx;
 mod procs;
 mod report;
+mod plugin_calls;
 mod scenarios;
 
 use std::path::{Path, PathBuf};

@@ -1,16 +1,20 @@
 //! Test plugin shared by packages `caller-a` and `caller-b` (the service
 //! is named after the package): everything the host context offers, each
 //! behind a route a test can drive. Setting `peer` (required) names the
-//! service `/ping` and `/relay` call.
+//! service `/ping`, `/relay` and `/bench-calls` call. The benchmark's
+//! plugin-call scenario drives `/bench-calls`.
 
 #![forbid(unsafe_code)]
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plugin_api::{
-    Call, Context, Plugin, Query, Request, Response, Result, Router, ServiceConfig, export_plugin,
+    Call, Context, Error, Plugin, Query, Request, Response, Result, Router, ServiceConfig,
+    export_plugin,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -38,6 +42,14 @@ struct Sleep {
 struct Target {
     service: String,
     path: String,
+}
+
+#[derive(Deserialize)]
+struct BenchCalls {
+    n: u32,
+    /// The gateway's address: call the peer through it, over loopback,
+    /// rather than in process.
+    gateway: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -71,6 +83,7 @@ impl Plugin for Caller {
             .post("/tick", "Starts a task counting ticks until stopped", tick)
             .get("/ticks", "Ticks counted", ticks)
             .post("/stuck", "Starts a task that ignores the stop signal", stuck)
+            .get("/bench-calls", "Times `n` calls of the peer's /pong", bench_calls)
     }
 }
 
@@ -144,6 +157,65 @@ fn stuck(state: &Caller, _: &Request) -> Result<Response> {
         }
     })?;
     Ok(Response::new(202))
+}
+
+fn bench_calls(state: &Caller, req: &Request) -> Result<Response> {
+    let Query(BenchCalls { n, gateway }) = req.extract()?;
+    let peer = &state.settings.peer;
+    let started = Instant::now();
+    match gateway {
+        None => {
+            for _ in 0..n {
+                let answer = state.ctx.call(peer, Call::get("/pong"));
+                if answer.status() != 200 {
+                    return Err(Error::new(502, format!("{peer} answered {}", answer.status())));
+                }
+            }
+        }
+        // What a plugin had to do before the context: a client of its own
+        // (here a minimal keep-alive HTTP/1.1 one) to the gateway.
+        Some(gateway) => {
+            let mut stream = TcpStream::connect(&gateway)?;
+            stream.set_nodelay(true)?;
+            let mut answers = BufReader::new(stream.try_clone()?);
+            let request = format!("GET /api/{peer}/pong HTTP/1.1\r\nHost: {gateway}\r\n\r\n");
+            for _ in 0..n {
+                stream.write_all(request.as_bytes())?;
+                let status = read_answer(&mut answers)?;
+                if status != 200 {
+                    return Err(Error::new(502, format!("{peer} answered {status}")));
+                }
+            }
+        }
+    }
+    let ns_per_call = started.elapsed().as_nanos() / u128::from(n.max(1));
+    Response::json(&json!({"calls": n, "ns_per_call": ns_per_call as u64}))
+}
+
+/// Reads one HTTP/1.1 answer with a `content-length`; its status.
+fn read_answer(answers: &mut impl BufRead) -> std::io::Result<u16> {
+    let mut line = String::new();
+    answers.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or(0);
+    let mut length = 0;
+    loop {
+        line.clear();
+        answers.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    answers.read_exact(&mut vec![0; length])?;
+    Ok(status)
 }
 
 export_plugin!(Caller);
