@@ -160,15 +160,18 @@ extern "C" fn handle<P: Plugin>(instance: InstancePtr, request: &FfiRequest<'_>)
         instance
             .router
             .dispatch(&instance.plugin, request)
-            .unwrap_or_else(|error| error.into_logged_response(request.method.as_str(), request.path.as_str()))
+            .unwrap_or_else(|error| {
+                error.into_logged_response(request.method.as_str(), request.path.as_str())
+            })
     }) {
         Ok(response) => response.into_ffi(),
         Err(caught) => {
             // The client learns that the handler panicked and why; where in
             // the plugin's source is for the host's log only.
-            let mut response = crate::Error::internal(format!("handler panicked: {}", caught.message))
-                .into_response()
-                .into_ffi();
+            let mut response =
+                crate::Error::internal(format!("handler panicked: {}", caught.message))
+                    .into_response()
+                    .into_ffi();
             response.panic = RSome(caught.describe("handler").into());
             response
         }
@@ -205,7 +208,7 @@ extern "C" fn run_task(data: TaskPtr) -> ROption<RString> {
     // SAFETY: `task` made this pointer with `Box::into_raw`, and the host
     // calls `run` or `discard` once.
     let task = unsafe { Box::from_raw(data.0.cast::<TaskFn>()) };
-    match entry(move || task()) {
+    match entry(task) {
         Ok(()) => RNone,
         Err(caught) => RSome(caught.describe("background task").into()),
     }

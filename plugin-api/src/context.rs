@@ -280,9 +280,11 @@ fn host_call(host: &FfiHost, service: &str, call: &Call) -> Response {
         query: RStr::from_str(&call.query),
         headers: RSlice::from_slice(&headers),
         body: RSlice::from_slice(&call.body),
-        timeout_ms: call
-            .timeout
-            .map_or(0, |timeout| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1)),
+        timeout_ms: call.timeout.map_or(0, |timeout| {
+            u64::try_from(timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+        }),
     };
     // Allocated by the host; copied here and dropped (through the host's
     // allocator, which outlives the plugin).

@@ -73,11 +73,11 @@
 // The ABI types and the entry points behind them are the only `unsafe` code
 // of the SDK. `ffi` stays public because the host reads a plugin through it,
 // and hidden because a plugin author never needs it.
+mod context;
+mod extract;
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub mod ffi;
-mod context;
-mod extract;
 mod fingerprint;
 mod logging;
 mod request;

@@ -3,8 +3,8 @@ use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
 
-use crate::extract::{FromRequest, Json};
 use crate::Error;
+use crate::extract::{FromRequest, Json};
 use crate::ffi::FfiRequest;
 
 /// One request to a plugin, borrowed from the host for the handler's call.

@@ -33,7 +33,9 @@ peer = "caller-a"
 "#;
 
 fn with_config(builder: HostBuilder, path: &std::path::Path) -> HostBuilder {
-    builder.arg("--config").arg(path.to_string_lossy().into_owned())
+    builder
+        .arg("--config")
+        .arg(path.to_string_lossy().into_owned())
 }
 
 async fn mount_peers(host: &Host) {
@@ -167,9 +169,7 @@ async fn an_in_process_call_carries_the_request_id_and_a_loop_is_refused_508() {
     mount_peers(&host).await;
 
     let answer = client()
-        .get(host.gateway_url(
-            "/api/caller-a/call?service=caller-b&path=/request-id",
-        ))
+        .get(host.gateway_url("/api/caller-a/call?service=caller-b&path=/request-id"))
         .header("x-request-id", "chain-test-1")
         .send()
         .await
@@ -217,7 +217,11 @@ async fn two_plugins_calling_each_other_at_full_concurrency_all_complete() {
 
     let started = Instant::now();
     let requests = (0..24).map(|index| {
-        let from = if index % 2 == 0 { "caller-a" } else { "caller-b" };
+        let from = if index % 2 == 0 {
+            "caller-a"
+        } else {
+            "caller-b"
+        };
         let url = host.gateway_url(&format!("/api/{from}/ping?sleep_ms=100"));
         tokio::spawn(async move { (from, get_json(&url).await.unwrap()) })
     });
@@ -248,9 +252,7 @@ async fn a_call_to_a_remote_service_goes_through_the_proxy() {
     assert_eq!(status, 201, "{body}");
 
     let answer = client()
-        .get(host.gateway_url(
-            "/api/caller-a/call?service=remote-echo&path=/echo/deep",
-        ))
+        .get(host.gateway_url("/api/caller-a/call?service=remote-echo&path=/echo/deep"))
         .header("x-request-id", "remote-chain-1")
         .send()
         .await
@@ -300,11 +302,7 @@ async fn background_tasks_are_stopped_and_joined_before_the_library_is_closed() 
         host.logs()
     );
     assert!(!mapped(&host, "libcaller_a"), "{}", host.maps().unwrap());
-    assert!(
-        !host.logs().contains("still mapped"),
-        "{}",
-        host.logs()
-    );
+    assert!(!host.logs().contains("still mapped"), "{}", host.logs());
 }
 
 #[tokio::test]

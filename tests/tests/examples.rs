@@ -34,7 +34,9 @@ fn with_config(builder: HostBuilder, toml: &str) -> (HostBuilder, tempfile::Temp
     let path: PathBuf = dir.path().join("plugin-host.toml");
     std::fs::write(&path, toml).unwrap();
     (
-        builder.arg("--config").arg(path.to_string_lossy().into_owned()),
+        builder
+            .arg("--config")
+            .arg(path.to_string_lossy().into_owned()),
         dir,
     )
 }
@@ -51,7 +53,14 @@ async fn demo_service_keeps_its_items_in_sqlite_across_a_reload_and_a_restart() 
         .unwrap();
     assert_eq!(status, 201);
     // Insertion order, as FastAPI answers.
-    let answer = client().get(&items).send().await.unwrap().text().await.unwrap();
+    let answer = client()
+        .get(&items)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(
         answer,
         r#"[{"id":1,"name":"pen","description":null,"price":1.5}]"#
@@ -63,14 +72,22 @@ async fn demo_service_keeps_its_items_in_sqlite_across_a_reload_and_a_restart() 
     assert!(line.contains("INFO"), "{line}");
 
     remove_and_wait(&host, "libdemo_service.so", "demo-service").await;
-    assert!(!mapped(&host, "libdemo_service"), "{}", host.maps().unwrap());
+    assert!(
+        !mapped(&host, "libdemo_service"),
+        "{}",
+        host.maps().unwrap()
+    );
     host.mount_plugin(plugin_library("demo_service"), "libdemo_service.so")
         .await
         .unwrap();
     assert_eq!(get_json(&items).await.unwrap(), (200, json!([created])));
 
     let (_, dirs) = host.stop_keeping_dirs();
-    assert!(dirs.data().join("plugins/demo-service/items.sqlite3").exists());
+    assert!(
+        dirs.data()
+            .join("plugins/demo-service/items.sqlite3")
+            .exists()
+    );
     let host = host_builder().dirs(dirs).start().await.unwrap();
     host.wait_for_log("plugin mounted").await.unwrap();
     let (status, body) = get_json(&host.gateway_url("/api/demo-service/items/1"))
@@ -174,7 +191,11 @@ remote_path = "/hello?name=inventory"
 
     // Its periodic job is stopped and joined before its library closes.
     remove_and_wait(&host, "libanalytics_service.so", "analytics-service").await;
-    assert!(!mapped(&host, "libanalytics_service"), "{}", host.maps().unwrap());
+    assert!(
+        !mapped(&host, "libanalytics_service"),
+        "{}",
+        host.maps().unwrap()
+    );
     assert!(!host.logs().contains("still mapped"), "{}", host.logs());
 }
 
@@ -221,9 +242,12 @@ retry_ms = 50
     let upstream = Upstream::start().await;
     let (status, _) = register(&host, &registration("webhook", upstream.addr())).await;
     assert_eq!(status, 201);
-    let (_, body) = post_json(&notifications, &json!({"message": "hello", "recipient": "ops"}))
-        .await
-        .unwrap();
+    let (_, body) = post_json(
+        &notifications,
+        &json!({"message": "hello", "recipient": "ops"}),
+    )
+    .await
+    .unwrap();
     let second = format!("{notifications}/{}", body["id"]);
     eventually("the second notification is delivered", || async {
         get_json(&second).await.unwrap().1["status"] == "delivered"

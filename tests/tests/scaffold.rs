@@ -65,7 +65,10 @@ async fn a_scaffolded_plugin_builds_standalone_and_is_served() {
         .unwrap();
     assert_eq!(
         (status, body),
-        (200, json!({"status": "healthy", "service": "scaffold-probe"}))
+        (
+            200,
+            json!({"status": "healthy", "service": "scaffold-probe"})
+        )
     );
     host.wait_for_log("scaffold-probe started").await.unwrap();
 }

@@ -10,9 +10,9 @@
 
 mod load;
 mod nginx;
+mod plugin_calls;
 mod procs;
 mod report;
-mod plugin_calls;
 mod scenarios;
 
 use std::path::{Path, PathBuf};

@@ -628,12 +628,14 @@ fn ffi_response(response: PluginResponse) -> FfiResponse {
 
 extern "C" fn host_spawn(data: HostPtr, task: FfiTask) -> RResult<(), RString> {
     let task = PluginTask(Some(task));
-    with_host(data, RErr("the host failed to start the task".into()), |host| {
-        match host.spawn(task) {
+    with_host(
+        data,
+        RErr("the host failed to start the task".into()),
+        |host| match host.spawn(task) {
             Ok(()) => ROk(()),
             Err(reason) => RErr(reason.into()),
-        }
-    })
+        },
+    )
 }
 
 extern "C" fn host_wait_for_stop(data: HostPtr, millis: u64) -> bool {

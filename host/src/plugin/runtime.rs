@@ -452,10 +452,10 @@ impl PluginRuntime {
                 request,
                 reply: Reply::Gateway(reply),
             })
-                .map_err(|error| match error {
-                    TrySendError::Full(_) => CallError::Overloaded { queued: jobs.len() },
-                    TrySendError::Disconnected(_) => CallError::Unloading,
-                })?;
+            .map_err(|error| match error {
+                TrySendError::Full(_) => CallError::Overloaded { queued: jobs.len() },
+                TrySendError::Disconnected(_) => CallError::Unloading,
+            })?;
         }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(response)) => Ok(response),
@@ -535,9 +535,7 @@ impl PluginRuntime {
                     serve(&shared, job);
                 }
             })
-            .map_err(|_| CallError::CallThreadsBusy {
-                max: threads.len(),
-            })?;
+            .map_err(|_| CallError::CallThreadsBusy { max: threads.len() })?;
         threads.push(spawned);
         Ok(())
     }

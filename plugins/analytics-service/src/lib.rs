@@ -116,7 +116,11 @@ fn refresh(ctx: &Context, settings: &Settings, stats: &Mutex<Stats>) {
                 (!items.is_empty()).then(|| stats.total_value / items.len() as f64);
         }
         Err(error) => {
-            log::warn!("refresh from {} failed: {}", settings.source, error.message());
+            log::warn!(
+                "refresh from {} failed: {}",
+                settings.source,
+                error.message()
+            );
             stats.last_error = Some(error.message().to_owned());
         }
     }
@@ -185,7 +189,9 @@ mod tests {
         let client = TestClient::<Analytics>::with_context(
             demo_items()
                 .setting("remote", "inventory")
-                .stub("inventory", |_| Response::json(&json!({"stock": 7})).unwrap()),
+                .stub("inventory", |_| {
+                    Response::json(&json!({"stock": 7})).unwrap()
+                }),
         )
         .unwrap();
         let answer = body(&client.get("/aggregate"));
@@ -198,7 +204,12 @@ mod tests {
         let client = TestClient::<Analytics>::new().unwrap();
         client.run_background();
         let stats = body(&client.get("/stats"));
-        assert!(stats["last_error"].as_str().unwrap().contains("demo-service"));
+        assert!(
+            stats["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("demo-service")
+        );
         assert!(
             client
                 .logs()

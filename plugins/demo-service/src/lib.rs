@@ -190,7 +190,10 @@ mod tests {
         assert_eq!(client.delete("/items/1").status(), 204);
         assert_eq!(client.get("/items/1").status(), 404);
         assert!(
-            client.logs().iter().any(|line| line.contains("item 1 created")),
+            client
+                .logs()
+                .iter()
+                .any(|line| line.contains("item 1 created")),
             "{:?}",
             client.logs()
         );

@@ -104,9 +104,17 @@ impl Plugin for Notifications {
     fn router() -> Router<Self> {
         Router::new()
             .get("/health", "Health check", health)
-            .post("/notifications", "Accepts a notification for delivery", notify)
+            .post(
+                "/notifications",
+                "Accepts a notification for delivery",
+                notify,
+            )
             .get("/notifications", "Lists the notifications", list)
-            .get("/notifications/{id}", "One notification's delivery status", status)
+            .get(
+                "/notifications/{id}",
+                "One notification's delivery status",
+                status,
+            )
     }
 }
 
@@ -141,7 +149,10 @@ impl Outbox {
                     return;
                 }
                 Err(error) => {
-                    log::warn!("notification {id}: attempt {attempt} failed: {}", error.message());
+                    log::warn!(
+                        "notification {id}: attempt {attempt} failed: {}",
+                        error.message()
+                    );
                     self.update(id, |n| n.last_error = Some(error.message().to_owned()));
                 }
             }
@@ -172,13 +183,18 @@ fn notify(state: &Notifications, req: &Request) -> Result<Response> {
             attempts: 0,
             last_error: None,
         };
-        store.notifications.insert(notification.id, notification.clone());
+        store
+            .notifications
+            .insert(notification.id, notification.clone());
         notification
     };
     // Answered now; delivered after, as FastAPI's BackgroundTasks would.
     let outbox = state.outbox.clone();
     let id = notification.id;
-    state.outbox.ctx.spawn(move |stop| outbox.deliver(id, stop))?;
+    state
+        .outbox
+        .ctx
+        .spawn(move |stop| outbox.deliver(id, stop))?;
     Ok(Response::json(&notification)?.with_status(202))
 }
 
@@ -248,10 +264,14 @@ mod tests {
 
     #[test]
     fn without_a_webhook_it_fails_after_the_last_attempt() {
-        let client =
-            TestClient::<Notifications>::with_context(MockContext::new().setting("max_attempts", 2))
-                .unwrap();
-        client.post_json("/notifications", &json!({"message": "lost", "recipient": "ops"}));
+        let client = TestClient::<Notifications>::with_context(
+            MockContext::new().setting("max_attempts", 2),
+        )
+        .unwrap();
+        client.post_json(
+            "/notifications",
+            &json!({"message": "lost", "recipient": "ops"}),
+        );
         client.run_background();
         let failed = body(&client.get("/notifications/1"));
         assert_eq!(failed["status"], "failed");
@@ -269,7 +289,12 @@ mod tests {
         let client = TestClient::<Notifications>::new().unwrap();
         let refused = client.post_json("/notifications", &json!({"recipient": "ops"}));
         assert_eq!(refused.status(), 422);
-        assert!(body(&refused)["detail"].as_str().unwrap().contains("message"));
+        assert!(
+            body(&refused)["detail"]
+                .as_str()
+                .unwrap()
+                .contains("message")
+        );
         assert_eq!(client.get("/notifications/9").status(), 404);
     }
 }

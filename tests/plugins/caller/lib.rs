@@ -82,8 +82,16 @@ impl Plugin for Caller {
             .post("/log", "Logs `msg` at INFO", log_message)
             .post("/tick", "Starts a task counting ticks until stopped", tick)
             .get("/ticks", "Ticks counted", ticks)
-            .post("/stuck", "Starts a task that ignores the stop signal", stuck)
-            .get("/bench-calls", "Times `n` calls of the peer's /pong", bench_calls)
+            .post(
+                "/stuck",
+                "Starts a task that ignores the stop signal",
+                stuck,
+            )
+            .get(
+                "/bench-calls",
+                "Times `n` calls of the peer's /pong",
+                bench_calls,
+            )
     }
 }
 
@@ -168,7 +176,10 @@ fn bench_calls(state: &Caller, req: &Request) -> Result<Response> {
             for _ in 0..n {
                 let answer = state.ctx.call(peer, Call::get("/pong"));
                 if answer.status() != 200 {
-                    return Err(Error::new(502, format!("{peer} answered {}", answer.status())));
+                    return Err(Error::new(
+                        502,
+                        format!("{peer} answered {}", answer.status()),
+                    ));
                 }
             }
         }
