@@ -397,3 +397,117 @@ impl Call {
         &self.body
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+
+    use crate::testing::{MockContext, TestClient};
+    use crate::{Context, Plugin, Request, Response, Result, Router, ServiceConfig};
+
+    #[derive(Debug, Deserialize)]
+    struct Settings {
+        limit: u32,
+        #[serde(default)]
+        names: Vec<String>,
+    }
+
+    struct Reader {
+        ctx: Context,
+    }
+
+    impl Plugin for Reader {
+        fn config() -> ServiceConfig {
+            ServiceConfig::new("reader")
+        }
+        fn init(ctx: &Context) -> Result<Self> {
+            ctx.settings::<Settings>()?;
+            Ok(Reader { ctx: ctx.clone() })
+        }
+        fn router() -> Router<Self> {
+            Router::new()
+                .get(
+                    "/file",
+                    "Reads a missing file",
+                    |_: &Reader, _: &Request| {
+                        let text = std::fs::read_to_string("/nonexistent/plugin-api-test")?;
+                        Ok(Response::text(text))
+                    },
+                )
+                .get("/peer", "Calls `peer`", |state: &Reader, _: &Request| {
+                    let answer: serde_json::Value = state.ctx.get_json("peer", "/x?y=1")?;
+                    Response::json(&answer)
+                })
+        }
+    }
+
+    fn init_error(mock: MockContext) -> String {
+        TestClient::<Reader>::with_context(mock)
+            .unwrap_err()
+            .message()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_bad_setting_names_its_key() {
+        assert_eq!(
+            init_error(MockContext::new()),
+            "invalid setting `plugin.reader.settings`: missing field `limit`"
+        );
+        assert!(
+            init_error(MockContext::new().setting("limit", -1))
+                .starts_with("invalid setting `plugin.reader.settings.limit`: invalid value"),
+        );
+        assert!(
+            init_error(
+                MockContext::new()
+                    .setting("limit", 1)
+                    .setting("names", serde_json::json!(["a", "b", 3]))
+            )
+            .starts_with("invalid setting `plugin.reader.settings.names[2]`"),
+        );
+    }
+
+    #[test]
+    fn another_error_type_is_a_500_whose_cause_is_logged_not_answered() {
+        let client =
+            TestClient::<Reader>::with_context(MockContext::new().setting("limit", 1)).unwrap();
+        let response = client.get("/file");
+        assert_eq!(response.status(), 500);
+        assert_eq!(
+            response.body_bytes(),
+            br#"{"detail":"internal server error"}"#
+        );
+        let logs = client.logs();
+        assert!(
+            logs.iter().any(|line| line
+                .starts_with("ERROR plugin_api: GET /file failed: No such file or directory")),
+            "{logs:?}"
+        );
+    }
+
+    #[test]
+    fn a_stubbed_call_sees_the_request_and_an_unknown_service_is_404() {
+        let client = TestClient::<Reader>::with_context(
+            MockContext::new().setting("limit", 1).stub("peer", |call| {
+                assert_eq!((call.path(), call.query_string()), ("/x", "y=1"));
+                Response::json(&serde_json::json!({"b": 1, "a": 2})).unwrap()
+            }),
+        )
+        .unwrap();
+        let response = client.get("/peer");
+        assert_eq!(
+            response.body_bytes(),
+            br#"{"b":1,"a":2}"#,
+            "insertion order"
+        );
+
+        let lonely =
+            TestClient::<Reader>::with_context(MockContext::new().setting("limit", 1)).unwrap();
+        let response = lonely.get("/peer");
+        assert_eq!(response.status(), 502);
+        assert!(
+            String::from_utf8_lossy(response.body_bytes()).contains("service `peer` answered 404")
+        );
+    }
+}
