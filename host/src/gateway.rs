@@ -25,8 +25,8 @@ use crate::admission::{Admission, CorsHeaders, is_preflight};
 use crate::auth::{Authenticator, Identity, Refusal, forward_identity};
 use crate::egress::LoopGuard;
 use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
-use crate::plugin::{CallError, PluginRequest, PluginResponse};
-use crate::proxy::Proxy;
+use crate::plugin::{CallChain, CallError, PluginRequest, PluginResponse};
+use crate::proxy::{Proxy, request_id};
 use crate::service::{HTTP_METHODS, ServiceInfo};
 use crate::table::{Backend, Service, ServiceTable};
 
@@ -278,6 +278,10 @@ async fn call_plugin(
     };
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
+    // The plugin sees the id its calls to other services carry.
+    let id = request_id(&headers);
+    let chain = CallChain::start(name, id.to_str().unwrap_or_default().to_owned());
+    headers.insert(header::HeaderName::from_static("x-request-id"), id);
     let request = Arc::new(PluginRequest {
         method: parts.method,
         path: if rest.is_empty() {
@@ -289,6 +293,7 @@ async fn call_plugin(
         headers,
         body,
         client_addr: client.to_string(),
+        chain: Arc::new(chain),
     });
     // A runtime that is being unloaded refuses new work; by then the table
     // already holds its successor (a swap) or nothing (a removal), so one

@@ -43,6 +43,13 @@ impl ApiError {
         self
     }
 
+    /// The status and the JSON body, for an answer that is not sent by
+    /// axum (a plugin's call to another service). Headers are dropped.
+    pub fn into_json(self) -> (StatusCode, Vec<u8>) {
+        let body = serde_json::to_vec(&self.body).unwrap_or_default();
+        (self.status, body)
+    }
+
     /// Adds a response header, e.g. `WWW-Authenticate` or `Retry-After`.
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));

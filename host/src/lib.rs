@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod calls;
 pub mod config;
 pub mod egress;
 pub mod gateway;
@@ -25,6 +26,7 @@ mod sync;
 pub mod table;
 pub mod watcher;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,6 +154,13 @@ pub async fn run(
         },
     )?;
 
+    let proxy = proxy::Proxy::new(config.request_timeout, egress, loop_guard.clone());
+    let calls = Arc::new(calls::ServiceCaller::new(
+        services.clone(),
+        proxy.clone(),
+        tokio::runtime::Handle::current(),
+        config.max_body_bytes,
+    ));
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
     let (initial_scan_applied, initial_scan) = tokio::sync::oneshot::channel();
     let policy_changed = live.reloader.subscribe();
@@ -163,6 +172,10 @@ pub async fn run(
             entry_timeout: config.plugin_entry_timeout,
             file_checks: config.plugin_file_checks,
             max_plugin_threads: config.max_plugin_threads as usize,
+            plugin_data_dir: config.data_dir.join("plugins"),
+            plugin_settings: plugin_settings(&config.file.plugin),
+            calls,
+            call_timeout: config.request_timeout,
         },
         services.clone(),
         file_events_rx,
@@ -183,7 +196,7 @@ pub async fn run(
 
     let gateway = gateway::router(gateway::Gateway {
         services: services.clone(),
-        proxy: proxy::Proxy::new(config.request_timeout, egress, loop_guard.clone()),
+        proxy,
         max_body_bytes: config.max_body_bytes,
         request_timeout: config.request_timeout,
         loop_guard,
@@ -242,6 +255,21 @@ pub async fn run(
         })?;
     }
     Ok(())
+}
+
+/// Each plugin's `[plugin.<name>] settings` as JSON, which the SDK reads
+/// with serde: converted once here, so `plugin/` knows no config type.
+fn plugin_settings(
+    sections: &BTreeMap<String, plugin_manager::PluginSettings>,
+) -> BTreeMap<String, serde_json::Value> {
+    sections
+        .iter()
+        .map(|(name, section)| {
+            // A TOML table always converts (a datetime becomes an object).
+            let settings = serde_json::to_value(&section.settings).unwrap_or_default();
+            (name.clone(), settings)
+        })
+        .collect()
 }
 
 /// Waits for a server to finish its requests, at most `deadline`, then

@@ -33,8 +33,8 @@ use serde::Deserialize;
 
 use crate::auth::SecretDigest;
 use crate::plugin::{
-    Candidate, CloseReport, FileChecks, PluginLibrary, PluginRuntime, RuntimeLimits,
-    ShutdownReport, ThreadBudget,
+    Candidate, CloseReport, FileChecks, HostSetup, PluginLibrary, PluginRuntime, RuntimeLimits,
+    ServiceCalls, ShutdownReport, ThreadBudget,
 };
 use crate::service;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
@@ -43,7 +43,7 @@ use crate::watcher::FileEvent;
 /// `[plugin.<name>]` of the config file: what the host applies to the
 /// plugin whose service is `<name>`, whichever file declares it.
 /// Reloadable (see the module's doc for when each key takes effect).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSettings {
     /// Worker threads for this plugin, 1 to 256; overrides `[plugins]
@@ -56,6 +56,10 @@ pub struct PluginSettings {
     /// declaring this service with another digest is refused, and a
     /// mounted one is unmounted when a reload pins it to another digest.
     pub sha256: Option<String>,
+    /// The plugin's own settings, which it reads through its context
+    /// (`ctx.settings::<T>()`). Applies at the plugin's next load.
+    #[serde(default)]
+    pub settings: toml::Table,
 }
 
 /// A `[plugin.<name>]` section refused: the key's path and why.
@@ -170,6 +174,15 @@ pub struct ManagerConfig {
     pub file_checks: FileChecks,
     /// Worker threads of all plugins together.
     pub max_plugin_threads: usize,
+    /// Where each plugin's data directory goes: `<this>/<service name>/`.
+    pub plugin_data_dir: PathBuf,
+    /// Each plugin's settings (a JSON object), by service name; read at
+    /// each load, so new settings apply from the next load of the plugin.
+    pub plugin_settings: BTreeMap<String, serde_json::Value>,
+    /// Where plugins' calls to other services go.
+    pub calls: Arc<dyn ServiceCalls>,
+    /// Longest wait of a plugin's call to another service.
+    pub call_timeout: Duration,
 }
 
 struct Mounted {
@@ -339,12 +352,24 @@ impl Manager {
                 .acquire_more(wanted.saturating_sub(workers.len()), replacing),
         );
         let granted = workers.len();
+        let host = HostSetup {
+            settings: self
+                .config
+                .plugin_settings
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
+            data_dir: self.config.plugin_data_dir.join(&name),
+            calls: self.config.calls.clone(),
+            call_timeout: self.config.call_timeout,
+        };
         let runtime = match PluginRuntime::start(
             &name,
             library,
             workers,
             limits.queue,
             self.config.entry_timeout,
+            host,
         ) {
             Ok(runtime) => Arc::new(runtime),
             Err(error) => {
@@ -572,6 +597,9 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
         }
         ShutdownReport::Leaked { running_workers } => {
             tracing::warn!(plugin = %name, file = %file, running_workers, "plugin workers still busy after the drain timeout; library left loaded");
+        }
+        ShutdownReport::TasksLeaked { running_tasks } => {
+            tracing::warn!(plugin = %name, file = %file, running_tasks, "plugin background tasks still running after the stop signal and the drain timeout; library left loaded");
         }
         ShutdownReport::HookAbandoned(error) => {
             tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook abandoned; library left loaded");

@@ -242,7 +242,7 @@ fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Er
 }
 
 /// The client's `X-Request-Id` if it sent a usable one, else a new UUID.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
         .filter(|id| {

@@ -10,13 +10,13 @@ use std::ffi::c_void;
 use std::panic::{self, AssertUnwindSafe, catch_unwind};
 use std::sync::Once;
 
-use abi_stable::std_types::{RErr, ROk, RResult, RSome, RString};
+use abi_stable::std_types::{RErr, RNone, ROk, ROption, RResult, RSome, RString};
 
 use crate::ffi::{
-    self, ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiRequest, FfiResponse,
-    FfiServiceConfig, InstancePtr, PluginDescriptor,
+    self, ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiInitArgs, FfiRequest, FfiResponse,
+    FfiServiceConfig, FfiTask, InstancePtr, PluginDescriptor, TaskPtr,
 };
-use crate::{Error, Plugin, Router};
+use crate::{Context, Plugin, Router};
 
 /// The descriptor for plugin type `P`.
 pub const fn descriptor<P: Plugin>() -> PluginDescriptor {
@@ -134,9 +134,11 @@ extern "C" fn service_config<P: Plugin>() -> RResult<FfiServiceConfig, RString> 
     }
 }
 
-extern "C" fn create<P: Plugin>() -> RResult<InstancePtr, RString> {
+extern "C" fn create<P: Plugin>(args: &FfiInitArgs<'_>) -> RResult<InstancePtr, RString> {
     let result = entry(|| -> Result<InstancePtr, String> {
-        let plugin = P::init().map_err(|e| e.message().to_owned())?;
+        crate::logging::to_host(args.host);
+        let context = Context::from_host(args);
+        let plugin = P::init(&context).map_err(|e| e.cause().unwrap_or(e.message()).to_owned())?;
         let instance = Box::new(Instance {
             plugin,
             router: P::router(),
@@ -154,14 +156,22 @@ extern "C" fn handle<P: Plugin>(instance: InstancePtr, request: &FfiRequest<'_>)
     // SAFETY: the host passes back the pointer `create` returned, and calls
     // `destroy` only after every `handle` call returned.
     let instance = unsafe { &*instance.0.cast::<Instance<P>>() };
-    match entry(|| instance.router.dispatch(&instance.plugin, request)) {
-        Ok(response) => response.unwrap_or_else(Error::into_response).into_ffi(),
+    match entry(|| {
+        instance
+            .router
+            .dispatch(&instance.plugin, request)
+            .unwrap_or_else(|error| {
+                error.into_logged_response(request.method.as_str(), request.path.as_str())
+            })
+    }) {
+        Ok(response) => response.into_ffi(),
         Err(caught) => {
             // The client learns that the handler panicked and why; where in
             // the plugin's source is for the host's log only.
-            let mut response = Error::internal(format!("handler panicked: {}", caught.message))
-                .into_response()
-                .into_ffi();
+            let mut response =
+                crate::Error::internal(format!("handler panicked: {}", caught.message))
+                    .into_response()
+                    .into_ffi();
             response.panic = RSome(caught.describe("handler").into());
             response
         }
@@ -179,4 +189,46 @@ extern "C" fn destroy<P: Plugin>(instance: InstancePtr) -> RResult<(), RString> 
         (Err(caught), _) => RErr(format!("shutdown panicked: {}", caught.message).into()),
         (_, Err(caught)) => RErr(format!("drop panicked: {}", caught.message).into()),
     }
+}
+
+/// A background task as the SDK boxes it.
+type TaskFn = Box<dyn FnOnce() + Send>;
+
+/// `task` as the host takes it: the host calls exactly one of `run` or
+/// `discard`.
+pub(crate) fn task(task: TaskFn) -> FfiTask {
+    FfiTask {
+        data: TaskPtr(Box::into_raw(Box::new(task)).cast::<c_void>()),
+        run: run_task,
+        discard: discard_task,
+    }
+}
+
+extern "C" fn run_task(data: TaskPtr) -> ROption<RString> {
+    // SAFETY: `task` made this pointer with `Box::into_raw`, and the host
+    // calls `run` or `discard` once.
+    let task = unsafe { Box::from_raw(data.0.cast::<TaskFn>()) };
+    match entry(task) {
+        Ok(()) => RNone,
+        Err(caught) => RSome(caught.describe("background task").into()),
+    }
+}
+
+extern "C" fn discard_task(data: TaskPtr) {
+    // SAFETY: as in `run_task`.
+    let task = unsafe { Box::from_raw(data.0.cast::<TaskFn>()) };
+    // A panicking drop is caught here and forgotten: the task was refused.
+    let _ = entry(move || drop(task));
+}
+
+/// Runs `job`, catching a panic, inside an entry point (a periodic job's
+/// run): the panic's message and location are returned.
+pub(crate) fn catch(job: &mut impl FnMut()) -> Result<(), String> {
+    catch_unwind(AssertUnwindSafe(job)).map_err(|payload| {
+        let caught = Caught {
+            message: panic_message(&*payload),
+            location: PANIC_LOCATION.take(),
+        };
+        caught.describe("job")
+    })
 }

@@ -34,8 +34,9 @@ use abi_stable::type_layout::TypeLayout;
 /// bumped it for, but only from version 2 on, and with a vaguer message.
 ///
 /// Version 2 added [`PluginDescriptor::layout_fingerprint`], version 3
-/// [`FfiResponse::panic`].
-pub const ABI_VERSION: u32 = 3;
+/// [`FfiResponse::panic`], version 4 the host context passed to
+/// [`PluginDescriptor::create`] ([`FfiInitArgs`], [`FfiHost`]).
+pub const ABI_VERSION: u32 = 4;
 
 /// Name of the symbol every plugin library exports, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"plugin_api_entry\0";
@@ -74,8 +75,10 @@ pub struct PluginDescriptor {
     pub layout_fingerprint: extern "C" fn() -> u64,
     /// Returns the service config, or a message if building it panicked.
     pub service_config: extern "C" fn() -> RResult<FfiServiceConfig, RString>,
-    /// Creates the plugin's state. Called once per load, before any request.
-    pub create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    /// Creates the plugin's state. Called once per load, before any
+    /// request. The arguments are lent for the call; the [`FfiHost`] in
+    /// them stays valid until `destroy` returned.
+    pub create: extern "C" fn(&FfiInitArgs<'_>) -> RResult<InstancePtr, RString>,
     /// Handles one request. Called concurrently from the plugin's worker
     /// threads; never unwinds (a panic becomes a 500 response).
     pub handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
@@ -220,4 +223,122 @@ pub struct FfiHeader {
     pub name: RString,
     /// Raw header value.
     pub value: RVec<u8>,
+}
+
+/// What the host hands a plugin's `create`: who it is, its settings, its
+/// data directory, and the host's callbacks. The strings are lent for the
+/// call (the SDK copies them).
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiInitArgs<'a> {
+    /// The service name the plugin declared.
+    pub name: RStr<'a>,
+    /// The plugin's settings as a JSON object (`{}` if none).
+    pub settings_json: RStr<'a>,
+    /// The plugin's data directory, created by the host.
+    pub data_dir: RStr<'a>,
+    /// The host's callbacks.
+    pub host: FfiHost,
+}
+
+/// Opaque pointer to the host's state for one loaded plugin; only the
+/// host's callbacks read it.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, StableAbi)]
+pub struct HostPtr(pub *const c_void);
+
+// SAFETY: the pointee is host state built to be shared between threads
+// (every callback may be called from any plugin thread); the pointer
+// itself is only an address.
+unsafe impl Send for HostPtr {}
+// SAFETY: as above.
+unsafe impl Sync for HostPtr {}
+
+/// The host's side of one loaded plugin: valid from `create` until
+/// `destroy` returned. Every callback may be called from any thread the
+/// host runs plugin code on, and never unwinds.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, StableAbi)]
+pub struct FfiHost {
+    /// Passed back to every callback.
+    pub data: HostPtr,
+    /// The callbacks, a `static` of the host.
+    pub vtable: &'static FfiHostVtable,
+}
+
+/// Log levels as the callbacks take them: `log`'s numbering.
+pub mod level {
+    /// Error.
+    pub const ERROR: u8 = 1;
+    /// Warning.
+    pub const WARN: u8 = 2;
+    /// Information.
+    pub const INFO: u8 = 3;
+    /// Debugging.
+    pub const DEBUG: u8 = 4;
+    /// Tracing.
+    pub const TRACE: u8 = 5;
+}
+
+/// What the host offers a plugin.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiHostVtable {
+    /// Whether an event of this [`level`] would be logged.
+    pub log_enabled: extern "C" fn(HostPtr, u8) -> bool,
+    /// Logs `message` at [`level`]; the second argument is the event's
+    /// target (the plugin's module path).
+    pub log: extern "C" fn(HostPtr, u8, RStr<'_>, RStr<'_>),
+    /// Calls another service and blocks until its answer, a refusal or the
+    /// timeout. The response is allocated by the host: the plugin drops it.
+    pub call: extern "C" fn(HostPtr, &FfiCall<'_>) -> FfiResponse,
+    /// Runs a task on a thread the host owns. A refused task is discarded
+    /// (its `discard` called) before this returns the reason.
+    pub spawn: extern "C" fn(HostPtr, FfiTask) -> RResult<(), RString>,
+    /// Waits at most the given milliseconds for the host's stop signal
+    /// (the plugin is being unloaded); returns whether it was given.
+    pub wait_for_stop: extern "C" fn(HostPtr, u64) -> bool,
+}
+
+/// A call to another service, lent for the duration of the callback.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiCall<'a> {
+    /// The service's name.
+    pub service: RStr<'a>,
+    /// HTTP method in upper case.
+    pub method: RStr<'a>,
+    /// Path below the service's mount point, starting with `/`.
+    pub path: RStr<'a>,
+    /// Raw query string without `?`.
+    pub query: RStr<'a>,
+    /// Request headers.
+    pub headers: RSlice<'a, FfiHeaderRef<'a>>,
+    /// The whole body.
+    pub body: RSlice<'a, u8>,
+    /// Longest wait in milliseconds; `0` for the host's request timeout.
+    pub timeout_ms: u64,
+}
+
+/// Opaque pointer to a plugin's boxed task.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, StableAbi)]
+pub struct TaskPtr(pub *mut c_void);
+
+// SAFETY: the pointee is a task the SDK requires to be `Send`; the pointer
+// itself is only an address.
+unsafe impl Send for TaskPtr {}
+
+/// A task of the plugin's, owned by the host until it calls exactly one of
+/// `run` or `discard`.
+#[repr(C)]
+#[derive(Debug, StableAbi)]
+pub struct FfiTask {
+    /// The task.
+    pub data: TaskPtr,
+    /// Runs the task and frees it; returns its panic message if it
+    /// panicked. Never unwinds.
+    pub run: extern "C" fn(TaskPtr) -> ROption<RString>,
+    /// Frees the task without running it. Never unwinds.
+    pub discard: extern "C" fn(TaskPtr),
 }

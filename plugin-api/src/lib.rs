@@ -8,7 +8,7 @@
 //! crate can carry `#![forbid(unsafe_code)]`.
 //!
 //! ```
-//! use plugin_api::{Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
+//! use plugin_api::{Context, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
 //!
 //! #[derive(Default)]
 //! struct Greeter;
@@ -18,7 +18,7 @@
 //!         ServiceConfig::new("greeter").version("1.0.0").description("Says hello")
 //!     }
 //!
-//!     fn init() -> Result<Self> {
+//!     fn init(_ctx: &Context) -> Result<Self> {
 //!         Ok(Greeter)
 //!     }
 //!
@@ -45,12 +45,22 @@
 //! - [`Request`] / [`Response`]: one call, fully buffered. Handlers run on the
 //!   host's per-plugin worker threads and may block; a slow handler costs a
 //!   worker, not the gateway.
-//! - [`Error`]: an HTTP error with a JSON body; `?` on it returns early.
-//! - [`testing::TestClient`]: calls your router in unit tests, no host needed.
+//! - [`Error`]: an HTTP error with a JSON body; `?` on it returns early,
+//!   and `?` on any other error is a logged 500.
+//! - [`Json`], [`Query`], [`Path`]: typed inputs (`req.extract()?`),
+//!   answered 422 naming the field.
+//! - [`Context`]: the host's services, handed to `init`: settings, a data
+//!   directory, calls to other services, background tasks.
+//! - Logging: the [`log`] crate's macros (`log::info!`) reach the host's
+//!   log, with `plugin=<name>`, filtered at the host's level.
+//! - [`testing::TestClient`]: calls your router in unit tests, no host
+//!   needed, with a mock context.
 //!
 //! # Rules for plugin code
-//! - Do not spawn threads that outlive [`Plugin::shutdown`]: a live thread
-//!   keeps the library mapped (the host then logs that it could not unload).
+//! - Run background work with [`Context::spawn`] or [`Context::every`]
+//!   rather than threads of your own: the host stops and joins its threads
+//!   before it unloads the library. A thread of your own must be joined in
+//!   [`Plugin::shutdown`]: a live thread keeps the library mapped.
 //! - Panics are caught at the boundary and answered with a 500; the host
 //!   logs them (rate-limited), and the SDK keeps your library's panic hook
 //!   from printing them.
@@ -64,10 +74,13 @@
 // of the SDK. `ffi` stays public because the host reads a plugin through it,
 // and hidden because a plugin author never needs it.
 mod consumer;
+mod context;
+mod extract;
 #[doc(hidden)]
 #[allow(unsafe_code)]
 pub mod ffi;
 mod fingerprint;
+mod logging;
 mod request;
 mod response;
 mod router;
@@ -79,6 +92,9 @@ pub mod testing;
 pub mod __private;
 
 pub use consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER, Consumer};
+pub use context::{Call, Context, Stop};
+pub use extract::{FromRequest, Json, Path, Query};
+pub use log;
 pub use request::Request;
 pub use response::{Error, Response, Result};
 pub use router::{Handler, Method, Router};
@@ -93,14 +109,16 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     /// `/api/<name>/`. Endpoints are filled in from [`Plugin::router`].
     fn config() -> ServiceConfig;
 
-    /// Creates the state. An error refuses the load with its message.
-    fn init() -> Result<Self>;
+    /// Creates the state, with the host's [`Context`] (keep a clone to use
+    /// it later). An error refuses the load with its message.
+    fn init(ctx: &Context) -> Result<Self>;
 
     /// The routes. Called once per load, after [`Plugin::init`].
     fn router() -> Router<Self>;
 
-    /// Called once on unload after the last request returned, before the
-    /// state is dropped. Join any thread you started here.
+    /// Called once on unload after the last request returned and every
+    /// background task of the context ended, before the state is dropped.
+    /// Join any thread you started yourself here.
     fn shutdown(&self) {}
 }
 

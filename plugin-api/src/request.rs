@@ -4,6 +4,7 @@ use std::str::FromStr;
 use serde::de::DeserializeOwned;
 
 use crate::consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER};
+use crate::extract::{FromRequest, Json};
 use crate::ffi::FfiRequest;
 use crate::{Consumer, Error};
 
@@ -94,17 +95,22 @@ impl<'a> Request<'a> {
 
     /// The body parsed as JSON into `T`. Malformed JSON is answered `400`;
     /// JSON of the wrong shape (a missing or mistyped field) `422`, naming
-    /// the field.
+    /// the field. The same as extracting [`Json<T>`](crate::Json).
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        serde_json::from_slice(self.body()).map_err(|e| {
-            use serde_json::error::Category;
-            match e.classify() {
-                Category::Data => Error::unprocessable(format!("invalid body: {e}")),
-                Category::Syntax | Category::Eof | Category::Io => {
-                    Error::bad_request(format!("malformed JSON body: {e}"))
-                }
-            }
-        })
+        self.extract::<Json<T>>().map(|Json(value)| value)
+    }
+
+    /// Takes a typed input from the request: [`Json`], [`Query`](crate::Query),
+    /// [`Path`](crate::Path), or any [`FromRequest`].
+    pub fn extract<T: FromRequest>(&self) -> Result<T, Error> {
+        T::from_request(self)
+    }
+
+    /// The route's `{name}` parameters, as (name, decoded value).
+    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
     }
 
     /// Who called, if the host authenticated the request: only on a

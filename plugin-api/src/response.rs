@@ -92,10 +92,35 @@ impl Response {
 
 /// An HTTP error answered as `{"detail": message}` with its status code,
 /// the shape FastAPI services answer errors with.
+///
+/// `?` turns any [`std::error::Error`] (I/O, serde, a database driver...)
+/// into a `500` answered `{"detail": "internal server error"}`, as FastAPI
+/// answers an unhandled exception: the cause is logged (at ERROR, with the
+/// request's method and path), never shown to the client. That is why this
+/// type does not implement `std::error::Error` itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Error {
     status: u16,
     message: String,
+    /// The error it was converted from, for the log.
+    cause: Option<String>,
+}
+
+impl<E: std::error::Error> From<E> for Error {
+    fn from(error: E) -> Self {
+        let mut cause = error.to_string();
+        let mut source = error.source();
+        while let Some(inner) = source {
+            cause.push_str(": ");
+            cause.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        Self {
+            status: 500,
+            message: "internal server error".to_owned(),
+            cause: Some(cause),
+        }
+    }
 }
 
 impl Error {
@@ -104,6 +129,7 @@ impl Error {
         Self {
             status,
             message: message.into(),
+            cause: None,
         }
     }
 
@@ -142,6 +168,21 @@ impl Error {
         &self.message
     }
 
+    /// The error this one was converted from by `?`, with its sources:
+    /// logged, never answered.
+    pub fn cause(&self) -> Option<&str> {
+        self.cause.as_deref()
+    }
+
+    /// The answer to a request that failed with this error, its cause
+    /// logged first (at ERROR, naming the request) if it has one.
+    pub(crate) fn into_logged_response(self, method: &str, path: &str) -> Response {
+        if let Some(cause) = &self.cause {
+            log::error!(target: "plugin_api", "{method} {path} failed: {cause}");
+        }
+        self.into_response()
+    }
+
     /// The JSON response this error is answered with.
     pub fn into_response(self) -> Response {
         let body = serde_json::json!({ "detail": self.message });
@@ -156,5 +197,3 @@ impl std::fmt::Display for Error {
         write!(f, "{} {}", self.status, self.message)
     }
 }
-
-impl std::error::Error for Error {}

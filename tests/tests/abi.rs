@@ -79,3 +79,33 @@ async fn an_executable_is_refused_naming_it_an_executable() {
     );
     hello_answers(&host).await;
 }
+
+#[tokio::test]
+async fn a_plugin_built_before_the_host_context_is_refused_with_what_to_do() {
+    let host = host_builder().start().await.unwrap();
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
+        .unwrap();
+
+    let mark = host.log_mark();
+    host.install_plugin(plugin_library("old_abi"), "libold_abi.so")
+        .unwrap();
+    let line = host
+        .wait_for_log_since(mark, &["refused", "file=libold_abi.so"])
+        .await
+        .unwrap();
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains(&format!(
+            "ABI version mismatch: the plugin has version 3, this host speaks version {}; rebuild the plugin against this host's plugin-api",
+            plugin_api::ffi::ABI_VERSION
+        )),
+        "{line}"
+    );
+    assert!(
+        !host.maps().unwrap().contains("libold_abi"),
+        "{}",
+        host.maps().unwrap()
+    );
+    hello_answers(&host).await;
+}

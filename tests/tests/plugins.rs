@@ -286,7 +286,7 @@ async fn bad_files_are_refused_naming_the_file_and_the_reason() {
         ("libno_entry.so", "missing entry symbol `plugin_api_entry`"),
         (
             "libbad_abi.so",
-            "the plugin has version 999, this host speaks version 3",
+            "the plugin has version 999, this host speaks version 4",
         ),
         ("libbad_name.so", "invalid config field `name`"),
         ("libhello_dup.so", "service name already in use"),

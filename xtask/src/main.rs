@@ -8,6 +8,11 @@
 //!   example and test plugins) and runs every test; with
 //!   `PLUGIN_HOST_REQUIRE_ALL=1`, the ignored ones (they need python3 and
 //!   PyPI) too.
+//! - `cargo xtask new-plugin <name> [--dir <dir>]`: writes a plugin crate
+//!   (a health route and its unit test) in `<dir>` (default `./<name>`),
+//!   standalone: it depends on this checkout's `plugin-api` by path, and
+//!   starts from the workspace's `Cargo.lock`, the versions the host was
+//!   tested with.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +23,8 @@ use std::process::{Command, ExitCode};
 const EXAMPLE_PLUGINS: &[(&str, &str)] = &[
     ("hello", "libhello.so"),
     ("demo-service", "libdemo_service.so"),
+    ("analytics-service", "libanalytics_service.so"),
+    ("notification-service", "libnotification_service.so"),
 ];
 
 fn main() -> ExitCode {
@@ -28,9 +35,10 @@ fn main() -> ExitCode {
     let result = match task.as_deref() {
         Some("run") => run(&rest),
         Some("test") => test(&rest),
+        Some("new-plugin") => new_plugin(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask run [HOST ARGS...] | cargo xtask test [CARGO TEST ARGS...]"
+                "usage: cargo xtask run [HOST ARGS...] | cargo xtask test [CARGO TEST ARGS...] | cargo xtask new-plugin <name> [--dir <dir>]"
             );
             return ExitCode::from(2);
         }
@@ -136,4 +144,56 @@ fn test(cargo_test_args: &[String]) -> Result<(), String> {
         args.push("--include-ignored");
     }
     cargo(&args)
+}
+
+/// The scaffold's files, `{name}` and `{plugin_api}` to be replaced.
+const TEMPLATE_CARGO_TOML: &str = include_str!("../templates/Cargo.toml");
+const TEMPLATE_LIB_RS: &str = include_str!("../templates/lib.rs");
+
+fn new_plugin(args: &[String]) -> Result<(), String> {
+    let (name, dir) = match args {
+        [name] => (name, PathBuf::from(name)),
+        [name, flag, dir] if flag == "--dir" => (name, PathBuf::from(dir)),
+        _ => return Err("usage: cargo xtask new-plugin <name> [--dir <dir>]".to_owned()),
+    };
+    // The host's rule for service names (`service::validate`).
+    let valid = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !valid {
+        return Err(format!(
+            "`{name}` is not a service name: lower-case letters, digits and `-`, not starting with `-`"
+        ));
+    }
+    if dir.exists() {
+        return Err(format!("{} already exists", dir.display()));
+    }
+    let plugin_api = workspace_root().join("plugin-api");
+    let fill = |template: &str| {
+        template
+            .replace("{name}", name)
+            .replace("{plugin_api}", &plugin_api.to_string_lossy())
+    };
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    std::fs::create_dir_all(dir.join("src"))
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    write(&dir.join("Cargo.toml"), &fill(TEMPLATE_CARGO_TOML))?;
+    write(&dir.join("src/lib.rs"), &fill(TEMPLATE_LIB_RS))?;
+    write(&dir.join(".gitignore"), "/target\n")?;
+    // The versions the host was built and tested with; cargo drops what
+    // the plugin does not use at its first build.
+    std::fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock"))
+        .map_err(|e| format!("copying Cargo.lock: {e}"))?;
+    let library = format!("lib{}.so", name.replace('-', "_"));
+    println!(
+        "Created plugin `{name}` in {}.\nBuild it with `cargo build --release` there, then copy target/release/{library} into the host's plugins directory.",
+        dir.display()
+    );
+    Ok(())
 }

@@ -11,6 +11,7 @@
 mod haproxy;
 mod load;
 mod nginx;
+mod plugin_calls;
 mod procs;
 mod report;
 mod scenarios;

@@ -755,6 +755,10 @@ pub fn markdown(results: &Results) -> String {
         }
     }
 
+    if let Some(cost) = &r.plugin_calls {
+        let _ = writeln!(out, "{}", crate::plugin_calls::markdown(cost));
+    }
+
     // The shared host's warnings, then those of scenario 5's own host.
     let registry_warnings = r.registry.iter().map(|g| &g.host_warnings);
     for w in r.host_warnings.iter().chain(registry_warnings) {

@@ -39,6 +39,8 @@ pub struct ScenarioResults {
     pub registry: Option<RegistryScale>,
     /// Scenario 6.
     pub memory: Option<Memory>,
+    /// Scenario 7.
+    pub plugin_calls: Option<crate::plugin_calls::CallCost>,
     /// Scenarios that could not run, and why.
     pub errors: Vec<String>,
     /// WARN and ERROR lines the hosts logged, by host.
@@ -342,6 +344,13 @@ pub fn run_all(
         match registry_scale(rt, pinning, settings, artifacts) {
             Ok(registry) => results.registry = Some(registry),
             Err(error) => results.errors.push(format!("scenario 5: {error}")),
+        }
+    }
+    if only(7) {
+        let bin_dir = artifacts.host.parent().unwrap_or(std::path::Path::new("."));
+        match crate::plugin_calls::run(rt, pinning, settings, bin_dir) {
+            Ok(cost) => results.plugin_calls = Some(cost),
+            Err(error) => results.errors.push(format!("scenario 7: {error}")),
         }
     }
     results

@@ -26,16 +26,23 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use abi_stable::std_types::{RErr, RNone, ROk, RResult, RSlice, RStr, RString};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use bytes::Bytes;
 use plugin_api::ffi::{
-    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, ENTRY_SYMBOL, EntryFn, FfiHeaderRef,
-    FfiRequest, FfiResponse, FfiServiceConfig, InstancePtr, layout_fingerprint,
+    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, ENTRY_SYMBOL, EntryFn, FfiCall, FfiHeader,
+    FfiHeaderRef, FfiHost, FfiHostVtable, FfiInitArgs, FfiRequest, FfiResponse, FfiServiceConfig,
+    FfiTask, HostPtr, InstancePtr, layout_fingerprint,
 };
 
+use super::context::{CallChain, HostContext};
 use super::entry::{EntryError, run_bounded};
 use super::file_checks::{self, FileChecks, OpenError, Untrusted};
 use super::message::{PluginRequest, PluginResponse};
-use crate::http::{Escaped, error_chain};
+use crate::http::{ApiError, Escaped, error_chain};
 use crate::service::{self, Endpoint, ServiceInfo};
 
 /// Why a plugin file was refused.
@@ -93,7 +100,7 @@ pub enum LoadError {
     NullDescriptor,
     /// Built against another version of the ABI.
     #[error(
-        "ABI version mismatch: the plugin has version {found}, this host speaks version {expected}"
+        "ABI version mismatch: the plugin has version {found}, this host speaks version {expected}; rebuild the plugin against this host's plugin-api"
     )]
     AbiVersion {
         /// The plugin's.
@@ -292,7 +299,7 @@ pub fn clear_cache(cache_dir: &Path) -> std::io::Result<()> {
 pub struct PluginLibrary {
     library: ManuallyDrop<libloading::Library>,
     private_copy: PathBuf,
-    create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    create: extern "C" fn(&FfiInitArgs<'_>) -> RResult<InstancePtr, RString>,
     handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
     destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
 }
@@ -410,10 +417,23 @@ impl PluginLibrary {
         ))
     }
 
-    /// Creates the plugin's state. Runs plugin code: call it on a thread
-    /// that ends before the library is closed.
-    pub fn create(&self) -> Result<Instance, String> {
-        match (self.create)() {
+    /// Creates the plugin's state with `host` as its context. Runs plugin
+    /// code: call it on a thread that ends before the library is closed.
+    /// The plugin keeps a pointer to `host`: it must outlive every thread
+    /// that may run the plugin's code (keep it until the library is
+    /// closed, or leak it with the library).
+    pub fn create(&self, host: &Arc<HostContext>) -> Result<Instance, String> {
+        let data_dir = host.data_dir().to_string_lossy();
+        let args = FfiInitArgs {
+            name: RStr::from_str(host.name()),
+            settings_json: RStr::from_str(host.settings_json()),
+            data_dir: RStr::from_str(&data_dir),
+            host: FfiHost {
+                data: HostPtr(Arc::as_ptr(host).cast()),
+                vtable: &HOST_VTABLE,
+            },
+        };
+        match (self.create)(&args) {
             RResult::ROk(ptr) => Ok(Instance(ptr)),
             RResult::RErr(message) => Err(message.into()),
         }
@@ -493,8 +513,137 @@ impl PluginLibrary {
     }
 }
 
+/// A plugin's background task, owned by the host until it runs it: a
+/// task dropped without running is discarded by the plugin's own code.
+#[derive(Debug)]
+pub struct PluginTask(Option<FfiTask>);
+
+impl PluginTask {
+    /// Runs the task (plugin code: call it on a thread the runtime joins
+    /// before the library is closed); its panic message if it panicked.
+    pub fn run(mut self) -> Option<String> {
+        let task = self.0.take()?;
+        (task.run)(task.data)
+            .map(|message| message.to_string())
+            .into_option()
+    }
+}
+
+impl Drop for PluginTask {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            (task.discard)(task.data);
+        }
+    }
+}
+
+/// The callbacks every plugin's context points at.
+static HOST_VTABLE: FfiHostVtable = FfiHostVtable {
+    log_enabled: host_log_enabled,
+    log: host_log,
+    call: host_call,
+    spawn: host_spawn,
+    wait_for_stop: host_wait_for_stop,
+};
+
+/// Runs `callback` with the context `data` points at. Never unwinds into
+/// the plugin (a panic of the host's is caught and `fallback` returned):
+/// an unwinding panic cannot cross the boundary.
+fn with_host<R>(data: HostPtr, fallback: R, callback: impl FnOnce(&HostContext) -> R) -> R {
+    // SAFETY: `data` is the pointer `PluginLibrary::create` handed the
+    // plugin, to a `HostContext` the runtime keeps alive (in an `Arc`)
+    // until the library is closed, or leaks with a library it cannot
+    // close; the plugin's code, the only caller, cannot run after either.
+    let host = unsafe { &*data.0.cast::<HostContext>() };
+    catch_unwind(AssertUnwindSafe(|| callback(host))).unwrap_or(fallback)
+}
+
+extern "C" fn host_log_enabled(data: HostPtr, level: u8) -> bool {
+    with_host(data, false, |host| host.log_enabled(level))
+}
+
+extern "C" fn host_log(data: HostPtr, level: u8, module: RStr<'_>, message: RStr<'_>) {
+    with_host(data, (), |host| {
+        host.log(level, module.as_str(), message.as_str());
+    });
+}
+
+extern "C" fn host_call(data: HostPtr, call: &FfiCall<'_>) -> FfiResponse {
+    let failed = || {
+        ffi_response(PluginResponse::from_error(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the host failed to make the call",
+        )))
+    };
+    with_host(data, failed(), |host| {
+        let service = call.service.as_str();
+        let Ok(method) = Method::from_bytes(call.method.as_str().as_bytes()) else {
+            return ffi_response(PluginResponse::from_error(
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid method").with("service", service),
+            ));
+        };
+        let mut headers = HeaderMap::with_capacity(call.headers.len());
+        for header in call.headers.iter() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(header.name.as_str().as_bytes()),
+                HeaderValue::from_bytes(header.value.as_slice()),
+            ) {
+                headers.append(name, value);
+            }
+        }
+        let request = PluginRequest {
+            method,
+            path: call.path.as_str().to_owned(),
+            query: call.query.as_str().to_owned(),
+            headers,
+            body: Bytes::copy_from_slice(call.body.as_slice()),
+            client_addr: "127.0.0.1:0".to_owned(),
+            // Replaced by the context, which knows the caller's chain.
+            chain: Arc::new(CallChain::start(host.name(), String::new())),
+        };
+        let timeout = (call.timeout_ms > 0).then(|| Duration::from_millis(call.timeout_ms));
+        ffi_response(host.call(service, request, timeout))
+    })
+}
+
+/// A host-made answer in the ABI's types: allocated by the host, dropped
+/// by the plugin (through the host's allocator, in the containers' vtables).
+fn ffi_response(response: PluginResponse) -> FfiResponse {
+    FfiResponse {
+        status: response.status,
+        headers: response
+            .headers
+            .into_iter()
+            .map(|(name, value)| FfiHeader {
+                name: name.into(),
+                value: value.into(),
+            })
+            .collect(),
+        body: response.body.into(),
+        panic: RNone,
+    }
+}
+
+extern "C" fn host_spawn(data: HostPtr, task: FfiTask) -> RResult<(), RString> {
+    let task = PluginTask(Some(task));
+    with_host(
+        data,
+        RErr("the host failed to start the task".into()),
+        |host| match host.spawn(task) {
+            Ok(()) => ROk(()),
+            Err(reason) => RErr(reason.into()),
+        },
+    )
+}
+
+extern "C" fn host_wait_for_stop(data: HostPtr, millis: u64) -> bool {
+    with_host(data, true, |host| {
+        host.wait_for_stop(Duration::from_millis(millis))
+    })
+}
+
 struct Functions {
-    create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    create: extern "C" fn(&FfiInitArgs<'_>) -> RResult<InstancePtr, RString>,
     handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
     destroy: extern "C" fn(InstancePtr) -> RResult<(), RString>,
 }

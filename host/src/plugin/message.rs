@@ -4,8 +4,12 @@
 //! The loader turns these into the ABI's borrowed types and back; nothing
 //! else in the host sees an FFI type.
 
+use std::sync::Arc;
+
 use axum::http::{HeaderMap, Method};
 use bytes::Bytes;
+
+use super::context::CallChain;
 
 /// A request as the gateway hands it to a plugin. Shared (`Arc`) so that a
 /// retry after a swap costs no copy.
@@ -23,6 +27,9 @@ pub struct PluginRequest {
     pub body: Bytes,
     /// Client socket address.
     pub client_addr: String,
+    /// The request id and the services the request passed: the chain a
+    /// call the plugin makes while handling it extends.
+    pub chain: Arc<CallChain>,
 }
 
 /// A plugin's answer, copied into host memory.

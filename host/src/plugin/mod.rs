@@ -6,12 +6,14 @@
 //! that holds pointers into a library; [`runtime`] owns the threads a
 //! plugin's code runs on and is the only way a plugin ends; [`entry`] runs
 //! the calls a load or unload waits for (`dlopen`, `config`, `init`, the
-//! shutdown hook) on threads of their own with a deadline; [`message`] is
-//! what the gateway and a plugin exchange. Which file is mounted under
+//! shutdown hook) on threads of their own with a deadline; [`context`] is
+//! the host's side of a plugin's context (logs, calls, background tasks,
+//! the stop signal); [`message`] is what the gateway and a plugin exchange. Which file is mounted under
 //! which name is the plugin manager's (`crate::plugin_manager`), one layer
 //! up, because it writes to the service table that routes to these
 //! runtimes.
 
+pub mod context;
 pub mod entry;
 pub mod file_checks;
 // The one module of the host allowed `unsafe`: opening libraries and
@@ -21,6 +23,7 @@ pub mod loader;
 pub mod message;
 pub mod runtime;
 
+pub use context::{CallChain, HostContext, HostSetup, MAX_BACKGROUND_TASKS, ServiceCalls};
 pub use entry::EntryError;
 pub use file_checks::FileChecks;
 pub use loader::{Candidate, CloseReport, LoadError, PluginLibrary};

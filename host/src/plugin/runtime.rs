@@ -16,11 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::RecvTimeoutError;
+
 use arc_swap::ArcSwapOption;
 use axum::http::StatusCode;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
+use super::context::{DataDirError, HostContext, HostSetup, within_chain};
 use super::entry::{EntryError, run_bounded};
 use super::loader::{CloseReport, Instance, PluginLibrary};
 use super::message::{PluginRequest, PluginResponse};
@@ -43,13 +46,21 @@ pub enum CallError {
     /// The plugin is being unloaded and takes no new work.
     #[error("plugin is being unloaded")]
     Unloading,
+    /// A call from another plugin found every call thread busy.
+    #[error("plugin is busy: all {max} threads for calls from other plugins are in use")]
+    CallThreadsBusy {
+        /// The limit.
+        max: usize,
+    },
 }
 
 impl CallError {
     /// The status the gateway answers with.
     pub fn status(&self) -> StatusCode {
         match self {
-            CallError::Overloaded { .. } | CallError::Unloading => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Overloaded { .. }
+            | CallError::Unloading
+            | CallError::CallThreadsBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -222,16 +233,50 @@ impl PanicLog {
     }
 }
 
+/// Threads one plugin may run for calls from other plugins at once (see
+/// [`PluginRuntime::call_from_plugin`]); more calls are answered 503.
+pub const MAX_CALL_THREADS: usize = 64;
+
+/// How long a thread for calls from other plugins waits for the next one
+/// before it ends.
+const CALL_THREAD_IDLE: Duration = Duration::from_secs(10);
+
 struct Job {
     request: Arc<PluginRequest>,
-    reply: oneshot::Sender<PluginResponse>,
+    reply: Reply,
 }
 
-/// What the workers share: the library, the plugin's state in it, and the
-/// rate limit of its panic lines.
+/// Where a job's answer goes: the gateway awaits it on the async runtime,
+/// another plugin's thread blocks on it.
+enum Reply {
+    Gateway(oneshot::Sender<PluginResponse>),
+    Plugin(crossbeam_channel::Sender<PluginResponse>),
+}
+
+impl Reply {
+    /// Whether nobody waits for the answer any more.
+    fn is_closed(&self) -> bool {
+        match self {
+            Reply::Gateway(reply) => reply.is_closed(),
+            Reply::Plugin(_) => false,
+        }
+    }
+
+    fn send(self, response: PluginResponse) {
+        // The caller may have given up (timeout); nobody else needs to know.
+        match self {
+            Reply::Gateway(reply) => drop(reply.send(response)),
+            Reply::Plugin(reply) => drop(reply.send(response)),
+        }
+    }
+}
+
+/// What the workers share: the library, the plugin's state in it, its
+/// context, and the rate limit of its panic lines.
 struct Shared {
     library: PluginLibrary,
     instance: Instance,
+    host: Arc<HostContext>,
     panics: Mutex<PanicLog>,
 }
 
@@ -252,6 +297,12 @@ pub enum ShutdownReport {
         /// Workers still running.
         running_workers: usize,
     },
+    /// Some background task did not end after the stop signal by the
+    /// deadline: the plugin's state and library are left alive (leaked).
+    TasksLeaked {
+        /// Tasks still running.
+        running_tasks: usize,
+    },
     /// The shutdown hook did not return in time (or got no thread): the
     /// plugin's state and library are left alive with it.
     HookAbandoned(EntryError),
@@ -271,6 +322,14 @@ pub struct PluginRuntime {
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// How many workers it started with.
     worker_count: usize,
+    /// Calls from other plugins: a rendezvous channel, so a call goes to a
+    /// call thread that is idle, or to a new one. `None` once shutdown
+    /// began.
+    calls_from_plugins: ArcSwapOption<Sender<Job>>,
+    idle_call_threads: Receiver<Job>,
+    /// Threads serving calls from other plugins (up to
+    /// [`MAX_CALL_THREADS`]), joined with the workers.
+    call_threads: Mutex<Vec<JoinHandle<()>>>,
     shared: Mutex<Option<Arc<Shared>>>,
     /// Deadline of the shutdown hook.
     entry_timeout: Duration,
@@ -290,6 +349,13 @@ pub enum StartError {
     /// The plugin's `init` failed or panicked; the library was closed.
     #[error("{0}")]
     Init(String),
+    /// `init` failed and a background task it started did not stop by the
+    /// entry timeout: its library is left loaded.
+    #[error("{0}; a background task it started did not stop, its library is left loaded")]
+    InitTasksLeaked(String),
+    /// The plugin's data directory could not be created.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// `init` did not return in time or could not be run; its library is
     /// left loaded.
     #[error(transparent)]
@@ -301,37 +367,49 @@ pub enum StartError {
 
 impl PluginRuntime {
     /// Creates the plugin's state on a thread of its own, waiting at most
-    /// `entry_timeout` for it, and starts one worker per permit in
-    /// `workers`, each holding its permit until its loop ends, with a queue
-    /// of `queue` requests. `entry_timeout` also bounds the shutdown hook.
-    /// On failure the library is closed before returning, unless plugin
-    /// code may still run in it.
+    /// `entry_timeout` for it, with the context `host` describes, and
+    /// starts one worker per permit in `workers`, each holding its permit
+    /// until its loop ends, with a queue of `queue` requests.
+    /// `entry_timeout` also bounds the shutdown hook. On failure the
+    /// library is closed before returning, unless plugin code may still
+    /// run in it.
     pub fn start(
         name: &str,
         library: PluginLibrary,
         workers: Vec<WorkerPermit>,
         queue: usize,
         entry_timeout: Duration,
+        host: HostSetup,
     ) -> Result<Self, StartError> {
+        let host = HostContext::new(name, host)?;
         // The library travels with the call and comes back with its result:
-        // if `init` hangs, it stays with the abandoned thread, never closed.
+        // if `init` hangs, it stays with the abandoned thread, never closed
+        // (and so does the context it points at).
+        let context = host.clone();
         let created = run_bounded(
             "init",
             format!("plugin-{name}-init"),
             entry_timeout,
             move || {
-                let instance = library.create();
+                let instance = library.create(&context);
                 (library, instance)
             },
         )?;
         let (library, instance) = match created {
             (library, Ok(instance)) => (library, instance),
             (library, Err(message)) => {
+                // A task `init` started runs the library's code.
+                if host.stop_tasks(Instant::now() + entry_timeout) > 0 {
+                    std::mem::forget(library);
+                    std::mem::forget(host);
+                    return Err(StartError::InitTasksLeaked(message));
+                }
                 library.close();
                 return Err(StartError::Init(message));
             }
         };
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(queue);
+        let (calls_from_plugins, idle_call_threads) = crossbeam_channel::bounded::<Job>(0);
         let runtime = Self {
             name: name.to_owned(),
             jobs: ArcSwapOption::from_pointee(jobs),
@@ -339,9 +417,13 @@ impl PluginRuntime {
             running: Arc::default(),
             workers: Mutex::new(Vec::new()),
             worker_count: workers.len(),
+            calls_from_plugins: ArcSwapOption::from_pointee(calls_from_plugins),
+            idle_call_threads,
+            call_threads: Mutex::new(Vec::new()),
             shared: Mutex::new(Some(Arc::new(Shared {
                 library,
                 instance,
+                host,
                 panics: Mutex::new(PanicLog::new(name)),
             }))),
             entry_timeout,
@@ -400,11 +482,14 @@ impl PluginRuntime {
         {
             let jobs = self.jobs.load();
             let jobs = jobs.as_deref().ok_or(CallError::Unloading)?;
-            jobs.try_send(Job { request, reply })
-                .map_err(|error| match error {
-                    TrySendError::Full(_) => CallError::Overloaded { queued: jobs.len() },
-                    TrySendError::Disconnected(_) => CallError::Unloading,
-                })?;
+            jobs.try_send(Job {
+                request,
+                reply: Reply::Gateway(reply),
+            })
+            .map_err(|error| match error {
+                TrySendError::Full(_) => CallError::Overloaded { queued: jobs.len() },
+                TrySendError::Disconnected(_) => CallError::Unloading,
+            })?;
         }
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(response)) => Ok(response),
@@ -413,6 +498,80 @@ impl PluginRuntime {
             Ok(Err(_)) => Err(CallError::Unloading),
             Err(_) => Err(CallError::Timeout(timeout)),
         }
+    }
+
+    /// Sends `request`, a call from another plugin's thread, and blocks for
+    /// the answer, at most `timeout`. Blocks; call it off the async runtime.
+    ///
+    /// Such a call never waits for this plugin's workers: it runs on a
+    /// thread for calls from plugins, an idle one or a new one (up to
+    /// [`MAX_CALL_THREADS`], else 503 at once). The caller's worker blocks
+    /// while its call runs, so if calls waited in the queue, two plugins
+    /// calling each other with every worker busy would each wait for the
+    /// other's workers: a deadlock until the timeouts. Here every waiting
+    /// thread waits for a thread that is running its call, and a chain of
+    /// calls passes each service at most once ([`super::CallChain`]), so
+    /// the waits cannot form a cycle.
+    pub fn call_from_plugin(
+        &self,
+        request: Arc<PluginRequest>,
+        timeout: Duration,
+    ) -> Result<PluginResponse, CallError> {
+        let _in_flight = self.calls.enter();
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let job = Job {
+            request,
+            reply: Reply::Plugin(reply),
+        };
+        {
+            let calls = self.calls_from_plugins.load();
+            let calls = calls.as_deref().ok_or(CallError::Unloading)?;
+            match calls.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(job)) => self.start_call_thread(job)?,
+                Err(TrySendError::Disconnected(_)) => return Err(CallError::Unloading),
+            }
+        }
+        answer.recv_timeout(timeout).map_err(|error| match error {
+            RecvTimeoutError::Timeout => CallError::Timeout(timeout),
+            RecvTimeoutError::Disconnected => CallError::Unloading,
+        })
+    }
+
+    /// Starts a thread for calls from other plugins with `job` as its first.
+    fn start_call_thread(&self, job: Job) -> Result<(), CallError> {
+        let mut threads = lock(&self.call_threads);
+        // Checked under the lock `shutdown` takes the threads with: no
+        // thread starts after it collected them.
+        if self.calls_from_plugins.load().is_none() {
+            return Err(CallError::Unloading);
+        }
+        let (ended, running): (Vec<_>, Vec<_>) =
+            threads.drain(..).partition(JoinHandle::is_finished);
+        *threads = running;
+        for thread in ended {
+            let _ = thread.join();
+        }
+        if threads.len() >= MAX_CALL_THREADS {
+            return Err(CallError::CallThreadsBusy {
+                max: MAX_CALL_THREADS,
+            });
+        }
+        let shared = lock(&self.shared).clone().ok_or(CallError::Unloading)?;
+        let idle = self.idle_call_threads.clone();
+        let running = self.running.enter();
+        let spawned = thread::Builder::new()
+            .name(format!("plugin-{}-call", self.name))
+            .spawn(move || {
+                let _running = running;
+                serve(&shared, job);
+                while let Ok(job) = idle.recv_timeout(CALL_THREAD_IDLE) {
+                    serve(&shared, job);
+                }
+            })
+            .map_err(|_| CallError::CallThreadsBusy { max: threads.len() })?;
+        threads.push(spawned);
+        Ok(())
     }
 
     /// Waits until no call is in flight, at most `timeout`, and returns how
@@ -427,10 +586,22 @@ impl PluginRuntime {
     /// Blocks; call it off the async runtime. A second call finds nothing to
     /// do and reports a leak of zero workers.
     pub fn shutdown(&self, deadline: Duration) -> ShutdownReport {
-        // Dropping the sender ends each worker's loop once the queue is
-        // empty.
+        let deadline = Instant::now() + deadline;
+        // Dropping the senders ends each worker's loop once the queue is
+        // empty, and each call thread's at once (a rendezvous holds none).
         self.jobs.store(None);
-        let running_workers = self.running.wait_idle(deadline);
+        let call_threads = {
+            let mut threads = lock(&self.call_threads);
+            self.calls_from_plugins.store(None);
+            std::mem::take(&mut *threads)
+        };
+        // Background tasks wind down while the queue drains.
+        if let Some(shared) = lock(&self.shared).as_ref() {
+            shared.host.signal_stop();
+        }
+        let running_workers = self
+            .running
+            .wait_idle(deadline.saturating_duration_since(Instant::now()));
         let workers = std::mem::take(&mut *lock(&self.workers));
         if running_workers > 0 {
             // Dropping the handles detaches the threads. They hold the
@@ -440,7 +611,7 @@ impl PluginRuntime {
             lock(&self.shared).take();
             return ShutdownReport::Leaked { running_workers };
         }
-        for worker in workers {
+        for worker in workers.into_iter().chain(call_threads) {
             // Every worker signalled the end of its loop: what is left is
             // its exit (thread-local destructors), which must be over
             // before the library is closed. Workers catch nothing
@@ -456,11 +627,19 @@ impl PluginRuntime {
         let Some(Shared {
             library,
             instance,
+            host,
             panics,
         }) = Arc::into_inner(shared)
         else {
             unreachable!("every worker holding the shared state was joined");
         };
+        let running_tasks = host.stop_tasks(deadline);
+        if running_tasks > 0 {
+            // The tasks run the library's code and use the context: both
+            // stay, with the plugin's state.
+            std::mem::forget((library, instance, host));
+            return ShutdownReport::TasksLeaked { running_tasks };
+        }
         // What was held back since the last summary is summed up before
         // the plugin's last line.
         lock(&panics).flush();
@@ -474,29 +653,43 @@ impl PluginRuntime {
             },
         );
         match hook {
-            Ok((library, result)) => ShutdownReport::Closed {
-                hook_error: result.err(),
-                close: library.close(),
-            },
-            // The library and the state stay with the abandoned thread.
-            Err(error) => ShutdownReport::HookAbandoned(error),
+            Ok((library, result)) => {
+                let close = library.close();
+                // Only now: the plugin kept a pointer to its context.
+                drop(host);
+                ShutdownReport::Closed {
+                    hook_error: result.err(),
+                    close,
+                }
+            }
+            // The library, the state and the context stay with the
+            // abandoned thread.
+            Err(error) => {
+                std::mem::forget(host);
+                ShutdownReport::HookAbandoned(error)
+            }
         }
     }
 }
 
 fn work(shared: &Shared, queue: &Receiver<Job>) {
-    for Job { request, reply } in queue {
-        // Its client gave up while it was queued (timeout): spare the work.
-        if reply.is_closed() {
-            continue;
-        }
-        let (response, panic) = shared.library.handle(&shared.instance, &request);
-        if let Some(message) = panic {
-            lock(&shared.panics).record(&message);
-        }
-        // The client may have given up (timeout); nobody else needs to know.
-        let _ = reply.send(response);
+    for job in queue {
+        serve(shared, job);
     }
+}
+
+fn serve(shared: &Shared, Job { request, reply }: Job) {
+    // Its client gave up while it was queued (timeout): spare the work.
+    if reply.is_closed() {
+        return;
+    }
+    let (response, panic) = within_chain(&request.chain, || {
+        shared.library.handle(&shared.instance, &request)
+    });
+    if let Some(message) = panic {
+        lock(&shared.panics).record(&message);
+    }
+    reply.send(response);
 }
 
 #[cfg(test)]

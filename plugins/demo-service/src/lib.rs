@@ -1,35 +1,33 @@
-//! Example plugin: CRUD on items, mounted at `/api/demo-service/`.
+//! Example plugin: CRUD on items, mounted at `/api/demo-service/`, stored
+//! in SQLite in the plugin's data directory, so items survive a reload and
+//! a restart of the host.
 
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use plugin_api::{Error, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
+use plugin_api::{
+    Context, Error, Json, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin,
+    log,
+};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-#[derive(Default)]
 struct DemoService {
-    store: Mutex<Store>,
+    db: Mutex<Connection>,
 }
 
-#[derive(Default)]
-struct Store {
-    items: BTreeMap<u64, Item>,
-    last_id: u64,
-}
-
-#[derive(Clone, Serialize)]
+#[derive(Serialize)]
 struct Item {
-    id: u64,
+    id: i64,
     #[serde(flatten)]
     fields: ItemFields,
 }
 
 /// What a client sends to create or replace an item. A missing or mistyped
-/// field is answered 422 by `Request::json`; `validate` checks the rest.
-#[derive(Clone, Serialize, Deserialize)]
+/// field is answered 422 by the `Json` extractor; `validate` checks the rest.
+#[derive(Serialize, Deserialize)]
 struct ItemFields {
     name: String,
     description: Option<String>,
@@ -48,17 +46,40 @@ impl ItemFields {
     }
 }
 
+impl Item {
+    fn from_row(row: &Row) -> rusqlite::Result<Self> {
+        Ok(Item {
+            id: row.get("id")?,
+            fields: ItemFields {
+                name: row.get("name")?,
+                description: row.get("description")?,
+                price: row.get("price")?,
+            },
+        })
+    }
+}
+
 impl Plugin for DemoService {
     fn config() -> ServiceConfig {
         ServiceConfig::new("demo-service")
             .display_name("Demo Service")
-            .description("CRUD on an in-memory item catalogue")
+            .description("CRUD on an item catalogue stored in SQLite")
             .version(env!("CARGO_PKG_VERSION"))
             .tag("example")
     }
 
-    fn init() -> Result<Self> {
-        Ok(DemoService::default())
+    fn init(ctx: &Context) -> Result<Self> {
+        let db = Connection::open(ctx.data_dir().join("items.sqlite3"))?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS items (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                name TEXT NOT NULL,
+                description TEXT,
+                price REAL NOT NULL
+            )",
+        )?;
+        log::info!("items stored in {}", ctx.data_dir().display());
+        Ok(DemoService { db: Mutex::new(db) })
     }
 
     fn router() -> Router<Self> {
@@ -72,7 +93,7 @@ impl Plugin for DemoService {
     }
 }
 
-fn not_found(id: u64) -> Error {
+fn not_found(id: i64) -> Error {
     Error::not_found(format!("item {id} not found"))
 }
 
@@ -81,44 +102,124 @@ fn health(_: &DemoService, _: &Request) -> Result<Response> {
 }
 
 fn list_items(state: &DemoService, _: &Request) -> Result<Response> {
-    let store = state.store.lock().unwrap();
-    Response::json(&store.items.values().collect::<Vec<_>>())
+    let db = state.db.lock().unwrap();
+    let mut query = db.prepare("SELECT * FROM items ORDER BY id")?;
+    let items = query
+        .query_map([], Item::from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Response::json(&items)
 }
 
 fn create_item(state: &DemoService, req: &Request) -> Result<Response> {
-    let fields: ItemFields = req.json()?;
+    let Json(fields): Json<ItemFields> = req.extract()?;
     fields.validate()?;
-    let mut store = state.store.lock().unwrap();
-    store.last_id += 1;
+    let db = state.db.lock().unwrap();
+    db.execute(
+        "INSERT INTO items (name, description, price) VALUES (?1, ?2, ?3)",
+        params![fields.name, fields.description, fields.price],
+    )?;
     let item = Item {
-        id: store.last_id,
+        id: db.last_insert_rowid(),
         fields,
     };
-    store.items.insert(item.id, item.clone());
+    log::info!("item {} created", item.id);
     Ok(Response::json(&item)?.with_status(201))
 }
 
 fn get_item(state: &DemoService, req: &Request) -> Result<Response> {
-    let id: u64 = req.param_as("id")?;
-    let store = state.store.lock().unwrap();
-    Response::json(store.items.get(&id).ok_or_else(|| not_found(id))?)
+    let id: i64 = req.param_as("id")?;
+    let db = state.db.lock().unwrap();
+    let item = db
+        .query_row("SELECT * FROM items WHERE id = ?1", [id], Item::from_row)
+        .optional()?;
+    Response::json(&item.ok_or_else(|| not_found(id))?)
 }
 
 fn update_item(state: &DemoService, req: &Request) -> Result<Response> {
-    let id: u64 = req.param_as("id")?;
-    let fields: ItemFields = req.json()?;
+    let id: i64 = req.param_as("id")?;
+    let Json(fields): Json<ItemFields> = req.extract()?;
     fields.validate()?;
-    let mut store = state.store.lock().unwrap();
-    let item = store.items.get_mut(&id).ok_or_else(|| not_found(id))?;
-    item.fields = fields;
-    Response::json(item)
+    let db = state.db.lock().unwrap();
+    let changed = db.execute(
+        "UPDATE items SET name = ?1, description = ?2, price = ?3 WHERE id = ?4",
+        params![fields.name, fields.description, fields.price, id],
+    )?;
+    if changed == 0 {
+        return Err(not_found(id));
+    }
+    Response::json(&Item { id, fields })
 }
 
 fn delete_item(state: &DemoService, req: &Request) -> Result<Response> {
-    let id: u64 = req.param_as("id")?;
-    let mut store = state.store.lock().unwrap();
-    store.items.remove(&id).ok_or_else(|| not_found(id))?;
+    let id: i64 = req.param_as("id")?;
+    let db = state.db.lock().unwrap();
+    if db.execute("DELETE FROM items WHERE id = ?1", [id])? == 0 {
+        return Err(not_found(id));
+    }
     Ok(Response::new(204))
 }
 
 export_plugin!(DemoService);
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::testing::{MockContext, TestClient};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn body(response: &Response) -> Value {
+        serde_json::from_slice(response.body_bytes()).unwrap()
+    }
+
+    #[test]
+    fn crud_round_trip_in_insertion_order() {
+        let client = TestClient::<DemoService>::new().unwrap();
+        let created = client.post_json("/items", &json!({"name": "pen", "price": 1.5}));
+        assert_eq!(created.status(), 201);
+        assert_eq!(
+            String::from_utf8_lossy(created.body_bytes()),
+            r#"{"id":1,"name":"pen","description":null,"price":1.5}"#
+        );
+        let replaced = client.put_json(
+            "/items/1",
+            &json!({"name": "pencil", "description": "HB", "price": 0.5}),
+        );
+        assert_eq!(body(&replaced)["name"], "pencil");
+        assert_eq!(body(&client.get("/items"))[0]["description"], "HB");
+        assert_eq!(client.delete("/items/1").status(), 204);
+        assert_eq!(client.get("/items/1").status(), 404);
+        assert!(
+            client
+                .logs()
+                .iter()
+                .any(|line| line.contains("item 1 created")),
+            "{:?}",
+            client.logs()
+        );
+    }
+
+    #[test]
+    fn items_survive_a_new_instance_on_the_same_data_dir() {
+        let dir = std::env::temp_dir().join(format!("demo-service-test-{}", std::process::id()));
+        {
+            let client =
+                TestClient::<DemoService>::with_context(MockContext::new().data_dir(&dir)).unwrap();
+            client.post_json("/items", &json!({"name": "kept", "price": 2.0}));
+        }
+        let client =
+            TestClient::<DemoService>::with_context(MockContext::new().data_dir(&dir)).unwrap();
+        assert_eq!(body(&client.get("/items/1"))["name"], "kept");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn invalid_input_is_422_naming_the_field() {
+        let client = TestClient::<DemoService>::new().unwrap();
+        let wrong = client.post_json("/items", &json!({"name": "pen", "price": "cheap"}));
+        assert_eq!(wrong.status(), 422);
+        assert!(body(&wrong)["detail"].as_str().unwrap().contains("price"));
+        let negative = client.post_json("/items", &json!({"name": "pen", "price": -1}));
+        assert_eq!(body(&negative)["detail"], "price: must not be negative");
+    }
+}

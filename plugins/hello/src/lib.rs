@@ -4,7 +4,9 @@
 
 use std::sync::Mutex;
 
-use plugin_api::{Error, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin};
+use plugin_api::{
+    Context, Error, Plugin, Request, Response, Result, Router, ServiceConfig, export_plugin,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -40,7 +42,7 @@ impl Plugin for Hello {
             .tag("example")
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &Context) -> Result<Self> {
         Ok(Hello::default())
     }
 

@@ -15,7 +15,7 @@ impl Plugin for Swap {
         ServiceConfig::new("swap").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Swap)
     }
 

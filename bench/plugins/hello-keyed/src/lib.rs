@@ -17,7 +17,7 @@ impl Plugin for HelloKeyed {
             .requires_auth(true)
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(HelloKeyed)
     }
 

@@ -22,7 +22,7 @@ impl Plugin for Background {
         ServiceConfig::new("background").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         let ticks = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = mpsc::channel::<()>();
         let counter = ticks.clone();

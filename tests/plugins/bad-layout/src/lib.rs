@@ -10,8 +10,8 @@
 use abi_stable::StableAbi;
 use abi_stable::std_types::{ROption, RResult, RString, RVec};
 use plugin_api::ffi::{
-    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiHeader, FfiRequest, FfiServiceConfig,
-    InstancePtr, layout_fingerprint_of,
+    ABI_VERSION, DESCRIPTOR_SIZE, DescriptorHeader, FfiHeader, FfiInitArgs, FfiRequest,
+    FfiServiceConfig, InstancePtr, layout_fingerprint_of,
 };
 
 /// `plugin_api::ffi::FfiResponse` with `status` widened to `u32`.
@@ -40,7 +40,7 @@ pub struct PluginDescriptor {
     /// As in `plugin-api`.
     pub service_config: extern "C" fn() -> RResult<FfiServiceConfig, RString>,
     /// As in `plugin-api`.
-    pub create: extern "C" fn() -> RResult<InstancePtr, RString>,
+    pub create: extern "C" fn(&FfiInitArgs<'_>) -> RResult<InstancePtr, RString>,
     /// Returns the changed response.
     pub handle: extern "C" fn(InstancePtr, &FfiRequest<'_>) -> FfiResponse,
     /// As in `plugin-api`.

@@ -12,7 +12,7 @@ impl Plugin for BadName {
         ServiceConfig::new("Bad_Name!").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(BadName)
     }
 

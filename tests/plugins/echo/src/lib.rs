@@ -13,7 +13,7 @@ impl Plugin for Echo {
         ServiceConfig::new("echo").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Echo)
     }
 

@@ -18,7 +18,7 @@ impl Plugin for Guarded {
             .requires_auth(true)
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Guarded)
     }
 

@@ -9,7 +9,7 @@ impl Plugin for InitError {
         ServiceConfig::new("init-error").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Err(Error::internal("database at 10.0.0.1 unreachable"))
     }
 

@@ -12,7 +12,7 @@ impl Plugin for InitHang {
         ServiceConfig::new("init-hang").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         std::thread::sleep(Duration::from_secs(3600));
         Ok(InitHang)
     }

@@ -10,7 +10,7 @@ impl Plugin for InitPanic {
         ServiceConfig::new("init-panic").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         panic!("no configuration file found")
     }
 

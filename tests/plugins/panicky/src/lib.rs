@@ -12,7 +12,7 @@ impl Plugin for Panicky {
         ServiceConfig::new("panicky").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Panicky)
     }
 

@@ -10,7 +10,7 @@ impl Plugin for ShutdownPanic {
         ServiceConfig::new("shutdown-panic").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(ShutdownPanic)
     }
 

@@ -13,7 +13,7 @@ impl Plugin for SlowInit {
         ServiceConfig::new("slow-init").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         std::thread::sleep(Duration::from_secs(1));
         Ok(SlowInit)
     }

@@ -14,7 +14,7 @@ impl Plugin for Slow {
         ServiceConfig::new("slow").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Slow)
     }
 

@@ -13,7 +13,7 @@ impl Plugin for Stuck {
         ServiceConfig::new("stuck").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Stuck)
     }
 

@@ -35,7 +35,7 @@ impl Plugin for Tls {
         ServiceConfig::new("tls").version(env!("CARGO_PKG_VERSION"))
     }
 
-    fn init() -> Result<Self> {
+    fn init(_ctx: &plugin_api::Context) -> Result<Self> {
         Ok(Tls)
     }
 
