@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::auth::{Authenticator, Identity, forward_identity};
+use crate::auth::{Authenticator, Identity, Refusal, forward_identity};
 use crate::egress::LoopGuard;
 use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
@@ -92,7 +92,10 @@ async fn dispatch(
     }
     let identity = match authenticate(&gateway, &service, name, rest, &request) {
         Ok(identity) => identity,
-        Err(refused) => return refused,
+        Err(refusal) => {
+            tracing::debug!(service = %name, error = ?refusal, "request refused: authentication");
+            return refusal.into_response(name);
+        }
     };
     // A `Connection` header naming `X-Consumer-Id` would have the later
     // hop-by-hop pass remove the gateway's own value: that pass runs first.
@@ -188,7 +191,7 @@ fn authenticate(
     name: &str,
     rest: &str,
     request: &Request,
-) -> Result<Option<Identity>, Response> {
+) -> Result<Option<Identity>, Refusal> {
     if !service.info.requires_auth || is_preflight(request) {
         return Ok(None);
     }
@@ -200,10 +203,7 @@ fn authenticate(
     {
         return Ok(auth.identify(name, headers));
     }
-    auth.admit(name, headers).map(Some).map_err(|refusal| {
-        tracing::debug!(service = %name, error = ?refusal, "request refused: authentication");
-        refusal.into_response(name)
-    })
+    auth.admit(name, headers).map(Some)
 }
 
 /// A CORS preflight: what a browser sends, without credentials, before a
