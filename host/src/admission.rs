@@ -933,6 +933,42 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_parses_and_compiles() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Sections {
+            gateway: toml::Table,
+            cors: CorsSettings,
+            rate_limit: RateLimitSettings,
+            service: ServiceSettingsByName,
+        }
+        let doc = include_str!("../../docs/GATEWAY_ADMISSION.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a TOML example in GATEWAY_ADMISSION.md");
+        let sections: Sections = toml::from_str(example).expect("the example parses");
+        let default_max_concurrent = sections.gateway["max_concurrent_per_service"]
+            .as_integer()
+            .and_then(|limit| u32::try_from(limit).ok());
+        let admission = build(
+            &sections.cors,
+            &sections.service,
+            &sections.rate_limit,
+            default_max_concurrent,
+        )
+        .expect("the example is valid");
+        assert!(admission.cors("legacy").is_none());
+        assert!(admission.cors("other").is_some());
+        assert_eq!(admission.service_max_concurrent["hello"], 8);
+        assert_eq!(
+            sections.rate_limit.per_client,
+            Some(rate(100, Duration::from_secs(60), Some(20)))
+        );
+    }
+
+    #[test]
     fn nothing_configured_admits_everything() {
         let admission = build(
             &CorsSettings::default(),
