@@ -263,6 +263,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(line, "b x=2");
+        // The two streams are read by threads of their own: stdout's line
+        // may be recorded after stderr's.
+        proc.wait_for_since(0, &["a x=1"], Duration::from_secs(5))
+            .await
+            .unwrap();
         let mark = proc.mark();
         assert_eq!(mark, 2);
         assert!(proc.lines_since(mark, &["x="]).is_empty());
