@@ -14,7 +14,7 @@
 //!
 //! Two lines, in [`Live`] and [`Live::build`]:
 //!
-//! ```ignore
+//! ```text
 //! pub registry_tokens: Arc<ArcSwap<TokenPolicy>>,
 //! // ...
 //! registry_tokens: reloader.add(config, |config| {
