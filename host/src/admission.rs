@@ -39,6 +39,7 @@ use tower_service::Service;
 
 use crate::http::ApiError;
 use crate::service::{HTTP_METHODS, validate_name};
+use crate::settings::SettingsError;
 use crate::sync::lock;
 
 /// The `[cors]` section, or a service's `[service.<name>.cors]`: which
@@ -113,25 +114,6 @@ pub struct ServiceSettings {
 
 /// Per-service settings by service name.
 pub type ServiceSettingsByName = BTreeMap<String, ServiceSettings>;
-
-/// A setting refused: its key path in the config file, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {reason}")]
-pub struct SettingsError {
-    /// Dotted path of the key, e.g. `service.hello.cors.allow_origins[2]`.
-    pub key: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl SettingsError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
 
 /// How often stale rate-limiter keys and idle in-flight counters are
 /// dropped (see [`spawn_housekeeping`]).

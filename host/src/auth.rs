@@ -29,6 +29,7 @@ use subtle::{Choice, ConditionallySelectable as _, ConstantTimeEq as _};
 
 use crate::http::ApiError;
 use crate::service::validate_name;
+use crate::settings::SettingsError;
 use crate::sync::lock;
 
 /// The header an API key is sent in.
@@ -180,27 +181,6 @@ impl SecretDigest {
             .zip(&other.0)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         difference.ct_eq(&0)
-    }
-}
-
-/// A setting refused: which key, and why. The key is the path in the
-/// config file (`auth.jwt[1].public_key_file`), or the field of a key
-/// added at run time (`sha256`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {reason}")]
-pub struct SettingsError {
-    /// Path of the key at fault.
-    pub key: String,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl SettingsError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            reason: reason.into(),
-        }
     }
 }
 

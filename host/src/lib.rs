@@ -22,6 +22,7 @@ pub mod reload;
 pub mod remote;
 pub mod server;
 pub mod service;
+pub mod settings;
 mod sync;
 pub mod table;
 pub mod watcher;
@@ -75,25 +76,16 @@ pub enum HostError {
     /// The registry's database or options are unusable.
     #[error(transparent)]
     Registry(#[from] registry::StartError),
-    /// `[auth.registry]` is invalid.
-    #[error("config: {0}")]
-    RegistryTokens(#[from] registry::TokenSettingsError),
     /// The plugin manager thread could not start.
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
-    /// A CORS, rate-limit or per-service setting of the config file is
-    /// invalid.
+    /// A setting of the config file is invalid (the message names the
+    /// key).
     #[error("config: {0}")]
-    Admission(#[from] admission::SettingsError),
-    /// The `[auth]` section is invalid (the message names the key).
-    #[error("invalid config: {0}")]
-    Auth(#[from] auth::SettingsError),
+    Settings(#[from] settings::SettingsError),
     /// The configuration (command line, environment, file) is refused.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    /// A `[plugin.<name>]` section is refused.
-    #[error(transparent)]
-    PluginPolicy(#[from] plugin_manager::PolicyError),
 }
 
 /// Every check of the settings the host makes before it starts, without

@@ -37,6 +37,7 @@ use crate::plugin::{
     ServiceCalls, ShutdownReport, ThreadBudget,
 };
 use crate::service;
+use crate::settings::SettingsError;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
 
@@ -60,16 +61,6 @@ pub struct PluginSettings {
     /// (`ctx.settings::<T>()`). Applies at the plugin's next load.
     #[serde(default)]
     pub settings: toml::Table,
-}
-
-/// A `[plugin.<name>]` section refused: the key's path and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {reason}")]
-pub struct PolicyError {
-    /// The key's dotted path, e.g. `plugin.hello.workers`.
-    pub key: String,
-    /// What is wrong with it.
-    pub reason: String,
 }
 
 /// What the manager applies to each plugin, by its service name: threads
@@ -96,10 +87,10 @@ impl PluginPolicy {
     pub fn from_settings(
         defaults: RuntimeLimits,
         plugins: &BTreeMap<String, PluginSettings>,
-    ) -> Result<Self, PolicyError> {
+    ) -> Result<Self, SettingsError> {
         let mut rules = BTreeMap::new();
         for (name, settings) in plugins {
-            let refused = |key: &str, reason: String| PolicyError {
+            let refused = |key: &str, reason: String| SettingsError {
                 key: format!("plugin.{name}{key}"),
                 reason,
             };
@@ -637,7 +628,7 @@ mod tests {
         queue: 1024,
     };
 
-    fn policy(toml: &str) -> Result<PluginPolicy, PolicyError> {
+    fn policy(toml: &str) -> Result<PluginPolicy, SettingsError> {
         let sections: BTreeMap<String, PluginSettings> = toml::from_str(toml).expect("valid TOML");
         PluginPolicy::from_settings(DEFAULTS, &sections)
     }

@@ -76,11 +76,22 @@ pub struct Args {
     update_doc: Option<PathBuf>,
 }
 
+/// The profile of this build, which `bench/run` uses for every binary.
+const BUILD: &str = if cfg!(debug_assertions) {
+    "dev"
+} else {
+    "release"
+};
+
 /// How long and how much of everything: full or quick.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Settings {
     /// `full` or `quick`.
     pub mode: &'static str,
+    /// The cargo profile this suite was built with (`bench/run` builds every
+    /// binary of a run with the same one): `release`, or `dev` for a smoke
+    /// run whose numbers mean nothing.
+    pub build: &'static str,
     /// Interleaved rounds per target.
     pub rounds: usize,
     /// Seconds per wrk run.
@@ -118,6 +129,7 @@ impl Settings {
         let mut settings = if args.quick {
             Self {
                 mode: "quick",
+                build: BUILD,
                 rounds: 1,
                 seconds: 2,
                 warmup_seconds: 1,
@@ -137,6 +149,7 @@ impl Settings {
         } else {
             Self {
                 mode: "full",
+                build: BUILD,
                 rounds: 5,
                 seconds: 5,
                 warmup_seconds: 1,

@@ -491,6 +491,13 @@ pub fn markdown(results: &Results) -> String {
         if s.mode == "quick" { " --quick" } else { "" },
         results.elapsed_seconds
     );
+    if s.build != "release" {
+        let _ = writeln!(
+            out,
+            "**A `{}` build: this run checked that every scenario runs; its numbers are not comparable with anything.**\n",
+            s.build
+        );
+    }
     let _ = writeln!(
         out,
         "- Machine: {}, {} cores (`nproc`), {} RAM; Linux {}; {}",

@@ -36,10 +36,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 pub use liveness::{InvalidPolicy, Policy};
-pub use tokens::{
-    ListingAccess, RegistryAuthSettings, RegistryTokenSettings,
-    SettingsError as TokenSettingsError, TokenPolicy,
-};
+pub use tokens::{ListingAccess, RegistryAuthSettings, RegistryTokenSettings, TokenPolicy};
 
 use tokens::{Unauthenticated, Writer};
 

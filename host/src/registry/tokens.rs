@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::SecretDigest;
 use crate::service;
+use crate::settings::SettingsError;
 
 /// The `[auth.registry]` section. Reloadable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -54,21 +55,9 @@ pub enum ListingAccess {
     Token,
 }
 
-/// Why a `[auth.registry]` section was refused; the message names the key.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("auth.registry.{key}: {reason}")]
-pub struct SettingsError {
-    key: String,
-    reason: String,
-}
-
-impl SettingsError {
-    fn new(key: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        Self {
-            key: key.into(),
-            reason: reason.to_string(),
-        }
-    }
+/// A key of `[auth.registry]` refused.
+fn refused(key: impl std::fmt::Display, reason: impl std::fmt::Display) -> SettingsError {
+    SettingsError::new(format!("auth.registry.{key}"), reason)
 }
 
 /// The registry's credentials, checked: who may write which names, and
@@ -137,23 +126,23 @@ impl TokenPolicy {
             .as_deref()
             .map(SecretDigest::from_hex)
             .transpose()
-            .map_err(|error| SettingsError::new("admin_token_sha256", error))?;
+            .map_err(|error| refused("admin_token_sha256", error))?;
         let mut tokens: Vec<Arc<RegistrationToken>> = Vec::with_capacity(settings.tokens.len());
         for (index, token) in settings.tokens.iter().enumerate() {
             let key = |field: &str| format!("tokens[{index}].{field}");
             if token.id.trim().is_empty() {
-                return Err(SettingsError::new(key("id"), "must not be empty"));
+                return Err(refused(key("id"), "must not be empty"));
             }
             if tokens.iter().any(|earlier| earlier.id == token.id) {
-                return Err(SettingsError::new(
+                return Err(refused(
                     key("id"),
                     format!("`{}` names two tokens", token.id),
                 ));
             }
             let digest = SecretDigest::from_hex(&token.sha256)
-                .map_err(|error| SettingsError::new(key("sha256"), error))?;
+                .map_err(|error| refused(key("sha256"), error))?;
             if token.names.is_empty() {
-                return Err(SettingsError::new(
+                return Err(refused(
                     key("names"),
                     "lists no name: a token must be allowed at least one name pattern",
                 ));
@@ -163,9 +152,8 @@ impl TokenPolicy {
                 .iter()
                 .enumerate()
                 .map(|(at, pattern)| {
-                    NamePattern::parse(pattern).map_err(|reason| {
-                        SettingsError::new(format!("{}[{at}]", key("names")), reason)
-                    })
+                    NamePattern::parse(pattern)
+                        .map_err(|reason| refused(format!("{}[{at}]", key("names")), reason))
                 })
                 .collect::<Result<_, _>>()?;
             tokens.push(Arc::new(RegistrationToken {
@@ -175,7 +163,7 @@ impl TokenPolicy {
             }));
         }
         if settings.listing == ListingAccess::Token && admin.is_none() && tokens.is_empty() {
-            return Err(SettingsError::new(
+            return Err(refused(
                 "listing",
                 "`token` needs at least one token (`admin_token_sha256` or `tokens`), or no one could read the listing",
             ));
