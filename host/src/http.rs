@@ -309,6 +309,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn request_ids_are_unique_per_thread_and_across_threads() {
+        let ids: Vec<HeaderValue> = (0..3)
+            .map(|_| new_request_id())
+            .chain(
+                std::thread::spawn(|| (0..3).map(|_| new_request_id()).collect::<Vec<_>>())
+                    .join()
+                    .unwrap(),
+            )
+            .collect();
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), 33);
+            let (prefix, count) = text.split_once('-').unwrap();
+            assert!(prefix.len() == 16 && count.len() == 16, "{text}");
+            assert!(text.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()));
+        }
+        let prefix = |id: &HeaderValue| id.to_str().unwrap()[..16].to_owned();
+        assert_eq!(prefix(&ids[0]), prefix(&ids[2]), "one prefix per thread");
+        assert_ne!(
+            prefix(&ids[0]),
+            prefix(&ids[3]),
+            "another thread, another prefix"
+        );
+    }
+
+    #[test]
     fn service_paths() {
         assert_eq!(check_service_path("/data/1"), Ok(()));
         assert_eq!(check_service_path("/a..b/c"), Ok(()));

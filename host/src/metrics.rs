@@ -710,3 +710,76 @@ impl Collector for HostCollector {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_counts_each_observation_once_in_its_bucket() {
+        let histogram = Histogram::default();
+        histogram.observe(Duration::from_micros(300));
+        histogram.observe(Duration::from_millis(7));
+        histogram.observe(Duration::from_secs(60));
+        assert_eq!(histogram.count(), 3);
+        assert_eq!(histogram.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(histogram.buckets[4].load(Ordering::Relaxed), 1, "<= 10 ms");
+        assert_eq!(
+            histogram.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn answers_are_counted_by_route_method_and_class_and_exposed() {
+        let traffic = Arc::new(ServiceTraffic::new(["/items/{id}"]));
+        let started = traffic.start(Instant::now());
+        assert_eq!(traffic.in_flight(), 1);
+        started.finish(Some(0), &Method::GET, StatusCode::OK);
+        traffic.start(Instant::now()).finish(
+            None,
+            &Method::from_bytes(b"PURGE").unwrap(),
+            StatusCode::BAD_GATEWAY,
+        );
+        // A client that went away: in flight no more, not answered.
+        drop(traffic.start(Instant::now()));
+        assert_eq!(traffic.in_flight(), 0);
+        assert_eq!(traffic.requests_total(), 2);
+        assert_eq!(traffic.errors_total(), 1);
+        traffic.upstream_failed(UpstreamError::Timeout);
+
+        let text = render(vec![ServiceSample {
+            name: "shop".to_owned(),
+            kind: "remote",
+            state: "healthy",
+            traffic,
+            instances: (2, 1),
+            since_heartbeat: Some(Duration::from_secs(3)),
+            plugin: None,
+        }]);
+        for line in [
+            "# TYPE gateway_requests_total counter",
+            r#"gateway_requests_total{service="shop",route="/items/{id}",method="GET",status_class="2xx"} 1"#,
+            r#"gateway_requests_total{service="shop",route="other",method="other",status_class="5xx"} 1"#,
+            r#"gateway_request_duration_seconds_count{service="shop"} 2"#,
+            r#"gateway_requests_in_flight{service="shop"} 0"#,
+            r#"proxy_upstream_errors_total{service="shop",kind="timeout"} 1"#,
+            r#"proxy_upstream_errors_total{service="shop",kind="connect"} 0"#,
+            r#"registry_services{kind="remote",state="healthy"} 1"#,
+            r#"registry_instances{kind="remote",state="unhealthy"} 1"#,
+            r#"registry_seconds_since_heartbeat{service="shop"} 3.0"#,
+            r#"plugin_refusals_total{reason="name_taken"} "#,
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_metrics_path_must_be_plain_absolute_and_free() {
+        assert_eq!(check_path("/metrics".to_owned()).as_deref(), Ok("/metrics"));
+        assert!(check_path("/internal/metrics".to_owned()).is_ok());
+        for taken in ["metrics", "/", "/api/registry/x", "/readyz", "/a b", "/x?y"] {
+            assert!(check_path(taken.to_owned()).is_err(), "{taken}");
+        }
+    }
+}
