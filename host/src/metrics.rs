@@ -135,19 +135,17 @@ impl Histogram {
     }
 
     fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let mut cumulative = 0;
+        // Per bucket: the encoder makes them cumulative.
         let buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
             .iter()
             .copied()
             .chain([f64::INFINITY])
             .zip(&self.buckets)
-            .map(|(bound, count)| {
-                cumulative += count.load(Ordering::Relaxed);
-                (bound, cumulative)
-            })
+            .map(|(bound, count)| (bound, count.load(Ordering::Relaxed)))
             .collect();
+        let count = buckets.iter().map(|(_, count)| count).sum();
         let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, cumulative, &buckets, None)
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
 
@@ -762,6 +760,7 @@ mod tests {
             r#"gateway_requests_total{service="shop",route="/items/{id}",method="GET",status_class="2xx"} 1"#,
             r#"gateway_requests_total{service="shop",route="other",method="other",status_class="5xx"} 1"#,
             r#"gateway_request_duration_seconds_count{service="shop"} 2"#,
+            r#"gateway_request_duration_seconds_bucket{service="shop",le="+Inf"} 2"#,
             r#"gateway_requests_in_flight{service="shop"} 0"#,
             r#"proxy_upstream_errors_total{service="shop",kind="timeout"} 1"#,
             r#"proxy_upstream_errors_total{service="shop",kind="connect"} 0"#,

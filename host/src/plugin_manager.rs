@@ -377,8 +377,8 @@ impl Manager {
         let candidate = match Candidate::read(&path, self.config.file_checks) {
             Ok(candidate) => candidate,
             Err(error) => {
-                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 self.refused(&file, Refusal::File, None, error.to_string());
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
         };
@@ -403,8 +403,8 @@ impl Manager {
         let mut workers = match self.threads.acquire(1, replacing) {
             Ok(workers) => workers,
             Err(error) => {
-                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 self.refused(&file, Refusal::Threads, None, error.to_string());
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
         };
@@ -420,8 +420,8 @@ impl Manager {
         ) {
             Ok(opened) => opened,
             Err(error) => {
-                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 self.refused(&file, Refusal::Library, None, error.to_string());
+                tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
         };
@@ -431,16 +431,16 @@ impl Manager {
         if let Some(pin) = self.policy.pin(&name)
             && !pin.matches_digest(&sha256)
         {
+            self.refused(&file, Refusal::Pin, Some(&name), pin_mismatch(&sha256));
             refuse_pin(&file, &name, pin, &sha256);
             log_close(&name, &file, library.close());
-            self.refused(&file, Refusal::Pin, Some(&name), pin_mismatch(&sha256));
             self.refused_by_pin.insert(path, name);
             return;
         }
         if let Some(holder) = self.name_holder(&name, &file) {
+            self.waiting(&file, &name, &info.version, &holder);
             tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
-            self.waiting(&file, &name, &info.version, &holder);
             self.waiting_for_name.insert(path, name);
             return;
         }
@@ -472,8 +472,8 @@ impl Manager {
         ) {
             Ok(runtime) => Arc::new(runtime),
             Err(error) => {
-                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
                 self.refused(&file, Refusal::Init, Some(&name), error.to_string());
+                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
                 return;
             }
         };
@@ -495,8 +495,8 @@ impl Manager {
         {
             Ok(replaced) => drop(replaced),
             Err(holder) => {
-                tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.waiting(&file, &name, &version, &describe(&holder));
+                tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.unload(runtime, file);
                 self.waiting_for_name.insert(path, name);
                 return;
@@ -575,7 +575,6 @@ impl Manager {
                 if pin.matches_digest(&mounted.sha256) {
                     return None;
                 }
-                refuse_pin(&file_name(path), &mounted.name, pin, &mounted.sha256);
                 metrics::host().plugin_refused(Refusal::Pin);
                 self.config.files.set(
                     &file_name(path),
@@ -584,6 +583,7 @@ impl Manager {
                     None,
                     Some(pin_mismatch(&mounted.sha256)),
                 );
+                refuse_pin(&file_name(path), &mounted.name, pin, &mounted.sha256);
                 Some((path.clone(), mounted.name.clone()))
             })
             .collect();
@@ -614,7 +614,7 @@ impl Manager {
     }
 
     /// Records a refusal of `file` (its status, the metric); the caller
-    /// logged it.
+    /// logs it after, so whoever saw the line sees the status too.
     fn refused(&self, file: &str, reason: Refusal, name: Option<&str>, why: String) {
         metrics::host().plugin_refused(reason);
         self.config

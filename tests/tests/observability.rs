@@ -137,8 +137,8 @@ async fn metrics_listing_and_access_log_count_the_traffic_sent() {
         assert_eq!(requests("hello", "/data/{id}", &class), f64::from(*count));
     }
     assert_eq!(requests("hello", "other", "4xx"), 2.0);
-    assert_eq!(requests("upstream", "hello", "2xx"), 3.0);
-    assert_eq!(requests("gone", "hello", "5xx"), 1.0);
+    assert_eq!(requests("upstream", "/hello", "2xx"), 3.0);
+    assert_eq!(requests("gone", "/hello", "5xx"), 1.0);
     let duration_count = |service| {
         sample(
             &samples,
