@@ -13,6 +13,7 @@ mod gateway;
 mod hardening;
 mod lifecycle;
 mod liveness;
+mod observability;
 mod plugin_files;
 mod plugin_limits;
 mod plugins;
