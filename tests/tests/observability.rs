@@ -283,11 +283,11 @@ async fn request_ids_are_kept_when_usable_replaced_otherwise_and_always_returned
         let (status, returned, body) = get(&host, path, Some("not usable")).await;
         assert_eq!(status, 200, "{body}");
         assert_ne!(returned, "not usable");
-        assert_eq!(id_seen_by(&body), [returned.clone()], "{path}");
+        assert_eq!(id_seen_by(&body), [returned], "{path}");
 
         let (_, first, body) = get(&host, path, None).await;
         let (_, second, _) = get(&host, path, None).await;
-        assert_eq!(id_seen_by(&body), [first.clone()]);
+        assert_eq!(id_seen_by(&body), std::slice::from_ref(&first));
         assert_ne!(first, second, "ids are unique");
         assert!(
             first.len() >= 32 && first.bytes().all(|b| b.is_ascii_graphic()),
