@@ -494,3 +494,34 @@ async fn a_plugin_is_probed_through_its_runtime_and_listed_as_its_health_route_a
         .unwrap();
     assert_eq!(listed().await["status"], "healthy");
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_access_log_as_objects() {
+    let host = host_builder()
+        .args(["--log-format", "json"])
+        .start()
+        .await
+        .unwrap();
+    let mark = host.log_mark();
+    host.install_plugin(plugin_library("hello"), "hello.so")
+        .unwrap();
+    host.wait_for_log_since(mark, &["plugin mounted", r#""file":"hello.so""#])
+        .await
+        .unwrap();
+    let mark = host.log_mark();
+    let (status, id, _) = get(&host, "/api/hello/data/7", Some("json-1")).await;
+    assert_eq!((status, id.as_str()), (404, "json-1"));
+    let line = host
+        .wait_for_log_since(mark, &[r#""target":"access""#])
+        .await
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+    let fields = &event["fields"];
+    assert_eq!(fields["service"], "hello", "{event}");
+    assert_eq!(fields["route"], "/data/{id}");
+    assert_eq!(fields["method"], "GET");
+    assert_eq!(fields["status"], 404);
+    assert_eq!(fields["request_id"], "json-1");
+    assert!(fields["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(fields["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+}

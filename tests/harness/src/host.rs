@@ -8,11 +8,16 @@ use std::process::{Command, ExitStatus};
 use crate::process::Proc;
 use crate::{Error, PATIENCE, Result};
 
-/// The value of `key=value` in a log line of the host.
+/// The value of `key=value` in a log line of the host, or of
+/// `"key":"value"` in a JSON one (`--log-format json`).
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let needle = format!(" {key}=");
+    if let Some(start) = line.find(&needle) {
+        return line[start + needle.len()..].split_whitespace().next();
+    }
+    let needle = format!("\"{key}\":\"");
     let start = line.find(&needle)? + needle.len();
-    line[start..].split_whitespace().next()
+    line[start..].split('"').next()
 }
 
 /// A plugins directory and a data directory, kept across restarts of a
