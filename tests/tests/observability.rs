@@ -313,6 +313,18 @@ async fn probes_and_plugin_files_tell_loaded_refused_and_waiting_files_apart() {
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["plugin_files_refused"], 0);
+    // Refusals are the registry's JSON ones.
+    let response = client()
+        .post(host.registry_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let refusal: Value = response.json().await.unwrap();
+    assert!(
+        refusal["error"].as_str().unwrap().contains("/healthz"),
+        "{refusal}"
+    );
 
     host.mount_plugin(plugin_library("hello"), "hello.so")
         .await
