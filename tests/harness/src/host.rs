@@ -404,4 +404,12 @@ mod tests {
         assert_eq!(field(line, "way"), None, "a key is a whole word");
         assert_eq!(field(line, "missing"), None);
     }
+
+    #[test]
+    fn a_json_line_s_field_is_its_string_value() {
+        let line = r#"{"level":"INFO","fields":{"message":"listening","gateway":"127.0.0.1:8000","registry":"[::1]:9"}}"#;
+        assert_eq!(field(line, "gateway"), Some("127.0.0.1:8000"));
+        assert_eq!(field(line, "registry"), Some("[::1]:9"));
+        assert_eq!(field(line, "way"), None, "a key is a whole word");
+    }
 }
