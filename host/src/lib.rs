@@ -212,7 +212,7 @@ pub async fn run(
         },
         (config.metrics == metrics::Switch::On).then_some(config.metrics_path.as_str()),
     );
-    let registry = registry::router(registry).merge(observe);
+    let registry = registry::router(registry, observe);
 
     if !stopped_during_start {
         tracing::info!(

@@ -747,8 +747,9 @@ fn seconds(duration: Duration) -> Value {
     }
 }
 
-/// The registry API's routes.
-pub fn router(registry: Registry) -> Router {
+/// The registry API's routes, and `more` served on the same listener
+/// (the observability endpoints), which share its JSON 404 and 405.
+pub fn router(registry: Registry, more: Router) -> Router {
     Router::new()
         .route("/api/registry/register", post(register))
         .route("/api/registry/heartbeat", post(heartbeat))
@@ -763,9 +764,10 @@ pub fn router(registry: Registry) -> Router {
             "/api/registry/admin/api-keys/{id}",
             axum::routing::delete(admin::revoke),
         )
+        .with_state(registry)
+        .merge(more)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(registry)
 }
 
 async fn register(
