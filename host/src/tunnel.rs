@@ -198,11 +198,11 @@ impl Tunnel {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(ends) => ends,
             Err(error) => {
-                tracing::debug!(listener, %peer, service, error = %crate::http::error_chain(&error), "tunnel not opened: a side went away during the upgrade");
+                tracing::debug!(listener, %peer, service = %service, error = %crate::http::error_chain(&error), "tunnel not opened: a side went away during the upgrade");
                 return;
             }
         };
-        tracing::debug!(listener, %peer, service, "tunnel opened");
+        tracing::debug!(listener, %peer, service = %service, "tunnel opened");
         let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         match splice(&mut client, &mut upstream, idle_timeout).await {
@@ -212,7 +212,7 @@ impl Tunnel {
             } => tracing::debug!(
                 listener,
                 %peer,
-                service,
+                service = %service,
                 to_upstream,
                 to_client,
                 "tunnel closed"
@@ -220,12 +220,12 @@ impl Tunnel {
             Ended::Idle => tracing::debug!(
                 listener,
                 %peer,
-                service,
+                service = %service,
                 timeout_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
                 "tunnel closed: idle"
             ),
             Ended::Failed(error) => {
-                tracing::debug!(listener, %peer, service, %error, "tunnel closed: a side failed")
+                tracing::debug!(listener, %peer, service = %service, %error, "tunnel closed: a side failed")
             }
         }
     }

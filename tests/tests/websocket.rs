@@ -32,9 +32,11 @@ async fn connect(host: &Host, path: &str, headers: &[(&str, &str)]) -> Result<So
     let url = format!("ws://{}{path}", host.gateway_addr());
     let mut request = url.into_client_request().expect("a valid URL");
     for (name, value) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName =
+            name.parse().expect("a valid header name");
         request
             .headers_mut()
-            .insert(*name, value.parse().expect("a valid header value"));
+            .insert(name, value.parse().expect("a valid header value"));
     }
     let (socket, response) =
         tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(request))
@@ -71,6 +73,17 @@ async fn round_trip(socket: &mut Socket, message: Message) -> Message {
             return received;
         }
     }
+}
+
+/// Closes `socket` as a client should: a close frame, then reading until
+/// the server has ended the connection, then dropping its end.
+async fn close(mut socket: Socket) {
+    socket.close(None).await.expect("send a close frame");
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await
+    .expect("the server ends the connection in time");
 }
 
 async fn echoes(socket: &mut Socket, text: &str) {
@@ -146,7 +159,7 @@ async fn a_websocket_echoes_through_the_gateway_across_a_plugin_swap_and_a_regis
         .unwrap();
     assert_eq!((status, body["variant"].as_str()), (200, Some("swap-b")));
 
-    socket.close(None).await.unwrap();
+    close(socket).await;
     host.wait_for_log_since(mark, &["tunnel closed", "service=ws"])
         .await
         .unwrap();
@@ -205,7 +218,7 @@ async fn upgrades_beyond_the_tunnel_cap_are_answered_503() {
     echoes(&mut first, "two").await;
 
     let mark = host.log_mark();
-    first.close(None).await.unwrap();
+    close(first).await;
     host.wait_for_log_since(mark, &["tunnel closed"])
         .await
         .unwrap();
