@@ -173,8 +173,7 @@ async fn dispatch(
             drop(service);
             let response = match upgrade {
                 Some(protocol) => {
-                    let proxy = &gateway.proxy;
-                    proxy
+                    (gateway.proxy)
                         .upgrade(&remote, rest, client, protocol, request)
                         .await
                 }

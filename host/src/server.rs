@@ -202,7 +202,7 @@ async fn serve_connection(
         peer,
         limits,
         tunnels,
-        _slot,
+        ..
     } = connection;
     // hyper writes whole messages; Nagle would only delay small answers.
     let _ = stream.set_nodelay(true);

@@ -273,3 +273,44 @@ async fn a_handshake_with_a_body_is_refused_400() {
     assert!(answer.contains("must not have a body"), "{answer}");
     assert!(upstream.last_upgrade_headers().is_none());
 }
+
+#[tokio::test]
+async fn a_shutdown_keeps_tunnels_open_for_the_drain_period_then_closes_them() {
+    let drain = Duration::from_secs(1);
+    let upstream = Upstream::start().await;
+    let host = host_builder()
+        .args(["--drain-timeout", "1s"])
+        .start()
+        .await
+        .unwrap();
+    register_remote(&host, "ws", &upstream).await;
+    let mut socket = connect(&host, "/api/ws/ws", &[]).await.unwrap();
+    echoes(&mut socket, "before the shutdown").await;
+
+    let stopping = Instant::now();
+    let stopped = tokio::task::spawn_blocking(move || {
+        let mut host = host;
+        let exit = host.stop();
+        (host, exit)
+    });
+    let ended = tokio::time::timeout(PATIENCE, socket.next())
+        .await
+        .expect("closed within the patience");
+    assert!(
+        matches!(ended, None | Some(Err(_))),
+        "a message instead of the end: {ended:?}"
+    );
+    assert!(
+        stopping.elapsed() >= drain,
+        "closed after {:?}",
+        stopping.elapsed()
+    );
+    let (host, exit) = stopped.await.unwrap();
+    assert!(exit.is_some_and(|exit| exit.success()), "{exit:?}");
+    assert!(
+        host.logs()
+            .contains("requests still open after the drain timeout"),
+        "{}",
+        host.logs()
+    );
+}
