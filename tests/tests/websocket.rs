@@ -317,3 +317,24 @@ async fn a_shutdown_keeps_tunnels_open_for_the_drain_period_then_closes_them() {
         host.logs()
     );
 }
+
+#[tokio::test]
+async fn a_tunnel_does_not_hold_its_services_place_among_requests_in_flight() {
+    let upstream = Upstream::start().await;
+    let host = host_builder()
+        .config("[service.ws]\nmax_concurrent = 1\n")
+        .start()
+        .await
+        .unwrap();
+    register_remote(&host, "ws", &upstream).await;
+    let mut socket = connect(&host, "/api/ws/ws", &[]).await.unwrap();
+    echoes(&mut socket, "open").await;
+    // The handshake counted until it was answered; the tunnel does not.
+    let (status, body) = host_harness::http::get_json(&host.gateway_url("/api/ws/hello"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let mut second = connect(&host, "/api/ws/ws", &[]).await.unwrap();
+    echoes(&mut second, "and another").await;
+    echoes(&mut socket, "still open").await;
+}
