@@ -32,6 +32,7 @@ use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
 use crate::service::{HTTP_METHODS, ServiceInfo};
 use crate::table::{Backend, Service, ServiceTable};
+use crate::tunnel;
 
 /// What the gateway needs to serve.
 #[derive(Debug, Clone)]
@@ -203,9 +204,14 @@ async fn route(
     };
     // A `Connection` header naming `X-Consumer-Id` would have the later
     // hop-by-hop pass remove the gateway's own value: that pass runs first.
-    if request.headers().contains_key(header::CONNECTION) {
+    // An upgrade's protocol is kept aside for the proxy to put back.
+    let upgrade = if request.headers().contains_key(header::CONNECTION) {
+        let upgrade = tunnel::requested(request.version(), request.headers());
         remove_hop_by_hop(request.headers_mut());
-    }
+        upgrade
+    } else {
+        None
+    };
     forward_identity(
         request.headers_mut(),
         identity.as_ref(),
@@ -215,21 +221,42 @@ async fn route(
         // The runtime is looked up again once the body is in: a slow upload
         // must not pin a version that is being swapped out. The request is
         // in flight until the plugin answered.
+        Backend::Plugin(_) if upgrade.is_some() => {
+            drop(in_flight);
+            ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                format!(
+                    "service `{name}` is a plugin, which answers requests and cannot switch protocols; only remote services can be upgraded to"
+                ),
+            )
+            .with("service", name)
+            .into_response()
+        }
         Backend::Plugin(_) => {
             drop(service);
             let response = call_plugin(gateway, name, rest, client, request).await;
             drop(in_flight);
             response
         }
-        // In flight until the last byte of the streamed answer.
+        // In flight until the last byte of the streamed answer; for an
+        // upgrade, until the handshake is answered (the tunnel that may
+        // follow counts against the listener's tunnel cap instead).
         Backend::Remote(remote) => {
             let remote = remote.clone();
             let traffic = service.traffic().clone();
             drop(service);
-            let response = gateway
-                .proxy
-                .forward(&remote, &traffic, rest, client, request)
-                .await;
+            let response = match upgrade {
+                Some(protocol) => {
+                    (gateway.proxy)
+                        .upgrade(&remote, &traffic, rest, client, protocol, request)
+                        .await
+                }
+                None => {
+                    (gateway.proxy)
+                        .forward(&remote, &traffic, rest, client, request)
+                        .await
+                }
+            };
             in_flight.hold_until_body_ends(response)
         }
     };

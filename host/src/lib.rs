@@ -27,6 +27,7 @@ pub mod service;
 pub mod settings;
 mod sync;
 pub mod table;
+pub mod tunnel;
 pub mod watcher;
 
 use std::collections::BTreeMap;
@@ -228,6 +229,10 @@ pub async fn run(
         idle_timeout: config.idle_timeout,
         write_stall_timeout: config.write_stall_timeout,
         max_connections: config.max_connections as usize,
+        tunnels: tunnel::TunnelLimits {
+            idle_timeout: config.tunnel_idle_timeout,
+            max_tunnels: config.max_tunnels as usize,
+        },
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let gateway_server = server::serve(

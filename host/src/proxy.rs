@@ -9,6 +9,11 @@
 //! Bodies are streamed both ways, never collected: memory per request is
 //! bounded by hyper's buffers whatever the body's size.
 //!
+//! An upgrade request (a WebSocket handshake) takes [`Proxy::upgrade`]: the
+//! same route, headers, `Via` stamp and pool, with its `Upgrade` and
+//! `Connection` headers kept; on the upstream's `101` both connections are
+//! left to [`crate::tunnel`].
+//!
 //! It owns nothing but its connection pool. Which instance to use, and
 //! whether the service may be used at all, is the [`RemoteService`]'s to
 //! say; the gateway has already refused paths that could leave the
@@ -35,7 +40,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::{ApiError, error_chain, new_request_id, remove_hop_by_hop};
 use crate::metrics::{ServiceTraffic, UpstreamError};
-use crate::remote::{RemoteService, Route};
+use crate::remote::{RemoteService, Route, Unavailable};
+use crate::tunnel::{self, Handoff};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -89,15 +95,7 @@ impl Proxy {
         let name = remote.name();
         let route = match remote.route() {
             Ok(route) => route,
-            Err(unavailable) => {
-                return ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("service `{name}` is unhealthy: {unavailable}"),
-                )
-                .with("service", name)
-                .with("status", "unhealthy")
-                .into_response();
-            }
+            Err(unavailable) => return unhealthy(name, &unavailable),
         };
         let (mut parts, body) = request.into_parts();
         let uri = match route.uri(rest, parts.uri.query()) {
@@ -184,16 +182,7 @@ impl Proxy {
                 traffic.upstream_answered(started.elapsed());
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
-                if Redirects::apply_to(&parts.headers) {
-                    Redirects {
-                        upstream: &route.authority,
-                        base_path: route.base_path().trim_end_matches('/'),
-                        mount: format!("/api/{name}"),
-                        gateway_host,
-                    }
-                    .rewrite(&mut parts.headers);
-                }
-                parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+                passed_back(name, &route, gateway_host, request_id, &mut parts);
                 tracing::debug!(
                     service = %name,
                     %method,
@@ -206,6 +195,161 @@ impl Proxy {
             Err(error) => failure(name, &route, &error, traffic),
         }
     }
+
+    /// Forwards an upgrade request (`Connection: upgrade`, `Upgrade:
+    /// protocol`, as [`tunnel::requested`] found it) to `remote`, at
+    /// `rest`. On the upstream's `101` the client is answered `101` with the
+    /// upstream's `Upgrade`, and both connections are left to the server as
+    /// a tunnel; any other answer is passed back as [`Proxy::forward`]
+    /// passes it. Refused before the upstream is asked: a request with a
+    /// body (400), a listener whose tunnels are all open (503).
+    pub async fn upgrade(
+        &self,
+        remote: &RemoteService,
+        traffic: &ServiceTraffic,
+        rest: &str,
+        client: SocketAddr,
+        protocol: HeaderValue,
+        request: Request,
+    ) -> Response {
+        let name = remote.name();
+        let (mut parts, body) = request.into_parts();
+        let refuse = |status, message: String| {
+            ApiError::new(status, message)
+                .with("service", name)
+                .into_response()
+        };
+        if !body.is_end_stream() {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "a protocol upgrade request must not have a body".to_owned(),
+            );
+        }
+        // The server gives both to every HTTP/1.1 request carrying
+        // `Upgrade`, which is all `tunnel::requested` lets through.
+        let (Some(handoff), Some(client_side)) = (
+            parts.extensions.remove::<Handoff>(),
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+        ) else {
+            return refuse(
+                StatusCode::NOT_IMPLEMENTED,
+                "this connection cannot be upgraded".to_owned(),
+            );
+        };
+        let reserved = match handoff.reserve() {
+            Ok(reserved) => reserved,
+            Err(full) => {
+                tracing::warn!(service = %name, max_tunnels = full.max, "upgrade refused: tunnel limit reached");
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, full.to_string())
+                    .with("service", name)
+                    .with("limit", full.max)
+                    .into_response();
+            }
+        };
+        let route = match remote.route() {
+            Ok(route) => route,
+            Err(unavailable) => return unhealthy(name, &unavailable),
+        };
+        let uri = match route.uri(rest, parts.uri.query()) {
+            Ok(uri) => uri,
+            Err(error) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot form the URL for service `{name}`: {error}"),
+                );
+            }
+        };
+        let request_id = request_id(&parts.headers);
+        forwarding_headers(
+            &mut parts.headers,
+            client,
+            parts.uri.authority(),
+            &request_id,
+        );
+        tunnel::restore_upgrade_headers(&mut parts.headers, protocol);
+        self.loop_guard.stamp(&mut parts.headers);
+        let gateway_host = parts.headers.get(X_FORWARDED_HOST).cloned();
+        if let Some(mount) = remote.mount() {
+            parts.headers.insert(X_FORWARDED_PREFIX, mount.clone());
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let upstream = Request::from_parts(
+            parts,
+            Tracked {
+                body: Body::empty(),
+                progress: None,
+            },
+        );
+        let answer = tokio::time::timeout(self.timeout, self.client.request(upstream)).await;
+        let mut response = match answer {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return failure(name, &route, &error, traffic),
+            Err(_) => {
+                traffic.upstream_failed(UpstreamError::Timeout);
+                tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer the upgrade in time");
+                return refuse(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "service `{name}` at {} did not answer within {}",
+                        route.authority,
+                        humantime::format_duration(self.timeout)
+                    ),
+                );
+            }
+        };
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let upstream_side = switched.then(|| hyper::upgrade::on(&mut response));
+        let (mut parts, body) = response.into_parts();
+        let upgraded_to = parts.headers.get(header::UPGRADE).cloned();
+        remove_hop_by_hop(&mut parts.headers);
+        passed_back(name, &route, gateway_host, request_id, &mut parts);
+        tracing::debug!(service = %name, status = parts.status.as_u16(), "upgrade proxied");
+        if let Some(upstream_side) = upstream_side {
+            let Some(upgraded_to) = upgraded_to else {
+                return refuse(
+                    StatusCode::BAD_GATEWAY,
+                    format!("service `{name}` switched protocols without naming one in `Upgrade`"),
+                );
+            };
+            tunnel::restore_upgrade_headers(&mut parts.headers, upgraded_to);
+            reserved.accept(name, client_side, upstream_side);
+        }
+        Response::from_parts(parts, Body::new(body))
+    }
+}
+
+/// The answer for a service that is not routed to now.
+fn unhealthy(name: &str, unavailable: &Unavailable) -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("service `{name}` is unhealthy: {unavailable}"),
+    )
+    .with("service", name)
+    .with("status", "unhealthy")
+    .into_response()
+}
+
+/// Makes an upstream's answer (hop-by-hop headers already removed) the
+/// client's: redirects into the service rewritten to its mount, and the
+/// request's id.
+fn passed_back(
+    name: &str,
+    route: &Route<'_>,
+    gateway_host: Option<HeaderValue>,
+    request_id: HeaderValue,
+    parts: &mut axum::http::response::Parts,
+) {
+    if Redirects::apply_to(&parts.headers) {
+        Redirects {
+            upstream: &route.authority,
+            base_path: route.base_path().trim_end_matches('/'),
+            mount: format!("/api/{name}"),
+            gateway_host,
+        }
+        .rewrite(&mut parts.headers);
+    }
+    parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
 }
 
 /// The answer for a request that got no response from the upstream.

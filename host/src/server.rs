@@ -31,6 +31,13 @@
 //!   the timeouts above guarantee happens. Closing them instead would turn a
 //!   burst into errors.
 //!
+//! - **Tunnels** ([`crate::tunnel`]): a request that carries `Upgrade`
+//!   gets the connection's [`Handoff`]; once hyper has answered it `101`
+//!   and let go of the socket, the task runs the tunnel the handler left
+//!   there instead of ending. The header-read and idle rules above no
+//!   longer apply; the tunnel's own idle timeout does, the write stall
+//!   timeout still does, and the connection keeps its place under the cap.
+//!
 //! Request bodies are not timed here: the handlers that read a body bound
 //! the read themselves (`--request-timeout`), and answer `408` naming it.
 //!
@@ -60,6 +67,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, Sleep};
 
+use crate::tunnel::{Handoff, TunnelLimits, Tunnels};
+
 /// The limits every connection on a listener is held to.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -73,6 +82,8 @@ pub struct ConnectionLimits {
     pub write_stall_timeout: Duration,
     /// Connections open at once; more wait in the accept backlog.
     pub max_connections: usize,
+    /// Upgraded connections: their idle timeout and how many may be open.
+    pub tunnels: TunnelLimits,
 }
 
 /// Serves `router` on `listener` until `stopped` turns true, then lets the
@@ -95,6 +106,7 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tunnels = Tunnels::new(limits.tunnels);
     // Owning the connection tasks here means aborting this task (the drain
     // deadline passed) aborts them too, closing their sockets.
     let mut connections = JoinSet::new();
@@ -137,6 +149,7 @@ async fn accept_loop(
                 listener,
                 peer,
                 limits,
+                tunnels: tunnels.clone(),
                 _slot: slot,
             },
             stream,
@@ -166,6 +179,7 @@ struct Connection {
     listener: &'static str,
     peer: SocketAddr,
     limits: ConnectionLimits,
+    tunnels: Arc<Tunnels>,
     /// Held for the connection's life: its place under the cap.
     _slot: OwnedSemaphorePermit,
 }
@@ -187,6 +201,7 @@ async fn serve_connection(
         listener,
         peer,
         limits,
+        tunnels,
         ..
     } = connection;
     // hyper writes whole messages; Nagle would only delay small answers.
@@ -198,21 +213,27 @@ async fn serve_connection(
         stall_timeout: limits.write_stall_timeout,
         stall: None,
     });
+    let (handoff, pickup) = Handoff::new(tunnels);
     let service = RequestService {
         router: TowerToHyperService::new(router),
         peer,
         activity: activity.clone(),
+        handoff,
     };
     let mut conn = http1::Builder::new()
         // See the module doc: the watchdog times request heads.
         .header_read_timeout(None)
-        .serve_connection(io, service);
+        .serve_connection(io, service)
+        .with_upgrades();
     let watchdog = activity.expired(limits);
     tokio::pin!(watchdog);
     let mut draining = false;
-    let expired = loop {
+    let ended = loop {
         tokio::select! {
             result = &mut conn => {
+                if let Some(tunnel) = pickup.take() {
+                    break Ok(tunnel);
+                }
                 if activity.stalled.load(Ordering::Relaxed) {
                     tracing::debug!(
                         listener,
@@ -225,12 +246,18 @@ async fn serve_connection(
                 }
                 return;
             }
-            expired = &mut watchdog => break expired,
+            expired = &mut watchdog => break Err(expired),
             _ = stopped.wait_for(|stop| *stop), if !draining => {
                 draining = true;
                 Pin::new(&mut conn).graceful_shutdown();
             }
         }
+    };
+    let expired = match ended {
+        // hyper has let go of the socket: what is left of the connection
+        // is the tunnel, which its own idle timeout bounds.
+        Ok(tunnel) => return tunnel.run(listener, peer).await,
+        Err(expired) => expired,
     };
     match expired {
         Expired::Idle => {
@@ -250,7 +277,10 @@ async fn serve_connection(
             );
             // No request is in flight, so nothing was written: the socket is
             // at a message boundary and may carry a last answer.
-            let mut stream = conn.into_parts().io.into_inner();
+            let Some(parts) = conn.into_parts() else {
+                return;
+            };
+            let mut stream = parts.io.into_inner();
             let answer = header_timeout_answer(limits.header_read_timeout);
             let _ = tokio::time::timeout(limits.write_stall_timeout, async {
                 stream.write_all(&answer).await?;
@@ -425,13 +455,15 @@ impl Drop for InFlight {
 }
 
 /// The router, called with the peer's address as `ConnectInfo` (what
-/// `into_make_service_with_connect_info` would give it), and with each
-/// request counted in flight until its response body is done.
+/// `into_make_service_with_connect_info` would give it), the connection's
+/// [`Handoff`] if the request carries `Upgrade`, and with each request
+/// counted in flight until its response body is done.
 #[derive(Debug, Clone)]
 struct RequestService {
     router: TowerToHyperService<Router>,
     peer: SocketAddr,
     activity: Arc<Activity>,
+    handoff: Handoff,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
@@ -441,6 +473,10 @@ impl hyper::service::Service<hyper::Request<Incoming>> for RequestService {
 
     fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(ConnectInfo(self.peer));
+        // Only upgrade requests pay for the extension.
+        if request.headers().contains_key(hyper::header::UPGRADE) {
+            request.extensions_mut().insert(self.handoff.clone());
+        }
         let in_flight = Some(self.activity.request_started());
         Responding {
             response: self.router.call(request),

@@ -27,17 +27,21 @@
 //!   their own paths: `absolute` (307, `http://<Host>/...`), `path` (301,
 //!   `/hello...`), `relative` (302, `../hello...`), `chain` (302 to
 //!   `redirect/absolute`).
+//! - `GET /ws`: a WebSocket echo: every text and binary message is sent
+//!   back as it came. The handshake's headers are kept
+//!   ([`Upstream::last_upgrade_headers`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{OriginalUri, Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::serve::ListenerExt;
@@ -61,6 +65,7 @@ struct Counters {
     health_checks: AtomicUsize,
     connections: AtomicUsize,
     echoes: AtomicUsize,
+    upgrade_headers: Mutex<Option<BTreeMap<String, Value>>>,
 }
 
 /// A running upstream; stops when dropped.
@@ -96,7 +101,8 @@ impl Upstream {
             .route("/count", post(count))
             .route("/bytes/{n}", get(bytes))
             .route("/slow/{ms}", get(slow))
-            .route("/redirect/{kind}", get(redirect));
+            .route("/redirect/{kind}", get(redirect))
+            .route("/ws", get(websocket));
         let app = Router::new()
             .nest("/v1", routes.clone())
             .merge(routes)
@@ -140,6 +146,16 @@ impl Upstream {
     pub fn echoes(&self) -> usize {
         self.counters.echoes.load(Ordering::SeqCst)
     }
+
+    /// The headers of the last WebSocket handshake `/ws` accepted, as
+    /// `/echo` reports headers (name -> values).
+    pub fn last_upgrade_headers(&self) -> Option<BTreeMap<String, Value>> {
+        self.counters
+            .upgrade_headers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
 }
 
 impl Drop for Upstream {
@@ -175,19 +191,7 @@ async fn echo(
     // `uri` is the path as sent, `/v1` included (nesting strips it from
     // the request's own).
     let (parts, body) = request.into_parts();
-    let headers: BTreeMap<String, Value> = parts
-        .headers
-        .keys()
-        .map(|name| {
-            let values: Vec<Value> = parts
-                .headers
-                .get_all(name)
-                .iter()
-                .map(|value| json!(String::from_utf8_lossy(value.as_bytes())))
-                .collect();
-            (name.as_str().to_owned(), Value::Array(values))
-        })
-        .collect();
+    let headers = headers_json(&parts.headers);
     let body = axum::body::to_bytes(body, 16 * 1024 * 1024)
         .await
         .unwrap_or_default();
@@ -200,6 +204,47 @@ async fn echo(
         "body": String::from_utf8_lossy(&body),
     }))
     .into_response()
+}
+
+/// Each header name with the list of its values.
+fn headers_json(headers: &HeaderMap) -> BTreeMap<String, Value> {
+    headers
+        .keys()
+        .map(|name| {
+            let values: Vec<Value> = headers
+                .get_all(name)
+                .iter()
+                .map(|value| json!(String::from_utf8_lossy(value.as_bytes())))
+                .collect();
+            (name.as_str().to_owned(), Value::Array(values))
+        })
+        .collect()
+}
+
+async fn websocket(
+    State(counters): State<Arc<Counters>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    *counters
+        .upgrade_headers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(headers_json(&headers));
+    upgrade.on_upgrade(echo_messages)
+}
+
+async fn echo_messages(mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        let echoed = match message {
+            Message::Text(_) | Message::Binary(_) => message,
+            // tungstenite answers a close and pings itself, on the next
+            // read; the loop ends when the socket has closed.
+            Message::Close(_) | Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        if socket.send(echoed).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn count(body: Body) -> Response {

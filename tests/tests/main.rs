@@ -23,3 +23,4 @@ mod registry;
 mod registry_tokens;
 mod scaffold;
 mod store;
+mod websocket;

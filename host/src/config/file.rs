@@ -134,6 +134,11 @@ pub struct ConnectionsSection {
     pub write_stall_timeout: Option<Duration>,
     /// `--max-connections`.
     pub max_connections: Option<u32>,
+    /// `--tunnel-idle-timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub tunnel_idle_timeout: Option<Duration>,
+    /// `--max-tunnels`.
+    pub max_tunnels: Option<u32>,
 }
 
 /// `[plugins]`.

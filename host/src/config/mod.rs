@@ -186,6 +186,18 @@ pub struct Config {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// An upgraded connection (a WebSocket proxied to a remote service)
+    /// with no byte moving either way for this long is closed (both
+    /// listeners).
+    #[arg(long, env = "TUNNEL_IDLE_TIMEOUT", default_value = "300s", value_parser = positive_duration)]
+    pub tunnel_idle_timeout: Duration,
+
+    /// Upgraded connections open at once on each listener; an upgrade
+    /// request beyond it is answered 503. Each also counts against
+    /// `--max-connections`.
+    #[arg(long, env = "MAX_TUNNELS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnels: u32,
+
     /// Which plugin files are trusted: `strict` refuses a plugin file (or
     /// a symlink's target) that is writable by group or others, whose
     /// directory is, or that is owned by neither the host's user nor root,
@@ -419,6 +431,18 @@ impl Config {
             file.connections.max_connections,
             at_least_one
         );
+        take!(
+            tunnel_idle_timeout,
+            "connections.tunnel_idle_timeout",
+            file.connections.tunnel_idle_timeout,
+            positive
+        );
+        take!(
+            max_tunnels,
+            "connections.max_tunnels",
+            file.connections.max_tunnels,
+            at_least_one
+        );
         take!(plugins_dir, "plugins.dir", file.plugins.dir.clone());
         take!(
             plugin_workers,
@@ -560,6 +584,8 @@ impl Config {
             idle_timeout => "connections.idle_timeout",
             write_stall_timeout => "connections.write_stall_timeout",
             max_connections => "connections.max_connections",
+            tunnel_idle_timeout => "connections.tunnel_idle_timeout",
+            max_tunnels => "connections.max_tunnels",
             // The plugin manager's own settings, and runtimes'
             // deadlines fixed when they start.
             drain_timeout => "plugins.drain_timeout",
