@@ -143,7 +143,7 @@ pub fn watch(
     let initial = list_plugin_files(dir).map_err(dir_error)?;
     let mut debouncer = Debouncer::new(dir.to_owned(), debounce);
     for path in &initial {
-        debouncer.mark(path.clone(), Instant::now());
+        debouncer.mark(path.clone(), Instant::now(), true);
     }
     debouncer.initial = Some(initial.into_iter().collect());
     let debouncer = thread::Builder::new()
@@ -207,7 +207,18 @@ struct Pending {
     due: Instant,
     /// Size when last marked; `None` if the file did not exist then.
     size: Option<u64>,
+    /// The last event ended a write (or the path came from a scan), rather
+    /// than only saying the file is being written to.
+    write_ended: bool,
+    /// Since when the file has been empty with a write still open: `cp`
+    /// over a file truncates it and sets its mode before copying a byte,
+    /// and on a busy machine the copy can start later than the debounce.
+    empty_since: Option<Instant>,
 }
+
+/// How long an empty file whose write has not ended waits for its content
+/// before it is reported (and refused) as it is.
+const EMPTY_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 struct Debouncer {
     dir: PathBuf,
@@ -239,9 +250,21 @@ impl Debouncer {
         }
     }
 
-    fn mark(&mut self, path: PathBuf, due: Instant) {
+    fn mark(&mut self, path: PathBuf, due: Instant, write_ended: bool) {
         let size = file_size(&path);
-        self.pending.insert(path, Pending { due, size });
+        let empty_since = self
+            .pending
+            .get(&path)
+            .and_then(|pending| pending.empty_since);
+        self.pending.insert(
+            path,
+            Pending {
+                due,
+                size,
+                write_ended,
+                empty_since,
+            },
+        );
     }
 
     fn run(mut self, raw: &Receiver<Raw>, events: &Sender<FileEvent>) {
@@ -260,7 +283,7 @@ impl Debouncer {
                     let due = if settled { now } else { now + self.debounce };
                     for path in paths {
                         if path.parent() == Some(self.dir.as_path()) && is_plugin_file(&path) {
-                            self.mark(path, due);
+                            self.mark(path, due, settled);
                         }
                     }
                 }
@@ -283,7 +306,7 @@ impl Debouncer {
         });
         let known: Vec<PathBuf> = self.present.iter().cloned().collect();
         for path in listed.into_iter().chain(known) {
-            self.mark(path, due);
+            self.mark(path, due, true);
         }
     }
 
@@ -324,13 +347,25 @@ impl Debouncer {
                     self.present.remove(&path);
                     FileEvent::Removed(path)
                 }
+                Some(0)
+                    if !pending.write_ended
+                        && pending
+                            .empty_since
+                            .is_none_or(|since| now < since + EMPTY_WRITE_PATIENCE) =>
+                {
+                    self.mark(path.clone(), now + self.debounce, false);
+                    if let Some(pending) = self.pending.get_mut(&path) {
+                        pending.empty_since.get_or_insert(now);
+                    }
+                    continue;
+                }
                 Some(size) if pending.size == Some(size) => {
                     self.present.insert(path.clone());
                     FileEvent::Changed(path)
                 }
                 Some(_) => {
                     // Still growing: look again after another quiet period.
-                    self.mark(path, now + self.debounce);
+                    self.mark(path, now + self.debounce, pending.write_ended);
                     continue;
                 }
             };

@@ -181,6 +181,43 @@ async fn a_replaced_file_serves_the_new_version_by_cp_and_by_rename() {
     .await;
 }
 
+/// `cp` over a mounted file truncates it and sets its mode before the first
+/// byte is copied; on a busy machine the copy may start after the debounce.
+/// The empty file is not the new version: the host waits for the write to
+/// end, and the old version serves meanwhile.
+#[tokio::test]
+async fn a_file_truncated_and_left_empty_past_the_debounce_waits_for_its_content() {
+    use std::io::Write as _;
+
+    let host = host_builder()
+        .arg("--watch-debounce")
+        .arg("20ms")
+        .start()
+        .await
+        .unwrap();
+    host.mount_plugin(plugin_library("swap_a"), "swap.so")
+        .await
+        .unwrap();
+
+    let mark = host.log_mark();
+    let mut file = std::fs::File::create(host.plugins_dir().join("swap.so")).unwrap();
+    // Ten debounce periods with the file empty and still open for writing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(variant(&host).await.as_deref(), Some("swap-a"));
+    file.write_all(&std::fs::read(plugin_library("swap_b")).unwrap())
+        .unwrap();
+    drop(file);
+    host.wait_for_log_since(mark, &["plugin mounted", "replaced=true"])
+        .await
+        .unwrap();
+    assert_eq!(variant(&host).await.as_deref(), Some("swap-b"));
+    assert!(
+        host.log_lines_since(mark, &["refused"]).is_empty(),
+        "{}",
+        host.logs()
+    );
+}
+
 #[tokio::test]
 async fn no_request_fails_while_a_plugin_is_replaced_20_times_under_load() {
     let host = Arc::new(
