@@ -83,8 +83,8 @@ pub enum HostError {
     #[error("cannot start the plugin manager: {0}")]
     Manager(std::io::Error),
     /// A setting of the config file is invalid (the message names the
-    /// key).
-    #[error("config: {0}")]
+    /// key's path in the file).
+    #[error(transparent)]
     Settings(#[from] settings::SettingsError),
     /// The configuration (command line, environment, file) is refused.
     #[error(transparent)]
