@@ -38,6 +38,7 @@ use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, Any, Cors, Expos
 use tower_service::Service;
 
 use crate::http::ApiError;
+use crate::remote::Balancing;
 use crate::service::{HTTP_METHODS, validate_name};
 use crate::sync::lock;
 
@@ -109,6 +110,12 @@ pub struct ServiceSettings {
     /// `allow_origins = []`: no CORS for it).
     #[serde(default)]
     pub cors: Option<CorsSettings>,
+    /// How requests pick among a remote service's instances
+    /// (`round_robin` or `least_outstanding`); overrides the
+    /// registration's choice and `[load_balancing] policy`. Compiled by
+    /// [`crate::remote::InstancePolicy`], not here.
+    #[serde(default)]
+    pub load_balancing: Option<Balancing>,
 }
 
 /// Per-service settings by service name.
@@ -1098,6 +1105,7 @@ mod tests {
             ServiceSettings {
                 max_concurrent: Some(0),
                 cors: None,
+                load_balancing: None,
             },
         )
         .unwrap_err();
@@ -1107,6 +1115,7 @@ mod tests {
             ServiceSettings {
                 max_concurrent: None,
                 cors: Some(cors(&["https://a.example", "https://b.example", "ftp:/x"])),
+                load_balancing: None,
             },
         )
         .unwrap_err();
@@ -1242,6 +1251,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: None,
                     cors: Some(cors(&["https://own.example"])),
+                    load_balancing: None,
                 },
             ),
             (
@@ -1249,6 +1259,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: None,
                     cors: Some(CorsSettings::default()),
+                    load_balancing: None,
                 },
             ),
             (
@@ -1256,6 +1267,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: Some(1),
                     cors: None,
+                    load_balancing: None,
                 },
             ),
         ]);
@@ -1440,6 +1452,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: per_service,
                     cors: None,
+                    load_balancing: None,
                 },
             )]),
             &RateLimitSettings::default(),
@@ -1482,6 +1495,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: Some(limit),
                     cors: None,
+                    load_balancing: None,
                 },
             )])
         };

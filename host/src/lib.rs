@@ -85,6 +85,9 @@ pub enum HostError {
     /// invalid.
     #[error("config: {0}")]
     Admission(#[from] admission::SettingsError),
+    /// A `[load_balancing]`, `[outlier]` or `[health]` setting is invalid.
+    #[error("config: {0}")]
+    Instances(#[from] remote::SettingsError),
     /// The `[auth]` section is invalid (the message names the key).
     #[error("invalid config: {0}")]
     Auth(#[from] auth::SettingsError),
@@ -146,6 +149,8 @@ pub async fn run(
             max_body_bytes: config.registry_max_body_bytes,
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
+            max_instances: config.max_instances_per_service as usize,
+            instances: live.instances.clone(),
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
             tokens: live.registry_tokens.clone(),
@@ -154,7 +159,12 @@ pub async fn run(
         },
     )?;
 
-    let proxy = proxy::Proxy::new(config.request_timeout, egress, loop_guard.clone());
+    let proxy = proxy::Proxy::new(
+        config.request_timeout,
+        egress,
+        loop_guard.clone(),
+        live.instances.clone(),
+    );
     let calls = Arc::new(calls::ServiceCaller::new(
         services.clone(),
         proxy.clone(),

@@ -22,6 +22,7 @@ use crate::auth::{ApiKeySettings, AuthSettings, JwtIssuerSettings};
 use crate::plugin::FileChecks;
 use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
+use crate::remote::{HealthSettings, LoadBalancingSettings, OutlierSettings};
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -56,6 +57,15 @@ pub struct FileConfig {
     /// `[service.<name>]`.
     #[serde(default)]
     pub service: ServiceSettingsByName,
+    /// `[load_balancing]`: how requests pick a remote service's instance.
+    #[serde(default)]
+    pub load_balancing: LoadBalancingSettings,
+    /// `[outlier]`: passive ejection of failing instances.
+    #[serde(default)]
+    pub outlier: OutlierSettings,
+    /// `[health]`: health check thresholds and the protect threshold.
+    #[serde(default)]
+    pub health: HealthSettings,
 }
 
 /// `[gateway]`.
@@ -98,6 +108,8 @@ pub struct RegistrySection {
     pub max_body_bytes: Option<usize>,
     /// `--registry-max-bytes`.
     pub max_bytes: Option<u64>,
+    /// `--max-instances-per-service`.
+    pub max_instances_per_service: Option<u32>,
     /// `--upstream-allow`.
     pub upstream_allow: Option<Vec<IpNet>>,
 }
