@@ -728,13 +728,24 @@ impl Registry {
             return;
         };
         let ids: Vec<&str> = silent.iter().map(|instance| instance.id()).collect();
-        tracing::warn!(
-            service = %name,
-            instances = %ids.join(","),
-            remaining,
-            evict_after_s = self.shared.policy.evict_after.as_secs(),
-            "remote service instances evicted: no heartbeat or passing health check for the eviction grace period"
-        );
+        let ids = ids.join(",");
+        let evict_after_s = self.shared.policy.evict_after.as_secs();
+        if remaining == 0 {
+            tracing::warn!(
+                service = %name,
+                instances = %ids,
+                evict_after_s,
+                "remote service evicted: no heartbeat or passing health check for the eviction grace period"
+            );
+        } else {
+            tracing::warn!(
+                service = %name,
+                instances = %ids,
+                remaining,
+                evict_after_s,
+                "remote service instances evicted: no heartbeat or passing health check for the eviction grace period"
+            );
+        }
     }
 
     /// Runs a database operation on the blocking pool; a failure is logged
