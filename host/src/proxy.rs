@@ -118,8 +118,7 @@ impl Proxy {
             }
         };
         let (mut parts, body) = request.into_parts();
-        let query = parts.uri.query().map(str::to_owned);
-        let uri = match route.uri(rest, query.as_deref()) {
+        let uri = match route.uri(rest, parts.uri.query()) {
             Ok(uri) => uri,
             Err(error) => {
                 return ApiError::new(
@@ -151,10 +150,18 @@ impl Proxy {
         // track, and the deadline below stays where it starts.
         let progress = (!body.is_end_stream()).then(|| Arc::new(Progress::new()));
         // What a retry needs: the head again, and the body if it is never
-        // sent. Only made where a retry can happen.
-        let mut retry = (is_idempotent(&method) && remote.instances().len() > 1)
-            .then(|| (parts.method.clone(), parts.headers.clone()));
-        let (tracked, mut slot) = Tracked::new(body, progress.clone(), retry.is_some());
+        // sent (an empty one is made anew). Only made where a retry can
+        // happen.
+        let mut retry = (is_idempotent(&method) && remote.instances().len() > 1).then(|| Head {
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+            query: parts.uri.query().map(str::to_owned),
+        });
+        let (tracked, slot) = Tracked::new(
+            body,
+            progress.clone(),
+            retry.is_some() && progress.is_some(),
+        );
         let mut upstream = Request::from_parts(parts, tracked);
 
         let started = Instant::now();
@@ -182,7 +189,10 @@ impl Proxy {
             // Retried once, elsewhere, and only if nothing reached the
             // upstream: a connect error, and a body still in its slot.
             let resend = match (retry.take(), failed.is_connect()) {
-                (Some(head), true) => slot.take().and_then(Slot::reclaim).map(|body| (head, body)),
+                (Some(head), true) => match &slot {
+                    Some(slot) => slot.reclaim().map(|body| (head, body)),
+                    None => Some((head, Body::empty())),
+                },
                 _ => None,
             };
             let next = resend.and_then(|resend| {
@@ -194,16 +204,15 @@ impl Proxy {
             let Some(((head, body), next)) = next else {
                 return failure(name, &route, &failed);
             };
-            let Ok(uri) = next.uri(rest, query.as_deref()) else {
+            let Ok(uri) = next.uri(rest, head.query.as_deref()) else {
                 return failure(name, &route, &failed);
             };
             tracing::debug!(service = %name, failed = %route.authority(), retry = %next.authority(), error = %error_chain(&failed), "connect error; retrying on another instance");
-            let (method, headers) = head;
             let mut request = Request::new(Tracked::new(body, progress.clone(), false).0);
-            *request.method_mut() = method;
+            *request.method_mut() = head.method;
             *request.uri_mut() = uri;
             *request.version_mut() = Version::HTTP_11;
-            *request.headers_mut() = headers;
+            *request.headers_mut() = head.headers;
             upstream = request;
             route = next;
         };
@@ -288,6 +297,13 @@ impl Proxy {
             }
         }
     }
+}
+
+/// What a retry sends again of a request's head.
+struct Head {
+    method: Method,
+    headers: HeaderMap,
+    query: Option<String>,
 }
 
 /// How one attempt ended.
@@ -593,7 +609,7 @@ struct Slot(Arc<Mutex<Option<Body>>>);
 
 impl Slot {
     /// The body, if no attempt took it (so none of it was sent).
-    fn reclaim(self) -> Option<Body> {
+    fn reclaim(&self) -> Option<Body> {
         lock(&self.0).take()
     }
 }
@@ -672,7 +688,7 @@ impl HttpBody for Tracked {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Owned(body) => body.size_hint(),
-            Source::Lent(_) => self.size_hint.clone(),
+            Source::Lent(_) => self.size_hint,
         }
     }
 }

@@ -390,3 +390,40 @@ async fn instances_survive_kill_9() {
     .await;
     assert_eq!(status, 403, "{answer}");
 }
+
+#[tokio::test]
+async fn a_put_with_a_body_is_retried_whole_and_a_post_is_not() {
+    let host = host_builder()
+        .args(["--health-check-interval", "1h"])
+        .start()
+        .await
+        .unwrap();
+    let mut dead = Upstream::start().await;
+    let live = Upstream::start().await;
+    register_all(&host, "retry", &[&dead, &live]).await;
+    dead.stop().await;
+
+    // Round robin sends every other request to the dead instance: each
+    // PUT that meets it is sent again to the live one, body and all.
+    let client = client();
+    let url = host.gateway_url("/api/retry/echo/x");
+    for n in 0..4 {
+        let body = format!("payload-{n}");
+        let answer = client.put(&url).body(body.clone()).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let echo: Value = answer.json().await.unwrap();
+        assert_eq!(echo["method"], "PUT");
+        assert_eq!(echo["body"], body, "{echo}");
+    }
+    assert_eq!(live.echoes(), 4);
+
+    // A POST is never retried: the ones that meet the dead instance fail.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let answer = client.post(&url).body("once").send().await.unwrap();
+        statuses.push(answer.status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 502, 502]);
+    assert_eq!(live.echoes(), 6);
+}
