@@ -393,8 +393,10 @@ async fn instances_survive_kill_9() {
 
 #[tokio::test]
 async fn a_put_with_a_body_is_retried_whole_and_a_post_is_not() {
+    // Neither checks nor ejection take the dead instance out of routing.
     let host = host_builder()
         .args(["--health-check-interval", "1h"])
+        .config("[outlier]\nconsecutive_failures = 0\n")
         .start()
         .await
         .unwrap();
