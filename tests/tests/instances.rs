@@ -434,3 +434,48 @@ async fn a_put_with_a_body_is_retried_whole_and_a_post_is_not() {
     assert_eq!(statuses, [200, 200, 502, 502]);
     assert_eq!(live.echoes(), 6);
 }
+
+#[tokio::test]
+async fn balancing_and_thresholds_follow_a_reload() {
+    let host = host_builder()
+        .config("[load_balancing]\npolicy = \"round_robin\"\n")
+        .start()
+        .await
+        .unwrap();
+    let upstream = Upstream::start().await;
+    register_all(&host, "tuned", &[&upstream]).await;
+    assert_eq!(
+        listed(&host, "tuned").await["load_balancing"],
+        "round_robin"
+    );
+
+    let mark = host.log_mark();
+    host.write_config("[load_balancing]\npolicy = \"least_outstanding\"\n")
+        .unwrap();
+    host.sighup().unwrap();
+    host.wait_for_log_since(mark, &["config reloaded"])
+        .await
+        .unwrap();
+    assert_eq!(
+        listed(&host, "tuned").await["load_balancing"],
+        "least_outstanding"
+    );
+
+    // An invalid value is refused whole, naming the key.
+    let mark = host.log_mark();
+    host.write_config("[outlier]\nmax_ejection_percent = 150\n")
+        .unwrap();
+    host.sighup().unwrap();
+    let refused = host
+        .wait_for_log_since(mark, &["config reload refused"])
+        .await
+        .unwrap();
+    assert!(
+        refused.contains("outlier.max_ejection_percent"),
+        "{refused}"
+    );
+    assert_eq!(
+        listed(&host, "tuned").await["load_balancing"],
+        "least_outstanding"
+    );
+}
