@@ -38,6 +38,7 @@ use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, Any, Cors, Expos
 use tower_service::Service;
 
 use crate::http::ApiError;
+use crate::remote::Balancing;
 use crate::service::{HTTP_METHODS, validate_name};
 use crate::settings::SettingsError;
 use crate::sync::lock;
@@ -110,6 +111,12 @@ pub struct ServiceSettings {
     /// `allow_origins = []`: no CORS for it).
     #[serde(default)]
     pub cors: Option<CorsSettings>,
+    /// How requests pick among a remote service's instances
+    /// (`round_robin` or `least_outstanding`); overrides the
+    /// registration's choice and `[load_balancing] policy`. Compiled by
+    /// [`crate::remote::InstancePolicy`], not here.
+    #[serde(default)]
+    pub load_balancing: Option<Balancing>,
 }
 
 /// Per-service settings by service name.
@@ -1080,6 +1087,7 @@ mod tests {
             ServiceSettings {
                 max_concurrent: Some(0),
                 cors: None,
+                load_balancing: None,
             },
         )
         .unwrap_err();
@@ -1089,6 +1097,7 @@ mod tests {
             ServiceSettings {
                 max_concurrent: None,
                 cors: Some(cors(&["https://a.example", "https://b.example", "ftp:/x"])),
+                load_balancing: None,
             },
         )
         .unwrap_err();
@@ -1224,6 +1233,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: None,
                     cors: Some(cors(&["https://own.example"])),
+                    load_balancing: None,
                 },
             ),
             (
@@ -1231,6 +1241,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: None,
                     cors: Some(CorsSettings::default()),
+                    load_balancing: None,
                 },
             ),
             (
@@ -1238,6 +1249,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: Some(1),
                     cors: None,
+                    load_balancing: None,
                 },
             ),
         ]);
@@ -1422,6 +1434,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: per_service,
                     cors: None,
+                    load_balancing: None,
                 },
             )]),
             &RateLimitSettings::default(),
@@ -1464,6 +1477,7 @@ mod tests {
                 ServiceSettings {
                     max_concurrent: Some(limit),
                     cors: None,
+                    load_balancing: None,
                 },
             )])
         };

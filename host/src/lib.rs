@@ -141,6 +141,8 @@ pub async fn run(
             max_body_bytes: config.registry_max_body_bytes,
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
+            max_instances: config.max_instances_per_service as usize,
+            instances: live.instances.clone(),
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
             tokens: live.registry_tokens.clone(),
@@ -149,7 +151,12 @@ pub async fn run(
         },
     )?;
 
-    let proxy = proxy::Proxy::new(config.request_timeout, egress, loop_guard.clone());
+    let proxy = proxy::Proxy::new(
+        config.request_timeout,
+        egress,
+        loop_guard.clone(),
+        live.instances.clone(),
+    );
     let calls = Arc::new(calls::ServiceCaller::new(
         services.clone(),
         proxy.clone(),
@@ -207,6 +214,7 @@ pub async fn run(
     let observe = observe::router(
         observe::Observe {
             services: services.clone(),
+            instances: live.instances.clone(),
             files,
             registry: registry.clone(),
             stopping: stopping.clone(),

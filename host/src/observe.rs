@@ -21,6 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -32,7 +34,7 @@ use crate::http::ApiError;
 use crate::metrics::{self, ServiceSample};
 use crate::plugin_manager::{FileState, PluginFiles};
 use crate::registry::Registry;
-use crate::remote::Status;
+use crate::remote::{InstancePolicy, InstanceStatus, Status};
 use crate::table::{Backend, ServiceTable};
 
 /// What the observability endpoints read.
@@ -40,6 +42,9 @@ use crate::table::{Backend, ServiceTable};
 pub struct Observe {
     /// The routable services.
     pub services: Arc<ServiceTable>,
+    /// The live instance policy, under which a remote instance's state is
+    /// read.
+    pub instances: Arc<ArcSwap<InstancePolicy>>,
     /// The plugin files' status.
     pub files: Arc<PluginFiles>,
     /// Decides who may read the metrics and the files' status (the
@@ -113,6 +118,7 @@ async fn plugin_files(
 async fn scrape(State(observe): State<Observe>, headers: HeaderMap) -> Result<Response, ApiError> {
     observe.registry.reader(&headers)?;
     let now = SystemTime::now();
+    let policy = observe.instances.load();
     let samples = observe
         .services
         .list()
@@ -136,14 +142,14 @@ async fn scrape(State(observe): State<Observe>, headers: HeaderMap) -> Result<Re
                     }
                 }
                 Backend::Remote(remote) => {
-                    let liveness = remote.liveness();
+                    let liveness = remote.liveness(&policy);
                     if liveness.status != Status::Healthy {
                         sample.state = "unhealthy";
                     }
                     let healthy = liveness
                         .instances
                         .iter()
-                        .filter(|instance| instance.status == Status::Healthy)
+                        .filter(|instance| instance.status == InstanceStatus::Healthy)
                         .count() as u64;
                     sample.instances = (healthy, liveness.instances.len() as u64 - healthy);
                     sample.since_heartbeat = liveness

@@ -16,23 +16,35 @@
 //!
 //! It owns nothing but its connection pool. Which instance to use, and
 //! whether the service may be used at all, is the [`RemoteService`]'s to
-//! say; the gateway has already refused paths that could leave the
-//! service's base path.
+//! say (by the live [`InstancePolicy`]); the proxy tells it how each
+//! request went (a connect error, a failed answer, a timeout or a 5xx
+//! counts against the instance, for outlier ejection) and holds the
+//! instance's outstanding-request count until the answer's body ends.
+//! The gateway has already refused paths that could leave the service's
+//! base path.
+//!
+//! **Retries.** An idempotent request (GET, HEAD, OPTIONS, PUT, DELETE)
+//! that met a connect error is sent once more, to another instance, if its
+//! body was never sent: none at all, or one the failed attempt never
+//! polled (the body waits in a slot the attempt borrows it from, so
+//! nothing is buffered). A request that reached an instance is never
+//! retried, nor is a POST or PATCH.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::uri::Authority;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -40,7 +52,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::{ApiError, error_chain, new_request_id, remove_hop_by_hop};
 use crate::metrics::{ServiceTraffic, UpstreamError};
-use crate::remote::{RemoteService, Route, Unavailable};
+use crate::remote::{InstancePolicy, Outstanding, RemoteService, Route, Unavailable};
+use crate::sync::lock;
 use crate::tunnel::{self, Handoff};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -59,13 +72,20 @@ pub struct Proxy {
     client: Client<HttpConnector<Resolver>, Tracked>,
     timeout: Duration,
     loop_guard: LoopGuard,
+    instances: Arc<ArcSwap<InstancePolicy>>,
 }
 
 impl Proxy {
     /// A proxy whose upstreams must start answering within `timeout` of the
     /// end of the request (504 otherwise). Connections go only to addresses `egress` admits, and every
-    /// request carries `loop_guard`'s `Via` entry.
-    pub fn new(timeout: Duration, egress: Arc<EgressPolicy>, loop_guard: LoopGuard) -> Self {
+    /// request carries `loop_guard`'s `Via` entry. `instances` (balancing,
+    /// ejection, protect threshold) is loaded per request.
+    pub fn new(
+        timeout: Duration,
+        egress: Arc<EgressPolicy>,
+        loop_guard: LoopGuard,
+        instances: Arc<ArcSwap<InstancePolicy>>,
+    ) -> Self {
         let mut connector = HttpConnector::new_with_resolver(Resolver::new(egress));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
@@ -76,6 +96,7 @@ impl Proxy {
             client,
             timeout,
             loop_guard,
+            instances,
         }
     }
 
@@ -93,7 +114,8 @@ impl Proxy {
         request: Request,
     ) -> Response {
         let name = remote.name();
-        let route = match remote.route() {
+        let policy = self.instances.load();
+        let mut route = match remote.route(&policy, None) {
             Ok(route) => route,
             Err(unavailable) => return unhealthy(name, &unavailable),
         };
@@ -129,26 +151,117 @@ impl Proxy {
         // A body already complete (most GETs) cannot stall: nothing to
         // track, and the deadline below stays where it starts.
         let progress = (!body.is_end_stream()).then(|| Arc::new(Progress::new()));
-        let upstream = Request::from_parts(
-            parts,
-            Tracked {
-                body,
-                progress: progress.clone(),
-            },
+        // What a retry needs: the head again, and the body if it is never
+        // sent (an empty one is made anew). Only made where a retry can
+        // happen.
+        let mut retry = (is_idempotent(&method) && remote.instances().len() > 1).then(|| Head {
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+            query: parts.uri.query().map(str::to_owned),
+        });
+        let (tracked, slot) = Tracked::new(
+            body,
+            progress.clone(),
+            retry.is_some() && progress.is_some(),
         );
+        let mut upstream = Request::from_parts(parts, tracked);
 
+        let started = Instant::now();
+        let answer = loop {
+            let failed = match self
+                .attempt(name, traffic, &route, upstream, progress.as_ref())
+                .await
+            {
+                Attempt::Answered(response) => {
+                    let failed = response.status().is_server_error();
+                    remote.record_outcome(route.instance(), !failed, &policy);
+                    break response;
+                }
+                Attempt::Refused(response, blame) => {
+                    if blame {
+                        remote.record_outcome(route.instance(), false, &policy);
+                    }
+                    return response;
+                }
+                Attempt::Failed(error) => error,
+            };
+            if !client_side(&failed) {
+                remote.record_outcome(route.instance(), false, &policy);
+            }
+            // Retried once, elsewhere, and only if nothing reached the
+            // upstream: a connect error, and a body still in its slot.
+            let resend = match (retry.take(), failed.is_connect()) {
+                (Some(head), true) => match &slot {
+                    Some(slot) => slot.reclaim().map(|body| (head, body)),
+                    None => Some((head, Body::empty())),
+                },
+                _ => None,
+            };
+            let next = resend.and_then(|resend| {
+                remote
+                    .route(&policy, Some(route.instance()))
+                    .ok()
+                    .map(|next| (resend, next))
+            });
+            let Some(((head, body), next)) = next else {
+                return failure(name, &route, &failed, traffic);
+            };
+            let Ok(uri) = next.uri(rest, head.query.as_deref()) else {
+                return failure(name, &route, &failed, traffic);
+            };
+            tracing::debug!(service = %name, failed = %route.authority(), retry = %next.authority(), error = %error_chain(&failed), "connect error; retrying on another instance");
+            let mut request = Request::new(Tracked::new(body, progress.clone(), false).0);
+            *request.method_mut() = head.method;
+            *request.uri_mut() = uri;
+            *request.version_mut() = Version::HTTP_11;
+            *request.headers_mut() = head.headers;
+            upstream = request;
+            route = next;
+        };
+        traffic.upstream_answered(started.elapsed());
+        let (mut parts, body) = answer.into_parts();
+        remove_hop_by_hop(&mut parts.headers);
+        passed_back(name, &route, gateway_host, request_id, &mut parts);
+        tracing::debug!(
+            service = %name,
+            %method,
+            status = parts.status.as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "proxied"
+        );
+        Response::from_parts(
+            parts,
+            Body::new(Held {
+                body,
+                _outstanding: route.into_outstanding(),
+            }),
+        )
+    }
+
+    /// Sends one attempt and waits for its answer's head. The upstream has
+    /// `timeout` to answer once the request is sent: the deadline moves
+    /// while the client's body is still flowing, so a large upload is not
+    /// cut off by its own length.
+    async fn attempt(
+        &self,
+        name: &str,
+        traffic: &ServiceTraffic,
+        route: &Route<'_>,
+        upstream: Request<Tracked>,
+        progress: Option<&Arc<Progress>>,
+    ) -> Attempt {
         let started = Instant::now();
         let answer = self.client.request(upstream);
         tokio::pin!(answer);
-        // The upstream has `timeout` to answer once the request is sent:
-        // the deadline moves while the client's body is still flowing, so
-        // a large upload is not cut off by its own length.
         let mut deadline = started + self.timeout;
-        let result = loop {
+        loop {
             tokio::select! {
-                result = &mut answer => break result,
+                result = &mut answer => return match result {
+                    Ok(response) => Attempt::Answered(response),
+                    Err(error) => Attempt::Failed(error),
+                },
                 () = tokio::time::sleep_until(deadline.into()) => {
-                    let (next, stalled) = match &progress {
+                    let (next, stalled) = match progress {
                         Some(progress) => (progress.last_activity() + self.timeout, progress.is_stalled()),
                         None => (deadline, false),
                     };
@@ -156,43 +269,28 @@ impl Proxy {
                         // The upstream was reading and the client stopped
                         // sending its body: the client's fault.
                         tracing::debug!(service = %name, "client stalled while uploading");
-                        return ApiError::new(
+                        let refusal = ApiError::new(
                             StatusCode::REQUEST_TIMEOUT,
                             format!("request body stalled for {}", humantime::format_duration(self.timeout)),
                         )
                         .with("service", name)
                         .into_response();
+                        return Attempt::Refused(refusal, false);
                     }
                     if next <= Instant::now() {
                         traffic.upstream_failed(UpstreamError::Timeout);
-                        tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer in time");
-                        return ApiError::new(
+                        tracing::warn!(service = %name, upstream = %route.authority(), timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer in time");
+                        let refusal = ApiError::new(
                             StatusCode::GATEWAY_TIMEOUT,
-                            format!("service `{name}` at {} did not answer within {}", route.authority, humantime::format_duration(self.timeout)),
+                            format!("service `{name}` at {} did not answer within {}", route.authority(), humantime::format_duration(self.timeout)),
                         )
                         .with("service", name)
                         .into_response();
+                        return Attempt::Refused(refusal, true);
                     }
                     deadline = next;
                 }
             }
-        };
-        match result {
-            Ok(response) => {
-                traffic.upstream_answered(started.elapsed());
-                let (mut parts, body) = response.into_parts();
-                remove_hop_by_hop(&mut parts.headers);
-                passed_back(name, &route, gateway_host, request_id, &mut parts);
-                tracing::debug!(
-                    service = %name,
-                    %method,
-                    status = parts.status.as_u16(),
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "proxied"
-                );
-                Response::from_parts(parts, Body::new(body))
-            }
-            Err(error) => failure(name, &route, &error, traffic),
         }
     }
 
@@ -246,7 +344,8 @@ impl Proxy {
                     .into_response();
             }
         };
-        let route = match remote.route() {
+        let policy = self.instances.load();
+        let route = match remote.route(&policy, None) {
             Ok(route) => route,
             Err(unavailable) => return unhealthy(name, &unavailable),
         };
@@ -274,25 +373,27 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let upstream = Request::from_parts(
-            parts,
-            Tracked {
-                body: Body::empty(),
-                progress: None,
-            },
-        );
+        let upstream = Request::from_parts(parts, Tracked::new(Body::empty(), None, false).0);
         let answer = tokio::time::timeout(self.timeout, self.client.request(upstream)).await;
         let mut response = match answer {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return failure(name, &route, &error, traffic),
+            Ok(Ok(response)) => {
+                let failed = response.status().is_server_error();
+                remote.record_outcome(route.instance(), !failed, &policy);
+                response
+            }
+            Ok(Err(error)) => {
+                remote.record_outcome(route.instance(), false, &policy);
+                return failure(name, &route, &error, traffic);
+            }
             Err(_) => {
+                remote.record_outcome(route.instance(), false, &policy);
                 traffic.upstream_failed(UpstreamError::Timeout);
-                tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer the upgrade in time");
+                tracing::warn!(service = %name, upstream = %route.authority(), timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer the upgrade in time");
                 return refuse(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
                         "service `{name}` at {} did not answer within {}",
-                        route.authority,
+                        route.authority(),
                         humantime::format_duration(self.timeout)
                     ),
                 );
@@ -342,7 +443,7 @@ fn passed_back(
 ) {
     if Redirects::apply_to(&parts.headers) {
         Redirects {
-            upstream: &route.authority,
+            upstream: route.authority(),
             base_path: route.base_path().trim_end_matches('/'),
             mount: format!("/api/{name}"),
             gateway_host,
@@ -350,6 +451,68 @@ fn passed_back(
         .rewrite(&mut parts.headers);
     }
     parts.headers.entry(X_REQUEST_ID).or_insert(request_id);
+}
+
+/// What a retry sends again of a request's head.
+struct Head {
+    method: Method,
+    headers: HeaderMap,
+    query: Option<String>,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// The upstream answered (its body still to stream).
+    Answered(Response<Incoming>),
+    /// No answer: the error, for the retry decision and the 502.
+    Failed(hyper_util::client::legacy::Error),
+    /// Given up by the proxy (408, 504), and whether the instance is to
+    /// blame.
+    Refused(Response, bool),
+}
+
+/// Methods a retry cannot repeat the effect of.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether `error` is the client's own body breaking off, not the
+/// upstream's doing.
+fn client_side(error: &hyper_util::client::legacy::Error) -> bool {
+    std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
+        error.source()
+    })
+    .any(|error| error.is::<axum::Error>())
+}
+
+/// An answer's body, holding its instance's outstanding-request count until
+/// it ends (or the client goes away).
+struct Held {
+    body: Incoming,
+    _outstanding: Outstanding,
+}
+
+impl HttpBody for Held {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The answer for a request that got no response from the upstream.
@@ -360,12 +523,7 @@ fn failure(
     traffic: &ServiceTraffic,
 ) -> Response {
     let detail = error_chain(error);
-    let client_side =
-        std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
-            error.source()
-        })
-        .any(|error| error.is::<axum::Error>());
-    let (status, message) = if client_side {
+    let (status, message) = if client_side(error) {
         // The client's own body broke off; nothing the upstream did.
         (
             StatusCode::BAD_REQUEST,
@@ -377,7 +535,7 @@ fn failure(
             StatusCode::BAD_GATEWAY,
             format!(
                 "cannot connect to service `{name}` at {}: {detail}",
-                route.authority
+                route.authority()
             ),
         )
     } else {
@@ -386,12 +544,12 @@ fn failure(
             StatusCode::BAD_GATEWAY,
             format!(
                 "service `{name}` at {} failed to answer: {detail}",
-                route.authority
+                route.authority()
             ),
         )
     };
     if status == StatusCode::BAD_GATEWAY {
-        tracing::warn!(service = %name, upstream = %route.authority, error = %detail, "remote service unreachable");
+        tracing::warn!(service = %name, upstream = %route.authority(), error = %detail, "remote service unreachable");
     }
     ApiError::new(status, message)
         .with("service", name)
@@ -583,10 +741,58 @@ impl Progress {
 /// The client's body on its way upstream, passed through frame by frame
 /// and noting when each frame went by (`None`: it was complete from the
 /// start).
+///
+/// A body that a retry may need again is lent: it waits in a [`Slot`]
+/// until the upstream connection first asks for it, so after a failed
+/// attempt the proxy can tell whether it was ever sent, and take it back
+/// if not.
 #[derive(Debug)]
 struct Tracked {
-    body: Body,
+    source: Source,
+    /// The body's own, read before it was lent.
+    end_stream: bool,
+    size_hint: SizeHint,
     progress: Option<Arc<Progress>>,
+}
+
+#[derive(Debug)]
+enum Source {
+    Owned(Body),
+    Lent(Slot),
+}
+
+/// A lent body, until the attempt it is lent to first polls it.
+#[derive(Debug, Clone)]
+struct Slot(Arc<Mutex<Option<Body>>>);
+
+impl Slot {
+    /// The body, if no attempt took it (so none of it was sent).
+    fn reclaim(&self) -> Option<Body> {
+        lock(&self.0).take()
+    }
+}
+
+impl Tracked {
+    /// `body` to send, lent through a slot (returned) when `lend`.
+    fn new(body: Body, progress: Option<Arc<Progress>>, lend: bool) -> (Self, Option<Slot>) {
+        let end_stream = body.is_end_stream();
+        let size_hint = body.size_hint();
+        let (source, slot) = if lend {
+            let slot = Slot(Arc::new(Mutex::new(Some(body))));
+            (Source::Lent(slot.clone()), Some(slot))
+        } else {
+            (Source::Owned(body), None)
+        };
+        (
+            Self {
+                source,
+                end_stream,
+                size_hint,
+                progress,
+            },
+            slot,
+        )
+    }
 }
 
 impl HttpBody for Tracked {
@@ -597,7 +803,19 @@ impl HttpBody for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Source::Lent(slot) = &self.source {
+            let lent = lock(&slot.0).take();
+            match lent {
+                Some(body) => self.source = Source::Owned(body),
+                // Taken back by a retry: this attempt is over.
+                None => return Poll::Ready(None),
+            }
+        }
+        let Source::Owned(body) = &mut self.source else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        let end_stream = body.is_end_stream();
         let Some(progress) = &self.progress else {
             return polled;
         };
@@ -605,7 +823,7 @@ impl HttpBody for Tracked {
         match &polled {
             Poll::Ready(Some(Ok(_))) => {
                 progress.touch();
-                if self.body.is_end_stream() {
+                if end_stream {
                     progress.finish();
                 }
             }
@@ -619,11 +837,17 @@ impl HttpBody for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.source {
+            Source::Owned(body) => body.is_end_stream(),
+            Source::Lent(_) => self.end_stream,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.source {
+            Source::Owned(body) => body.size_hint(),
+            Source::Lent(_) => self.size_hint,
+        }
     }
 }
 

@@ -42,6 +42,7 @@ use crate::auth::{Authenticator, ManagedKeys};
 use crate::plugin::RuntimeLimits;
 use crate::plugin_manager::PluginPolicy;
 use crate::registry::TokenPolicy;
+use crate::remote::InstancePolicy;
 use crate::{Config, HostError};
 
 /// Every reloadable piece of the host, live.
@@ -63,6 +64,12 @@ pub struct Live {
     /// `gateway.max_concurrent_per_service`); a reload keeps the counts in
     /// flight and the buckets of unchanged rates.
     pub admission: Arc<ArcSwap<Admission>>,
+    /// Load balancing, outlier ejection, health check thresholds and the
+    /// protect threshold for remote services' instances
+    /// (`[load_balancing]`, `[outlier]`, `[health]`,
+    /// `[service.<name>] load_balancing`); instances keep their state
+    /// across a reload.
+    pub instances: Arc<ArcSwap<InstancePolicy>>,
     /// Builds and stores every piece above again on reload.
     pub reloader: Reloader,
 }
@@ -101,6 +108,16 @@ impl Live {
                 },
                 Some(Admission::carrying_over),
             )?,
+            instances: reloader.add(config, |config| {
+                Ok(InstancePolicy::from_settings(
+                    &config.file.load_balancing,
+                    &config.file.outlier,
+                    &config.file.health,
+                    config.file.service.iter().filter_map(|(name, settings)| {
+                        settings.load_balancing.map(|balancing| (name, balancing))
+                    }),
+                )?)
+            })?,
             reloader,
         })
     }

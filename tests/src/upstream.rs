@@ -32,8 +32,8 @@
 //!   ([`Upstream::last_upgrade_headers`]).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +49,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use host_harness::Host;
@@ -62,6 +63,8 @@ pub fn pattern_byte(offset: u64) -> u8 {
 #[derive(Debug, Default)]
 struct Counters {
     unhealthy: AtomicBool,
+    /// Milliseconds every answer but `/health` waits.
+    delay_ms: AtomicU64,
     health_checks: AtomicUsize,
     connections: AtomicUsize,
     echoes: AtomicUsize,
@@ -74,6 +77,7 @@ pub struct Upstream {
     addr: SocketAddr,
     counters: Arc<Counters>,
     server: JoinHandle<()>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl Upstream {
@@ -106,14 +110,24 @@ impl Upstream {
         let app = Router::new()
             .nest("/v1", routes.clone())
             .merge(routes)
+            .layer(axum::middleware::from_fn_with_state(
+                counters.clone(),
+                delay,
+            ))
             .with_state(counters.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.await;
+                })
+                .await;
         });
         Ok(Upstream {
             addr,
             counters,
             server,
+            stop: Some(stop),
         })
     }
 
@@ -125,6 +139,24 @@ impl Upstream {
     /// Its port.
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Stops it as a process exit would for new work: no more
+    /// connections are accepted and its idle keep-alive connections are
+    /// closed (requests in flight finish). Returns once the server is
+    /// gone, so its port is free again.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(host_harness::PATIENCE, &mut self.server).await;
+    }
+
+    /// Makes every answer but `/health` wait `delay` first.
+    pub fn set_delay(&self, delay: Duration) {
+        self.counters
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Makes `/health` answer 200 (true) or 503 (false).
@@ -162,6 +194,18 @@ impl Drop for Upstream {
     fn drop(&mut self) {
         self.server.abort();
     }
+}
+
+async fn delay(
+    State(counters): State<Arc<Counters>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let delay = counters.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 && request.uri().path() != "/health" {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    next.run(request).await
 }
 
 async fn health(State(counters): State<Arc<Counters>>) -> Response {
@@ -306,6 +350,34 @@ pub async fn heartbeat(host: &Host, name: &str) -> (u16, Value) {
     post_json(&host.registry_url("/api/registry/heartbeat"), &body)
         .await
         .unwrap()
+}
+
+/// A client whose connections come from `ip` (a loopback address other
+/// than 127.0.0.1 plays "another machine").
+pub fn client_from(ip: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .local_address(ip.parse::<IpAddr>().expect("an address"))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
+/// `POST <registry><path>` with `body` from `from`: status and JSON answer.
+pub async fn post_from(
+    from: &reqwest::Client,
+    host: &Host,
+    path: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let answer = from
+        .post(host.registry_url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("registry request");
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
 }
 
 /// `GET <gateway><path>`: status and body text.

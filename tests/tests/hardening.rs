@@ -2,14 +2,16 @@
 //! over a name: loops, the host's own listeners, the upstream allow-list,
 //! ownership of a registration, and the name race at start-up.
 
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use host_harness::http::{client, post_json, registration};
 use host_harness::workspace::{host_builder, plugin_library};
-use host_harness::{Dirs, Host, PATIENCE};
+use host_harness::{Dirs, PATIENCE};
 use integration_tests::raw_http;
-use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
+use integration_tests::upstream::{
+    Upstream, client_from, gateway_get, heartbeat, post_from, register,
+};
 use serde_json::{Value, json};
 
 /// A registration of `name` at `addr`, mounted at `base_path` there.
@@ -121,30 +123,8 @@ async fn the_upstream_allow_list_decides_which_addresses_may_be_registered() {
     assert_eq!(gateway_get(&host, "/api/outside/hello").await.0, 404);
 }
 
-/// A client whose connections come from `ip` (a loopback address other
-/// than 127.0.0.1 plays "another machine").
-fn client_from(ip: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(ip.parse::<IpAddr>().expect("an address"))
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("HTTP client")
-}
-
-async fn post_from(from: &reqwest::Client, host: &Host, path: &str, body: &Value) -> (u16, Value) {
-    let answer = from
-        .post(host.registry_url(path))
-        .json(body)
-        .send()
-        .await
-        .expect("registry request");
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
-async fn only_the_address_that_registered_a_service_may_change_it() {
+async fn only_the_address_that_registered_an_instance_may_change_it() {
     let host = host_builder().start().await.unwrap();
     let owner = Upstream::start().await;
     let intruder = Upstream::start().await;
@@ -154,24 +134,26 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
             .0,
         201
     );
+    let owned_id = owner.addr().to_string();
 
+    // Another address may not take over the owner's instance...
     let other = client_from("127.0.0.2");
     let (status, answer) = post_from(
         &other,
         &host,
         "/api/registry/register",
-        &registration("owned", intruder.addr()),
+        &registration("owned", owner.addr()),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["field"], "name");
     assert!(
-        answer["error"]
-            .as_str()
-            .unwrap()
-            .contains("registered from 127.0.0.1: only that address may change"),
+        answer["error"].as_str().unwrap().contains(&format!(
+            "instance {owned_id} of service `owned` was registered from 127.0.0.1: only that address may change"
+        )),
         "{answer}"
     );
+    // ...nor speak for it, by name (it owns no instance) or by id.
     let (status, answer) = post_from(
         &other,
         &host,
@@ -181,8 +163,25 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
     .await;
     assert_eq!(status, 403, "{answer}");
     assert_eq!(answer["field"], "service_id");
+    let (status, answer) = post_from(
+        &other,
+        &host,
+        "/api/registry/heartbeat",
+        &json!({"service_id": "owned", "instance_id": owned_id, "status": "unhealthy"}),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(answer["field"], "instance_id");
     let (status, answer) =
         post_from(&other, &host, "/api/registry/deregister/owned", &json!({})).await;
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = post_from(
+        &other,
+        &host,
+        "/api/registry/deregister/owned",
+        &json!({"instance_id": owned_id}),
+    )
+    .await;
     assert_eq!(status, 403, "{answer}");
 
     // Nothing the other address sent changed anything.
@@ -201,10 +200,26 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
         &other,
         &host,
         "/api/registry/register",
-        &registration("owned", intruder.addr()),
+        &registration("owned", owner.addr()),
     )
     .await;
     assert_eq!(status, 409);
+    // Another address may add an instance of its own (it declares what
+    // the service declares), and remove it again, not the owner's.
+    let (status, answer) = post_from(
+        &other,
+        &host,
+        "/api/registry/register",
+        &registration("owned", intruder.addr()),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["status"], "instance added");
+    let (status, answer) =
+        post_from(&other, &host, "/api/registry/deregister/owned", &json!({})).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["instance_ids"], json!([intruder.addr().to_string()]));
+    assert_eq!(answer["remaining_instances"], 1);
     let (status, answer) = post_json(
         &host.registry_url("/api/registry/deregister/owned"),
         &json!({}),
@@ -212,6 +227,7 @@ async fn only_the_address_that_registered_a_service_may_change_it() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["remaining_instances"], 0);
 }
 
 fn free_port() -> u16 {

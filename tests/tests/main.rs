@@ -11,6 +11,7 @@ mod edge;
 mod examples;
 mod gateway;
 mod hardening;
+mod instances;
 mod lifecycle;
 mod liveness;
 mod observability;

@@ -99,7 +99,7 @@ async fn a_registration_is_answered_routed_and_listed() {
 }
 
 #[tokio::test]
-async fn a_registration_from_another_address_replaces_the_instance() {
+async fn a_registration_from_another_port_adds_an_instance() {
     let host = host_builder().start().await.unwrap();
     let first = Upstream::start().await;
     let second = Upstream::start().await;
@@ -109,28 +109,31 @@ async fn a_registration_from_another_address_replaces_the_instance() {
             .0,
         201
     );
-    assert_eq!(
-        register(&host, &registration("moving", second.addr()))
-            .await
-            .0,
-        200
-    );
+    let (status, answer) = register(&host, &registration("moving", second.addr())).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(answer["status"], "instance added");
+    assert_eq!(answer["instance_id"], second.addr().to_string());
+    assert_eq!(answer["instances"], 2);
 
-    let (status, echo) = get_json(&host.gateway_url("/api/moving/echo/where"))
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    assert_eq!(
-        echo["headers"]["host"][0],
-        format!("127.0.0.1:{}", second.port())
-    );
+    // Round robin: two requests, one per instance.
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let (status, echo) = get_json(&host.gateway_url("/api/moving/echo/where"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        hosts.push(echo["headers"]["host"][0].as_str().unwrap().to_owned());
+    }
+    hosts.sort();
+    let mut expected = vec![first.addr().to_string(), second.addr().to_string()];
+    expected.sort();
+    assert_eq!(hosts, expected);
     let (_, listed) = listed(&host, "moving").await;
     assert_eq!(
         listed["instances"].as_array().map(Vec::len),
-        Some(1),
+        Some(2),
         "{listed}"
     );
-    assert_eq!(listed["port"], second.port());
 }
 
 #[tokio::test]

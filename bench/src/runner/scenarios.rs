@@ -636,7 +636,9 @@ fn in_process(
 }
 
 /// Scenario 2: a remote service hit directly, through our gateway, through
-/// nginx.
+/// nginx; and through our gateway spread over three instances
+/// (`ours-3-instances`, three upstream processes registered under one
+/// name, round robin), against one (`ours`).
 fn proxy(
     rt: &Runtime,
     client: &reqwest::Client,
@@ -647,9 +649,17 @@ fn proxy(
     base: Option<&Host>,
 ) -> Result<(Comparison, Comparison), String> {
     let upstream = SimpleServer::start(rt, "bench-upstream", &artifacts.upstream, pinning)?;
-    register_upstream(rt, host, upstream.addr)?;
+    register_upstream(rt, host, "upstream", upstream.addr)?;
     if let Some(base) = base {
-        register_upstream(rt, base, upstream.addr)?;
+        register_upstream(rt, base, "upstream", upstream.addr)?;
+    }
+    // The same upstream three times over: what spreading costs or gains.
+    let siblings = [
+        SimpleServer::start(rt, "bench-upstream", &artifacts.upstream, pinning)?,
+        SimpleServer::start(rt, "bench-upstream", &artifacts.upstream, pinning)?,
+    ];
+    for addr in std::iter::once(upstream.addr).chain(siblings.iter().map(|s| s.addr)) {
+        register_upstream(rt, host, "upstream3", addr)?;
     }
     // plugin-host runs one tokio worker on its one core; nginx gets one
     // worker process on the same core, HAProxy one thread.
@@ -662,6 +672,7 @@ fn proxy(
     ] {
         let direct = format!("http://{}/{path}", upstream.addr);
         let ours = host.gateway_url(&format!("/api/upstream/{path}"));
+        let ours_3 = host.gateway_url(&format!("/api/upstream3/{path}"));
         let via_nginx = format!("http://{}/api/upstream/{path}", nginx.addr);
         let via_nginx_unbuffered = format!("http://{}/api/upstream/{path}", nginx.unbuffered_addr);
         let via_haproxy = format!("http://{}/api/upstream/{path}", haproxy.addr);
@@ -670,6 +681,7 @@ fn proxy(
         for url in [
             &direct,
             &ours,
+            &ours_3,
             &via_nginx,
             &via_nginx_unbuffered,
             &via_haproxy,
@@ -725,6 +737,14 @@ fn proxy(
             pids: vec![host.pid()],
             behind: behind.clone(),
         });
+        targets.push(Spec {
+            label: "ours-3-instances",
+            url: ours_3,
+            pids: vec![host.pid()],
+            behind: std::iter::once(upstream.proc.pid())
+                .chain(siblings.iter().map(|s| s.proc.pid()))
+                .collect(),
+        });
         if let (Some(base), Some(url)) = (base, via_base) {
             targets.push(Spec {
                 label: "base",
@@ -744,18 +764,26 @@ fn proxy(
         for baseline in ["direct", "nginx", "nginx-unbuffered", "haproxy", "base"] {
             comparison.add_ratio("ours", baseline);
         }
+        comparison.add_ratio("ours-3-instances", "ours");
         comparisons.push(comparison);
     }
     let large = comparisons.pop().ok_or("no large comparison")?;
     let small = comparisons.pop().ok_or("no small comparison")?;
     drop(haproxy);
     drop(nginx);
+    drop(siblings);
     drop(upstream);
     Ok((small, large))
 }
 
-fn register_upstream(rt: &Runtime, host: &Host, upstream: SocketAddr) -> Result<(), String> {
-    let mut body = registration("upstream", upstream);
+/// Registers the bench upstream at `upstream` as (an instance of) `name`.
+fn register_upstream(
+    rt: &Runtime,
+    host: &Host,
+    name: &str,
+    upstream: SocketAddr,
+) -> Result<(), String> {
+    let mut body = registration(name, upstream);
     body["endpoints"] = json!([
         {"path": "/small", "method": "GET", "description": "small JSON", "is_public": true},
         {"path": "/large", "method": "GET", "description": "1 MiB", "is_public": true}

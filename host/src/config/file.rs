@@ -23,6 +23,7 @@ use crate::metrics::MetricsSection;
 use crate::plugin::FileChecks;
 use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
+use crate::remote::{HealthSettings, LoadBalancingSettings, OutlierSettings};
 
 use super::LogFormat;
 
@@ -65,6 +66,15 @@ pub struct FileConfig {
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
+    /// `[load_balancing]`: how requests pick a remote service's instance.
+    #[serde(default)]
+    pub load_balancing: LoadBalancingSettings,
+    /// `[outlier]`: passive ejection of failing instances.
+    #[serde(default)]
+    pub outlier: OutlierSettings,
+    /// `[health]`: health check thresholds and the protect threshold.
+    #[serde(default)]
+    pub health: HealthSettings,
 }
 
 /// `[log]`.
@@ -115,6 +125,8 @@ pub struct RegistrySection {
     pub max_body_bytes: Option<usize>,
     /// `--registry-max-bytes`.
     pub max_bytes: Option<u64>,
+    /// `--max-instances-per-service`.
+    pub max_instances_per_service: Option<u32>,
     /// `--upstream-allow`.
     pub upstream_allow: Option<Vec<IpNet>>,
 }

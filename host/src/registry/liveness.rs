@@ -11,6 +11,13 @@
 //! the moment of each request, and logged once by whichever of a request,
 //! a heartbeat or a round notices the change first). Only a much longer
 //! silence evicts it.
+//!
+//! Checks are per instance, and a heartbeat that names no instance speaks
+//! for every instance its caller registered, so the checks are what tell
+//! a dead instance from its live siblings: `[health] unhealthy_threshold`
+//! failures in a row mark an instance down (not routed while the protect
+//! threshold allows), `healthy_threshold` passes in a row bring it back,
+//! so one blip does not flap it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,7 +34,7 @@ use tokio::time::MissedTickBehavior;
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::{X_REQUEST_ID, error_chain, new_request_id};
 use crate::plugin::PluginRequest;
-use crate::remote::{CheckOutcome, RemoteService};
+use crate::remote::{CheckOutcome, InstancePolicy, RemoteService, Thresholds};
 use crate::table::{Backend, Service};
 
 /// How remote services are kept track of.
@@ -129,16 +136,21 @@ impl Checker {
         ticks
     }
 
-    /// Checks every instance of `remotes` at once, logs the changes of
-    /// status, and returns the services silent past the eviction grace
-    /// period.
-    pub(super) async fn round(&self, remotes: Vec<Arc<RemoteService>>) -> Vec<Arc<RemoteService>> {
-        round(&remotes, self).await;
+    /// Checks every instance of `remotes` at once (an instance changes
+    /// state only after `policy`'s thresholds of consecutive results),
+    /// logs the changes of status, and returns the services with an
+    /// instance silent past the eviction grace period.
+    pub(super) async fn round(
+        &self,
+        remotes: Vec<Arc<RemoteService>>,
+        policy: &InstancePolicy,
+    ) -> Vec<Arc<RemoteService>> {
+        round(&remotes, self, policy.thresholds).await;
         remotes
             .into_iter()
             .filter(|remote| {
-                remote.announce_health();
-                remote.silent_for() > self.policy.evict_after
+                remote.announce_health(policy.thresholds);
+                !remote.silent_instances(self.policy.evict_after).is_empty()
             })
             .collect()
     }
@@ -200,11 +212,11 @@ impl Checker {
     }
 }
 
-async fn round(remotes: &[Arc<RemoteService>], checker: &Checker) {
+async fn round(remotes: &[Arc<RemoteService>], checker: &Checker, thresholds: Thresholds) {
     let mut checks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
     for remote in remotes {
-        for (addr, uri) in remote.health_check_urls() {
+        for (instance, uri) in remote.health_check_urls() {
             let remote = remote.clone();
             let checker = checker.clone();
             let slots = slots.clone();
@@ -218,15 +230,16 @@ async fn round(remotes: &[Arc<RemoteService>], checker: &Checker) {
                 };
                 crate::metrics::host().health_check(result.is_ok());
                 if let Err(error) = &result {
-                    tracing::debug!(service = %remote.name(), instance = %addr, %error, "health check failed");
+                    tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check failed");
                 }
                 remote.record_check(
-                    &addr,
+                    &instance,
                     CheckOutcome {
                         at: SystemTime::now(),
                         ok: result.is_ok(),
                         error: result.err(),
                     },
+                    thresholds,
                 );
             });
         }

@@ -45,12 +45,12 @@ use liveness::Checker;
 use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
 use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, Escaped, read_body_within};
-use crate::remote::{self, Owner, RemoteService};
+use crate::remote::{self, Instance, InstancePolicy, RemoteService, RemoteSpec};
 use crate::service::ServiceInfo;
 use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
-use store::{RecordError, Store, StoreError, StoredService};
+use store::{RecordError, Store, StoreError, StoredInstance, StoredService};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
@@ -65,6 +65,11 @@ pub struct RegistryConfig {
     pub body_timeout: Duration,
     /// Most bytes of stored registrations, added up.
     pub max_stored_bytes: u64,
+    /// Most instances one service may have.
+    pub max_instances: usize,
+    /// Health check thresholds, protect threshold and balancing, for the
+    /// liveness task and the listing; swapped on reload.
+    pub instances: Arc<ArcSwap<InstancePolicy>>,
     /// Which upstream addresses a registration may name.
     pub egress: Arc<EgressPolicy>,
     /// Marks the health checks, like every request the host sends.
@@ -105,6 +110,8 @@ struct Shared {
     max_body_bytes: usize,
     body_timeout: Duration,
     max_stored_bytes: u64,
+    max_instances: usize,
+    instances: Arc<ArcSwap<InstancePolicy>>,
     /// What the stored registrations take; changed only under `writes`.
     storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
@@ -167,27 +174,38 @@ impl Registry {
             // literal can be judged now (the listeners or the allow-list may
             // have changed since it was accepted).
             if let Some(refused) = stored.instances.iter().find_map(|instance| {
-                let ip = instance.host.parse().ok()?;
+                let ip = instance.addr.host.parse().ok()?;
                 config
                     .egress
-                    .check(SocketAddr::new(ip, instance.port))
+                    .check(SocketAddr::new(ip, instance.addr.port))
                     .err()
             }) {
                 tracing::error!(service = %name, error = %refused, "stored registration points where the host may not connect; left in the database, not routed");
                 continue;
             }
-            let registered_at = UNIX_EPOCH + Duration::from_millis(stored.registered_at_unix_ms);
-            let remote = match RemoteService::new(
-                stored.spec.clone(),
-                stored.instances,
-                registered_at,
-                Owner {
-                    address: stored.owner,
-                    token: stored.owner_token,
-                },
-                config.policy.ttl,
-            ) {
-                Ok(remote) => Arc::new(remote),
+            let registered_at = from_unix_ms(stored.registered_at_unix_ms);
+            let instances = stored
+                .instances
+                .iter()
+                .map(|instance| {
+                    Instance::new(
+                        instance.addr.clone(),
+                        stored.owner_of(instance),
+                        instance
+                            .registered_at_unix_ms
+                            .map_or(registered_at, from_unix_ms),
+                    )
+                    .map(Arc::new)
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let remote = match instances {
+                Ok(instances) => Arc::new(RemoteService::new(
+                    stored.spec.clone(),
+                    instances,
+                    registered_at,
+                    stored.owner_token,
+                    config.policy.ttl,
+                )),
                 Err(error) => {
                     tracing::error!(service = %name, %error, "stored registration has an invalid address; left in the database, not routed");
                     continue;
@@ -217,6 +235,8 @@ impl Registry {
                 max_body_bytes: config.max_body_bytes,
                 body_timeout: config.body_timeout,
                 max_stored_bytes: config.max_stored_bytes,
+                max_instances: config.max_instances,
+                instances: config.instances,
                 storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
                 loop_guard: config.loop_guard,
@@ -241,7 +261,8 @@ impl Registry {
             let mut ticks = checker.ticks();
             loop {
                 ticks.tick().await;
-                for silent in checker.round(registry.remotes()).await {
+                let policy = registry.shared.instances.load_full();
+                for silent in checker.round(registry.remotes(), &policy).await {
                     registry.evict(&silent).await;
                 }
                 checker.check_plugins(registry.shared.services.list()).await;
@@ -312,76 +333,195 @@ impl Registry {
     ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
+        let id = instance.to_string();
         let _writes = self.shared.writes.lock().await;
         let previous = match self.shared.services.get(&name) {
             None => {
-                may_write(&writer, &name, None, caller, StatusCode::CONFLICT, "name")?;
+                may_write(&writer, &name, None, "name")?;
                 None
             }
             Some(holder) => match &holder.backend {
                 Backend::Remote(remote) => {
-                    may_write(
-                        &writer,
-                        &name,
-                        Some(remote),
-                        caller,
-                        StatusCode::CONFLICT,
-                        "name",
-                    )?;
+                    may_write(&writer, &name, Some(remote), "name")?;
                     Some(remote.clone())
                 }
                 Backend::Plugin(_) => return Err(name_taken(&holder)),
             },
         };
-        let owner = Owner {
-            address: Some(caller),
-            token: match &writer {
-                Writer::Anyone => None,
-                Writer::Token(token) => Some(token.id().to_owned()),
-                // The admin token manages a name; it does not take it from
-                // the token that owns it.
-                Writer::Admin => previous
-                    .as_ref()
-                    .and_then(|previous| previous.owner().token.clone()),
-            },
+        let owner_token = match &writer {
+            Writer::Anyone => None,
+            Writer::Token(token) => Some(token.id().to_owned()),
+            // The admin token manages a name; it does not take it from
+            // the token that owns it.
+            Writer::Admin => previous
+                .as_ref()
+                .and_then(|previous| previous.owner_token().map(str::to_owned)),
+        };
+        let (kept, change) = match &previous {
+            None => (Vec::new(), Change::Registered),
+            Some(remote) => self.join(remote, &spec, &id, caller, &writer)?,
         };
         let registered_at = previous
             .as_ref()
             .map_or_else(SystemTime::now, |previous| previous.registered_at());
-        // The owner registering another `host:port` moves the instance: one
-        // instance per service until several are supported.
-        let moved_from = previous
-            .as_ref()
-            .map(|previous| previous.instances())
-            .filter(|instances| !instances.contains(&instance))
-            .map(|instances| {
-                let ids: Vec<String> = instances.iter().map(ToString::to_string).collect();
-                ids.join(",")
-            });
+        // A refreshed instance keeps its state (it is the same `Arc`),
+        // unless it was stored without an owner: the caller claims it.
+        let refreshed = kept
+            .iter()
+            .find(|member| member.id() == id && member.owner().is_some())
+            .cloned();
+        let mut members: Vec<Arc<Instance>> = kept
+            .into_iter()
+            .filter(|member| member.id() != id)
+            .collect();
+        let joining = match &refreshed {
+            Some(existing) => existing.clone(),
+            None => Arc::new(
+                Instance::new(instance.clone(), Some(caller), SystemTime::now()).map_err(
+                    |error| {
+                        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {error}"))
+                            .with("field", "host")
+                    },
+                )?,
+            ),
+        };
+        members.push(joining.clone());
+        if members.len() > self.shared.max_instances {
+            let limit = self.shared.max_instances;
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service `{name}` has {} instances, its limit (`registry.max_instances_per_service`, --max-instances-per-service); deregister one first",
+                    limit
+                ),
+            )
+            .with("field", "host")
+            .with("service", name)
+            .with("limit", "max_instances_per_service")
+            .with("max_instances_per_service", limit));
+        }
+        let instances = members.len();
         let remote = RemoteService::new(
             spec.clone(),
-            vec![instance.clone()],
+            members,
             registered_at,
-            owner.clone(),
+            owner_token,
             self.shared.policy.ttl,
-        )
-        .map_err(|error| {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {error}"))
-                .with("field", "host")
-        })?;
-        let stored = StoredService {
-            spec: spec.clone(),
-            instances: vec![instance.clone()],
-            registered_at_unix_ms: unix_ms(registered_at),
-            owner: owner.address,
-            owner_token: owner.token,
+        );
+        let new_name = previous.is_none();
+        self.commit(remote, new_name).await?;
+        joining.refresh();
+        tracing::info!(
+            service = %name,
+            instance = %id,
+            instances,
+            version = %spec.info.version,
+            change = change.word(),
+            "remote service registered"
+        );
+        let policy = self.shared.policy;
+        let status = match change {
+            Change::Registered | Change::Added | Change::Replaced => StatusCode::CREATED,
+            Change::Updated => StatusCode::OK,
         };
+        let answer = json!({
+            "service_id": name,
+            "status": change.word(),
+            "instance_id": id,
+            "instances": instances,
+            "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
+            "ttl_seconds": seconds(policy.ttl),
+            "message": format!(
+                "service `{name}` {}; send POST /api/registry/heartbeat {{\"service_id\": \"{name}\", \"instance_id\": \"{id}\"}} every {}",
+                change.word(),
+                humantime::format_duration(policy.heartbeat_interval)
+            ),
+        });
+        Ok((status, axum::Json(answer)).into_response())
+    }
+
+    /// What a registration of instance `id` with `spec` does to `remote`,
+    /// and the instances the service keeps (the caller's one included if
+    /// it is already there): refused when the caller may not.
+    ///
+    /// Without registry tokens, any address may add an instance, but only
+    /// the address that registered an instance may register it again; a
+    /// caller that owns no instance must declare exactly what the service
+    /// declares (it joins, it does not redefine); and a new `version`
+    /// replaces every instance, so it takes a caller that owns them all.
+    fn join(
+        &self,
+        remote: &RemoteService,
+        spec: &RemoteSpec,
+        id: &str,
+        caller: IpAddr,
+        writer: &Writer,
+    ) -> Result<(Vec<Arc<Instance>>, Change), ApiError> {
+        let name = remote.name();
+        let anyone = matches!(writer, Writer::Anyone);
+        if remote.spec().info.version != spec.info.version {
+            // Until versions land, another version replaces the service.
+            if anyone
+                && let Some(other) = remote
+                    .instances()
+                    .members()
+                    .iter()
+                    .find(|member| !member.is_owned_by(caller))
+            {
+                return Err(not_the_owner(
+                    name,
+                    other,
+                    caller,
+                    StatusCode::CONFLICT,
+                    "version",
+                ));
+            }
+            return Ok((Vec::new(), Change::Replaced));
+        }
+        let existing = remote.instances().get(id);
+        if anyone {
+            if let Some(existing) = existing
+                && !existing.is_owned_by(caller)
+            {
+                return Err(not_the_owner(
+                    name,
+                    existing,
+                    caller,
+                    StatusCode::CONFLICT,
+                    "name",
+                ));
+            }
+            if remote.spec() != spec && remote.owned_by(caller).is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "service `{name}` is declared differently by its instances (endpoints, base_path, description...): an instance joining it from {caller}, which owns none of them, must declare exactly the same"
+                    ),
+                )
+                .with("field", "name")
+                .with("service", name));
+            }
+        }
+        let change = if existing.is_some() {
+            Change::Updated
+        } else {
+            Change::Added
+        };
+        Ok((remote.instances().members().to_vec(), change))
+    }
+
+    /// Makes `remote` (a new or changed service) durable, then routes it.
+    /// `new_name`: nothing held the name, so a plugin file may have taken
+    /// it meanwhile (the table decides; the write is undone then).
+    async fn commit(&self, remote: RemoteService, new_name: bool) -> Result<(), ApiError> {
+        let name = remote.name().to_owned();
+        let stored = stored_record(&remote);
         let size = stored_size(&stored);
         self.reserve_storage(&name, size)?;
         self.durably(&name, move |store| store.put(&stored)).await?;
         self.record_storage(&name, Some(size));
-        let version = spec.info.version.clone();
-        let service = Service::new(spec.info, Backend::Remote(Arc::new(remote)));
+        let info = remote.spec().info.clone();
+        let service = Service::new(info, Backend::Remote(Arc::new(remote)));
         let inserted = self.shared.services.insert(service, |holder| {
             matches!(holder.backend, Backend::Remote(_))
         });
@@ -389,6 +529,7 @@ impl Registry {
             // A plugin file took the name since the look above (the table
             // decides races); only a new name can lose one, so undo the
             // write.
+            debug_assert!(new_name, "only a new name can lose a race");
             let undo = self.durably(&name, {
                 let name = name.clone();
                 move |store| store.delete(&name)
@@ -401,33 +542,69 @@ impl Registry {
             }
             return Err(name_taken(&holder));
         }
-        let updated = previous.is_some();
-        tracing::info!(
-            service = %name,
-            instance = %instance,
-            version = %version,
-            updated,
-            moved_from = moved_from.as_deref(),
-            "remote service registered"
-        );
-        let policy = self.shared.policy;
-        let (status, word) = if updated {
-            (StatusCode::OK, "updated")
-        } else {
-            (StatusCode::CREATED, "registered")
-        };
-        let answer = json!({
-            "service_id": name,
-            "status": word,
-            "instance_id": instance.to_string(),
-            "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
-            "ttl_seconds": seconds(policy.ttl),
-            "message": format!(
-                "service `{name}` {word}; send POST /api/registry/heartbeat {{\"service_id\": \"{name}\"}} every {}",
-                humantime::format_duration(policy.heartbeat_interval)
-            ),
-        });
-        Ok((status, axum::Json(answer)).into_response())
+        Ok(())
+    }
+
+    /// The instances of `remote` a heartbeat or deregistration from
+    /// `caller` speaks for: `instance_id` if given (404 if unknown, 403 if
+    /// the caller does not own it), else the caller's instances (403 if it
+    /// has none) or, for the owning token or the admin token, all of them
+    /// when none is the caller's.
+    fn targets(
+        &self,
+        remote: &Arc<RemoteService>,
+        instance_id: Option<&str>,
+        caller: IpAddr,
+        writer: &Writer,
+        name_field: &str,
+    ) -> Result<Vec<Arc<Instance>>, ApiError> {
+        let name = remote.name();
+        may_write(writer, name, Some(remote), name_field)?;
+        let anyone = matches!(writer, Writer::Anyone);
+        if let Some(id) = instance_id {
+            let Some(instance) = remote.instances().get(id) else {
+                let known: Vec<&str> = remote
+                    .instances()
+                    .members()
+                    .iter()
+                    .map(|member| member.id())
+                    .collect();
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "service `{name}` has no instance `{id}`; its instances are {}",
+                        known.join(", ")
+                    ),
+                )
+                .with("field", "instance_id")
+                .with("service", name));
+            };
+            if anyone && !instance.is_owned_by(caller) {
+                return Err(not_the_owner(
+                    name,
+                    instance,
+                    caller,
+                    StatusCode::FORBIDDEN,
+                    "instance_id",
+                ));
+            }
+            return Ok(vec![instance.clone()]);
+        }
+        let owned = remote.owned_by(caller);
+        if !owned.is_empty() {
+            return Ok(owned);
+        }
+        if anyone {
+            let first = &remote.instances().members()[0];
+            return Err(not_the_owner(
+                name,
+                first,
+                caller,
+                StatusCode::FORBIDDEN,
+                name_field,
+            ));
+        }
+        Ok(remote.instances().members().to_vec())
     }
 
     /// Refuses a registration of `size` bytes under `name` (replacing what
@@ -458,6 +635,7 @@ impl Registry {
     async fn deregister(
         &self,
         name: &str,
+        instance_id: Option<&str>,
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
@@ -465,17 +643,7 @@ impl Registry {
         let remote = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
             Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => {
-                    may_write(
-                        &writer,
-                        name,
-                        Some(remote),
-                        caller,
-                        StatusCode::FORBIDDEN,
-                        "name",
-                    )?;
-                    remote.clone()
-                }
+                Backend::Remote(remote) => remote.clone(),
                 Backend::Plugin(plugin) => {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -489,19 +657,60 @@ impl Registry {
                 }
             },
         };
-        let key = name.to_owned();
-        self.durably(name, move |store| store.delete(&key)).await?;
-        self.record_storage(name, None);
-        self.shared
-            .services
-            .remove_if(name, |service| holds(service, &remote));
-        tracing::info!(service = %name, "remote service deregistered");
-        Ok(axum::Json(json!({"service_id": name, "status": "deregistered"})).into_response())
+        let targets = self.targets(&remote, instance_id, caller, &writer, "name")?;
+        let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
+        let remaining = self.remove_instances(&remote, &targets).await?;
+        tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
+        Ok(axum::Json(json!({
+            "service_id": name,
+            "status": "deregistered",
+            "instance_ids": ids,
+            "remaining_instances": remaining,
+        }))
+        .into_response())
     }
 
-    /// Removes `remote` if it is still the one registered and still silent
-    /// past the grace period (a heartbeat or a new registration may have
-    /// come while the liveness task was deciding).
+    /// Removes `targets` from `remote` durably, and the service with its
+    /// last instance; returns how many instances remain. Called under
+    /// `writes`.
+    async fn remove_instances(
+        &self,
+        remote: &Arc<RemoteService>,
+        targets: &[Arc<Instance>],
+    ) -> Result<usize, ApiError> {
+        let name = remote.name().to_owned();
+        let remaining: Vec<Arc<Instance>> = remote
+            .instances()
+            .members()
+            .iter()
+            .filter(|member| !targets.iter().any(|target| Arc::ptr_eq(target, member)))
+            .cloned()
+            .collect();
+        if remaining.is_empty() {
+            let key = name.clone();
+            self.durably(&name, move |store| store.delete(&key)).await?;
+            self.record_storage(&name, None);
+            self.shared
+                .services
+                .remove_if(&name, |service| holds(service, remote));
+            return Ok(0);
+        }
+        let count = remaining.len();
+        let smaller = RemoteService::new(
+            remote.spec().clone(),
+            remaining,
+            remote.registered_at(),
+            remote.owner_token().map(str::to_owned),
+            self.shared.policy.ttl,
+        );
+        self.commit(smaller, false).await?;
+        Ok(count)
+    }
+
+    /// Removes the instances of `remote` silent past the grace period, if
+    /// it is still the one registered (a heartbeat or a new registration
+    /// may have come while the liveness task was deciding); the service
+    /// goes with its last instance.
     async fn evict(&self, remote: &Arc<RemoteService>) {
         let _writes = self.shared.writes.lock().await;
         let name = remote.name().to_owned();
@@ -510,28 +719,33 @@ impl Registry {
             .services
             .get(&name)
             .is_some_and(|service| holds(&service, remote));
-        let silent = remote.silent_for();
-        if !registered || silent <= self.shared.policy.evict_after {
+        let silent = remote.silent_instances(self.shared.policy.evict_after);
+        if !registered || silent.is_empty() {
             return;
         }
-        let key = name.clone();
-        // A failed delete is logged; the next round tries again.
-        if self
-            .durably(&name, move |store| store.delete(&key))
-            .await
-            .is_err()
-        {
+        // A failed write is logged; the next round tries again.
+        let Ok(remaining) = self.remove_instances(remote, &silent).await else {
             return;
+        };
+        let ids: Vec<&str> = silent.iter().map(|instance| instance.id()).collect();
+        let ids = ids.join(",");
+        let evict_after_s = self.shared.policy.evict_after.as_secs();
+        if remaining == 0 {
+            tracing::warn!(
+                service = %name,
+                instances = %ids,
+                evict_after_s,
+                "remote service evicted: no heartbeat or passing health check for the eviction grace period"
+            );
+        } else {
+            tracing::warn!(
+                service = %name,
+                instances = %ids,
+                remaining,
+                evict_after_s,
+                "remote service instances evicted: no heartbeat or passing health check for the eviction grace period"
+            );
         }
-        self.record_storage(&name, None);
-        self.shared
-            .services
-            .remove_if(&name, |service| holds(service, remote));
-        tracing::warn!(
-            service = %name,
-            silent_s = silent.as_secs(),
-            "remote service evicted: no heartbeat or passing health check for the eviction grace period"
-        );
     }
 
     /// Runs a database operation on the blocking pool; a failure is logged
@@ -635,40 +849,40 @@ fn name_taken(holder: &Service) -> ApiError {
     .with("holder", detail)
 }
 
-/// A change of `remote` asked for by a client that is not its owner.
+/// A change of `instance` of service `name` asked for by a client that is
+/// not the address that registered it.
 fn not_the_owner(
-    remote: &RemoteService,
+    name: &str,
+    instance: &Instance,
     caller: IpAddr,
     status: StatusCode,
     field: &str,
 ) -> ApiError {
-    let name = remote.name();
-    let owner = remote
+    let owner = instance
         .owner()
-        .address
         .map_or_else(|| "another address".to_owned(), |owner| owner.to_string());
     ApiError::new(
         status,
         format!(
-            "service `{name}` was registered from {owner}: only that address may change, heartbeat or deregister it, and {caller} is not it"
+            "instance {} of service `{name}` was registered from {owner}: only that address may change, heartbeat or deregister it, and {caller} is not it",
+            instance.id()
         ),
     )
     .with("field", field)
     .with("service", name)
+    .with("instance_id", instance.id())
 }
 
-/// Whether `writer` may register, heartbeat or remove `name`, held now by
-/// `remote` (or by nothing). Without tokens, the address that registered a
-/// service owns it (`address_status` when another address tries); with
-/// tokens, the token that registered it does, and a token may only write
-/// the names its patterns cover (403 otherwise). A name registered before
-/// tokens were configured may be claimed by any token covering it.
+/// Whether `writer`'s token may write `name`, held now by `remote` (or by
+/// nothing): a token may only write the names its patterns cover, and a
+/// name registered with a token belongs to that token (403 otherwise). A
+/// name registered before tokens were configured may be claimed by any
+/// token covering it. Without tokens, ownership is per instance, by
+/// address (see [`Registry::join`] and [`Registry::targets`]).
 fn may_write(
     writer: &Writer,
     name: &str,
     remote: Option<&Arc<RemoteService>>,
-    caller: IpAddr,
-    address_status: StatusCode,
     field: &str,
 ) -> Result<(), ApiError> {
     let forbidden = |reason: String| {
@@ -677,21 +891,15 @@ fn may_write(
             .with("service", name)
     };
     match writer {
-        Writer::Admin => Ok(()),
-        Writer::Anyone => match remote {
-            Some(remote) if !remote.is_owned_by(caller) => {
-                Err(not_the_owner(remote, caller, address_status, field))
-            }
-            _ => Ok(()),
-        },
+        Writer::Admin | Writer::Anyone => Ok(()),
         Writer::Token(token) if !token.covers(name) => Err(forbidden(format!(
             "registry token `{}` may not write `{name}`: it covers {}",
             token.id(),
             token.patterns().join(", ")
         ))),
-        Writer::Token(token) => match remote.and_then(|remote| remote.owner().token.as_deref()) {
+        Writer::Token(token) => match remote.and_then(|remote| remote.owner_token()) {
             Some(owner) if owner != token.id() => Err(forbidden(format!(
-                "service `{name}` belongs to registry token `{owner}`: only it (or the admin token) may change it, and `{}` is not it",
+                "service `{name}` belongs to registry token `{owner}`: only it (or the admin token) may change it or its instances, and `{}` is not it",
                 token.id()
             ))),
             _ => Ok(()),
@@ -732,6 +940,56 @@ fn not_registered(name: &str, field: &str) -> ApiError {
     .with("service", name)
 }
 
+/// What a registration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A new service.
+    Registered,
+    /// A new instance of a service.
+    Added,
+    /// An instance registered again.
+    Updated,
+    /// Another version, replacing the service and its instances (until
+    /// versions land).
+    Replaced,
+}
+
+impl Change {
+    fn word(self) -> &'static str {
+        match self {
+            Change::Registered => "registered",
+            Change::Added => "instance added",
+            Change::Updated => "updated",
+            Change::Replaced => "replaced",
+        }
+    }
+}
+
+/// `remote` as the store keeps it.
+fn stored_record(remote: &RemoteService) -> StoredService {
+    let instances: Vec<StoredInstance> = remote
+        .instances()
+        .members()
+        .iter()
+        .map(|instance| StoredInstance {
+            addr: instance.addr().clone(),
+            owner: instance.owner(),
+            registered_at_unix_ms: Some(unix_ms(instance.registered_at())),
+        })
+        .collect();
+    StoredService {
+        spec: remote.spec().clone(),
+        owner: instances.first().and_then(|instance| instance.owner),
+        instances,
+        registered_at_unix_ms: unix_ms(remote.registered_at()),
+        owner_token: remote.owner_token().map(str::to_owned),
+    }
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
 fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |since| {
         u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
@@ -754,6 +1012,10 @@ pub fn router(registry: Registry, more: Router) -> Router {
         .route("/api/registry/register", post(register))
         .route("/api/registry/heartbeat", post(heartbeat))
         .route("/api/registry/deregister/{name}", post(deregister))
+        .route(
+            "/api/registry/deregister/{name}/{instance_id}",
+            post(deregister_instance),
+        )
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
         .route(
@@ -816,21 +1078,25 @@ async fn heartbeat(
         .with("field", "service_id")
         .with("service", name));
     };
-    may_write(
-        &writer,
-        &name,
-        Some(remote),
+    let targets = registry.targets(
+        remote,
+        beat.instance_id.as_deref(),
         caller.ip(),
-        StatusCode::FORBIDDEN,
+        &writer,
         "service_id",
     )?;
-    remote.heartbeat(beat.status);
+    for instance in &targets {
+        instance.heartbeat(beat.status == remote::Reported::Healthy);
+    }
     crate::metrics::host().heartbeat();
-    remote.announce_health();
+    let thresholds = registry.shared.instances.load().thresholds;
+    remote.announce_health(thresholds);
     let policy = registry.shared.policy;
+    let ids: Vec<&str> = targets.iter().map(|instance| instance.id()).collect();
     Ok(axum::Json(json!({
         "service_id": name,
-        "status": remote.status(),
+        "instance_ids": ids,
+        "status": remote.status(thresholds),
         "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
         "ttl_seconds": seconds(policy.ttl),
     }))
@@ -841,11 +1107,39 @@ async fn deregister(
     State(registry): State<Registry>,
     ConnectInfo(caller): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    name: Result<Path<String>, PathRejection>,
+    path: Result<Path<String>, PathRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
-    let Path(name) = name.map_err(bad_path)?;
-    uncancellable(async move { registry.deregister(&name, caller.ip(), writer).await }).await
+    let Path(name) = path.map_err(bad_path)?;
+    let body = registry.read_body(body, &headers).await?;
+    let instance_id = model::parse_deregistration(&body)
+        .map_err(refusal)?
+        .instance_id;
+    uncancellable(async move {
+        registry
+            .deregister(&name, instance_id.as_deref(), caller.ip(), writer)
+            .await
+    })
+    .await
+}
+
+/// `POST /api/registry/deregister/{name}/{instance_id}`: the path form of
+/// a deregistration naming its instance.
+async fn deregister_instance(
+    State(registry): State<Registry>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let writer = registry.writer(&headers)?;
+    let Path((name, instance_id)) = path.map_err(bad_path)?;
+    uncancellable(async move {
+        registry
+            .deregister(&name, Some(&instance_id), caller.ip(), writer)
+            .await
+    })
+    .await
 }
 
 /// Runs a write to completion even if the client hangs up: hyper drops a
@@ -869,7 +1163,11 @@ async fn list_services(
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
     let services = registry.shared.services.list();
-    let listed: Vec<Listed<'_>> = services.iter().map(|service| describe(service)).collect();
+    let policy = registry.shared.instances.load();
+    let listed: Vec<Listed<'_>> = services
+        .iter()
+        .map(|service| describe(service, &policy))
+        .collect();
     Ok(axum::Json(listed).into_response())
 }
 
@@ -881,7 +1179,9 @@ async fn get_service(
     registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
     match registry.shared.services.get(&name) {
-        Some(service) => Ok(axum::Json(describe(&service)).into_response()),
+        Some(service) => {
+            Ok(axum::Json(describe(&service, &registry.shared.instances.load())).into_response())
+        }
         None => Err(
             ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
                 .with("service", name),
@@ -947,7 +1247,7 @@ enum Details<'a> {
     Remote(remote::Liveness),
 }
 
-fn describe(service: &Service) -> Listed<'_> {
+fn describe<'a>(service: &'a Service, policy: &InstancePolicy) -> Listed<'a> {
     Listed {
         info: &service.info,
         kind: service.kind(),
@@ -957,7 +1257,7 @@ fn describe(service: &Service) -> Listed<'_> {
                 last_health_check: plugin.health.last_check(),
                 loaded_from: &plugin.loaded_from,
             },
-            Backend::Remote(remote) => Details::Remote(remote.liveness()),
+            Backend::Remote(remote) => Details::Remote(remote.liveness(policy)),
         },
         traffic: Traffic {
             requests_total: service.traffic().requests_total(),

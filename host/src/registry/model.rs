@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::remote::{InstanceAddr, RemoteSpec, Reported};
+use crate::remote::{Balancing, InstanceAddr, RemoteSpec, Reported};
 use crate::service::{self, Endpoint, InvalidField, ServiceInfo, check_relative_path};
 
 /// A checked `POST /api/registry/register` body.
@@ -38,6 +38,16 @@ pub struct Heartbeat {
     pub service_id: String,
     /// Its own view of its health.
     pub status: Reported,
+    /// The instance it speaks for (`host:port`, as the registration's
+    /// answer gave it); `None`: the caller's instances.
+    pub instance_id: Option<String>,
+}
+
+/// A checked `POST /api/registry/deregister/{name}` body (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deregistration {
+    /// The instance to remove; `None`: the caller's instances.
+    pub instance_id: Option<String>,
 }
 
 /// Why a request body is refused.
@@ -89,6 +99,7 @@ struct RegistrationBody {
     tags: Option<Vec<String>>,
     requires_auth: Option<bool>,
     endpoints: Option<Vec<EndpointBody>>,
+    load_balancing: Option<Balancing>,
 }
 
 #[derive(Deserialize)]
@@ -103,6 +114,12 @@ struct EndpointBody {
 struct HeartbeatBody {
     service_id: Option<String>,
     status: Option<String>,
+    instance_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeregistrationBody {
+    instance_id: Option<String>,
 }
 
 /// Checks a registration body. Required: `name`, `version`, `host`, `port`;
@@ -162,7 +179,11 @@ pub fn parse_registration(body: &[u8]) -> Result<Registration, Invalid> {
     };
     service::validate(&info)?;
     Ok(Registration {
-        spec: RemoteSpec { info, base_path },
+        spec: RemoteSpec {
+            info,
+            base_path,
+            load_balancing: body.load_balancing,
+        },
         instance,
     })
 }
@@ -183,7 +204,23 @@ pub fn parse_heartbeat(body: &[u8]) -> Result<Heartbeat, Invalid> {
             .into());
         }
     };
-    Ok(Heartbeat { service_id, status })
+    Ok(Heartbeat {
+        service_id,
+        status,
+        instance_id: body.instance_id,
+    })
+}
+
+/// Checks a deregistration body: empty, or an object with an optional
+/// `instance_id`.
+pub fn parse_deregistration(body: &[u8]) -> Result<Deregistration, Invalid> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Deregistration::default());
+    }
+    let body: DeregistrationBody = parse(body, &[])?;
+    Ok(Deregistration {
+        instance_id: body.instance_id,
+    })
 }
 
 /// Reads `body` as a `T`: a syntax error is about the body, a type error
@@ -418,6 +455,39 @@ mod tests {
     }
 
     #[test]
+    fn deregistrations_and_balancing() {
+        assert_eq!(
+            parse_deregistration(b"").unwrap(),
+            Deregistration::default()
+        );
+        assert_eq!(
+            parse_deregistration(b"{}").unwrap(),
+            Deregistration::default()
+        );
+        assert_eq!(
+            parse_deregistration(br#"{"instance_id": "h:1"}"#)
+                .unwrap()
+                .instance_id
+                .as_deref(),
+            Some("h:1")
+        );
+        assert_eq!(
+            parse_deregistration(br#"{"instance_id": 1}"#)
+                .unwrap_err()
+                .field(),
+            "instance_id"
+        );
+        let mut config = guide_config();
+        config["load_balancing"] = json!("least_outstanding");
+        assert_eq!(
+            parse(&config).unwrap().spec.load_balancing,
+            Some(Balancing::LeastOutstanding)
+        );
+        config["load_balancing"] = json!("random");
+        assert_eq!(refused_field(config).1, "load_balancing");
+    }
+
+    #[test]
     fn messages_carry_no_json_position() {
         let error = parse(&json!({"name": 7})).unwrap_err();
         assert_eq!(
@@ -443,6 +513,10 @@ mod tests {
         assert_eq!(beat.status, Reported::Healthy);
         let beat = parse_heartbeat(br#"{"service_id": "x", "status": "UNHEALTHY"}"#).unwrap();
         assert_eq!(beat.status, Reported::Unhealthy);
+        assert_eq!(beat.instance_id, None);
+        let beat =
+            parse_heartbeat(br#"{"service_id": "x", "instance_id": "127.0.0.1:1"}"#).unwrap();
+        assert_eq!(beat.instance_id.as_deref(), Some("127.0.0.1:1"));
         assert_eq!(
             parse_heartbeat(br#"{"status": "healthy"}"#)
                 .unwrap_err()

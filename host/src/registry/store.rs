@@ -62,23 +62,53 @@ const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
 /// How to recover from a damaged database, for the error message.
 const RECOVERY: &str = "move it aside to start with an empty registry, or restore it from a backup";
 
-/// One registration as stored.
+/// One registration as stored: the service and all its instances, in one
+/// record under the service's name, so a change of membership is one
+/// atomic write. (The registry model's per-instance keys,
+/// `.../s/<name>/v/<version>/i/<instance-id>`, come with versions; an
+/// instance record here is already what such a key will hold.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredService {
     /// What it registered with.
     pub spec: RemoteSpec,
-    /// Where its instances listen.
-    pub instances: Vec<InstanceAddr>,
+    /// Its instances. Records written before several instances per service
+    /// hold one, without an owner of its own: it is the record's `owner`.
+    pub instances: Vec<StoredInstance>,
     /// When it first registered, milliseconds since the Unix epoch.
     pub registered_at_unix_ms: u64,
-    /// The client address that registered it; absent in records written
-    /// before owners were recorded.
+    /// The client address that registered its first instance; absent in
+    /// records written before owners were recorded. Kept so that an older
+    /// release reading this record still knows an owner.
     #[serde(default)]
     pub owner: Option<IpAddr>,
     /// The id of the registry token that registered it; absent when the
     /// registry had no tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_token: Option<String>,
+}
+
+/// One instance as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredInstance {
+    /// Where it listens (`host`, `port`).
+    #[serde(flatten)]
+    pub addr: InstanceAddr,
+    /// The client address that registered it; absent in records written
+    /// before several instances per service, whose owner is the record's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<IpAddr>,
+    /// When it registered, milliseconds since the Unix epoch; absent in
+    /// older records (the service's time then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at_unix_ms: Option<u64>,
+}
+
+impl StoredService {
+    /// The owner of `instance`: its own, or for a record written before
+    /// instances had one, the record's.
+    pub fn owner_of(&self, instance: &StoredInstance) -> Option<IpAddr> {
+        instance.owner.or(self.owner)
+    }
 }
 
 /// An API key added through the admin API: its digest, never the key.
@@ -457,10 +487,15 @@ mod tests {
                     endpoints: Vec::new(),
                 },
                 base_path: "/".to_owned(),
+                load_balancing: None,
             },
-            instances: vec![InstanceAddr {
-                host: "localhost".to_owned(),
-                port,
+            instances: vec![StoredInstance {
+                addr: InstanceAddr {
+                    host: "localhost".to_owned(),
+                    port,
+                },
+                owner: Some(IpAddr::from([127, 0, 0, 1])),
+                registered_at_unix_ms: Some(1),
             }],
             registered_at_unix_ms: 1,
             owner: Some(IpAddr::from([127, 0, 0, 1])),
@@ -583,5 +618,40 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 2));
+    }
+
+    /// A record exactly as the release before several instances per
+    /// service wrote it: one instance without an owner of its own.
+    const SINGLE_INSTANCE_RECORD: &str = r#"{"format":"1","spec":{"info":{"name":"old","display_name":"old","description":"","version":"1.0.0","health_check_url":"/health","metadata":{},"tags":[],"requires_auth":false,"endpoints":[]},"base_path":"/"},"instances":[{"host":"127.0.0.1","port":8010}],"registered_at_unix_ms":1700000000000,"owner":"127.0.0.2"}"#;
+
+    #[test]
+    fn single_instance_records_load_with_the_records_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .insert(
+                    SERVICES,
+                    "old",
+                    &checksummed(SINGLE_INSTANCE_RECORD.as_bytes()),
+                )
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        let old = loaded[0].service.as_ref().unwrap();
+        assert_eq!(old.instances.len(), 1);
+        let instance = &old.instances[0];
+        assert_eq!(instance.addr.to_string(), "127.0.0.1:8010");
+        assert_eq!(instance.owner, None);
+        assert_eq!(old.owner_of(instance), Some(IpAddr::from([127, 0, 0, 2])));
+        assert_eq!(old.spec.load_balancing, None);
+        // Written again, it keeps what it had and gains the new fields.
+        let mut again = old.clone();
+        again.instances[0].owner = old.owner_of(instance);
+        store.put(&again).unwrap();
+        let reloaded = store.load().unwrap();
+        assert_eq!(reloaded[0].service.as_ref().unwrap(), &again);
     }
 }

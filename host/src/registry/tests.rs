@@ -32,6 +32,8 @@ fn open(dir: &std::path::Path) -> Router {
             max_body_bytes: 64 * 1024,
             body_timeout: Duration::from_secs(5),
             max_stored_bytes: 1024 * 1024,
+            max_instances: 8,
+            instances: Arc::default(),
             egress: Arc::new(
                 EgressPolicy::new(DEFAULT_ALLOWED.iter().map(|n| n.parse().unwrap()).collect())
                     .with_own_listeners(

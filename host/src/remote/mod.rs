@@ -1,85 +1,53 @@
 //! A remote service as the gateway routes to it: its registration, which
-//! never changes, and its instances' liveness, which every heartbeat and
-//! health check updates.
+//! never changes, and its instances ([`InstanceSet`]), whose liveness,
+//! load and ejection state every heartbeat, health check and proxied
+//! request updates in place.
 //!
-//! The liveness state sits behind a mutex of its own, so a heartbeat
-//! touches one service and never rewrites the service table. Health is
-//! computed when asked, from the time of the last good signal, so a service
-//! turns unhealthy exactly when its TTL runs out, however often the
-//! liveness task looks.
+//! Nothing here takes a lock on the request path: the set of instances is
+//! an immutable snapshot (a change of membership is a new
+//! `RemoteService`, swapped into the table by the registry), and each
+//! instance's state is atomics. Health is computed when asked, from the
+//! time of the last good signal, so an instance turns unhealthy exactly
+//! when its TTL runs out, however often the liveness task looks.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::http::uri::{Authority, InvalidUri};
+use axum::http::uri::Authority;
 use axum::http::{HeaderValue, Uri};
 use serde::Serialize;
 
-use crate::sync::lock;
-
+mod instances;
 mod spec;
 
+pub use instances::{
+    Balancing, Ejection, HealthSettings, Instance, InstancePolicy, InstanceSet, InstanceStatus,
+    LoadBalancingSettings, Outlier, OutlierSettings, Outstanding, Thresholds,
+};
 pub use spec::{InstanceAddr, RemoteSpec, Reported};
-
-/// Who registered a remote service, which decides who may change it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Owner {
-    /// The client address it was registered from; `None` for a
-    /// registration stored before owners were recorded, which any address
-    /// may claim.
-    pub address: Option<IpAddr>,
-    /// The id of the registry token that registered it, when the registry
-    /// has tokens: only that token (or the admin token) may change it.
-    pub token: Option<String>,
-}
 
 /// A registered out-of-process service.
 #[derive(Debug)]
 pub struct RemoteService {
     spec: RemoteSpec,
     registered_at: SystemTime,
-    /// Who registered it.
-    owner: Owner,
-    /// Longest silence before the service is unhealthy.
+    /// The id of the registry token that registered it, when the registry
+    /// has tokens: only that token (or the admin token) may change it.
+    owner_token: Option<String>,
+    /// Longest silence before an instance is unhealthy.
     ttl: Duration,
     /// `/api/<name>`, where the gateway mounts it, as the header value the
     /// proxy sends with every request (`X-Forwarded-Prefix`): made once
     /// here rather than per request. `None` only for a name that is no
     /// header value, which the name rule excludes.
     mount: Option<HeaderValue>,
-    state: Mutex<State>,
-}
-
-#[derive(Debug)]
-struct State {
-    /// By `host:port`. One today: a registration from another address
-    /// replaces the service (and so its instance); the map is where more
-    /// instances per service will go.
-    instances: BTreeMap<String, Instance>,
-    /// The status last logged, so that each change is logged once, by
-    /// whoever notices it first: a request, a heartbeat or a health check
-    /// round. A TTL that lapses between two rounds is noticed by the
-    /// request that is answered 503 for it.
-    announced: Status,
-}
-
-#[derive(Debug)]
-struct Instance {
-    addr: InstanceAddr,
-    authority: Authority,
-    /// Last healthy heartbeat or passing health check (or the registration,
-    /// or the restart that restored it): the TTL counts from here.
-    last_ok: Instant,
-    /// Last sign of life of any kind, an unhealthy heartbeat included: the
-    /// eviction grace period counts from here.
-    last_contact: Instant,
-    last_heartbeat: Option<SystemTime>,
-    last_check: Option<CheckOutcome>,
-    /// The service said it is unhealthy; only a healthy heartbeat undoes
-    /// that (a passing check does not overrule the service's own word).
-    reported_unhealthy: bool,
+    instances: InstanceSet,
+    /// The status last logged (healthy: true), so that each change is
+    /// logged once, by whoever notices it first: a request, a heartbeat or
+    /// a health check round.
+    announced_healthy: AtomicBool,
 }
 
 /// Whether the gateway routes to a service.
@@ -123,18 +91,43 @@ pub enum Unavailable {
     /// The service's last heartbeat said `"unhealthy"`.
     #[error("the service reported itself unhealthy in its last heartbeat")]
     Reported,
+    /// Every alive instance is marked down by health checks or ejected,
+    /// and the protect threshold is off.
+    #[error(
+        "all {instances} alive instances are marked down by health checks or ejected (the protect threshold is off)"
+    )]
+    Down {
+        /// Alive instances.
+        instances: usize,
+    },
 }
 
-/// Where to send one request. Borrows the service's registration, which
-/// never changes, so choosing a route copies nothing but the authority.
-#[derive(Debug, Clone)]
+/// Where to send one request: the chosen instance, counted as outstanding
+/// until the route is dropped. Borrows the service's base path, which
+/// never changes.
+#[derive(Debug)]
 pub struct Route<'a> {
-    /// `host:port` of the chosen instance.
-    pub authority: Authority,
+    instance: Outstanding,
     base_path: &'a str,
 }
 
 impl Route<'_> {
+    /// `host:port` of the chosen instance.
+    pub fn authority(&self) -> &Authority {
+        self.instance.instance().authority()
+    }
+
+    /// The chosen instance.
+    pub fn instance(&self) -> &Arc<Instance> {
+        self.instance.instance()
+    }
+
+    /// The outstanding-request count it holds, to be kept until the
+    /// answer's body ends.
+    pub fn into_outstanding(self) -> Outstanding {
+        self.instance
+    }
+
     /// The path prefix on the instance that `/api/<name>` maps to.
     pub fn base_path(&self) -> &str {
         self.base_path
@@ -161,7 +154,7 @@ impl Route<'_> {
         }
         Uri::builder()
             .scheme("http")
-            .authority(self.authority.clone())
+            .authority(self.authority().clone())
             .path_and_query(path_and_query)
             .build()
     }
@@ -179,7 +172,7 @@ pub enum Transition {
 /// A service's liveness as the registry lists it.
 #[derive(Debug, Serialize)]
 pub struct Liveness {
-    /// `healthy` or `unhealthy`.
+    /// `healthy` while one instance is routed, else `unhealthy`.
     pub status: Status,
     /// Why it is unhealthy.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,15 +183,17 @@ pub struct Liveness {
     pub host: String,
     /// Its port.
     pub port: u16,
-    /// Path prefix on the instance.
+    /// Path prefix on the instances.
     pub base_path: String,
+    /// How a request picks an instance.
+    pub load_balancing: Balancing,
     /// When the service first registered.
     #[serde(serialize_with = "rfc3339")]
     pub registered_at: SystemTime,
     /// Latest heartbeat received since the host started, if any.
     #[serde(serialize_with = "rfc3339_opt")]
     pub last_heartbeat: Option<SystemTime>,
-    /// Latest active health check, if any.
+    /// Latest active health check of the first instance, if any.
     pub last_health_check: Option<CheckOutcome>,
     /// Every instance.
     pub instances: Vec<InstanceLiveness>,
@@ -211,64 +206,53 @@ pub struct InstanceLiveness {
     pub id: String,
     /// `http://host:port/base_path`.
     pub url: String,
-    /// `healthy` or `unhealthy`.
-    pub status: Status,
+    /// `healthy`, `unhealthy` or `ejected`.
+    pub status: InstanceStatus,
+    /// When it registered.
+    #[serde(serialize_with = "rfc3339")]
+    pub registered_at: SystemTime,
     /// Latest heartbeat received since the host started, if any.
     #[serde(serialize_with = "rfc3339_opt")]
     pub last_heartbeat: Option<SystemTime>,
     /// Latest active health check, if any.
     pub last_health_check: Option<CheckOutcome>,
+    /// Requests in flight to it.
+    pub outstanding_requests: u32,
+    /// Its ejections by the proxy.
+    pub ejection: Ejection,
 }
 
 impl RemoteService {
-    /// A service with `instances`, healthy for one TTL from now: a fresh
-    /// registration, or one restored after a restart (its service will
-    /// not register again, so it is routed at once and the health checks
-    /// decide from there).
+    /// A service of `instances`. Each instance keeps its own state: a
+    /// new one is alive for one TTL from its creation, one carried over
+    /// from the service this one replaces keeps what it had.
     pub fn new(
         spec: RemoteSpec,
-        instances: Vec<InstanceAddr>,
+        instances: Vec<Arc<Instance>>,
         registered_at: SystemTime,
-        owner: Owner,
+        owner_token: Option<String>,
         ttl: Duration,
-    ) -> Result<Self, InvalidUri> {
-        let now = Instant::now();
-        let instances = instances
-            .into_iter()
-            .map(|addr| {
-                let authority = addr.authority()?;
-                let instance = Instance {
-                    authority,
-                    last_ok: now,
-                    last_contact: now,
-                    last_heartbeat: None,
-                    last_check: None,
-                    reported_unhealthy: false,
-                    addr,
-                };
-                Ok((instance.addr.to_string(), instance))
-            })
-            .collect::<Result<_, InvalidUri>>()?;
+    ) -> Self {
         let mount = HeaderValue::try_from(format!("/api/{}", spec.info.name)).ok();
-        Ok(Self {
+        Self {
             mount,
             spec,
             registered_at,
-            owner: Owner {
-                address: owner.address.map(|address| address.to_canonical()),
-                token: owner.token,
-            },
+            owner_token,
             ttl,
-            state: Mutex::new(State {
-                instances,
-                announced: Status::Healthy,
-            }),
-        })
+            instances: InstanceSet::new(instances),
+            announced_healthy: AtomicBool::new(true),
+        }
     }
 
     /// The service's name.
     pub fn name(&self) -> &str {
         &self.spec.info.name
+    }
+
+    /// What it registered with.
+    pub fn spec(&self) -> &RemoteSpec {
+        &self.spec
     }
 
     /// `/api/<name>`, where the gateway mounts it, as a header value.
@@ -281,123 +265,113 @@ impl RemoteService {
         self.registered_at
     }
 
-    /// Who registered it.
-    pub fn owner(&self) -> &Owner {
-        &self.owner
+    /// The registry token that owns it.
+    pub fn owner_token(&self) -> Option<&str> {
+        self.owner_token.as_deref()
     }
 
-    /// Whether a client at `caller` may change, heartbeat or remove it
-    /// when the registry has no tokens: only the address that registered
-    /// it may.
-    pub fn is_owned_by(&self, caller: IpAddr) -> bool {
-        self.owner
-            .address
-            .is_none_or(|owner| owner == caller.to_canonical())
+    /// Its instances.
+    pub fn instances(&self) -> &InstanceSet {
+        &self.instances
     }
 
-    /// Its instances' addresses.
-    pub fn instances(&self) -> Vec<InstanceAddr> {
-        self.state()
-            .instances
-            .values()
-            .map(|instance| instance.addr.clone())
+    /// The instances a client at `caller` registered (every instance
+    /// stored before owners were recorded counts as its).
+    pub fn owned_by(&self, caller: IpAddr) -> Vec<Arc<Instance>> {
+        self.instances
+            .members()
+            .iter()
+            .filter(|instance| instance.is_owned_by(caller))
+            .cloned()
             .collect()
     }
 
-    /// A healthy instance to send a request to.
-    pub fn route(&self) -> Result<Route<'_>, Unavailable> {
-        let now = Instant::now();
-        let mut state = self.state();
-        let mut unavailable = None;
-        let mut chosen = None;
-        for instance in state.instances.values() {
-            match instance.health(now, self.ttl) {
-                Ok(()) => {
-                    chosen = Some(instance.authority.clone());
-                    break;
-                }
-                Err(why) => unavailable = Some(why),
-            }
-        }
-        let routed = match chosen {
-            Some(authority) => Ok(Route {
-                authority,
-                base_path: &self.spec.base_path,
-            }),
-            // A service always has an instance; an empty map would read as
-            // "never heard from".
-            None => Err(unavailable.unwrap_or(Unavailable::Silent {
-                silent: Duration::MAX,
-                ttl: self.ttl,
-            })),
-        };
-        state.announce(
+    /// An instance to send a request to, chosen by `policy`'s balancing
+    /// for this service among the routable ones, other than `excluded`
+    /// (the one a retry failed on).
+    pub fn route(
+        &self,
+        policy: &InstancePolicy,
+        excluded: Option<&Instance>,
+    ) -> Result<Route<'_>, Unavailable> {
+        let balancing = policy.balancing(self.name(), self.spec.load_balancing);
+        let picked = self.instances.pick(
             self.name(),
-            routed.as_ref().map(|_| ()).map_err(Clone::clone),
+            Instant::now(),
+            self.ttl,
+            balancing,
+            policy.thresholds,
+            excluded,
         );
-        routed
+        if excluded.is_none() {
+            self.announce(picked.as_ref().map(|_| ()).map_err(Clone::clone));
+        }
+        Ok(Route {
+            instance: picked?.enter(),
+            base_path: &self.spec.base_path,
+        })
     }
 
-    /// A heartbeat: it speaks for every instance, since the seed guide's
-    /// heartbeat does not say which one sent it.
-    pub fn heartbeat(&self, reported: Reported) {
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        let mut state = self.state();
-        for instance in state.instances.values_mut() {
-            instance.last_contact = now;
-            instance.last_heartbeat = Some(wall);
-            instance.reported_unhealthy = reported == Reported::Unhealthy;
-            if reported == Reported::Healthy {
-                instance.last_ok = now;
-            }
-        }
+    /// Records how a request to `instance` went, for outlier ejection.
+    pub fn record_outcome(&self, instance: &Instance, succeeded: bool, policy: &InstancePolicy) {
+        self.instances
+            .record(self.name(), instance, succeeded, policy.outlier);
     }
 
     /// The URL the liveness task GETs for each instance.
-    pub fn health_check_urls(&self) -> Vec<(InstanceAddr, Result<Uri, axum::http::Error>)> {
-        let state = self.state();
-        state
-            .instances
-            .values()
+    pub fn health_check_urls(&self) -> Vec<(Arc<Instance>, Result<Uri, axum::http::Error>)> {
+        self.instances
+            .members()
+            .iter()
             .map(|instance| {
                 let uri = Uri::builder()
                     .scheme("http")
-                    .authority(instance.authority.clone())
+                    .authority(instance.authority().clone())
                     // Relative to the service, like any path the gateway
                     // routes: the check and `/api/<name>/health` reach the
                     // same handler.
                     .path_and_query(join(&self.spec.base_path, &self.spec.info.health_check_url))
                     .build();
-                (instance.addr.clone(), uri)
+                (instance.clone(), uri)
             })
             .collect()
     }
 
-    /// Records an active health check of `addr`.
-    pub fn record_check(&self, addr: &InstanceAddr, outcome: CheckOutcome) {
-        let now = Instant::now();
-        let mut state = self.state();
-        if let Some(instance) = state.instances.get_mut(&addr.to_string()) {
-            if outcome.ok {
-                instance.last_ok = now;
-                instance.last_contact = now;
-            }
-            instance.last_check = Some(outcome);
+    /// Records an active health check of `instance`, logging a change of
+    /// its checked state.
+    pub fn record_check(&self, instance: &Instance, outcome: CheckOutcome, thresholds: Thresholds) {
+        let error = outcome.error.clone();
+        match instance.record_check(outcome, thresholds) {
+            Some(true) => tracing::warn!(
+                service = %self.name(),
+                instance = %instance.id(),
+                failed_checks = thresholds.unhealthy,
+                error = error.as_deref().unwrap_or(""),
+                "instance marked down by consecutive failed health checks"
+            ),
+            Some(false) => tracing::info!(
+                service = %self.name(),
+                instance = %instance.id(),
+                passed_checks = thresholds.healthy,
+                "instance back up after consecutive passing health checks"
+            ),
+            None => {}
         }
     }
 
     /// Logs the status now if it changed since it was last logged, and
     /// returns the change.
-    pub fn announce_health(&self) -> Option<Transition> {
-        let mut state = self.state();
-        let health = state.health(Instant::now(), self.ttl);
-        state.announce(self.name(), health)
+    pub fn announce_health(&self, thresholds: Thresholds) -> Option<Transition> {
+        self.announce(self.health(thresholds))
+    }
+
+    fn health(&self, thresholds: Thresholds) -> Result<(), Unavailable> {
+        self.instances.health(Instant::now(), self.ttl, thresholds)
     }
 
     /// Whether the gateway routes to it now.
-    pub fn status(&self) -> Status {
-        match self.state().health(Instant::now(), self.ttl) {
+    pub fn status(&self, thresholds: Thresholds) -> Status {
+        match self.health(thresholds) {
             Ok(()) => Status::Healthy,
             Err(_) => Status::Unhealthy,
         }
@@ -406,35 +380,45 @@ impl RemoteService {
     /// Time since any instance last gave a sign of life.
     pub fn silent_for(&self) -> Duration {
         let now = Instant::now();
-        self.state()
-            .instances
-            .values()
-            .map(|instance| now.saturating_duration_since(instance.last_contact))
+        self.instances
+            .members()
+            .iter()
+            .map(|instance| instance.silent_for(now))
             .min()
             .unwrap_or(Duration::MAX)
     }
 
-    /// Its liveness, for the registry's listing.
-    pub fn liveness(&self) -> Liveness {
+    /// The instances silent for longer than `grace`.
+    pub fn silent_instances(&self, grace: Duration) -> Vec<Arc<Instance>> {
         let now = Instant::now();
-        let state = self.state();
-        let health = state.health(now, self.ttl);
-        let instances: Vec<InstanceLiveness> = state
+        self.instances
+            .members()
+            .iter()
+            .filter(|instance| instance.silent_for(now) > grace)
+            .cloned()
+            .collect()
+    }
+
+    /// Its liveness, for the registry's listing.
+    pub fn liveness(&self, policy: &InstancePolicy) -> Liveness {
+        let now = Instant::now();
+        let health = self.health(policy.thresholds);
+        let instances: Vec<InstanceLiveness> = self
             .instances
-            .values()
+            .members()
+            .iter()
             .map(|instance| InstanceLiveness {
-                id: instance.addr.to_string(),
-                url: format!("http://{}{}", instance.authority, self.spec.base_path),
-                status: if instance.health(now, self.ttl).is_ok() {
-                    Status::Healthy
-                } else {
-                    Status::Unhealthy
-                },
-                last_heartbeat: instance.last_heartbeat,
-                last_health_check: instance.last_check.clone(),
+                id: instance.id().to_owned(),
+                url: format!("http://{}{}", instance.authority(), self.spec.base_path),
+                status: instance.status(now, self.ttl),
+                registered_at: instance.registered_at(),
+                last_heartbeat: instance.last_heartbeat(),
+                last_health_check: instance.last_check(),
+                outstanding_requests: instance.outstanding(),
+                ejection: instance.ejection(now),
             })
             .collect();
-        let first = state.instances.values().next();
+        let first = self.instances.members().first();
         Liveness {
             status: if health.is_ok() {
                 Status::Healthy
@@ -446,33 +430,26 @@ impl RemoteService {
                 .first()
                 .map(|instance| instance.url.clone())
                 .unwrap_or_default(),
-            host: first.map(|i| i.addr.host.clone()).unwrap_or_default(),
-            port: first.map(|i| i.addr.port).unwrap_or_default(),
+            host: first.map(|i| i.addr().host.clone()).unwrap_or_default(),
+            port: first.map(|i| i.addr().port).unwrap_or_default(),
             base_path: self.spec.base_path.clone(),
+            load_balancing: policy.balancing(self.name(), self.spec.load_balancing),
             registered_at: self.registered_at,
             last_heartbeat: instances.iter().filter_map(|i| i.last_heartbeat).max(),
-            last_health_check: first.and_then(|i| i.last_check.clone()),
+            last_health_check: first.and_then(|i| i.last_check()),
             instances,
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-}
-
-impl State {
     /// Logs a change of status once, and returns it.
-    fn announce(&mut self, service: &str, health: Result<(), Unavailable>) -> Option<Transition> {
-        let status = if health.is_ok() {
-            Status::Healthy
-        } else {
-            Status::Unhealthy
-        };
-        if status == self.announced {
+    fn announce(&self, health: Result<(), Unavailable>) -> Option<Transition> {
+        let healthy = health.is_ok();
+        if self.announced_healthy.load(Ordering::Relaxed) == healthy
+            || self.announced_healthy.swap(healthy, Ordering::Relaxed) == healthy
+        {
             return None;
         }
-        self.announced = status;
+        let service = self.name();
         Some(match health {
             Ok(()) => {
                 tracing::info!(service = %service, "remote service healthy again");
@@ -483,34 +460,6 @@ impl State {
                 Transition::Failed(reason)
             }
         })
-    }
-
-    /// Healthy if any instance is.
-    fn health(&self, now: Instant, ttl: Duration) -> Result<(), Unavailable> {
-        let mut unavailable = Unavailable::Silent {
-            silent: Duration::MAX,
-            ttl,
-        };
-        for instance in self.instances.values() {
-            match instance.health(now, ttl) {
-                Ok(()) => return Ok(()),
-                Err(why) => unavailable = why,
-            }
-        }
-        Err(unavailable)
-    }
-}
-
-impl Instance {
-    fn health(&self, now: Instant, ttl: Duration) -> Result<(), Unavailable> {
-        if self.reported_unhealthy {
-            return Err(Unavailable::Reported);
-        }
-        let silent = now.saturating_duration_since(self.last_ok);
-        if silent > ttl {
-            return Err(Unavailable::Silent { silent, ttl });
-        }
-        Ok(())
     }
 }
 
@@ -565,18 +514,30 @@ mod tests {
         let spec = RemoteSpec {
             info,
             base_path: base_path.to_owned(),
+            load_balancing: None,
         };
         let addr = InstanceAddr {
             host: "::1".to_owned(),
             port: 8010,
         };
-        RemoteService::new(spec, vec![addr], SystemTime::now(), Owner::default(), ttl).unwrap()
+        let instance = Arc::new(Instance::new(addr, None, SystemTime::now()).unwrap());
+        RemoteService::new(spec, vec![instance], SystemTime::now(), None, ttl)
+    }
+
+    fn policy() -> InstancePolicy {
+        InstancePolicy::default()
+    }
+
+    fn beat(remote: &RemoteService, healthy: bool) {
+        for instance in remote.instances().members() {
+            instance.heartbeat(healthy);
+        }
     }
 
     #[test]
     fn routes_join_the_base_path() {
         let remote = service("/", Duration::from_secs(60));
-        let route = remote.route().unwrap();
+        let route = remote.route(&policy(), None).unwrap();
         assert_eq!(
             route.uri("/hello", Some("name=x")).unwrap().to_string(),
             "http://[::1]:8010/hello?name=x"
@@ -586,7 +547,7 @@ mod tests {
             "http://[::1]:8010/"
         );
         let remote = service("/v1/", Duration::from_secs(60));
-        let route = remote.route().unwrap();
+        let route = remote.route(&policy(), None).unwrap();
         assert_eq!(route.uri("/a/b", None).unwrap().path(), "/v1/a/b");
         assert_eq!(route.uri("", None).unwrap().path(), "/v1/");
         let (_, health) = &remote.health_check_urls()[0];
@@ -597,41 +558,67 @@ mod tests {
     }
 
     #[test]
+    fn a_route_counts_as_outstanding_until_dropped() {
+        let remote = service("/", Duration::from_secs(60));
+        let route = remote.route(&policy(), None).unwrap();
+        let instance = route.instance().clone();
+        assert_eq!(instance.outstanding(), 1);
+        let held = route.into_outstanding();
+        assert_eq!(instance.outstanding(), 1);
+        drop(held);
+        assert_eq!(instance.outstanding(), 0);
+    }
+
+    #[test]
     fn silence_past_the_ttl_is_unhealthy_until_a_heartbeat() {
         // A TTL long enough that a stalled test thread does not expire it
         // before the first checks.
+        let thresholds = policy().thresholds;
         let remote = service("/", Duration::from_secs(1));
-        assert!(remote.route().is_ok());
-        assert_eq!(remote.announce_health(), None);
+        assert!(remote.route(&policy(), None).is_ok());
+        assert_eq!(remote.announce_health(thresholds), None);
         std::thread::sleep(Duration::from_millis(1300));
         assert!(matches!(
-            remote.announce_health(),
+            remote.announce_health(thresholds),
             Some(Transition::Failed(Unavailable::Silent { .. }))
         ));
-        assert!(matches!(remote.route(), Err(Unavailable::Silent { .. })));
-        assert_eq!(remote.announce_health(), None);
-        remote.heartbeat(Reported::Healthy);
-        assert_eq!(remote.announce_health(), Some(Transition::Recovered));
-        assert!(remote.route().is_ok());
-        assert_eq!(remote.announce_health(), None);
+        assert!(matches!(
+            remote.route(&policy(), None),
+            Err(Unavailable::Silent { .. })
+        ));
+        assert_eq!(remote.announce_health(thresholds), None);
+        beat(&remote, true);
+        assert_eq!(
+            remote.announce_health(thresholds),
+            Some(Transition::Recovered)
+        );
+        assert!(remote.route(&policy(), None).is_ok());
+        assert_eq!(remote.announce_health(thresholds), None);
     }
 
     #[test]
     fn a_reported_unhealthy_service_stays_so_until_it_says_otherwise() {
         let remote = service("/", Duration::from_secs(60));
-        remote.heartbeat(Reported::Unhealthy);
-        assert_eq!(remote.route().unwrap_err(), Unavailable::Reported);
-        let addr = remote.instances().remove(0);
+        beat(&remote, false);
+        assert_eq!(
+            remote.route(&policy(), None).unwrap_err(),
+            Unavailable::Reported
+        );
+        let instance = remote.instances().members()[0].clone();
         remote.record_check(
-            &addr,
+            &instance,
             CheckOutcome {
                 at: SystemTime::now(),
                 ok: true,
                 error: None,
             },
+            policy().thresholds,
         );
-        assert_eq!(remote.route().unwrap_err(), Unavailable::Reported);
-        remote.heartbeat(Reported::Healthy);
-        assert!(remote.route().is_ok());
+        assert_eq!(
+            remote.route(&policy(), None).unwrap_err(),
+            Unavailable::Reported
+        );
+        beat(&remote, true);
+        assert!(remote.route(&policy(), None).is_ok());
     }
 }

@@ -8,6 +8,7 @@ use std::str::FromStr;
 use axum::http::uri::{Authority, InvalidUri};
 use serde::{Deserialize, Serialize};
 
+use super::Balancing;
 use crate::service::ServiceInfo;
 
 /// Where one instance of a remote service listens.
@@ -47,6 +48,10 @@ pub struct RemoteSpec {
     /// Path prefix on the instance that `/api/<name>/` maps to; starts with
     /// `/`.
     pub base_path: String,
+    /// The balancing it asked for (`load_balancing` in the registration);
+    /// `[service.<name>] load_balancing` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancing: Option<Balancing>,
 }
 
 /// What a heartbeat says about the service.
