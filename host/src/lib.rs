@@ -11,6 +11,7 @@ pub mod admission;
 pub mod auth;
 pub mod calls;
 pub mod config;
+pub mod console;
 pub mod egress;
 pub mod gateway;
 pub mod http;
@@ -151,6 +152,7 @@ pub async fn run(
             tokens: live.registry_tokens.clone(),
             authenticator: live.authenticator.clone(),
             managed_keys: live.managed_keys.clone(),
+            gateway_addr,
         },
     )?;
 
@@ -205,7 +207,7 @@ pub async fn run(
     });
     let liveness = registry.spawn_liveness();
     let admission_housekeeping = admission::spawn_housekeeping(live.admission.clone());
-    let registry = registry::router(registry);
+    let registry = registry::router(registry).merge(console::router());
 
     if !stopped_during_start {
         tracing::info!(

@@ -13,6 +13,7 @@
 //! between a registration and a plugin file.
 
 mod admin;
+mod catalogue;
 mod liveness;
 mod model;
 mod store;
@@ -43,6 +44,7 @@ pub use tokens::{
 
 use tokens::{Unauthenticated, Writer};
 
+use catalogue::Catalogue;
 use liveness::Checker;
 
 use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
@@ -80,6 +82,9 @@ pub struct RegistryConfig {
     /// The API keys added through the admin endpoints: restored from the
     /// database at open, changed by those endpoints only.
     pub managed_keys: Arc<ManagedKeys>,
+    /// The gateway's address, as bound: where the API catalogue sends
+    /// clients.
+    pub gateway_addr: SocketAddr,
 }
 
 /// Why the registry could not start.
@@ -115,6 +120,8 @@ struct Shared {
     tokens: Arc<ArcSwap<TokenPolicy>>,
     authenticator: Arc<ArcSwap<Authenticator>>,
     managed_keys: Arc<ManagedKeys>,
+    catalogue: Arc<Catalogue>,
+    gateway_addr: SocketAddr,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
@@ -212,6 +219,11 @@ impl Registry {
             database = %config.database.display(),
             "remote services restored"
         );
+        let catalogue = Arc::new(Catalogue::new(
+            config.egress.clone(),
+            config.loop_guard.clone(),
+            config.policy.check_timeout,
+        ));
         Ok(Self {
             shared: Arc::new(Shared {
                 services,
@@ -226,6 +238,8 @@ impl Registry {
                 tokens: config.tokens,
                 authenticator: config.authenticator,
                 managed_keys: config.managed_keys,
+                catalogue,
+                gateway_addr: config.gateway_addr,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -240,6 +254,10 @@ impl Registry {
             self.shared.egress.clone(),
             self.shared.loop_guard.clone(),
         );
+        // Restored registrations publish their documents again.
+        for remote in self.remotes() {
+            self.shared.catalogue.fetch(remote);
+        }
         tokio::spawn(async move {
             let mut ticks = checker.ticks();
             loop {
@@ -381,7 +399,8 @@ impl Registry {
         self.durably(&name, move |store| store.put(&stored)).await?;
         self.record_storage(&name, Some(size));
         let version = spec.info.version.clone();
-        let service = Service::new(spec.info, Backend::Remote(Arc::new(remote)));
+        let remote = Arc::new(remote);
+        let service = Service::new(spec.info, Backend::Remote(remote.clone()));
         let inserted = self.shared.services.insert(service, |holder| {
             matches!(holder.backend, Backend::Remote(_))
         });
@@ -401,6 +420,7 @@ impl Registry {
             }
             return Err(name_taken(&holder));
         }
+        self.shared.catalogue.fetch(remote);
         let updated = previous.is_some();
         tracing::info!(
             service = %name,
@@ -755,6 +775,7 @@ pub fn router(registry: Registry) -> Router {
         .route("/api/registry/deregister/{name}", post(deregister))
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .route("/api/registry/openapi.json", get(openapi))
         .route(
             "/api/registry/admin/api-keys",
             get(admin::list).post(admin::add),
@@ -884,6 +905,27 @@ async fn get_service(
                 .with("service", name),
         ),
     }
+}
+
+/// The API catalogue: readable by whoever may read the listing.
+async fn openapi(
+    State(registry): State<Registry>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    registry.reader(&headers)?;
+    let gateway = registry.shared.gateway_addr;
+    // The host name the client reached the registry by reaches the gateway
+    // too (a listener on 0.0.0.0 has no name of its own to give).
+    let gateway_url = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .and_then(|host| host.parse::<axum::http::uri::Authority>().ok())
+        .map_or_else(
+            || format!("http://{gateway}"),
+            |host| format!("http://{}:{}", host.host(), gateway.port()),
+        );
+    let services = registry.shared.services.list();
+    Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

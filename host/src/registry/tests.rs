@@ -46,6 +46,7 @@ fn open(dir: &std::path::Path) -> Router {
                     .expect("no credentials are valid settings"),
             )),
             managed_keys: Arc::default(),
+            gateway_addr: "127.0.0.1:8000".parse().unwrap(),
         },
     )
     .expect("registry opens");
