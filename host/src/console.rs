@@ -35,6 +35,7 @@ const DOCS_CSP: &str = "default-src 'none'; script-src 'self'; \
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+const SVG: &str = "image/svg+xml";
 
 /// One embedded file and how it is served.
 struct Asset {
@@ -94,6 +95,7 @@ macro_rules! asset {
 static CONSOLE_PAGE: &Asset = asset!("console/index.html", HTML, CONSOLE_CSP, false);
 static CONSOLE_SCRIPT: &Asset = asset!("console/console.js", JS, CONSOLE_CSP, false);
 static CONSOLE_STYLE: &Asset = asset!("console/console.css", CSS, CONSOLE_CSP, false);
+static ICON: &Asset = asset!("console/favicon.svg", SVG, CONSOLE_CSP, false);
 static DOCS_PAGE: &Asset = asset!("docs/index.html", HTML, DOCS_CSP, false);
 static DOCS_SCRIPT: &Asset = asset!("docs/docs.js", JS, DOCS_CSP, false);
 static SWAGGER_SCRIPT: &Asset = asset!(
@@ -117,6 +119,7 @@ pub fn router() -> Router {
         .route("/console", get(|| async { CONSOLE_PAGE }))
         .route("/console/console.js", get(|| async { CONSOLE_SCRIPT }))
         .route("/console/console.css", get(|| async { CONSOLE_STYLE }))
+        .route("/console/favicon.svg", get(|| async { ICON }))
         .route("/docs", get(|| async { DOCS_PAGE }))
         .route("/docs/docs.js", get(|| async { DOCS_SCRIPT }))
         .route(
@@ -143,6 +146,7 @@ mod tests {
             ("/console", HTML),
             ("/console/console.js", JS),
             ("/console/console.css", CSS),
+            ("/console/favicon.svg", SVG),
             ("/docs", HTML),
             ("/docs/docs.js", JS),
             (

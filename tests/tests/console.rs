@@ -64,14 +64,14 @@ async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser(
     let plugin_file = host.plugins_dir().join("libhello.so");
     let mark = host.log_mark();
     let registry = host.registry_url("");
-    let artifacts = artifacts();
+    let shots = artifacts();
     let driven = tokio::time::timeout(
         Duration::from_secs(90),
         tokio::task::spawn_blocking(move || {
             Command::new(python)
                 .arg(script)
                 .args([registry.as_str(), &plugin_file.to_string_lossy(), "hello", "shop"])
-                .arg(&artifacts)
+                .arg(&shots)
                 .output()
         }),
     )

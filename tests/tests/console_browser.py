@@ -38,7 +38,7 @@ with sync_playwright() as playwright:
             "/api/registry/plugins/files"
         )
         if message.type == "error" and not missing_files:
-            problems.append(f"console error: {message.text}")
+            problems.append(f"console error: {message.text} ({message.location})")
 
     page.on("console", on_console)
     current = page

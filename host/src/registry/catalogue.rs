@@ -289,7 +289,7 @@ impl Catalogue {
             "info": {
                 "title": "plugin-host gateway",
                 "version": env!("CARGO_PKG_VERSION"),
-                "description": "Every service the gateway routes, plugins and remote services alike, under /api/<name>/.",
+                "description": "Every service the gateway routes, plugins and remote services alike, under /api/{name}/.",
             },
             "servers": [{"url": gateway_url}],
             "tags": tags,
