@@ -19,6 +19,7 @@ use axum::http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 
 use crate::http::{ApiError, check_service_path, remove_hop_by_hop};
+use crate::metrics::ServiceTraffic;
 use crate::plugin::{CallError, PluginRequest, PluginResponse, ServiceCalls};
 use crate::proxy::Proxy;
 use crate::remote::RemoteService;
@@ -54,6 +55,7 @@ impl ServiceCaller {
         &self,
         service: &str,
         remote: Arc<RemoteService>,
+        traffic: Arc<ServiceTraffic>,
         request: &PluginRequest,
         timeout: Duration,
     ) -> PluginResponse {
@@ -88,7 +90,9 @@ impl ServiceCaller {
         self.runtime.spawn(async move {
             let caller = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
             let forwarding = async {
-                let response = proxy.forward(&remote, &rest, caller, upstream).await;
+                let response = proxy
+                    .forward(&remote, &traffic, &rest, caller, upstream)
+                    .await;
                 let (parts, body) = response.into_parts();
                 let body = match Limited::new(body, limit).collect().await {
                     Ok(body) => body.to_bytes().to_vec(),
@@ -149,7 +153,10 @@ impl ServiceCalls for ServiceCaller {
         // by then the table holds its successor or nothing.
         let mut retried = false;
         loop {
-            let backend = self.services.get(service).map(|s| s.backend.clone());
+            let backend = self
+                .services
+                .get(service)
+                .map(|s| (s.backend.clone(), s.traffic().clone()));
             match backend {
                 None => {
                     return refusal(
@@ -158,10 +165,10 @@ impl ServiceCalls for ServiceCaller {
                         format!("no service named `{service}`"),
                     );
                 }
-                Some(Backend::Remote(remote)) => {
-                    return self.remote(service, remote, &request, timeout);
+                Some((Backend::Remote(remote), traffic)) => {
+                    return self.remote(service, remote, traffic, &request, timeout);
                 }
-                Some(Backend::Plugin(plugin)) => {
+                Some((Backend::Plugin(plugin), _)) => {
                     match plugin.runtime.call_from_plugin(request.clone(), timeout) {
                         Ok(response) => return response,
                         Err(CallError::Unloading) if !retried => retried = true,

@@ -12,11 +12,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,8 +24,11 @@ use axum::response::{IntoResponse, Response};
 use crate::admission::{Admission, CorsHeaders, is_preflight};
 use crate::auth::{Authenticator, Identity, Refusal, forward_identity};
 use crate::egress::LoopGuard;
-use crate::http::{ApiError, Escaped, check_service_path, read_body_within, remove_hop_by_hop};
-use crate::plugin::{CallChain, CallError, PluginRequest, PluginResponse};
+use crate::http::{
+    ApiError, Escaped, X_REQUEST_ID, check_service_path, read_body_within, remove_hop_by_hop,
+};
+use crate::metrics::{self, Started};
+use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
 use crate::service::{HTTP_METHODS, ServiceInfo};
 use crate::table::{Backend, Service, ServiceTable};
@@ -64,10 +67,72 @@ fn split_service_path(path: &str) -> Option<(&str, &str)> {
     Some(below.split_at(below.find('/').unwrap_or(below.len())))
 }
 
+/// What the access log and the metrics learn of a request while it is
+/// routed.
+#[derive(Default)]
+struct Served {
+    /// The service's traffic, in flight until the answer.
+    started: Option<Started>,
+    /// The declared endpoint it reached.
+    route: Option<usize>,
+    /// Who called, when the service asked the gateway to authenticate.
+    identity: Option<String>,
+}
+
+/// Every gateway answer, refusals included, carries the request's
+/// `X-Request-Id` (the client's if usable, else a new one) and is counted
+/// in its service's traffic and logged on the `access` target.
 async fn dispatch(
     State(gateway): State<Arc<Gateway>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     mut request: Request,
+) -> Response {
+    let arrived = Instant::now();
+    let id = request_id(request.headers());
+    request.headers_mut().insert(X_REQUEST_ID, id.clone());
+    let method = request.method().clone();
+    // Only what a log line needs is kept for it.
+    let logged_uri = access_logged().then(|| request.uri().clone());
+    let mut served = Served::default();
+    let mut response = route(&gateway, client, request, arrived, &mut served).await;
+    response.headers_mut().entry(X_REQUEST_ID).or_insert(id);
+    let status = response.status();
+    if let Some(uri) = logged_uri {
+        tracing::info!(
+            target: "access",
+            service = split_service_path(uri.path()).map(|(name, _)| name),
+            route = served
+                .started
+                .as_ref()
+                .map_or("other", |started| started.route_label(served.route)),
+            method = %method,
+            status = status.as_u16(),
+            duration_ms = arrived.elapsed().as_secs_f64() * 1e3,
+            bytes = HttpBody::size_hint(response.body()).exact(),
+            request_id = response.headers().get(X_REQUEST_ID).and_then(|id| id.to_str().ok()),
+            client = %client,
+            identity = served.identity.as_deref(),
+        );
+    }
+    if let Some(started) = served.started.take() {
+        started.finish(served.route, &method, status);
+    }
+    response
+}
+
+/// Whether the access log is on (the log filter decides).
+fn access_logged() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
+/// Routes `request` to its service, or refuses it; records in `served`
+/// what the access log and the metrics need.
+async fn route(
+    gateway: &Gateway,
+    client: SocketAddr,
+    mut request: Request,
+    arrived: Instant,
+    served: &mut Served,
 ) -> Response {
     let path = request.uri().path().to_owned();
     let Some((name, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
@@ -94,6 +159,11 @@ async fn dispatch(
     let Some(service) = gateway.services.get(name) else {
         return unknown_service(name);
     };
+    served.started = Some(service.traffic().start(arrived));
+    // The route label is worth matching only for someone who reads it.
+    if metrics::enabled() || access_logged() {
+        served.route = service.route(request.method().as_str(), rest);
+    }
     if let Some(refused) = refuse_method(name, request.method(), &service.info) {
         return refused;
     }
@@ -109,13 +179,14 @@ async fn dispatch(
         }
         Some(cors) => Some(cors.actual(request.headers()).await),
     };
-    let identity = match authenticate(&gateway, &service, name, rest, &request) {
+    let identity = match authenticate(gateway, &service, name, rest, &request) {
         Ok(identity) => identity,
         Err(refusal) => {
             tracing::debug!(service = %name, error = ?refusal, "request refused: authentication");
             return with_cors(refusal.into_response(name), cors);
         }
     };
+    served.identity = identity.as_ref().map(|identity| identity.id().to_owned());
     // The authenticated caller is the `per_key` rate limit's key.
     let admitted = admission
         .check_rate(client.ip(), identity.as_ref().map(Identity::id))
@@ -144,15 +215,19 @@ async fn dispatch(
         // in flight until the plugin answered.
         Backend::Plugin(_) => {
             drop(service);
-            let response = call_plugin(&gateway, name, rest, client, request).await;
+            let response = call_plugin(gateway, name, rest, client, request).await;
             drop(in_flight);
             response
         }
         // In flight until the last byte of the streamed answer.
         Backend::Remote(remote) => {
             let remote = remote.clone();
+            let traffic = service.traffic().clone();
             drop(service);
-            let response = gateway.proxy.forward(&remote, rest, client, request).await;
+            let response = gateway
+                .proxy
+                .forward(&remote, &traffic, rest, client, request)
+                .await;
             in_flight.hold_until_body_ends(response)
         }
     };
@@ -276,12 +351,10 @@ async fn call_plugin(
         Ok(body) => body,
         Err(error) => return error.with("service", name).into_response(),
     };
+    // The plugin sees the `X-Request-Id` its calls to other services
+    // carry (`dispatch` set it).
     let mut headers = parts.headers;
     remove_hop_by_hop(&mut headers);
-    // The plugin sees the id its calls to other services carry.
-    let id = request_id(&headers);
-    let chain = CallChain::start(name, id.to_str().unwrap_or_default().to_owned());
-    headers.insert(header::HeaderName::from_static("x-request-id"), id);
     let request = Arc::new(PluginRequest {
         method: parts.method,
         path: if rest.is_empty() {
@@ -293,7 +366,8 @@ async fn call_plugin(
         headers,
         body,
         client_addr: client.to_string(),
-        chain: Arc::new(chain),
+        // Built only if the plugin calls another service.
+        chain: None,
     });
     // A runtime that is being unloaded refuses new work; by then the table
     // already holds its successor (a swap) or nothing (a removal), so one

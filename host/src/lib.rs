@@ -15,6 +15,8 @@ pub mod console;
 pub mod egress;
 pub mod gateway;
 pub mod http;
+pub mod metrics;
+pub mod observe;
 pub mod plugin;
 pub mod plugin_manager;
 pub mod proxy;
@@ -163,6 +165,8 @@ pub async fn run(
         tokio::runtime::Handle::current(),
         config.max_body_bytes,
     ));
+    metrics::set_enabled(config.metrics == metrics::Switch::On);
+    let files = Arc::new(plugin_manager::PluginFiles::new(config.plugins_dir.clone()));
     let (file_events, file_events_rx) = crossbeam_channel::unbounded();
     let (initial_scan_applied, initial_scan) = tokio::sync::oneshot::channel();
     let policy_changed = live.reloader.subscribe();
@@ -178,6 +182,7 @@ pub async fn run(
             plugin_settings: plugin_settings(&config.file.plugin),
             calls,
             call_timeout: config.request_timeout,
+            files: files.clone(),
         },
         services.clone(),
         file_events_rx,
@@ -207,7 +212,19 @@ pub async fn run(
     });
     let liveness = registry.spawn_liveness();
     let admission_housekeeping = admission::spawn_housekeeping(live.admission.clone());
-    let registry = registry::router(registry).merge(console::router());
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let observe = observe::router(
+        observe::Observe {
+            services: services.clone(),
+            files,
+            registry: registry.clone(),
+            stopping: stopping.clone(),
+        },
+        (config.metrics == metrics::Switch::On).then_some(config.metrics_path.as_str()),
+    );
+    let registry = registry::router(registry)
+        .merge(observe)
+        .merge(console::router());
 
     if !stopped_during_start {
         tracing::info!(
@@ -238,6 +255,7 @@ pub async fn run(
         shutdown.await;
     }
     tracing::info!("shutting down");
+    stopping.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = stop.send(true);
     // In-flight requests get the drain timeout to finish; a stalled stream
     // must not keep the host from unloading its plugins and exiting.

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use plugin_host::config::Command;
+use plugin_host::config::{Command, LogFormat};
 use plugin_host::reload::Live;
 use plugin_host::{Config, check_settings};
 use tokio::signal::unix::{SignalKind, signal};
@@ -34,13 +34,18 @@ fn main() -> ExitCode {
             Err(error) => refused(file, &error),
         };
     }
-    tracing_subscriber::fmt()
+    // `RUST_LOG` filters every target, the access log's (`access`) too.
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let live = match Live::build(&config) {
         Ok(live) => live,
         Err(error) => match &config.config_file {

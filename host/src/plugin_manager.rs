@@ -23,20 +23,22 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::Receiver;
 use serde::Deserialize;
 
 use crate::auth::SecretDigest;
+use crate::metrics::{self, Refusal};
 use crate::plugin::{
     Candidate, CloseReport, FileChecks, HostSetup, PluginLibrary, PluginRuntime, RuntimeLimits,
     ServiceCalls, ShutdownReport, ThreadBudget,
 };
 use crate::service;
+use crate::sync::lock;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
 use crate::watcher::FileEvent;
 
@@ -183,6 +185,98 @@ pub struct ManagerConfig {
     pub calls: Arc<dyn ServiceCalls>,
     /// Longest wait of a plugin's call to another service.
     pub call_timeout: Duration,
+    /// What became of each plugin file, written here and read by the
+    /// registry listener.
+    pub files: Arc<PluginFiles>,
+}
+
+/// What became of a plugin file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    /// Mounted: its service is routed.
+    Loaded,
+    /// Not mounted; the reason says why.
+    Refused,
+    /// Declares a name another service holds; loaded when it is free.
+    Waiting,
+}
+
+/// One file of the plugins directory, as `GET /api/registry/plugins/files`
+/// lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileStatus {
+    /// Its name in the plugins directory.
+    pub file: String,
+    /// What became of it.
+    pub state: FileState,
+    /// The service it declares, once it was read that far.
+    pub service: Option<String>,
+    /// The version it declares, once it was read that far.
+    pub version: Option<String>,
+    /// Why it is refused or waiting.
+    pub reason: Option<String>,
+    /// When it entered this state.
+    #[serde(serialize_with = "rfc3339")]
+    pub since: SystemTime,
+}
+
+fn rfc3339<S: serde::Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_rfc3339_millis(*time))
+}
+
+/// The status of every plugin file the manager has looked at, by file
+/// name: written by the manager's thread only, read by the registry
+/// listener (a copy per read).
+#[derive(Debug)]
+pub struct PluginFiles {
+    directory: PathBuf,
+    files: Mutex<BTreeMap<String, FileStatus>>,
+}
+
+impl PluginFiles {
+    /// No file seen yet in `directory`.
+    pub fn new(directory: PathBuf) -> Self {
+        Self {
+            directory,
+            files: Mutex::default(),
+        }
+    }
+
+    /// The plugins directory.
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
+    /// Every file's status, by file name.
+    pub fn list(&self) -> Vec<FileStatus> {
+        lock(&self.files).values().cloned().collect()
+    }
+
+    fn set(
+        &self,
+        file: &str,
+        state: FileState,
+        service: Option<&str>,
+        version: Option<&str>,
+        reason: Option<String>,
+    ) {
+        lock(&self.files).insert(
+            file.to_owned(),
+            FileStatus {
+                file: file.to_owned(),
+                state,
+                service: service.map(str::to_owned),
+                version: version.map(str::to_owned),
+                reason,
+                since: SystemTime::now(),
+            },
+        );
+    }
+
+    fn forget(&self, file: &str) {
+        lock(&self.files).remove(file);
+    }
 }
 
 struct Mounted {
@@ -283,6 +377,7 @@ impl Manager {
         let candidate = match Candidate::read(&path, self.config.file_checks) {
             Ok(candidate) => candidate,
             Err(error) => {
+                self.refused(&file, Refusal::File, None, error.to_string());
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
@@ -308,6 +403,7 @@ impl Manager {
         let mut workers = match self.threads.acquire(1, replacing) {
             Ok(workers) => workers,
             Err(error) => {
+                self.refused(&file, Refusal::Threads, None, error.to_string());
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
@@ -324,6 +420,7 @@ impl Manager {
         ) {
             Ok(opened) => opened,
             Err(error) => {
+                self.refused(&file, Refusal::Library, None, error.to_string());
                 tracing::warn!(file = %file, error = %error, "plugin file refused");
                 return;
             }
@@ -334,12 +431,14 @@ impl Manager {
         if let Some(pin) = self.policy.pin(&name)
             && !pin.matches_digest(&sha256)
         {
+            self.refused(&file, Refusal::Pin, Some(&name), pin_mismatch(&sha256));
             refuse_pin(&file, &name, pin, &sha256);
             log_close(&name, &file, library.close());
             self.refused_by_pin.insert(path, name);
             return;
         }
         if let Some(holder) = self.name_holder(&name, &file) {
+            self.waiting(&file, &name, &info.version, &holder);
             tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
             self.waiting_for_name.insert(path, name);
@@ -373,6 +472,7 @@ impl Manager {
         ) {
             Ok(runtime) => Arc::new(runtime),
             Err(error) => {
+                self.refused(&file, Refusal::Init, Some(&name), error.to_string());
                 tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
                 return;
             }
@@ -384,6 +484,7 @@ impl Manager {
             Backend::Plugin(PluginBackend {
                 runtime: runtime.clone(),
                 loaded_from: file.clone(),
+                health: Arc::default(),
             }),
         );
         // The table decides the race with a remote registration: it may
@@ -394,6 +495,7 @@ impl Manager {
         {
             Ok(replaced) => drop(replaced),
             Err(holder) => {
+                self.waiting(&file, &name, &version, &describe(&holder));
                 tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.unload(runtime, file);
                 self.waiting_for_name.insert(path, name);
@@ -410,6 +512,10 @@ impl Manager {
             },
         );
         let replaced = previous.is_some();
+        metrics::host().plugin_loaded(replaced, started.elapsed());
+        self.config
+            .files
+            .set(&file, FileState::Loaded, Some(&name), Some(&version), None);
         if granted < wanted {
             tracing::warn!(
                 plugin = %name,
@@ -469,6 +575,14 @@ impl Manager {
                 if pin.matches_digest(&mounted.sha256) {
                     return None;
                 }
+                metrics::host().plugin_refused(Refusal::Pin);
+                self.config.files.set(
+                    &file_name(path),
+                    FileState::Refused,
+                    Some(&mounted.name),
+                    None,
+                    Some(pin_mismatch(&mounted.sha256)),
+                );
                 refuse_pin(&file_name(path), &mounted.name, pin, &mounted.sha256);
                 Some((path.clone(), mounted.name.clone()))
             })
@@ -499,7 +613,29 @@ impl Manager {
             .map(|holder| describe(&holder))
     }
 
+    /// Records a refusal of `file` (its status, the metric); the caller
+    /// logs it after, so whoever saw the line sees the status too.
+    fn refused(&self, file: &str, reason: Refusal, name: Option<&str>, why: String) {
+        metrics::host().plugin_refused(reason);
+        self.config
+            .files
+            .set(file, FileState::Refused, name, None, Some(why));
+    }
+
+    /// Records that `file` waits for `name`, which `holder` holds.
+    fn waiting(&self, file: &str, name: &str, version: &str, holder: &str) {
+        metrics::host().plugin_refused(Refusal::NameTaken);
+        self.config.files.set(
+            file,
+            FileState::Waiting,
+            Some(name),
+            Some(version),
+            Some(format!("service name `{name}` is held by {holder}")),
+        );
+    }
+
     fn remove(&mut self, path: &Path) {
+        self.config.files.forget(&file_name(path));
         self.waiting_for_name.remove(path);
         self.refused_by_pin.remove(path);
         self.unmount(path);
@@ -593,6 +729,7 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
                 tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook failed");
             }
             log_close(&name, file, close);
+            metrics::host().plugin_unloaded();
             tracing::info!(plugin = %name, file = %file, elapsed_ms = started.elapsed().as_millis() as u64, "plugin unloaded");
         }
         ShutdownReport::Leaked { running_workers } => {
@@ -605,6 +742,14 @@ fn unload(runtime: Arc<PluginRuntime>, file: &str, drain_timeout: Duration) {
             tracing::warn!(plugin = %name, file = %file, %error, "plugin shutdown hook abandoned; library left loaded");
         }
     }
+}
+
+/// The status reason of a file refused by its pin.
+fn pin_mismatch(actual: &SecretDigest) -> String {
+    format!(
+        "its SHA-256 {} does not match the pin in the config",
+        actual.to_hex()
+    )
 }
 
 /// The one WARN line of a file refused (or unmounted) by its pin.

@@ -33,7 +33,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
-use crate::http::{ApiError, error_chain, remove_hop_by_hop};
+use crate::http::{ApiError, error_chain, new_request_id, remove_hop_by_hop};
+use crate::metrics::{ServiceTraffic, UpstreamError};
 use crate::remote::{RemoteService, Route};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -75,9 +76,12 @@ impl Proxy {
     /// Forwards `request` to `remote`, at `rest` below its base path, and
     /// streams the answer back. Refusals are JSON naming the service: 503
     /// unhealthy, 502 unreachable or broken answer, 504 no answer in time.
+    /// The upstream's time to answer and its failures are recorded in
+    /// `traffic`.
     pub async fn forward(
         &self,
         remote: &RemoteService,
+        traffic: &ServiceTraffic,
         rest: &str,
         client: SocketAddr,
         request: Request,
@@ -162,6 +166,7 @@ impl Proxy {
                         .into_response();
                     }
                     if next <= Instant::now() {
+                        traffic.upstream_failed(UpstreamError::Timeout);
                         tracing::warn!(service = %name, upstream = %route.authority, timeout_ms = self.timeout.as_millis() as u64, "remote service did not answer in time");
                         return ApiError::new(
                             StatusCode::GATEWAY_TIMEOUT,
@@ -176,6 +181,7 @@ impl Proxy {
         };
         match result {
             Ok(response) => {
+                traffic.upstream_answered(started.elapsed());
                 let (mut parts, body) = response.into_parts();
                 remove_hop_by_hop(&mut parts.headers);
                 if Redirects::apply_to(&parts.headers) {
@@ -197,13 +203,18 @@ impl Proxy {
                 );
                 Response::from_parts(parts, Body::new(body))
             }
-            Err(error) => failure(name, &route, &error),
+            Err(error) => failure(name, &route, &error, traffic),
         }
     }
 }
 
 /// The answer for a request that got no response from the upstream.
-fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Error) -> Response {
+fn failure(
+    name: &str,
+    route: &Route<'_>,
+    error: &hyper_util::client::legacy::Error,
+    traffic: &ServiceTraffic,
+) -> Response {
     let detail = error_chain(error);
     let client_side =
         std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
@@ -217,6 +228,7 @@ fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Er
             format!("could not read the request body: {detail}"),
         )
     } else if error.is_connect() {
+        traffic.upstream_failed(UpstreamError::Connect);
         (
             StatusCode::BAD_GATEWAY,
             format!(
@@ -225,6 +237,7 @@ fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Er
             ),
         )
     } else {
+        traffic.upstream_failed(UpstreamError::Reset);
         (
             StatusCode::BAD_GATEWAY,
             format!(
@@ -241,7 +254,8 @@ fn failure(name: &str, route: &Route<'_>, error: &hyper_util::client::legacy::Er
         .into_response()
 }
 
-/// The client's `X-Request-Id` if it sent a usable one, else a new UUID.
+/// The client's `X-Request-Id` if it sent a usable one, else a new one
+/// ([`new_request_id`]).
 pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
@@ -251,11 +265,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
                 && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
         })
         .cloned()
-        .unwrap_or_else(|| {
-            let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-            HeaderValue::from_str(text).expect("a UUID is a valid header value")
-        })
+        .unwrap_or_else(new_request_id)
 }
 
 /// Turns the client's headers into the upstream's: hop-by-hop headers out,
@@ -496,7 +506,9 @@ mod tests {
         assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.2");
         assert_eq!(headers[X_FORWARDED_PROTO], "http");
         assert_eq!(headers[X_FORWARDED_HOST], "gw.example:8000");
-        assert_eq!(headers[X_REQUEST_ID].len(), 36);
+        // A generated id (`http::new_request_id`): two 16-digit hex
+        // numbers, no longer a UUID, which cost a getrandom call each.
+        assert_eq!(headers[X_REQUEST_ID].len(), 33);
     }
 
     #[test]

@@ -302,34 +302,9 @@ impl PublicEndpoints {
         if !info.endpoints.iter().any(|endpoint| endpoint.is_public) {
             return Self::default();
         }
-        let rules = info
-            .endpoints
-            .iter()
-            .map(|endpoint| {
-                let segments: Box<[Pattern]> = path_segments(&endpoint.path)
-                    .map(|segment| {
-                        if segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}') {
-                            Pattern::Param
-                        } else {
-                            Pattern::Literal {
-                                raw: segment.into(),
-                                decoded: decode_segment(segment).into(),
-                            }
-                        }
-                    })
-                    .collect();
-                Rule {
-                    method: endpoint.method.clone(),
-                    literals: segments
-                        .iter()
-                        .filter(|p| matches!(p, Pattern::Literal { .. }))
-                        .count(),
-                    segments,
-                    public: endpoint.is_public,
-                }
-            })
-            .collect();
-        Self { rules }
+        Self {
+            rules: compile_rules(info),
+        }
     }
 
     /// Whether `method` on `path` (below the service's mount point, still
@@ -377,6 +352,79 @@ impl PublicEndpoints {
             };
         }
         best.is_some_and(|(_, public)| public)
+    }
+}
+
+/// Every endpoint of `info` compiled into a rule.
+fn compile_rules(info: &ServiceInfo) -> Box<[Rule]> {
+    info.endpoints
+        .iter()
+        .map(|endpoint| {
+            let segments: Box<[Pattern]> = path_segments(&endpoint.path)
+                .map(|segment| {
+                    if segment.len() > 2 && segment.starts_with('{') && segment.ends_with('}') {
+                        Pattern::Param
+                    } else {
+                        Pattern::Literal {
+                            raw: segment.into(),
+                            decoded: decode_segment(segment).into(),
+                        }
+                    }
+                })
+                .collect();
+            Rule {
+                method: endpoint.method.clone(),
+                literals: segments
+                    .iter()
+                    .filter(|p| matches!(p, Pattern::Literal { .. }))
+                    .count(),
+                segments,
+                public: endpoint.is_public,
+            }
+        })
+        .collect()
+}
+
+/// A service's declared endpoints compiled into a matcher that names the
+/// one a request reached: the route label of its metrics and access log
+/// line, which must be a template, never the raw path.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTemplates {
+    rules: Box<[Rule]>,
+}
+
+impl RouteTemplates {
+    /// The endpoints of `info`'s declaration.
+    pub fn compile(info: &ServiceInfo) -> Self {
+        Self {
+            rules: compile_rules(info),
+        }
+    }
+
+    /// The index in `info.endpoints` of the most specific endpoint that
+    /// `method` on `path` (below the mount point, as sent) matches: the
+    /// most literal segments win, the first declared breaks a tie. HEAD
+    /// matches a GET endpoint.
+    pub fn route(&self, method: &str, path: &str) -> Option<usize> {
+        let method = if method == "HEAD" { "GET" } else { method };
+        let count = path_segments(path).count();
+        let mut best: Option<(usize, usize)> = None;
+        for (index, rule) in self.rules.iter().enumerate() {
+            let matches = rule.method == method
+                && rule.segments.len() == count
+                && rule
+                    .segments
+                    .iter()
+                    .zip(path_segments(path))
+                    .all(|(pattern, segment)| match pattern {
+                        Pattern::Literal { raw, .. } => **raw == *segment,
+                        Pattern::Param => true,
+                    });
+            if matches && best.is_none_or(|(literals, _)| rule.literals > literals) {
+                best = Some((rule.literals, index));
+            }
+        }
+        best.map(|(_, index)| index)
     }
 }
 
@@ -472,6 +520,31 @@ mod tests {
         assert!(!access.is_public("GET", "/data"), "undeclared path");
         assert!(!access.is_public("GET", "/data/7/more"), "one segment only");
         assert!(!access.is_public("OPTIONS", "/health"));
+    }
+
+    #[test]
+    fn a_route_is_the_most_literal_matching_template() {
+        let mut info = info();
+        info.endpoints = [
+            ("GET", "/items/{id}"),
+            ("GET", "/items/admin"),
+            ("POST", "/items/{id}"),
+        ]
+        .iter()
+        .map(|(method, path)| Endpoint {
+            path: (*path).to_owned(),
+            method: (*method).to_owned(),
+            description: String::new(),
+            is_public: false,
+        })
+        .collect();
+        let routes = RouteTemplates::compile(&info);
+        assert_eq!(routes.route("GET", "/items/7"), Some(0));
+        assert_eq!(routes.route("HEAD", "/items/7/"), Some(0));
+        assert_eq!(routes.route("GET", "/items/admin"), Some(1));
+        assert_eq!(routes.route("POST", "/items/admin"), Some(2));
+        assert_eq!(routes.route("DELETE", "/items/7"), None);
+        assert_eq!(routes.route("GET", "/items"), None);
     }
 
     #[test]

@@ -39,6 +39,11 @@ impl Tally {
         TallyGuard(Arc::clone(self))
     }
 
+    /// The count now.
+    pub(crate) fn count(&self) -> usize {
+        *lock(&self.count)
+    }
+
     /// Waits until the count is zero, at most `timeout`, and returns the
     /// count then (zero unless the timeout passed).
     pub(crate) fn wait_idle(&self, timeout: Duration) -> usize {

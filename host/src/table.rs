@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::metrics::ServiceTraffic;
 use crate::plugin::PluginRuntime;
-use crate::remote::RemoteService;
-use crate::service::{PublicEndpoints, ServiceInfo};
+use crate::remote::{CheckOutcome, RemoteService, Status};
+use crate::service::{PublicEndpoints, RouteTemplates, ServiceInfo};
 use crate::sync::lock;
 
 /// Where a service's requests go.
@@ -33,6 +34,46 @@ pub struct PluginBackend {
     pub runtime: Arc<PluginRuntime>,
     /// File name in the plugins directory it was loaded from.
     pub loaded_from: String,
+    /// What the checks of its health route found.
+    pub health: Arc<PluginHealth>,
+}
+
+/// A plugin's health, as the liveness task's checks of its health route
+/// (see `registry::liveness`) found it: healthy until a check fails. An
+/// unhealthy plugin is still routed (it has one instance, and its
+/// handlers may answer what its health route does not); the listing and
+/// the metrics show it, and each change is logged once.
+#[derive(Debug, Default)]
+pub struct PluginHealth {
+    last: Mutex<Option<CheckOutcome>>,
+}
+
+impl PluginHealth {
+    /// Records a check of the plugin `plugin`; logs a change of status
+    /// (WARN when it fails, INFO when it passes again).
+    pub fn record(&self, plugin: &str, outcome: CheckOutcome) {
+        let mut last = lock(&self.last);
+        let was_ok = last.as_ref().is_none_or(|last| last.ok);
+        if was_ok && !outcome.ok {
+            tracing::warn!(plugin = %plugin, error = outcome.error.as_deref().unwrap_or_default(), "plugin unhealthy: its health check failed");
+        } else if !was_ok && outcome.ok {
+            tracing::info!(plugin = %plugin, "plugin healthy again");
+        }
+        *last = Some(outcome);
+    }
+
+    /// Healthy unless the last check failed.
+    pub fn status(&self) -> Status {
+        match &*lock(&self.last) {
+            Some(last) if !last.ok => Status::Unhealthy,
+            _ => Status::Healthy,
+        }
+    }
+
+    /// The last check, if any.
+    pub fn last_check(&self) -> Option<CheckOutcome> {
+        lock(&self.last).clone()
+    }
 }
 
 /// One entry of the table.
@@ -45,6 +86,11 @@ pub struct Service {
     /// Its public endpoints, compiled from `info` once rather than per
     /// request.
     public_endpoints: PublicEndpoints,
+    /// Its endpoints' templates, which name a request's route.
+    routes: RouteTemplates,
+    /// Its traffic since this entry was made: the gateway records into
+    /// it without resolving a label, and it leaves with the entry.
+    traffic: Arc<ServiceTraffic>,
 }
 
 impl Service {
@@ -52,9 +98,24 @@ impl Service {
     pub fn new(info: ServiceInfo, backend: Backend) -> Self {
         Self {
             public_endpoints: PublicEndpoints::compile(&info),
+            routes: RouteTemplates::compile(&info),
+            traffic: Arc::new(ServiceTraffic::new(
+                info.endpoints.iter().map(|endpoint| endpoint.path.as_str()),
+            )),
             info,
             backend,
         }
+    }
+
+    /// The index of the declared endpoint `method` on `path` (below the
+    /// mount point) reaches, if any: its route label.
+    pub fn route(&self, method: &str, path: &str) -> Option<usize> {
+        self.routes.route(method, path)
+    }
+
+    /// Its traffic since it entered the table.
+    pub fn traffic(&self) -> &Arc<ServiceTraffic> {
+        &self.traffic
     }
 
     /// Which of its endpoints may be called without authentication.

@@ -14,6 +14,7 @@ mod gateway;
 mod hardening;
 mod lifecycle;
 mod liveness;
+mod observability;
 mod plugin_files;
 mod plugin_limits;
 mod plugins;

@@ -52,6 +52,12 @@ pub struct Args {
     #[arg(long)]
     compare_host: Option<PathBuf>,
 
+    /// Runs the `base` target of `--compare-host` (our own build when no
+    /// other is given) with `--metrics off`: the cost of the metrics, as a
+    /// ratio of the same rounds.
+    #[arg(long)]
+    compare_metrics_off: bool,
+
     /// Interleaved rounds per target (default 5, quick 1).
     #[arg(long)]
     rounds: Option<usize>,
@@ -188,6 +194,9 @@ pub struct Artifacts {
     pub swap_b: PathBuf,
     /// `--compare-host`: another plugin-host build measured beside ours.
     pub compare_host: Option<PathBuf>,
+    /// Extra arguments of the `compare_host` target
+    /// (`--compare-metrics-off`).
+    pub compare_args: Vec<String>,
 }
 
 impl Artifacts {
@@ -213,6 +222,7 @@ impl Artifacts {
             swap_a: file("libswap_a.so")?,
             swap_b: file("libswap_b.so")?,
             compare_host: None,
+            compare_args: Vec::new(),
         })
     }
 }
@@ -251,7 +261,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         Ok(artifacts) => Artifacts {
-            compare_host: args.compare_host.clone(),
+            compare_host: args
+                .compare_host
+                .clone()
+                .or_else(|| args.compare_metrics_off.then(|| artifacts.host.clone())),
+            compare_args: if args.compare_metrics_off {
+                vec!["--metrics".to_owned(), "off".to_owned()]
+            } else {
+                Vec::new()
+            },
             ..artifacts
         },
         Err(error) => {

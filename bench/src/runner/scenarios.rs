@@ -305,12 +305,14 @@ const BENCH_API_KEY_SHA256: &str =
     "fd0ba226dc24b08a5c55782e91ba91ba5528bb35f37f7d322b35d703efb77822";
 
 /// A `plugin-host` on the server core, with empty directories, logging
-/// nothing per request, and `--config` giving it [`BENCH_API_KEY`]. The
-/// returned directory holds the config file; it is read at start-up.
+/// nothing per request (the access log is off), `--config` giving it
+/// [`BENCH_API_KEY`], and `args`. The returned directory holds the config
+/// file; it is read at start-up.
 fn start_host(
     rt: &Runtime,
     pinning: Pinning,
     binary: &Path,
+    args: &[String],
 ) -> Result<(Host, tempfile::TempDir), String> {
     let config_dir = tempfile::tempdir().map_err(|error| format!("temp dir: {error}"))?;
     let config = config_dir.path().join("plugin-host.toml");
@@ -320,9 +322,10 @@ fn start_host(
     )
     .map_err(|error| format!("{}: {error}", config.display()))?;
     let builder = Host::builder(pinning.server(binary))
-        .log_filter("info")
+        .log_filter("info,access=off")
         .arg("--config")
-        .arg(config.display().to_string());
+        .arg(config.display().to_string())
+        .args(args.iter().cloned());
     Ok((rt.block_on(builder.start())?, config_dir))
 }
 
@@ -366,7 +369,7 @@ fn host_scenarios(
     only: &dyn Fn(u8) -> bool,
     results: &mut ScenarioResults,
 ) -> Result<(), String> {
-    let (mut host, _config) = start_host(rt, pinning, &artifacts.host)?;
+    let (mut host, _config) = start_host(rt, pinning, &artifacts.host, &[])?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let mut memory = Memory {
@@ -388,7 +391,7 @@ fn host_scenarios(
     // target of scenarios 1 and 2 (A/B of a change, in the same rounds).
     let mut base = match &artifacts.compare_host {
         Some(binary) if only(1) || only(2) => {
-            let (base, config) = start_host(rt, pinning, binary)?;
+            let (base, config) = start_host(rt, pinning, binary, &artifacts.compare_args)?;
             let mark = base.log_mark();
             base.rename_plugin_in(&artifacts.hello, "hello.so")?;
             rt.block_on(base.wait_for_log_since(mark, &["plugin mounted", "plugin=hello"]))?;
@@ -1000,7 +1003,7 @@ fn registry_scale(
     settings: &Settings,
     artifacts: &Artifacts,
 ) -> Result<RegistryScale, String> {
-    let (host, _config) = start_host(rt, pinning, &artifacts.host)?;
+    let (host, _config) = start_host(rt, pinning, &artifacts.host, &[])?;
     let client = http::client();
     std::thread::sleep(Duration::from_secs(1));
     let rss_before_kib = host.rss_kib().unwrap_or(0);

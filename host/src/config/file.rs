@@ -19,9 +19,12 @@ use serde::Deserialize;
 
 use crate::admission::{CorsSettings, RateLimitSettings, ServiceSettingsByName};
 use crate::auth::{ApiKeySettings, AuthSettings, JwtIssuerSettings};
+use crate::metrics::MetricsSection;
 use crate::plugin::FileChecks;
 use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
+
+use super::LogFormat;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -56,6 +59,20 @@ pub struct FileConfig {
     /// `[service.<name>]`.
     #[serde(default)]
     pub service: ServiceSettingsByName,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `--log-format`. Needs a restart.
+    pub format: Option<LogFormat>,
 }
 
 /// `[gateway]`.

@@ -17,6 +17,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ipnet::IpNet;
 
+use crate::metrics::{self, Switch};
 use crate::plugin::{FileChecks, RuntimeLimits};
 use crate::registry::{InvalidPolicy, Policy};
 
@@ -199,6 +200,31 @@ pub struct Config {
     /// replaced version's workers until that version has drained.
     #[arg(long, env = "MAX_PLUGIN_THREADS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_plugin_threads: u32,
+
+    /// Whether the Prometheus metrics are recorded and served on the
+    /// registry listener (`off` keeps only the listing's traffic totals).
+    #[arg(long, env = "PLUGIN_HOST_METRICS", value_enum, default_value_t = Switch::On)]
+    pub metrics: Switch,
+
+    /// Where the registry listener serves the metrics.
+    #[arg(long, env = "PLUGIN_HOST_METRICS_PATH", default_value = "/metrics", value_parser = |text: &str| metrics::check_path(text.to_owned()))]
+    pub metrics_path: String,
+
+    /// How log lines are written: `text` (one human-readable line per
+    /// event) or `json` (one JSON object per line). `RUST_LOG` filters
+    /// them; the access log is its target `access`.
+    #[arg(long, env = "PLUGIN_HOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// What `plugin-host` does instead of running the host.
@@ -427,6 +453,18 @@ impl Config {
             file.plugins.max_threads,
             at_least_one
         );
+        take!(
+            metrics,
+            "metrics.enabled",
+            file.metrics.enabled.map(Switch::from)
+        );
+        take!(
+            metrics_path,
+            "metrics.path",
+            file.metrics.path.clone(),
+            metrics::check_path
+        );
+        take!(log_format, "log.format", file.log.format);
         self.check_rules(&from_file, Some(&path))?;
         self.config_file = Some(path);
         self.file = file;
@@ -529,6 +567,10 @@ impl Config {
             watch_debounce => "plugins.watch_debounce",
             plugin_file_checks => "plugins.file_checks",
             max_plugin_threads => "plugins.max_threads",
+            // Set once when the host starts.
+            metrics => "metrics.enabled",
+            metrics_path => "metrics.path",
+            log_format => "log.format",
         }
         (self, kept)
     }

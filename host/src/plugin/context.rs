@@ -15,12 +15,12 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 
 use super::loader::PluginTask;
 use super::message::{PluginRequest, PluginResponse};
 use crate::egress::MAX_VIA_HOPS;
-use crate::http::{ApiError, Escaped};
+use crate::http::{ApiError, Escaped, X_REQUEST_ID, new_request_id};
 use crate::sync::{Tally, lock};
 
 /// Background tasks one plugin may run at once; a plugin spawning more is
@@ -42,14 +42,14 @@ pub trait ServiceCalls: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallChain {
     /// The `X-Request-Id` every call of the chain carries.
-    pub request_id: String,
+    pub request_id: HeaderValue,
     /// The services the chain passed, the current one last.
     pub services: Vec<String>,
 }
 
 impl CallChain {
     /// The chain of a request the gateway hands `service`.
-    pub fn start(service: &str, request_id: String) -> Self {
+    pub fn start(service: &str, request_id: HeaderValue) -> Self {
         Self {
             request_id,
             services: vec![service.to_owned()],
@@ -83,17 +83,18 @@ impl CallChain {
 }
 
 thread_local! {
-    /// The chain of the request this worker thread is handling: a host
-    /// thread-local, in the host's std, so it pins no plugin library.
-    static CURRENT_CHAIN: RefCell<Option<Arc<CallChain>>> = const { RefCell::new(None) };
+    /// The request this worker thread is handling, whose chain its calls
+    /// extend: a host thread-local, in the host's std, so it pins no
+    /// plugin library.
+    static CURRENT_REQUEST: RefCell<Option<Arc<PluginRequest>>> = const { RefCell::new(None) };
 }
 
-/// Runs `handle` (a plugin's handler) with `chain` as the chain its calls
-/// extend.
-pub(crate) fn within_chain<R>(chain: &Arc<CallChain>, handle: impl FnOnce() -> R) -> R {
-    let previous = CURRENT_CHAIN.replace(Some(chain.clone()));
+/// Runs `handle` (a plugin's handler) with `request` as the request whose
+/// chain its calls extend.
+pub(crate) fn within_request<R>(request: &Arc<PluginRequest>, handle: impl FnOnce() -> R) -> R {
+    let previous = CURRENT_REQUEST.replace(Some(request.clone()));
     let result = handle();
-    CURRENT_CHAIN.set(previous);
+    CURRENT_REQUEST.set(previous);
     result
 }
 
@@ -221,12 +222,20 @@ impl HostContext {
         mut request: PluginRequest,
         timeout: Option<Duration>,
     ) -> PluginResponse {
-        let caller = CURRENT_CHAIN.with_borrow(Clone::clone).unwrap_or_else(|| {
-            Arc::new(CallChain::start(
-                &self.name,
-                uuid::Uuid::new_v4().to_string(),
-            ))
-        });
+        // A request from the gateway starts its chain here, with its id; a
+        // background task's call starts a chain of its own.
+        let caller = CURRENT_REQUEST
+            .with_borrow(|current| {
+                let current = current.as_ref()?;
+                Some(current.chain.clone().unwrap_or_else(|| {
+                    let id = current.headers.get(X_REQUEST_ID).cloned();
+                    Arc::new(CallChain::start(
+                        &self.name,
+                        id.unwrap_or_else(new_request_id),
+                    ))
+                }))
+            })
+            .unwrap_or_else(|| Arc::new(CallChain::start(&self.name, new_request_id())));
         let chain = match caller.extend(service) {
             Ok(chain) => chain,
             Err(reason) => {
@@ -238,12 +247,10 @@ impl HostContext {
         };
         // The callee sees the request id of the chain, whatever the
         // plugin set.
-        if let Ok(id) = HeaderValue::from_str(&chain.request_id) {
-            request
-                .headers
-                .insert(HeaderName::from_static("x-request-id"), id);
-        }
-        request.chain = Arc::new(chain);
+        request
+            .headers
+            .insert(X_REQUEST_ID, chain.request_id.clone());
+        request.chain = Some(Arc::new(chain));
         let timeout = timeout.map_or(self.call_timeout, |asked| asked.min(self.call_timeout));
         self.calls.call(service, request, timeout)
     }
@@ -346,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_chain_refuses_a_service_it_passed_and_too_many_hops() {
-        let chain = CallChain::start("a", "id-1".to_owned());
+        let chain = CallChain::start("a", HeaderValue::from_static("id-1"));
         let chain = chain.extend("b").unwrap();
         assert_eq!(chain.services, ["a", "b"]);
         assert_eq!(chain.request_id, "id-1");

@@ -38,7 +38,7 @@ use plugin_api::ffi::{
     FfiTask, HostPtr, InstancePtr, layout_fingerprint,
 };
 
-use super::context::{CallChain, HostContext};
+use super::context::HostContext;
 use super::entry::{EntryError, run_bounded};
 use super::file_checks::{self, FileChecks, OpenError, Untrusted};
 use super::message::{PluginRequest, PluginResponse};
@@ -598,8 +598,8 @@ extern "C" fn host_call(data: HostPtr, call: &FfiCall<'_>) -> FfiResponse {
             headers,
             body: Bytes::copy_from_slice(call.body.as_slice()),
             client_addr: "127.0.0.1:0".to_owned(),
-            // Replaced by the context, which knows the caller's chain.
-            chain: Arc::new(CallChain::start(host.name(), String::new())),
+            // Set by the context, which knows the caller's chain.
+            chain: None,
         };
         let timeout = (call.timeout_ms > 0).then(|| Duration::from_millis(call.timeout_ms));
         ffi_response(host.call(service, request, timeout))

@@ -28,8 +28,11 @@ pub struct PluginRequest {
     /// Client socket address.
     pub client_addr: String,
     /// The request id and the services the request passed: the chain a
-    /// call the plugin makes while handling it extends.
-    pub chain: Arc<CallChain>,
+    /// call the plugin makes while handling it extends. `None` for a
+    /// request from the gateway: its chain is the plugin alone, with the
+    /// request's `X-Request-Id`, built only if the plugin makes a call
+    /// (most requests make none, and pay nothing for it).
+    pub chain: Option<Arc<CallChain>>,
 }
 
 /// A plugin's answer, copied into host memory.

@@ -23,11 +23,12 @@ use axum::http::StatusCode;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::oneshot;
 
-use super::context::{DataDirError, HostContext, HostSetup, within_chain};
+use super::context::{DataDirError, HostContext, HostSetup, within_request};
 use super::entry::{EntryError, run_bounded};
 use super::loader::{CloseReport, Instance, PluginLibrary};
 use super::message::{PluginRequest, PluginResponse};
 use crate::http::Escaped;
+use crate::metrics::PluginSample;
 use crate::sync::{Tally, lock};
 
 /// Why a call got no answer from the plugin.
@@ -467,6 +468,19 @@ impl PluginRuntime {
         self.worker_count
     }
 
+    /// Its load now, for the metrics: requests waiting for a worker, and
+    /// workers busy (the calls being answered, as many as there are
+    /// workers at most).
+    pub fn sample(&self) -> PluginSample {
+        let queued = self.jobs.load().as_deref().map_or(0, Sender::len);
+        let answering = self.calls.count().saturating_sub(queued);
+        PluginSample {
+            queued: queued as u64,
+            busy: answering.min(self.worker_count) as u64,
+            workers: self.worker_count as u64,
+        }
+    }
+
     /// Sends `request` to a worker and awaits the answer for at most
     /// `timeout`. The call counts as in flight (see
     /// [`PluginRuntime::wait_for_calls`]) until it returns; a handler still
@@ -683,7 +697,7 @@ fn serve(shared: &Shared, Job { request, reply }: Job) {
     if reply.is_closed() {
         return;
     }
-    let (response, panic) = within_chain(&request.chain, || {
+    let (response, panic) = within_request(&request, || {
         shared.library.handle(&shared.instance, &request)
     });
     if let Some(message) = panic {

@@ -1,5 +1,7 @@
 //! Liveness of remote services: the policy (heartbeat interval, TTL,
-//! health checks, eviction) and the task that applies it.
+//! health checks, eviction) and the task that applies it; and, on the
+//! same schedule, the checks of plugins' health routes
+//! ([`Checker::check_plugins`]).
 //!
 //! The seed guide's client heartbeats every 30 s, ignores failed heartbeats
 //! and never registers again, so heartbeats alone cannot be trusted either
@@ -23,8 +25,10 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
-use crate::http::error_chain;
+use crate::http::{X_REQUEST_ID, error_chain, new_request_id};
+use crate::plugin::PluginRequest;
 use crate::remote::{CheckOutcome, RemoteService};
+use crate::table::{Backend, Service};
 
 /// How remote services are kept track of.
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +144,62 @@ impl Checker {
     }
 }
 
+impl Checker {
+    /// Checks the health route of every plugin among `services` that
+    /// declares it as one of its GET endpoints (a plugin's
+    /// `health_check_url` defaults to `/health` whether it has one or
+    /// not), all at once: a GET handed to the plugin's workers like a
+    /// gateway request, healthy if answered 2xx within the check timeout.
+    /// Plugin code runs on the plugin's threads; this task only awaits.
+    pub(super) async fn check_plugins(&self, services: Vec<Arc<Service>>) {
+        let timeout = self.policy.check_timeout;
+        let mut checks = JoinSet::new();
+        for service in services {
+            let Backend::Plugin(plugin) = &service.backend else {
+                continue;
+            };
+            let info = &service.info;
+            if !info
+                .endpoints
+                .iter()
+                .any(|endpoint| endpoint.method == "GET" && endpoint.path == info.health_check_url)
+            {
+                continue;
+            }
+            let plugin = plugin.clone();
+            let name = info.name.clone();
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert(X_REQUEST_ID, new_request_id());
+            let request = Arc::new(PluginRequest {
+                method: axum::http::Method::GET,
+                path: info.health_check_url.clone(),
+                query: String::new(),
+                headers,
+                body: Bytes::new(),
+                client_addr: "127.0.0.1:0".to_owned(),
+                chain: None,
+            });
+            checks.spawn(async move {
+                let error = match plugin.runtime.call(request, timeout).await {
+                    Ok(response) if (200..300).contains(&response.status) => None,
+                    Ok(response) => Some(format!("answered {}", response.status)),
+                    Err(error) => Some(error.to_string()),
+                };
+                crate::metrics::host().health_check(error.is_none());
+                plugin.health.record(
+                    &name,
+                    CheckOutcome {
+                        at: SystemTime::now(),
+                        ok: error.is_none(),
+                        error,
+                    },
+                );
+            });
+        }
+        checks.join_all().await;
+    }
+}
+
 async fn round(remotes: &[Arc<RemoteService>], checker: &Checker) {
     let mut checks = JoinSet::new();
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
@@ -156,6 +216,7 @@ async fn round(remotes: &[Arc<RemoteService>], checker: &Checker) {
                     Ok(uri) => checker.check(uri).await,
                     Err(error) => Err(format!("no valid health check URL: {error}")),
                 };
+                crate::metrics::host().health_check(result.is_ok());
                 if let Err(error) = &result {
                     tracing::debug!(service = %remote.name(), instance = %addr, %error, "health check failed");
                 }

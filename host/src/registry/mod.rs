@@ -265,6 +265,7 @@ impl Registry {
                 for silent in checker.round(registry.remotes()).await {
                     registry.evict(&silent).await;
                 }
+                checker.check_plugins(registry.shared.services.list()).await;
             }
         })
     }
@@ -300,8 +301,10 @@ impl Registry {
             .map_err(unauthenticated)
     }
 
-    /// Whether the request may read the listing.
-    fn reader(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Whether the request may read the listing (and what shares its
+    /// rule: the metrics, the plugin files' status); the refusal is the
+    /// listing's 401/403.
+    pub fn reader(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         self.shared
             .tokens
             .load()
@@ -844,6 +847,7 @@ async fn heartbeat(
         "service_id",
     )?;
     remote.heartbeat(beat.status);
+    crate::metrics::host().heartbeat();
     remote.announce_health();
     let policy = registry.shared.policy;
     Ok(axum::Json(json!({
@@ -962,13 +966,25 @@ struct Listed<'a> {
     kind: &'static str,
     #[serde(flatten)]
     details: Details<'a>,
+    /// Cumulative since the service entered the table; a reader computes
+    /// rates by differencing two reads.
+    traffic: Traffic,
+}
+
+#[derive(serde::Serialize)]
+struct Traffic {
+    requests_total: u64,
+    /// Answers with a 5xx status.
+    errors_total: u64,
+    in_flight: u64,
 }
 
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum Details<'a> {
     Plugin {
-        status: &'static str,
+        status: remote::Status,
+        last_health_check: Option<remote::CheckOutcome>,
         loaded_from: &'a str,
     },
     Remote(remote::Liveness),
@@ -980,10 +996,16 @@ fn describe(service: &Service) -> Listed<'_> {
         kind: service.kind(),
         details: match &service.backend {
             Backend::Plugin(plugin) => Details::Plugin {
-                status: "healthy",
+                status: plugin.health.status(),
+                last_health_check: plugin.health.last_check(),
                 loaded_from: &plugin.loaded_from,
             },
             Backend::Remote(remote) => Details::Remote(remote.liveness()),
+        },
+        traffic: Traffic {
+            requests_total: service.traffic().requests_total(),
+            errors_total: service.traffic().errors_total(),
+            in_flight: service.traffic().in_flight(),
         },
     }
 }
