@@ -1,10 +1,11 @@
 """Drives the plugin-host console in the system's Chromium (Playwright).
 
 Run by tests/tests/console.rs with:
-    python console_browser.py <registry-url> <plugin-file> <plugin> <remote> <artifacts-dir>
+    python console_browser.py <registry-url> <gateway-url> <plugin-file> <plugin> <remote> <refused-file> <artifacts-dir>
 
-Opens /console, checks the plugin and the remote service are listed,
-opens /docs once and checks an operation of the remote is rendered, removes
+Opens /console, checks the plugin and the remote service are listed, that
+the plugin's file shows loaded and the refused file its reason, that
+traffic through the gateway shows as requests per second, opens /docs once and checks an operation of the remote is rendered, removes
 the plugin file and sees its row go without a reload, deregisters the
 remote with the page's button, and sees its row go. Screenshots go to the
 artifacts directory; any failure prints why and exits 1 (after a
@@ -12,11 +13,15 @@ screenshot of the page as it was).
 """
 
 import os
+import re
 import sys
+import threading
+import time
+import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
 
-registry, plugin_file, plugin, remote, artifacts = sys.argv[1:6]
+registry, gateway, plugin_file, plugin, remote, refused, artifacts = sys.argv[1:8]
 os.makedirs(artifacts, exist_ok=True)
 # Every wait is bounded: the whole run stays well under a minute.
 expect.set_options(timeout=15_000)
@@ -32,12 +37,7 @@ with sync_playwright() as playwright:
     # CSP violations and script errors surface here.
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     def on_console(message):
-        # Until the host reports plugin files, the console shows that
-        # endpoint's 404 on the page; the browser logs it too.
-        missing_files = message.location.get("url", "").endswith(
-            "/api/registry/plugins/files"
-        )
-        if message.type == "error" and not missing_files:
+        if message.type == "error":
             problems.append(f"console error: {message.text} ({message.location})")
 
     page.on("console", on_console)
@@ -49,6 +49,28 @@ with sync_playwright() as playwright:
         expect(plugin_row).to_contain_text("plugin")
         expect(remote_row).to_contain_text("remote")
         expect(remote_row).to_contain_text("healthy")
+        plugin_file_row = page.locator(
+            f'#files tr[data-file="{os.path.basename(plugin_file)}"]'
+        )
+        expect(plugin_file_row).to_contain_text("loaded")
+        expect(plugin_file_row).to_contain_text(plugin)
+        refused_row = page.locator(f'#files tr[data-file="{refused}"]')
+        expect(refused_row).to_contain_text("refused")
+        expect(refused_row).to_contain_text("ELF")
+
+        # 60 requests over about 3 s: the page turns the counters of two
+        # polls into a rate.
+        def traffic():
+            for _ in range(60):
+                with urllib.request.urlopen(f"{gateway}/api/{remote}/hello?name=x") as answer:
+                    answer.read()
+                time.sleep(0.05)
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        rate = remote_row.locator("td.num").first
+        expect(rate).to_have_text(re.compile(r"^[1-9][0-9]*\.[0-9]$"))
+        sender.join()
         page.screenshot(path=os.path.join(artifacts, "console-listed.png"), full_page=True)
 
         docs = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -65,6 +87,7 @@ with sync_playwright() as playwright:
         page.evaluate("window.loadedOnce = true")
         os.remove(plugin_file)
         expect(plugin_row).to_have_count(0)
+        expect(plugin_file_row).to_have_count(0)
         expect(remote_row).to_have_count(1)
 
         button = remote_row.locator("button.deregister")
@@ -72,7 +95,7 @@ with sync_playwright() as playwright:
         expect(button).to_have_text("Confirm deregister")
         button.click()
         expect(remote_row).to_have_count(0)
-        expect(page.locator("#action-result")).to_contain_text(f"deregistered {remote}")
+        expect(page.locator("#action-result")).to_contain_text(f"deregistering {remote}: done")
         if page.evaluate("window.loadedOnce") is not True:
             problems.append("the page reloaded: it should update in place")
         page.screenshot(path=os.path.join(artifacts, "console-after.png"), full_page=True)

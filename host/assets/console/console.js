@@ -9,7 +9,7 @@ const TOKEN_KEY = "plugin-host-admin-token";
 
 // The previous poll's counters per service, to turn totals into rates.
 let previous = new Map();
-// The service whose deregistration waits for a second click.
+// The action (service, or service and instance) waiting for a second click.
 let confirming = null;
 
 function token() {
@@ -94,13 +94,25 @@ function rates(service, now) {
 
 function instancesList(service) {
   const list = element("ul", undefined, "plain");
-  for (const instance of service.instances || []) {
+  const instances = service.instances || [];
+  for (const instance of instances) {
     const item = element("li");
+    item.dataset.instance = instance.id;
     item.appendChild(element("code", instance.id));
     item.appendChild(document.createTextNode(" "));
     item.appendChild(status(instance.status));
     if (instance.last_heartbeat) {
       item.appendChild(element("span", "heartbeat " + when(instance.last_heartbeat), "sub"));
+    }
+    // The last instance goes with its service (the Deregister button).
+    if (instances.length > 1) {
+      item.appendChild(confirmButton("Remove", "remove-instance", service.name + " " + instance.id, () =>
+        act(
+          "removing instance " + instance.id + " of " + service.name,
+          "POST",
+          "/api/registry/deregister/" + encodeURIComponent(service.name) + "/" + encodeURIComponent(instance.id),
+        ),
+      ));
     }
     list.appendChild(item);
   }
@@ -134,13 +146,34 @@ function actions(service) {
   if (service.kind !== "remote") {
     return element("span", "remove its file to unload", "sub");
   }
-  const button = element("button", "Deregister", "deregister");
+  return confirmButton("Deregister", "deregister", service.name, () => {
+    const name = encodeURIComponent(service.name);
+    // The admin token removes the service whoever registered it; without
+    // one, the registry's ownership rule decides (the caller's address).
+    return token()
+      ? act("deregistering " + service.name, "DELETE", "/api/registry/admin/services/" + name)
+      : act("deregistering " + service.name, "POST", "/api/registry/deregister/" + name);
+  });
+}
+
+// A button that asks for a second click before it acts.
+function confirmButton(label, className, key, action) {
+  const button = element("button", label, className);
   button.type = "button";
-  if (confirming === service.name) {
-    button.textContent = "Confirm deregister";
-    button.className = "deregister confirm";
+  if (confirming === key) {
+    button.textContent = "Confirm " + label.toLowerCase();
+    button.className = className + " confirm";
   }
-  button.addEventListener("click", () => deregister(service.name));
+  button.addEventListener("click", async () => {
+    if (confirming !== key) {
+      confirming = key;
+      await poll();
+      return;
+    }
+    confirming = null;
+    await action();
+    await poll();
+  });
   return button;
 }
 
@@ -182,9 +215,6 @@ function drawServices(services, now) {
     if (!seen.has(name)) {
       previous.delete(name);
     }
-  }
-  if (confirming !== null && !seen.has(confirming)) {
-    confirming = null;
   }
   body.replaceChildren(rows);
   document.getElementById("services-empty").hidden = services.length > 0;
@@ -247,31 +277,21 @@ async function poll() {
   }
 }
 
-async function deregister(name) {
-  if (confirming !== name) {
-    confirming = name;
-    await poll();
-    return;
-  }
-  confirming = null;
+async function act(what, method, path) {
   try {
-    const answer = await fetch("/api/registry/deregister/" + encodeURIComponent(name), {
-      method: "POST",
-      headers: headers(),
-    });
+    const answer = await fetch(path, { method: method, headers: headers() });
     const body = await answer.json().catch(() => ({}));
     if (answer.ok) {
-      report("deregistered " + name, false);
+      report(what + ": done", false);
     } else if (answer.status === 401) {
-      report("The registry asks for a token (" + (body.error || answer.status) + "): enter the admin token above.", true);
+      report(what + ": the registry asks for a token (" + (body.error || answer.status) + "); enter the admin token above.", true);
       document.getElementById("token-input").focus();
     } else {
-      report("deregistering " + name + " was refused (" + answer.status + "): " + (body.error || ""), true);
+      report(what + ": refused (" + answer.status + "): " + (body.error || ""), true);
     }
   } catch (error) {
-    report("deregistering " + name + " failed: " + error.message, true);
+    report(what + " failed: " + error.message, true);
   }
-  await poll();
 }
 
 function showToken() {

@@ -787,6 +787,10 @@ pub fn router(registry: Registry) -> Router {
             "/api/registry/admin/api-keys/{id}",
             axum::routing::delete(admin::revoke),
         )
+        .route(
+            "/api/registry/admin/services/{name}",
+            axum::routing::delete(admin::remove_service),
+        )
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .with_state(registry)
