@@ -41,15 +41,15 @@ fn chromium() -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs /usr/bin/chromium and PyPI (playwright); run with --include-ignored, or PLUGIN_HOST_REQUIRE_ALL=1 cargo xtask test"]
 async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser() {
-    const TEST: &str = "console::the_console_shows_services_and_files_live_and_deregisters_in_a_browser";
+    const TEST: &str =
+        "console::the_console_shows_services_and_files_live_and_deregisters_in_a_browser";
     if require_or_skip(TEST, chromium()).is_none() {
         return;
     }
-    let tools = tokio::task::spawn_blocking(|| {
-        python::tools(Path::new(env!("CARGO_TARGET_TMPDIR")))
-    })
-    .await
-    .expect("setting up python panicked");
+    let tools =
+        tokio::task::spawn_blocking(|| python::tools(Path::new(env!("CARGO_TARGET_TMPDIR"))))
+            .await
+            .expect("setting up python panicked");
     let Some(python) = require_or_skip(TEST, tools) else {
         return;
     };
@@ -156,8 +156,14 @@ async fn the_admin_token_removes_a_service_whoever_registered_it() {
     let (status, answer) = remove(None, "team-a-shop").await;
     assert_eq!(status, 401, "{answer}");
     let (status, answer) = remove(Some("team-a"), "team-a-shop").await;
-    assert_eq!(status, 403, "even the owner's token is not the admin's: {answer}");
-    assert!(answer["error"].as_str().unwrap().contains("admin"), "{answer}");
+    assert_eq!(
+        status, 403,
+        "even the owner's token is not the admin's: {answer}"
+    );
+    assert!(
+        answer["error"].as_str().unwrap().contains("admin"),
+        "{answer}"
+    );
     let (status, _) = get_json(&host.gateway_url("/api/team-a-shop/hello"))
         .await
         .unwrap();

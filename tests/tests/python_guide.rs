@@ -423,18 +423,18 @@ async fn a_copy_on_free_ports_survives_a_host_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs python3 with venv, PyPI and ../shared/seed-plugin-guide.zh.md; run with --include-ignored, or PLUGIN_HOST_REQUIRE_ALL=1 cargo xtask test"]
 async fn the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1() {
-    const TEST: &str = "python_guide::the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1";
+    const TEST: &str =
+        "python_guide::the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1";
     let Some(main_py) = require_or_skip(TEST, guide_main_py()) else {
         return;
     };
     let Some(python) = require_or_skip(TEST, python_off_runtime().await) else {
         return;
     };
-    let tools = tokio::task::spawn_blocking(|| {
-        python::tools(Path::new(env!("CARGO_TARGET_TMPDIR")))
-    })
-    .await
-    .expect("setting up python panicked");
+    let tools =
+        tokio::task::spawn_blocking(|| python::tools(Path::new(env!("CARGO_TARGET_TMPDIR"))))
+            .await
+            .expect("setting up python panicked");
     let Some(tools) = require_or_skip(TEST, tools) else {
         return;
     };
@@ -470,7 +470,10 @@ async fn the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1() 
     );
     let create = &paths["/api/my-plugin/data"]["post"];
     let body_schema = &create["requestBody"]["content"]["application/json"]["schema"]["$ref"];
-    assert_eq!(body_schema, "#/components/schemas/my-plugin.DataItem", "{create}");
+    assert_eq!(
+        body_schema, "#/components/schemas/my-plugin.DataItem",
+        "{create}"
+    );
     assert!(catalogue["components"]["schemas"]["my-plugin.DataItem"].is_object());
     assert!(paths["/api/my-plugin/hello"]["get"].is_object());
     // The plugin's declared endpoints are there too.
@@ -482,10 +485,7 @@ async fn the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1() 
             .any(|path| path.starts_with("/api/hello/")),
         "{paths}"
     );
-    assert_eq!(
-        catalogue["servers"][0]["url"],
-        host.gateway_url("")
-    );
+    assert_eq!(catalogue["servers"][0]["url"], host.gateway_url(""));
 
     let file = dir.path().join("openapi.json");
     std::fs::write(&file, catalogue.to_string()).expect("write the catalogue");

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::Registry;
-use super::tokens::Writer;
 use super::store::StoredApiKey;
+use super::tokens::Writer;
 use crate::auth::{ApiKeySettings, KeyRefused, SecretDigest};
 use crate::http::ApiError;
 
@@ -99,11 +99,9 @@ pub(super) async fn remove_service(
 ) -> Result<Response, ApiError> {
     registry.admin(&headers)?;
     let Path(name) = name.map_err(super::bad_path)?;
-    super::uncancellable(async move {
-        registry
-            .deregister(&name, caller.ip(), Writer::Admin)
-            .await
-    })
+    super::uncancellable(
+        async move { registry.deregister(&name, caller.ip(), Writer::Admin).await },
+    )
     .await
 }
 

@@ -349,7 +349,10 @@ fn add_service(
             paths.insert(gateway_path(name, path), item);
         }
         for kind in MERGED_COMPONENTS {
-            let entries = document["components"][*kind].as_object().into_iter().flatten();
+            let entries = document["components"][*kind]
+                .as_object()
+                .into_iter()
+                .flatten();
             for (entry, value) in entries {
                 let mut value = value.clone();
                 prefix_refs(&mut value, &prefix);
@@ -503,7 +506,10 @@ mod tests {
     fn catalogue_of(
         info: &ServiceInfo,
         published: Option<&Value>,
-    ) -> (Map<String, Value>, BTreeMap<&'static str, Map<String, Value>>) {
+    ) -> (
+        Map<String, Value>,
+        BTreeMap<&'static str, Map<String, Value>>,
+    ) {
         let mut paths = Map::new();
         let mut components = BTreeMap::new();
         let public = PublicEndpoints::compile(info);
@@ -566,7 +572,10 @@ mod tests {
         );
         let create = &paths["/api/shop/items"]["post"];
         assert_eq!(create["operationId"], "shop.create_item");
-        assert_eq!(create["security"], json!([{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}]));
+        assert_eq!(
+            create["security"],
+            json!([{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}])
+        );
         assert!(
             paths["/api/shop/items"].get("delete").is_none(),
             "the gateway does not forward an undeclared method"

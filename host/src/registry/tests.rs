@@ -198,8 +198,14 @@ async fn the_catalogue_lists_what_is_registered_and_names_the_gateway() {
         .unwrap();
     let document: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(document["openapi"], "3.1.0");
-    assert_eq!(document["servers"], json!([{"url": "http://registry.example:8000"}]));
+    assert_eq!(
+        document["servers"],
+        json!([{"url": "http://registry.example:8000"}])
+    );
     let operation = &document["paths"]["/api/shop/items/{id}"]["get"];
     assert_eq!(operation["parameters"][0]["name"], "id", "{document}");
-    assert_eq!(operation["security"], json!([{"api_key": []}, {"bearer": []}]));
+    assert_eq!(
+        operation["security"],
+        json!([{"api_key": []}, {"bearer": []}])
+    );
 }
