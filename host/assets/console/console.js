@@ -11,6 +11,8 @@ const TOKEN_KEY = "plugin-host-admin-token";
 let previous = new Map();
 // The action (service, or service and instance) waiting for a second click.
 let confirming = null;
+// Services whose endpoint list is open: kept open across redraws.
+const openEndpoints = new Set();
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -128,6 +130,14 @@ function endpointsList(service) {
     return element("span", service.kind === "remote" ? "every path" : "none declared");
   }
   const details = element("details");
+  details.open = openEndpoints.has(service.name);
+  details.addEventListener("toggle", () => {
+    if (details.open) {
+      openEndpoints.add(service.name);
+    } else {
+      openEndpoints.delete(service.name);
+    }
+  });
   details.appendChild(element("summary", endpoints.length + " endpoint" + (endpoints.length === 1 ? "" : "s")));
   const list = element("ul", undefined, "plain");
   for (const endpoint of endpoints) {

@@ -48,6 +48,11 @@ const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
 /// socket each.
 const MAX_CONCURRENT_FETCHES: usize = 16;
 
+/// How often a service that cannot be reached is asked for its document,
+/// and the first wait between two askings (then doubled): about 15 s in all.
+const ATTEMPTS: u32 = 5;
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+
 /// Where a remote service publishes its document, relative to its base
 /// path (FastAPI's default).
 const PUBLISHED_PATH: &str = "/openapi.json";
@@ -135,33 +140,62 @@ impl Catalogue {
         }
     }
 
-    /// Asks `remote` for its published document, once, in the background;
-    /// what it answers replaces what its name published before. A service
-    /// that publishes none (most answer 404) is listed from its declared
-    /// endpoints only.
+    /// Asks `remote` for its published document in the background; what it
+    /// answers replaces what its name published before. A service that
+    /// publishes none (most answer 404) is listed from its declared
+    /// endpoints only. A service not listening yet is asked again, a few
+    /// times, [`RETRY_FIRST`] apart and then twice as long each time: the
+    /// guide's FastAPI client registers from its startup hook, before its
+    /// server accepts connections. The asking ends with the registration
+    /// (a replaced or removed one is not asked again).
     pub(super) fn fetch(self: &Arc<Self>, remote: Arc<RemoteService>) {
         let catalogue = self.clone();
+        let name = remote.name().to_owned();
+        let registration = Arc::downgrade(&remote);
+        drop(remote);
         tokio::spawn(async move {
-            let Ok(_slot) = catalogue.fetches.clone().acquire_owned().await else {
-                return;
-            };
-            let name = remote.name().to_owned();
-            match catalogue.published_by(&remote).await {
-                Ok((document, bytes)) => match catalogue.keep(&remote, document, bytes) {
-                    Ok(paths) => tracing::info!(
-                        service = %name,
-                        paths,
-                        bytes,
-                        "published API document merged into the catalogue"
-                    ),
-                    Err(error) => {
-                        tracing::warn!(service = %name, error = %error, "published API document not merged");
+            let mut wait = RETRY_FIRST;
+            for attempt in 1..=ATTEMPTS {
+                let Some(remote) = registration.upgrade() else {
+                    return;
+                };
+                let answer = {
+                    let Ok(_slot) = catalogue.fetches.acquire().await else {
+                        return;
+                    };
+                    catalogue.published_by(&remote).await
+                };
+                let error = match answer {
+                    Ok((document, bytes)) => {
+                        match catalogue.keep(&remote, document, bytes) {
+                            Ok(paths) => tracing::info!(
+                                service = %name,
+                                paths,
+                                bytes,
+                                "published API document merged into the catalogue"
+                            ),
+                            Err(error) => {
+                                tracing::warn!(service = %name, error = %error, "published API document not merged");
+                            }
+                        }
+                        return;
                     }
-                },
-                Err(error) => {
+                    Err(error) => error,
+                };
+                let unreachable = matches!(
+                    error,
+                    NotPublished::Unavailable(_)
+                        | NotPublished::Request(_)
+                        | NotPublished::Timeout(_)
+                );
+                if !unreachable || attempt == ATTEMPTS {
                     lock(&catalogue.published).remove(&name);
-                    tracing::debug!(service = %name, error = %error, "no published API document");
+                    tracing::debug!(service = %name, error = %error, attempt, "no published API document");
+                    return;
                 }
+                drop(remote);
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
             }
         });
     }
