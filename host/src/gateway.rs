@@ -186,7 +186,9 @@ async fn route(
             return with_cors(refusal.into_response(name), cors);
         }
     };
-    served.identity = identity.as_ref().map(|identity| identity.id().to_owned());
+    if access_logged() {
+        served.identity = identity.as_ref().map(|identity| identity.id().to_owned());
+    }
     // The authenticated caller is the `per_key` rate limit's key.
     let admitted = admission
         .check_rate(client.ip(), identity.as_ref().map(Identity::id))

@@ -222,9 +222,7 @@ pub async fn run(
         },
         (config.metrics == metrics::Switch::On).then_some(config.metrics_path.as_str()),
     );
-    let registry = registry::router(registry)
-        .merge(observe)
-        .merge(console::router());
+    let registry = registry::router(registry, observe.merge(console::router()));
 
     if !stopped_during_start {
         tracing::info!(

@@ -283,11 +283,11 @@ async fn request_ids_are_kept_when_usable_replaced_otherwise_and_always_returned
         let (status, returned, body) = get(&host, path, Some("not usable")).await;
         assert_eq!(status, 200, "{body}");
         assert_ne!(returned, "not usable");
-        assert_eq!(id_seen_by(&body), [returned.clone()], "{path}");
+        assert_eq!(id_seen_by(&body), [returned], "{path}");
 
         let (_, first, body) = get(&host, path, None).await;
         let (_, second, _) = get(&host, path, None).await;
-        assert_eq!(id_seen_by(&body), [first.clone()]);
+        assert_eq!(id_seen_by(&body), std::slice::from_ref(&first));
         assert_ne!(first, second, "ids are unique");
         assert!(
             first.len() >= 32 && first.bytes().all(|b| b.is_ascii_graphic()),
@@ -313,6 +313,18 @@ async fn probes_and_plugin_files_tell_loaded_refused_and_waiting_files_apart() {
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["plugin_files_refused"], 0);
+    // Refusals are the registry's JSON ones.
+    let response = client()
+        .post(host.registry_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let refusal: Value = response.json().await.unwrap();
+    assert!(
+        refusal["error"].as_str().unwrap().contains("/healthz"),
+        "{refusal}"
+    );
 
     host.mount_plugin(plugin_library("hello"), "hello.so")
         .await
@@ -493,4 +505,35 @@ async fn a_plugin_is_probed_through_its_runtime_and_listed_as_its_health_route_a
         .await
         .unwrap();
     assert_eq!(listed().await["status"], "healthy");
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_access_log_as_objects() {
+    let host = host_builder()
+        .args(["--log-format", "json"])
+        .start()
+        .await
+        .unwrap();
+    let mark = host.log_mark();
+    host.install_plugin(plugin_library("hello"), "hello.so")
+        .unwrap();
+    host.wait_for_log_since(mark, &["plugin mounted", r#""file":"hello.so""#])
+        .await
+        .unwrap();
+    let mark = host.log_mark();
+    let (status, id, _) = get(&host, "/api/hello/data/7", Some("json-1")).await;
+    assert_eq!((status, id.as_str()), (404, "json-1"));
+    let line = host
+        .wait_for_log_since(mark, &[r#""target":"access""#])
+        .await
+        .unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+    let fields = &event["fields"];
+    assert_eq!(fields["service"], "hello", "{event}");
+    assert_eq!(fields["route"], "/data/{id}");
+    assert_eq!(fields["method"], "GET");
+    assert_eq!(fields["status"], 404);
+    assert_eq!(fields["request_id"], "json-1");
+    assert!(fields["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(fields["client"].as_str().unwrap().starts_with("127.0.0.1:"));
 }

@@ -770,8 +770,10 @@ fn seconds(duration: Duration) -> Value {
     }
 }
 
-/// The registry API's routes.
-pub fn router(registry: Registry) -> Router {
+/// The registry API's routes, and `more` served on the same listener
+/// (the observability endpoints, the console), which share its JSON 404
+/// and 405.
+pub fn router(registry: Registry, more: Router) -> Router {
     Router::new()
         .route("/api/registry/register", post(register))
         .route("/api/registry/heartbeat", post(heartbeat))
@@ -791,9 +793,10 @@ pub fn router(registry: Registry) -> Router {
             "/api/registry/admin/services/{name}",
             axum::routing::delete(admin::remove_service),
         )
+        .with_state(registry)
+        .merge(more)
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .with_state(registry)
 }
 
 async fn register(

@@ -50,7 +50,8 @@ fn open(dir: &std::path::Path) -> Router {
         },
     )
     .expect("registry opens");
-    router(registry).layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))))
+    router(registry, Router::new())
+        .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))))
 }
 
 async fn call(router: &Router, path: &str, body: Vec<u8>) -> (StatusCode, Value) {

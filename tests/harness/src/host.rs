@@ -8,11 +8,16 @@ use std::process::{Command, ExitStatus};
 use crate::process::Proc;
 use crate::{Error, PATIENCE, Result};
 
-/// The value of `key=value` in a log line of the host.
+/// The value of `key=value` in a log line of the host, or of
+/// `"key":"value"` in a JSON one (`--log-format json`).
 pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let needle = format!(" {key}=");
+    if let Some(start) = line.find(&needle) {
+        return line[start + needle.len()..].split_whitespace().next();
+    }
+    let needle = format!("\"{key}\":\"");
     let start = line.find(&needle)? + needle.len();
-    line[start..].split_whitespace().next()
+    line[start..].split('"').next()
 }
 
 /// A plugins directory and a data directory, kept across restarts of a
@@ -398,5 +403,13 @@ mod tests {
         assert_eq!(field(line, "registry"), Some("[::1]:9"));
         assert_eq!(field(line, "way"), None, "a key is a whole word");
         assert_eq!(field(line, "missing"), None);
+    }
+
+    #[test]
+    fn a_json_line_s_field_is_its_string_value() {
+        let line = r#"{"level":"INFO","fields":{"message":"listening","gateway":"127.0.0.1:8000","registry":"[::1]:9"}}"#;
+        assert_eq!(field(line, "gateway"), Some("127.0.0.1:8000"));
+        assert_eq!(field(line, "registry"), Some("[::1]:9"));
+        assert_eq!(field(line, "way"), None, "a key is a whole word");
     }
 }
