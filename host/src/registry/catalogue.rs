@@ -80,6 +80,10 @@ const MERGED_COMPONENTS: &[&str] = &[
     "pathItems",
 ];
 
+/// The catalogue's components by kind (`schemas`, `responses`...), each by
+/// (prefixed) name.
+type Components = BTreeMap<&'static str, Map<String, Value>>;
+
 /// The published documents of the remote services, and the client that
 /// fetches them.
 #[derive(Debug)]
@@ -279,7 +283,7 @@ impl Catalogue {
     /// call the gateway at `gateway_url`.
     pub(super) fn document(&self, services: &[Arc<Service>], gateway_url: &str) -> Value {
         let mut paths = Map::new();
-        let mut components: BTreeMap<&'static str, Map<String, Value>> = BTreeMap::new();
+        let mut components = Components::new();
         let mut tags = Vec::new();
         for service in services {
             let published = match &service.backend {
@@ -340,7 +344,7 @@ fn add_service(
     public: &PublicEndpoints,
     published: Option<&Value>,
     paths: &mut Map<String, Value>,
-    components: &mut BTreeMap<&'static str, Map<String, Value>>,
+    components: &mut Components,
 ) {
     let name = &info.name;
     let declared_methods: HashSet<String> = info
@@ -540,10 +544,7 @@ mod tests {
     fn catalogue_of(
         info: &ServiceInfo,
         published: Option<&Value>,
-    ) -> (
-        Map<String, Value>,
-        BTreeMap<&'static str, Map<String, Value>>,
-    ) {
+    ) -> (Map<String, Value>, Components) {
         let mut paths = Map::new();
         let mut components = BTreeMap::new();
         let public = PublicEndpoints::compile(info);
