@@ -16,7 +16,7 @@ use host_harness::require_or_skip;
 use host_harness::workspace::{host_builder, plugin_library};
 use integration_tests::python;
 use integration_tests::upstream::{Upstream, register};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -171,10 +171,8 @@ async fn the_admin_token_removes_a_service_whoever_registered_it() {
 
     let (status, answer) = remove(Some("admin"), "team-a-shop").await;
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        answer,
-        json!({"service_id": "team-a-shop", "status": "deregistered"})
-    );
+    assert_eq!(answer["service_id"], "team-a-shop", "{answer}");
+    assert_eq!(answer["status"], "deregistered", "{answer}");
     let (status, _) = get_json(&host.gateway_url("/api/team-a-shop/hello"))
         .await
         .unwrap();
