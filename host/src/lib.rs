@@ -11,6 +11,7 @@ pub mod admission;
 pub mod auth;
 pub mod calls;
 pub mod config;
+pub mod console;
 pub mod egress;
 pub mod gateway;
 pub mod http;
@@ -148,6 +149,7 @@ pub async fn run(
             tokens: live.registry_tokens.clone(),
             authenticator: live.authenticator.clone(),
             managed_keys: live.managed_keys.clone(),
+            gateway_addr,
         },
     )?;
 
@@ -221,7 +223,7 @@ pub async fn run(
         },
         (config.metrics == metrics::Switch::On).then_some(config.metrics_path.as_str()),
     );
-    let registry = registry::router(registry, observe);
+    let registry = registry::router(registry, observe.merge(console::router()));
 
     if !stopped_during_start {
         tracing::info!(

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use host_harness::PATIENCE;
 
+pub mod python;
 pub mod upstream;
 
 /// Polls `check` every 10 ms until it returns true; panics naming `what`

@@ -6,6 +6,7 @@ mod abi;
 mod admission;
 mod auth;
 mod config;
+mod console;
 mod context;
 mod edge;
 mod examples;

@@ -23,8 +23,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use host_harness::http::{client, get_json};
-use host_harness::workspace::host_builder;
+use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
+use integration_tests::python;
 use serde_json::{Value, json};
 
 /// The guide beside the checkout, as CI and the developers' machines lay
@@ -80,45 +81,11 @@ fn python() -> Result<&'static Path, &'static str> {
 }
 
 fn make_venv() -> Result<PathBuf, String> {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-guide-venv");
-    let _ = std::fs::remove_dir_all(&venv);
-    let created = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .map_err(|error| format!("cannot run python3: {error}"))?;
-    if !created.status.success() {
-        return Err(format!(
-            "python3 -m venv failed: {}",
-            String::from_utf8_lossy(&created.stderr).trim()
-        ));
-    }
-    // The guide's own install line, bounded in time if PyPI is unreachable.
-    let installed = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--retries",
-            "1",
-            "--timeout",
-            "20",
-            "fastapi",
-            "uvicorn",
-            "httpx",
-            "pydantic",
-        ])
-        .output()
-        .map_err(|error| format!("cannot run pip: {error}"))?;
-    if !installed.status.success() {
-        let stderr = String::from_utf8_lossy(&installed.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        return Err(format!(
-            "pip install fastapi uvicorn httpx pydantic failed: {}",
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        ));
-    }
-    Ok(venv.join("bin/python"))
+    // The guide's own install line.
+    python::make_venv(
+        &Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-guide-venv"),
+        &["fastapi", "uvicorn", "httpx", "pydantic"],
+    )
 }
 
 /// [`python`] off the async runtime (it runs pip for a while).
@@ -191,6 +158,25 @@ impl Drop for Plugin {
             eprintln!("main.py output:\n{}", self.output());
         }
     }
+}
+
+/// A copy of `main.py` registering with the registry on `registry_port`
+/// and serving on a free port, which it answers.
+fn on_free_port(main_py: &str, registry_port: u16) -> (String, u16) {
+    let port = free_port();
+    let main_py = main_py
+        .replacen(
+            "REGISTRY_URL = \"http://localhost:8001\"",
+            &format!("REGISTRY_URL = \"http://localhost:{registry_port}\""),
+            1,
+        )
+        .replacen("\"port\": 8010,", &format!("\"port\": {port},"), 1);
+    assert!(
+        main_py.contains(&format!("\"http://localhost:{registry_port}\""))
+            && main_py.contains(&format!("\"port\": {port},")),
+        "both substitutions applied"
+    );
+    (main_py, port)
 }
 
 fn port_is_free(port: u16) -> bool {
@@ -405,19 +391,7 @@ async fn a_copy_on_free_ports_survives_a_host_kill_9() {
     };
     let host = host_builder().start().await.unwrap();
     let (gateway, registry) = (host.gateway_addr(), host.registry_addr());
-    let port = free_port();
-    let main_py = main_py
-        .replacen(
-            "REGISTRY_URL = \"http://localhost:8001\"",
-            &format!("REGISTRY_URL = \"http://localhost:{}\"", registry.port()),
-            1,
-        )
-        .replacen("\"port\": 8010,", &format!("\"port\": {port},"), 1);
-    assert!(
-        main_py.contains(&format!("\"http://localhost:{}\"", registry.port()))
-            && main_py.contains(&format!("\"port\": {port},")),
-        "both substitutions applied"
-    );
+    let (main_py, port) = on_free_port(&main_py, registry.port());
     let dir = tempfile::tempdir().expect("temp dir");
     let mut plugin = Plugin::start(&python, dir.path(), &main_py);
     let direct = format!("http://localhost:{port}");
@@ -444,4 +418,91 @@ async fn a_copy_on_free_ports_survives_a_host_kill_9() {
     plugin.stop().await;
     let (status, _) = get(&host.registry_url("/api/registry/services/my-plugin")).await;
     assert_eq!(status, 404, "deregistered on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python3 with venv, PyPI and ../shared/seed-plugin-guide.zh.md; run with --include-ignored, or PLUGIN_HOST_REQUIRE_ALL=1 cargo xtask test"]
+async fn the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1() {
+    const TEST: &str =
+        "python_guide::the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1";
+    let Some(main_py) = require_or_skip(TEST, guide_main_py()) else {
+        return;
+    };
+    let Some(python) = require_or_skip(TEST, python_off_runtime().await) else {
+        return;
+    };
+    let tools =
+        tokio::task::spawn_blocking(|| python::tools(Path::new(env!("CARGO_TARGET_TMPDIR"))))
+            .await
+            .expect("setting up python panicked");
+    let Some(tools) = require_or_skip(TEST, tools) else {
+        return;
+    };
+    let host = host_builder().start().await.unwrap();
+    host.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
+        .unwrap();
+    let (main_py, port) = on_free_port(&main_py, host.registry_addr().port());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mark = host.log_mark();
+    let mut plugin = Plugin::start(&python, dir.path(), &main_py);
+    wait_until_serving(&host, &plugin, &format!("http://localhost:{port}")).await;
+    host.wait_for_log_since(
+        mark,
+        &["published API document merged", "service=my-plugin"],
+    )
+    .await
+    .unwrap();
+
+    let (status, catalogue) = get(&host.registry_url("/api/registry/openapi.json")).await;
+    assert_eq!(status, 200, "{catalogue}");
+    assert_eq!(catalogue["openapi"], "3.1.0");
+    let paths = &catalogue["paths"];
+    // FastAPI's own operations, at the gateway's paths, with their
+    // parameters and schemas (prefixed with the service's name).
+    let item = &paths["/api/my-plugin/data/{item_id}"]["get"];
+    assert_eq!(item["parameters"][0]["name"], "item_id", "{catalogue}");
+    assert!(
+        item["operationId"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("my-plugin.")),
+        "{item}"
+    );
+    let create = &paths["/api/my-plugin/data"]["post"];
+    let body_schema = &create["requestBody"]["content"]["application/json"]["schema"]["$ref"];
+    assert_eq!(
+        body_schema, "#/components/schemas/my-plugin.DataItem",
+        "{create}"
+    );
+    assert!(catalogue["components"]["schemas"]["my-plugin.DataItem"].is_object());
+    assert!(paths["/api/my-plugin/hello"]["get"].is_object());
+    // The plugin's declared endpoints are there too.
+    assert!(
+        paths
+            .as_object()
+            .expect("paths")
+            .keys()
+            .any(|path| path.starts_with("/api/hello/")),
+        "{paths}"
+    );
+    assert_eq!(catalogue["servers"][0]["url"], host.gateway_url(""));
+
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, catalogue.to_string()).expect("write the catalogue");
+    let validated = Command::new(&tools)
+        .args([
+            "-c",
+            "import json, sys\n\
+             from openapi_spec_validator import validate\n\
+             validate(json.load(open(sys.argv[1])))\n",
+        ])
+        .arg(&file)
+        .output()
+        .expect("run the validator");
+    assert!(
+        validated.status.success(),
+        "the catalogue is not valid OpenAPI 3.1: {}\n{catalogue}",
+        String::from_utf8_lossy(&validated.stderr)
+    );
+    plugin.stop().await;
 }

@@ -1,12 +1,13 @@
-//! The registry's admin endpoints: API keys added and revoked at run time,
-//! without a restart, behind the admin token.
+//! The registry's admin endpoints, behind the admin token: API keys added
+//! and revoked at run time, without a restart, and the removal of a remote
+//! service whoever registered it (what the console's operator does).
 //!
 //! A key is kept as its digest only, in the registry's database (durable
 //! before it is acknowledged) and in the gateway's [`ManagedKeys`].
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -14,6 +15,7 @@ use serde_json::json;
 
 use super::Registry;
 use super::store::StoredApiKey;
+use super::tokens::Writer;
 use crate::auth::{ApiKeySettings, KeyRefused, SecretDigest};
 use crate::http::ApiError;
 
@@ -85,6 +87,29 @@ pub(super) async fn revoke(
     registry.admin(&headers)?;
     let Path(id) = id.map_err(super::bad_path)?;
     super::uncancellable(async move { registry.revoke_api_key(id).await }).await
+}
+
+/// `DELETE /api/registry/admin/services/{name}`: the service goes, with
+/// every instance, whoever registered it.
+pub(super) async fn remove_service(
+    State(registry): State<Registry>,
+    ConnectInfo(caller): ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    registry.admin(&headers)?;
+    let Path(name) = name.map_err(super::bad_path)?;
+    super::uncancellable(async move {
+        (registry)
+            .deregister(
+                &name,
+                super::Deregistered::Every,
+                caller.ip(),
+                Writer::Admin,
+            )
+            .await
+    })
+    .await
 }
 
 impl Registry {

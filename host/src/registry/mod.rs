@@ -13,6 +13,7 @@
 //! between a registration and a plugin file.
 
 mod admin;
+mod catalogue;
 mod liveness;
 mod model;
 mod store;
@@ -40,6 +41,7 @@ pub use tokens::{ListingAccess, RegistryAuthSettings, RegistryTokenSettings, Tok
 
 use tokens::{Unauthenticated, Writer};
 
+use catalogue::Catalogue;
 use liveness::Checker;
 
 use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
@@ -82,6 +84,9 @@ pub struct RegistryConfig {
     /// The API keys added through the admin endpoints: restored from the
     /// database at open, changed by those endpoints only.
     pub managed_keys: Arc<ManagedKeys>,
+    /// The gateway's address, as bound: where the API catalogue sends
+    /// clients.
+    pub gateway_addr: SocketAddr,
 }
 
 /// Why the registry could not start.
@@ -119,11 +124,22 @@ struct Shared {
     tokens: Arc<ArcSwap<TokenPolicy>>,
     authenticator: Arc<ArcSwap<Authenticator>>,
     managed_keys: Arc<ManagedKeys>,
+    catalogue: Arc<Catalogue>,
+    gateway_addr: SocketAddr,
     /// Serializes registrations, deregistrations and evictions. Each is a
     /// look at the table, a durable write, then a change of the table; two
     /// of them interleaved could leave the database and the table telling
     /// different stories. Heartbeats do not take it.
     writes: tokio::sync::Mutex<()>,
+}
+
+/// Which instances a deregistration removes.
+#[derive(Debug, Clone, Copy)]
+enum Deregistered<'a> {
+    /// The one named, or those the caller speaks for ([`Registry::targets`]).
+    Chosen(Option<&'a str>),
+    /// Every instance: the admin removes the service, whoever registered it.
+    Every,
 }
 
 impl Registry {
@@ -227,6 +243,12 @@ impl Registry {
             database = %config.database.display(),
             "remote services restored"
         );
+        let catalogue = Arc::new(Catalogue::new(
+            config.egress.clone(),
+            config.loop_guard.clone(),
+            config.instances.clone(),
+            config.policy.check_timeout,
+        ));
         Ok(Self {
             shared: Arc::new(Shared {
                 services,
@@ -243,6 +265,8 @@ impl Registry {
                 tokens: config.tokens,
                 authenticator: config.authenticator,
                 managed_keys: config.managed_keys,
+                catalogue,
+                gateway_addr: config.gateway_addr,
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
@@ -257,6 +281,10 @@ impl Registry {
             self.shared.egress.clone(),
             self.shared.loop_guard.clone(),
         );
+        // Restored registrations publish their documents again.
+        for remote in self.remotes() {
+            self.shared.catalogue.fetch(remote);
+        }
         tokio::spawn(async move {
             let mut ticks = checker.ticks();
             loop {
@@ -521,7 +549,8 @@ impl Registry {
         self.durably(&name, move |store| store.put(&stored)).await?;
         self.record_storage(&name, Some(size));
         let info = remote.spec().info.clone();
-        let service = Service::new(info, Backend::Remote(Arc::new(remote)));
+        let remote = Arc::new(remote);
+        let service = Service::new(info, Backend::Remote(remote.clone()));
         let inserted = self.shared.services.insert(service, |holder| {
             matches!(holder.backend, Backend::Remote(_))
         });
@@ -542,6 +571,7 @@ impl Registry {
             }
             return Err(name_taken(&holder));
         }
+        self.shared.catalogue.fetch(remote);
         Ok(())
     }
 
@@ -635,7 +665,7 @@ impl Registry {
     async fn deregister(
         &self,
         name: &str,
-        instance_id: Option<&str>,
+        which: Deregistered<'_>,
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
@@ -657,7 +687,12 @@ impl Registry {
                 }
             },
         };
-        let targets = self.targets(&remote, instance_id, caller, &writer, "name")?;
+        let targets = match which {
+            Deregistered::Chosen(instance_id) => {
+                self.targets(&remote, instance_id, caller, &writer, "name")?
+            }
+            Deregistered::Every => remote.instances().members().to_vec(),
+        };
         let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
         let remaining = self.remove_instances(&remote, &targets).await?;
         tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
@@ -1006,7 +1041,8 @@ fn seconds(duration: Duration) -> Value {
 }
 
 /// The registry API's routes, and `more` served on the same listener
-/// (the observability endpoints), which share its JSON 404 and 405.
+/// (the observability endpoints, the console), which share its JSON 404
+/// and 405.
 pub fn router(registry: Registry, more: Router) -> Router {
     Router::new()
         .route("/api/registry/register", post(register))
@@ -1018,6 +1054,7 @@ pub fn router(registry: Registry, more: Router) -> Router {
         )
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .route("/api/registry/openapi.json", get(openapi))
         .route(
             "/api/registry/admin/api-keys",
             get(admin::list).post(admin::add),
@@ -1025,6 +1062,10 @@ pub fn router(registry: Registry, more: Router) -> Router {
         .route(
             "/api/registry/admin/api-keys/{id}",
             axum::routing::delete(admin::revoke),
+        )
+        .route(
+            "/api/registry/admin/services/{name}",
+            axum::routing::delete(admin::remove_service),
         )
         .with_state(registry)
         .merge(more)
@@ -1118,7 +1159,12 @@ async fn deregister(
         .instance_id;
     uncancellable(async move {
         registry
-            .deregister(&name, instance_id.as_deref(), caller.ip(), writer)
+            .deregister(
+                &name,
+                Deregistered::Chosen(instance_id.as_deref()),
+                caller.ip(),
+                writer,
+            )
             .await
     })
     .await
@@ -1136,7 +1182,12 @@ async fn deregister_instance(
     let Path((name, instance_id)) = path.map_err(bad_path)?;
     uncancellable(async move {
         registry
-            .deregister(&name, Some(&instance_id), caller.ip(), writer)
+            .deregister(
+                &name,
+                Deregistered::Chosen(Some(&instance_id)),
+                caller.ip(),
+                writer,
+            )
             .await
     })
     .await
@@ -1187,6 +1238,27 @@ async fn get_service(
                 .with("service", name),
         ),
     }
+}
+
+/// The API catalogue: readable by whoever may read the listing.
+async fn openapi(
+    State(registry): State<Registry>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    registry.reader(&headers)?;
+    let gateway = registry.shared.gateway_addr;
+    // The host name the client reached the registry by reaches the gateway
+    // too (a listener on 0.0.0.0 has no name of its own to give).
+    let gateway_url = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .and_then(|host| host.parse::<axum::http::uri::Authority>().ok())
+        .map_or_else(
+            || format!("http://{gateway}"),
+            |host| format!("http://{}:{}", host.host(), gateway.port()),
+        );
+    let services = registry.shared.services.list();
+    Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
 }
 
 async fn no_route(method: Method, uri: Uri) -> ApiError {

@@ -48,6 +48,7 @@ fn open(dir: &std::path::Path) -> Router {
                     .expect("no credentials are valid settings"),
             )),
             managed_keys: Arc::default(),
+            gateway_addr: "127.0.0.1:8000".parse().unwrap(),
         },
     )
     .expect("registry opens");
@@ -171,4 +172,43 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+#[tokio::test]
+async fn the_catalogue_lists_what_is_registered_and_names_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = open(dir.path());
+    let registration = json!({
+        "name": "shop", "version": "1", "host": "127.0.0.1", "port": 9,
+        "requires_auth": true,
+        "endpoints": [{"path": "items/{id}", "method": "GET", "is_public": false}],
+    });
+    let (status, answer) = call(
+        &router,
+        "/api/registry/register",
+        registration.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let request = Request::get("/api/registry/openapi.json")
+        .header("host", "registry.example:8001")
+        .body(Body::empty())
+        .unwrap();
+    let response = router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let document: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(document["openapi"], "3.1.0");
+    assert_eq!(
+        document["servers"],
+        json!([{"url": "http://registry.example:8000"}])
+    );
+    let operation = &document["paths"]["/api/shop/items/{id}"]["get"];
+    assert_eq!(operation["parameters"][0]["name"], "id", "{document}");
+    assert_eq!(
+        operation["security"],
+        json!([{"api_key": []}, {"bearer": []}])
+    );
 }

@@ -1,0 +1,649 @@
+//! One OpenAPI 3.1 document for everything the gateway routes
+//! (`GET /api/registry/openapi.json`).
+//!
+//! Every service contributes the endpoints it declared, under its gateway
+//! path `/api/<name>/`. A remote service may also publish its own document
+//! (FastAPI serves `/openapi.json` below its base path): it is fetched once
+//! per registration, bounded in size and time and through the egress policy
+//! like a health check, and its operations and components are merged in,
+//! rewritten to gateway paths, with component names prefixed by the
+//! service's name so that two services' `Item` schemas cannot collide. A
+//! re-registration builds a new [`RemoteService`] and fetches again; the
+//! document of a replaced or removed registration is never served (it is
+//! held against the registration it came from, weakly).
+//!
+//! The gateway's credentials, not a service's own, are what a client shows:
+//! a published document's security schemes and requirements are dropped,
+//! and operations of a service with `requires_auth` that it did not declare
+//! public get the gateway's requirement (an API key or a bearer JWT).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+
+use crate::egress::{EgressPolicy, LoopGuard, Resolver};
+use crate::http::error_chain;
+use crate::remote::{InstancePolicy, RemoteService};
+use crate::service::{PublicEndpoints, ServiceInfo};
+use crate::sync::lock;
+use crate::table::{Backend, Service};
+
+/// Largest published document read; a bigger one is not merged.
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
+/// Most bytes of published documents kept at once, added up; past it a new
+/// one is not merged (and a WARN says so), so many services cannot make the
+/// catalogue grow without bound.
+const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Fetches in flight at once: a burst of registrations must not open a
+/// socket each.
+const MAX_CONCURRENT_FETCHES: usize = 16;
+
+/// How often a service that cannot be reached is asked for its document,
+/// and the first wait between two askings (then doubled): about 15 s in all.
+const ATTEMPTS: u32 = 5;
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// Where a remote service publishes its document, relative to its base
+/// path (FastAPI's default).
+const PUBLISHED_PATH: &str = "/openapi.json";
+
+/// The security schemes of the gateway (see docs/AUTH.md).
+const API_KEY_SCHEME: &str = "api_key";
+const BEARER_SCHEME: &str = "bearer";
+
+/// HTTP methods an OpenAPI path item may hold, lower case.
+const OPERATION_METHODS: &[&str] = &[
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+/// Kinds of components a published document may hold and the catalogue
+/// merges (security schemes are the gateway's own).
+const MERGED_COMPONENTS: &[&str] = &[
+    "schemas",
+    "responses",
+    "parameters",
+    "examples",
+    "requestBodies",
+    "headers",
+    "links",
+    "callbacks",
+    "pathItems",
+];
+
+/// The catalogue's components by kind (`schemas`, `responses`...), each by
+/// (prefixed) name.
+type Components = BTreeMap<&'static str, Map<String, Value>>;
+
+/// The published documents of the remote services, and the client that
+/// fetches them.
+#[derive(Debug)]
+pub(super) struct Catalogue {
+    client: Client<HttpConnector<Resolver>, Empty<Bytes>>,
+    timeout: Duration,
+    loop_guard: LoopGuard,
+    /// Under which an instance to ask is picked, as the proxy picks one.
+    instances: Arc<ArcSwap<InstancePolicy>>,
+    fetches: Arc<Semaphore>,
+    published: std::sync::Mutex<HashMap<String, Published>>,
+}
+
+/// A document a registration published, valid while that registration is
+/// the one in the table.
+#[derive(Debug)]
+struct Published {
+    registration: Weak<RemoteService>,
+    document: Arc<Value>,
+    bytes: usize,
+}
+
+/// Why a published document was not merged.
+#[derive(Debug, thiserror::Error)]
+enum NotPublished {
+    #[error("no instance to ask: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Request(String),
+    #[error("answered {0}")]
+    Status(axum::http::StatusCode),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("larger than {MAX_DOCUMENT_BYTES} bytes, or cut short: {0}")]
+    Body(String),
+    #[error("not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("not an OpenAPI document: no `paths` object")]
+    NoPaths,
+    #[error(
+        "the catalogue already keeps {MAX_KEPT_BYTES} bytes of published documents; this one ({0} bytes) is not merged"
+    )]
+    Full(usize),
+}
+
+impl Catalogue {
+    /// Fetches connect only where `egress` admits, within `timeout`, and
+    /// carry `loop_guard`'s `Via` entry, like health checks.
+    pub(super) fn new(
+        egress: Arc<EgressPolicy>,
+        loop_guard: LoopGuard,
+        instances: Arc<ArcSwap<InstancePolicy>>,
+        timeout: Duration,
+    ) -> Self {
+        let mut connector = HttpConnector::new_with_resolver(Resolver::new(egress));
+        connector.set_connect_timeout(Some(timeout));
+        Self {
+            client: Client::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(0)
+                .build(connector),
+            timeout,
+            loop_guard,
+            instances,
+            fetches: Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES)),
+            published: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Asks `remote` for its published document in the background; what it
+    /// answers replaces what its name published before. A service that
+    /// publishes none (most answer 404) is listed from its declared
+    /// endpoints only. A service not listening yet is asked again, a few
+    /// times, [`RETRY_FIRST`] apart and then twice as long each time: the
+    /// guide's FastAPI client registers from its startup hook, before its
+    /// server accepts connections. The asking ends with the registration
+    /// (a replaced or removed one is not asked again).
+    pub(super) fn fetch(self: &Arc<Self>, remote: Arc<RemoteService>) {
+        let catalogue = self.clone();
+        let name = remote.name().to_owned();
+        let registration = Arc::downgrade(&remote);
+        drop(remote);
+        tokio::spawn(async move {
+            let mut wait = RETRY_FIRST;
+            for attempt in 1..=ATTEMPTS {
+                let Some(remote) = registration.upgrade() else {
+                    return;
+                };
+                let answer = {
+                    let Ok(_slot) = catalogue.fetches.acquire().await else {
+                        return;
+                    };
+                    catalogue.published_by(&remote).await
+                };
+                let error = match answer {
+                    Ok((document, bytes)) => {
+                        match catalogue.keep(&remote, document, bytes) {
+                            Ok(paths) => tracing::info!(
+                                service = %name,
+                                paths,
+                                bytes,
+                                "published API document merged into the catalogue"
+                            ),
+                            Err(error) => {
+                                tracing::warn!(service = %name, error = %error, "published API document not merged");
+                            }
+                        }
+                        return;
+                    }
+                    Err(error) => error,
+                };
+                let unreachable = matches!(
+                    error,
+                    NotPublished::Unavailable(_)
+                        | NotPublished::Request(_)
+                        | NotPublished::Timeout(_)
+                );
+                if !unreachable || attempt == ATTEMPTS {
+                    lock(&catalogue.published).remove(&name);
+                    tracing::debug!(service = %name, error = %error, attempt, "no published API document");
+                    return;
+                }
+                drop(remote);
+                tokio::time::sleep(wait).await;
+                wait = wait.saturating_mul(2);
+            }
+        });
+    }
+
+    async fn published_by(&self, remote: &RemoteService) -> Result<(Value, usize), NotPublished> {
+        let uri = remote
+            .route(&self.instances.load(), None)
+            .map_err(|unavailable| NotPublished::Unavailable(unavailable.to_string()))?
+            .uri(PUBLISHED_PATH, None)
+            .map_err(|error| NotPublished::Request(error.to_string()))?;
+        let mut request = axum::http::Request::get(uri)
+            .header(axum::http::header::USER_AGENT, "plugin-host-catalogue")
+            .header(axum::http::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|error| NotPublished::Request(error.to_string()))?;
+        self.loop_guard.stamp(request.headers_mut());
+        let attempt = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| NotPublished::Request(error_chain(&error)))?;
+            if !response.status().is_success() {
+                return Err(NotPublished::Status(response.status()));
+            }
+            Limited::new(response.into_body(), MAX_DOCUMENT_BYTES)
+                .collect()
+                .await
+                .map(|body| body.to_bytes())
+                .map_err(|error| NotPublished::Body(error.to_string()))
+        };
+        let body = tokio::time::timeout(self.timeout, attempt)
+            .await
+            .map_err(|_| NotPublished::Timeout(self.timeout))??;
+        let document: Value = serde_json::from_slice(&body)?;
+        if !document.get("paths").is_some_and(Value::is_object) {
+            return Err(NotPublished::NoPaths);
+        }
+        Ok((document, body.len()))
+    }
+
+    /// Keeps `document` for `remote`'s registration; answers how many paths
+    /// it has.
+    fn keep(
+        &self,
+        remote: &Arc<RemoteService>,
+        document: Value,
+        bytes: usize,
+    ) -> Result<usize, NotPublished> {
+        let mut published = lock(&self.published);
+        published.retain(|_, kept| kept.registration.strong_count() > 0);
+        let kept: usize = published
+            .iter()
+            .filter(|(name, _)| *name != remote.name())
+            .map(|(_, kept)| kept.bytes)
+            .sum();
+        if kept + bytes > MAX_KEPT_BYTES {
+            return Err(NotPublished::Full(bytes));
+        }
+        let paths = document["paths"].as_object().map_or(0, Map::len);
+        published.insert(
+            remote.name().to_owned(),
+            Published {
+                registration: Arc::downgrade(remote),
+                document: Arc::new(document),
+                bytes,
+            },
+        );
+        Ok(paths)
+    }
+
+    /// The document `remote`'s current registration published, if any.
+    fn published(&self, remote: &Arc<RemoteService>) -> Option<Arc<Value>> {
+        let published = lock(&self.published);
+        let kept = published.get(remote.name())?;
+        let registration = kept.registration.upgrade()?;
+        Arc::ptr_eq(&registration, remote).then(|| kept.document.clone())
+    }
+
+    /// The catalogue of `services` (sorted by name), telling clients to
+    /// call the gateway at `gateway_url`.
+    pub(super) fn document(&self, services: &[Arc<Service>], gateway_url: &str) -> Value {
+        let mut paths = Map::new();
+        let mut components = Components::new();
+        let mut tags = Vec::new();
+        for service in services {
+            let published = match &service.backend {
+                Backend::Remote(remote) => self.published(remote),
+                Backend::Plugin(_) => None,
+            };
+            add_service(
+                &service.info,
+                service.public_endpoints(),
+                published.as_deref(),
+                &mut paths,
+                &mut components,
+            );
+            let info = &service.info;
+            let mut tag = json!({"name": info.name});
+            let description = [info.display_name.as_str(), info.description.as_str()]
+                .into_iter()
+                .filter(|text| !text.is_empty() && *text != info.name)
+                .collect::<Vec<_>>()
+                .join(": ");
+            if !description.is_empty() {
+                tag["description"] = json!(description);
+            }
+            tags.push(tag);
+        }
+        let mut all_components = Map::new();
+        for (kind, entries) in components {
+            if !entries.is_empty() {
+                all_components.insert(kind.to_owned(), Value::Object(entries));
+            }
+        }
+        all_components.insert(
+            "securitySchemes".to_owned(),
+            json!({
+                API_KEY_SCHEME: {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                BEARER_SCHEME: {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            }),
+        );
+        json!({
+            "openapi": "3.1.0",
+            "info": {
+                "title": "plugin-host gateway",
+                "version": env!("CARGO_PKG_VERSION"),
+                "description": "Every service the gateway routes, plugins and remote services alike, under /api/{name}/.",
+            },
+            "servers": [{"url": gateway_url}],
+            "tags": tags,
+            "paths": paths,
+            "components": all_components,
+        })
+    }
+}
+
+/// Adds `service`'s operations: those of its published document, then its
+/// declared endpoints the document does not describe.
+fn add_service(
+    info: &ServiceInfo,
+    public: &PublicEndpoints,
+    published: Option<&Value>,
+    paths: &mut Map<String, Value>,
+    components: &mut Components,
+) {
+    let name = &info.name;
+    let declared_methods: HashSet<String> = info
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.method.to_ascii_lowercase())
+        .collect();
+    // What the gateway forwards: every method if nothing was declared,
+    // else the declared ones (HEAD with GET, OPTIONS always).
+    let forwarded = |method: &str| {
+        declared_methods.is_empty()
+            || declared_methods.contains(method)
+            || method == "options"
+            || (method == "head" && declared_methods.contains("get"))
+    };
+    let mut described: HashSet<(String, String)> = HashSet::new();
+    if let Some(document) = published {
+        let prefix = format!("{name}.");
+        for (path, item) in document["paths"].as_object().into_iter().flatten() {
+            let (Some(item), true) = (item.as_object(), path.starts_with('/')) else {
+                continue;
+            };
+            let mut item = item.clone();
+            item.retain(|key, _| !OPERATION_METHODS.contains(&key.as_str()) || forwarded(key));
+            for method in OPERATION_METHODS {
+                let Some(operation) = item.get_mut(*method).and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                operation.remove("security");
+                operation.insert("tags".to_owned(), json!([name]));
+                if let Some(id) = operation.get("operationId").and_then(Value::as_str) {
+                    let id = format!("{prefix}{id}");
+                    operation.insert("operationId".to_owned(), json!(id));
+                }
+                secure(info, public, method, path, operation);
+                described.insert((path.clone(), (*method).to_owned()));
+            }
+            let mut item = Value::Object(item);
+            prefix_refs(&mut item, &prefix);
+            paths.insert(gateway_path(name, path), item);
+        }
+        for kind in MERGED_COMPONENTS {
+            let entries = document["components"][*kind]
+                .as_object()
+                .into_iter()
+                .flatten();
+            for (entry, value) in entries {
+                let mut value = value.clone();
+                prefix_refs(&mut value, &prefix);
+                components
+                    .entry(kind)
+                    .or_default()
+                    .insert(format!("{prefix}{entry}"), value);
+            }
+        }
+    }
+    for endpoint in &info.endpoints {
+        let method = endpoint.method.to_ascii_lowercase();
+        if described.contains(&(endpoint.path.clone(), method.clone())) {
+            continue;
+        }
+        let mut operation = Map::new();
+        operation.insert("tags".to_owned(), json!([name]));
+        operation.insert(
+            "operationId".to_owned(),
+            json!(format!("{name}.{method}{}", endpoint.path)),
+        );
+        if !endpoint.description.is_empty() {
+            operation.insert("summary".to_owned(), json!(endpoint.description));
+        }
+        let parameters: Vec<Value> = template_params(&endpoint.path)
+            .map(|param| json!({"name": param, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !parameters.is_empty() {
+            operation.insert("parameters".to_owned(), Value::Array(parameters));
+        }
+        operation.insert(
+            "responses".to_owned(),
+            json!({"default": {"description": "the service's answer"}}),
+        );
+        secure(info, public, &method, &endpoint.path, &mut operation);
+        let item = paths
+            .entry(gateway_path(name, &endpoint.path))
+            .or_insert_with(|| json!({}));
+        if let Some(item) = item.as_object_mut() {
+            item.insert(method, Value::Object(operation));
+        }
+    }
+}
+
+/// Gives `operation` the gateway's security requirement when the gateway
+/// asks a credential for it.
+fn secure(
+    info: &ServiceInfo,
+    public: &PublicEndpoints,
+    method: &str,
+    path: &str,
+    operation: &mut Map<String, Value>,
+) {
+    if info.requires_auth && !public.is_public(&method.to_ascii_uppercase(), path) {
+        operation.insert(
+            "security".to_owned(),
+            json!([{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}]),
+        );
+    }
+}
+
+/// `/api/<name>` + the service's own path.
+fn gateway_path(name: &str, path: &str) -> String {
+    format!("/api/{name}{path}")
+}
+
+/// The `{param}` names of a path template.
+fn template_params(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter_map(|segment| {
+        segment
+            .strip_prefix('{')
+            .and_then(|rest| rest.strip_suffix('}'))
+            .filter(|param| !param.is_empty())
+    })
+}
+
+/// Rewrites every local `$ref` to a component (`#/components/<kind>/<x>`)
+/// to the prefixed component's name.
+fn prefix_refs(value: &mut Value, prefix: &str) {
+    match value {
+        Value::Object(object) => {
+            for (key, value) in object.iter_mut() {
+                match value {
+                    Value::String(target) if key == "$ref" => {
+                        if let Some(rest) = target.strip_prefix("#/components/")
+                            && let Some((kind, entry)) = rest.split_once('/')
+                        {
+                            *target = format!("#/components/{kind}/{prefix}{entry}");
+                        }
+                    }
+                    _ => prefix_refs(value, prefix),
+                }
+            }
+        }
+        Value::Array(values) => {
+            for value in values {
+                prefix_refs(value, prefix);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Endpoint;
+
+    #[test]
+    fn refs_to_components_are_prefixed_and_others_kept() {
+        let mut value = json!({
+            "a": {"$ref": "#/components/schemas/Item"},
+            "b": [{"$ref": "#/components/responses/NotFound"}, {"$ref": "https://elsewhere/x"}],
+            "$ref": "#/definitions/old",
+        });
+        prefix_refs(&mut value, "svc.");
+        assert_eq!(
+            value,
+            json!({
+                "a": {"$ref": "#/components/schemas/svc.Item"},
+                "b": [{"$ref": "#/components/responses/svc.NotFound"}, {"$ref": "https://elsewhere/x"}],
+                "$ref": "#/definitions/old",
+            })
+        );
+    }
+
+    fn info(requires_auth: bool) -> ServiceInfo {
+        let endpoint = |path: &str, method: &str, is_public| Endpoint {
+            path: path.to_owned(),
+            method: method.to_owned(),
+            description: format!("{method} {path}"),
+            is_public,
+        };
+        ServiceInfo {
+            name: "shop".to_owned(),
+            display_name: "Shop".to_owned(),
+            description: String::new(),
+            version: "1".to_owned(),
+            health_check_url: "/health".to_owned(),
+            metadata: BTreeMap::new(),
+            tags: Vec::new(),
+            requires_auth,
+            endpoints: vec![
+                endpoint("/items/{id}", "GET", true),
+                endpoint("/items", "POST", false),
+                endpoint("/undocumented", "GET", true),
+            ],
+        }
+    }
+
+    fn catalogue_of(
+        info: &ServiceInfo,
+        published: Option<&Value>,
+    ) -> (Map<String, Value>, Components) {
+        let mut paths = Map::new();
+        let mut components = BTreeMap::new();
+        let public = PublicEndpoints::compile(info);
+        add_service(info, &public, published, &mut paths, &mut components);
+        (paths, components)
+    }
+
+    #[test]
+    fn declared_endpoints_become_operations_at_gateway_paths() {
+        let (paths, components) = catalogue_of(&info(true), None);
+        assert!(components.is_empty());
+        let get = &paths["/api/shop/items/{id}"]["get"];
+        assert_eq!(get["summary"], "GET /items/{id}");
+        assert_eq!(
+            get["parameters"],
+            json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}])
+        );
+        assert!(get.get("security").is_none(), "declared public: {get}");
+        assert_eq!(
+            paths["/api/shop/items"]["post"]["security"],
+            json!([{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}])
+        );
+        // Without requires_auth nothing asks a credential.
+        let (paths, _) = catalogue_of(&info(false), None);
+        assert!(paths["/api/shop/items"]["post"].get("security").is_none());
+    }
+
+    #[test]
+    fn a_published_document_is_merged_prefixed_and_secured_by_the_gateway() {
+        let published = json!({
+            "openapi": "3.1.0",
+            "paths": {
+                "/items/{id}": {"get": {
+                    "operationId": "read_item",
+                    "security": [{"their_scheme": []}],
+                    "responses": {"200": {"description": "ok", "content": {"application/json":
+                        {"schema": {"$ref": "#/components/schemas/Item"}}}}},
+                }},
+                "/items": {
+                    "post": {"operationId": "create_item", "responses": {}},
+                    "delete": {"operationId": "not_forwarded", "responses": {}},
+                },
+                "relative": {"get": {}},
+            },
+            "components": {
+                "schemas": {"Item": {"type": "object", "properties": {
+                    "tags": {"type": "array", "items": {"$ref": "#/components/schemas/Tag"}}}},
+                    "Tag": {"type": "string"}},
+                "securitySchemes": {"their_scheme": {"type": "http", "scheme": "basic"}},
+            },
+        });
+        let (paths, components) = catalogue_of(&info(true), Some(&published));
+        let read = &paths["/api/shop/items/{id}"]["get"];
+        assert_eq!(read["operationId"], "shop.read_item");
+        assert_eq!(read["tags"], json!(["shop"]));
+        assert!(read.get("security").is_none(), "public, and theirs dropped");
+        assert_eq!(
+            read["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/shop.Item"
+        );
+        let create = &paths["/api/shop/items"]["post"];
+        assert_eq!(create["operationId"], "shop.create_item");
+        assert_eq!(
+            create["security"],
+            json!([{API_KEY_SCHEME: []}, {BEARER_SCHEME: []}])
+        );
+        assert!(
+            paths["/api/shop/items"].get("delete").is_none(),
+            "the gateway does not forward an undeclared method"
+        );
+        assert!(!paths.contains_key("/api/shoprelative"));
+        // A declared endpoint the document lacks is still listed.
+        assert_eq!(
+            paths["/api/shop/undocumented"]["get"]["operationId"],
+            "shop.get/undocumented"
+        );
+        assert_eq!(
+            components["schemas"]["shop.Item"]["properties"]["tags"]["items"]["$ref"],
+            "#/components/schemas/shop.Tag"
+        );
+        assert!(components["schemas"].contains_key("shop.Tag"));
+        assert!(!components.contains_key("securitySchemes"));
+    }
+
+    #[test]
+    fn template_params_are_the_braced_segments() {
+        assert_eq!(
+            template_params("/data/{id}/x/{ name}/{}").collect::<Vec<_>>(),
+            vec!["id", " name"]
+        );
+        assert_eq!(template_params("/plain").count(), 0);
+    }
+}
