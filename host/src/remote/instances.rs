@@ -644,9 +644,16 @@ impl InstanceSet {
                 let first = random_below(count);
                 let second = (first + 1 + random_below(count - 1)) % count;
                 let (low, high) = (first.min(second), first.max(second));
-                let a = candidates.nth(low);
-                let b = candidates.nth(high - low - 1);
-                match (a, b) {
+                let at_low = candidates.nth(low);
+                let at_high = candidates.nth(high - low - 1);
+                // A tie goes to the one drawn first, not to the lower
+                // index: the first registered must not win every tie.
+                let (drawn_first, drawn_second) = if first < second {
+                    (at_low, at_high)
+                } else {
+                    (at_high, at_low)
+                };
+                match (drawn_first, drawn_second) {
                     (Some(a), Some(b)) if b.outstanding() < a.outstanding() => Some(b),
                     (a, b) => a.or(b),
                 }
