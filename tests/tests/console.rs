@@ -101,9 +101,12 @@ async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser(
     host.wait_for_log_since(mark, &["plugin unmounted", "plugin=hello"])
         .await
         .unwrap();
-    host.wait_for_log_since(mark, &["remote service deregistered", "service=shop"])
-        .await
-        .unwrap();
+    host.wait_for_log_since(
+        mark,
+        &["remote service instances deregistered", "service=shop"],
+    )
+    .await
+    .unwrap();
     let (status, _) = get_json(&host.registry_url("/api/registry/services/shop"))
         .await
         .unwrap();
