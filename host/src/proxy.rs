@@ -24,11 +24,14 @@
 //! base path.
 //!
 //! **Retries.** An idempotent request (GET, HEAD, OPTIONS, PUT, DELETE)
-//! that met a connect error is sent once more, to another instance, if its
-//! body was never sent: none at all, or one the failed attempt never
-//! polled (the body waits in a slot the attempt borrows it from, so
-//! nothing is buffered). A request that reached an instance is never
-//! retried, nor is a POST or PATCH.
+//! that met a connect error, or a kept-alive connection the instance
+//! closed without a byte of answer (an instance shutting down closes its
+//! idle connections, racing the request sent on one; nginx retries the
+//! same case), is sent once more, to another instance, if its body was
+//! never sent: none at all, or one the failed attempt never polled (the
+//! body waits in a slot the attempt borrows it from, so nothing is
+//! buffered). A request that got any answer is never retried, nor is a
+//! POST or PATCH.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -188,9 +191,9 @@ impl Proxy {
             if !client_side(&failed) {
                 remote.record_outcome(route.instance(), false, &policy);
             }
-            // Retried once, elsewhere, and only if nothing reached the
-            // upstream: a connect error, and a body still in its slot.
-            let resend = match (retry.take(), failed.is_connect()) {
+            // Retried once, elsewhere, and only if no answer came and the
+            // body is still in its slot.
+            let resend = match (retry.take(), unanswered(&failed)) {
                 (Some(head), true) => match &slot {
                     Some(slot) => slot.reclaim().map(|body| (head, body)),
                     None => Some((head, Body::empty())),
@@ -209,7 +212,7 @@ impl Proxy {
             let Ok(uri) = next.uri(rest, head.query.as_deref()) else {
                 return failure(name, &route, &failed, traffic);
             };
-            tracing::debug!(service = %name, failed = %route.authority(), retry = %next.authority(), error = %error_chain(&failed), "connect error; retrying on another instance");
+            tracing::debug!(service = %name, failed = %route.authority(), retry = %next.authority(), error = %error_chain(&failed), "no answer; retrying on another instance");
             let mut request = Request::new(Tracked::new(body, progress.clone(), false).0);
             *request.method_mut() = head.method;
             *request.uri_mut() = uri;
@@ -513,6 +516,17 @@ impl HttpBody for Held {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// Whether `error` left the request without a byte of answer: no
+/// connection, or a kept-alive one the instance closed before answering.
+fn unanswered(error: &hyper_util::client::legacy::Error) -> bool {
+    error.is_connect()
+        || std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
+            error.source()
+        })
+        .filter_map(|error| error.downcast_ref::<hyper::Error>())
+        .any(hyper::Error::is_incomplete_message)
 }
 
 /// The answer for a request that got no response from the upstream.
