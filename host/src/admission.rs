@@ -591,18 +591,12 @@ impl CorsPolicy {
         let origins = match wildcard(&settings.allow_origins, key, "allow_origins")? {
             Some(index) if credentials => return Err(wildcard_refused("allow_origins", index)),
             Some(_) => AllowOrigin::any(),
-            None => AllowOrigin::list(
-                settings
-                    .allow_origins
-                    .iter()
-                    .enumerate()
-                    .map(|(index, origin)| {
-                        parse_origin(origin).map_err(|reason| {
-                            SettingsError::new(format!("{key}.allow_origins[{index}]"), reason)
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
+            None => AllowOrigin::list(parse_each(
+                &settings.allow_origins,
+                key,
+                "allow_origins",
+                parse_origin,
+            )?),
         };
         let methods = match wildcard(&settings.allow_methods, key, "allow_methods")? {
             Some(index) if credentials => return Err(wildcard_refused("allow_methods", index)),
@@ -610,33 +604,31 @@ impl CorsPolicy {
             // The methods the service routes: the preflight's own is sent
             // back once the gateway checked it (see `preflight`).
             None if settings.allow_methods.is_empty() => AllowMethods::mirror_request(),
-            None => AllowMethods::list(
-                settings
-                    .allow_methods
-                    .iter()
-                    .enumerate()
-                    .map(|(index, method)| {
-                        parse_method(method).map_err(|reason| {
-                            SettingsError::new(format!("{key}.allow_methods[{index}]"), reason)
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
+            None => AllowMethods::list(parse_each(
+                &settings.allow_methods,
+                key,
+                "allow_methods",
+                parse_method,
+            )?),
         };
         let allow_headers = match wildcard(&settings.allow_headers, key, "allow_headers")? {
             Some(index) if credentials => return Err(wildcard_refused("allow_headers", index)),
             Some(_) => AllowHeaders::from(Any),
-            None => {
-                AllowHeaders::list(header_names(&settings.allow_headers, key, "allow_headers")?)
-            }
+            None => AllowHeaders::list(parse_each(
+                &settings.allow_headers,
+                key,
+                "allow_headers",
+                parse_header_name,
+            )?),
         };
         let expose_headers = match wildcard(&settings.expose_headers, key, "expose_headers")? {
             Some(index) if credentials => return Err(wildcard_refused("expose_headers", index)),
             Some(_) => ExposeHeaders::from(Any),
-            None => ExposeHeaders::list(header_names(
+            None => ExposeHeaders::list(parse_each(
                 &settings.expose_headers,
                 key,
                 "expose_headers",
+                parse_header_name,
             )?),
         };
         let mut middleware = Cors::new(NoAnswer)
@@ -846,17 +838,24 @@ fn parse_method(method: &str) -> Result<Method, String> {
     ))
 }
 
-/// Header names, each refused at `key.field[index]` if invalid.
-fn header_names(list: &[String], key: &str, field: &str) -> Result<Vec<HeaderName>, SettingsError> {
+fn parse_header_name(name: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("`{name}` is not a valid header name"))
+}
+
+/// Every entry of `key.field` parsed, the first refused one named by its
+/// index (`key.field[index]`).
+fn parse_each<T>(
+    list: &[String],
+    key: &str,
+    field: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<Vec<T>, SettingsError> {
     list.iter()
         .enumerate()
-        .map(|(index, name)| {
-            HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                SettingsError::new(
-                    format!("{key}.{field}[{index}]"),
-                    format!("`{name}` is not a valid header name"),
-                )
-            })
+        .map(|(index, entry)| {
+            parse(entry)
+                .map_err(|reason| SettingsError::new(format!("{key}.{field}[{index}]"), reason))
         })
         .collect()
 }
