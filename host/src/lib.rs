@@ -137,7 +137,7 @@ pub async fn run(
     let registry = registry::Registry::open(
         services.clone(),
         registry::RegistryConfig {
-            database: config.data_dir.join("registry.redb"),
+            store: config.registry_store(),
             policy: config.registry_policy(),
             max_body_bytes: config.registry_max_body_bytes,
             body_timeout: config.request_timeout,

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use host_harness::PATIENCE;
 
+pub mod etcd;
 pub mod python;
 pub mod upstream;
 

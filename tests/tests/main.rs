@@ -5,6 +5,7 @@
 mod abi;
 mod admission;
 mod auth;
+mod cluster;
 mod config;
 mod console;
 mod context;

@@ -7,7 +7,8 @@
 //! - `cargo xtask test`: builds every crate of the workspace (the host, the
 //!   example and test plugins) and runs every test; with
 //!   `PLUGIN_HOST_REQUIRE_ALL=1`, the ignored ones (they need python3 and
-//!   PyPI) too.
+//!   PyPI) too. The host is built with its `etcd` feature when `protoc`
+//!   is found (required under `PLUGIN_HOST_REQUIRE_ALL=1`).
 //! - `cargo xtask new-plugin <name> [--dir <dir>]`: writes a plugin crate
 //!   (a health route and its unit test) in `<dir>` (default `./<name>`),
 //!   standalone: it depends on this checkout's `plugin-api` by path, and
@@ -129,21 +130,50 @@ fn without_group_and_other_write(path: &Path) -> Result<(), String> {
 }
 
 fn test(cargo_test_args: &[String]) -> Result<(), String> {
+    let require_all = std::env::var("PLUGIN_HOST_REQUIRE_ALL").is_ok_and(|value| value == "1");
+    // The etcd store needs protoc to build; without it the host is built
+    // without the store and the cluster tests say SKIPPED, unless nothing
+    // may go unchecked. The test harness's own build follows the same rule
+    // (`host_harness::workspace::etcd_feature`).
+    let etcd = protoc_found();
+    if !etcd && require_all {
+        return Err(
+            "PLUGIN_HOST_REQUIRE_ALL=1 and no protoc: install protobuf-compiler (`.ci/run` does) so the etcd store is built and tested".to_owned(),
+        );
+    }
+    let features: &[&str] = if etcd {
+        &["--features", "plugin-host/etcd"]
+    } else {
+        &[]
+    };
     // The integration tests load the plugin libraries and start the host
     // binary, so every crate must be built before they run.
-    cargo(&["build", "--workspace"])?;
+    let mut build = vec!["build", "--workspace"];
+    build.extend(features);
+    cargo(&build)?;
     let mut args = vec!["test", "--workspace"];
+    args.extend(features);
     args.extend(cargo_test_args.iter().map(String::as_str));
     // Under PLUGIN_HOST_REQUIRE_ALL=1 nothing may go unchecked: the tests
     // ignored for what they need from the machine run too, and fail if it
     // is missing.
-    if std::env::var("PLUGIN_HOST_REQUIRE_ALL").is_ok_and(|value| value == "1") {
+    if require_all {
         if !args.contains(&"--") {
             args.push("--");
         }
         args.push("--include-ignored");
     }
     cargo(&args)
+}
+
+/// Whether `protoc` is found: `$PROTOC`, or on the `PATH`.
+fn protoc_found() -> bool {
+    match std::env::var_os("PROTOC") {
+        Some(protoc) => Path::new(&protoc).is_file(),
+        None => std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("protoc").is_file())
+        }),
+    }
 }
 
 /// The scaffold's files, `{name}` and `{plugin_api}` to be replaced.

@@ -129,6 +129,15 @@ pub struct RegistrySection {
     pub max_instances_per_service: Option<u32>,
     /// `--upstream-allow`.
     pub upstream_allow: Option<Vec<IpNet>>,
+    /// `--store`: `embedded` or `etcd`. Needs a restart.
+    pub store: Option<crate::registry::StoreKind>,
+    /// `--etcd-endpoints`. Needs a restart.
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// `--etcd-prefix`. Needs a restart.
+    pub etcd_prefix: Option<String>,
+    /// `--etcd-timeout`. Needs a restart.
+    #[serde(default, with = "humantime_serde")]
+    pub etcd_timeout: Option<Duration>,
 }
 
 /// `[connections]`.

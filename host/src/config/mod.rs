@@ -19,7 +19,7 @@ use ipnet::IpNet;
 
 use crate::metrics::{self, Switch};
 use crate::plugin::{FileChecks, RuntimeLimits};
-use crate::registry::{InvalidPolicy, Policy};
+use crate::registry::{InvalidPolicy, Policy, StoreKind, StoreSettings, check_etcd_prefix};
 
 pub mod file;
 
@@ -167,6 +167,28 @@ pub struct Config {
         default_values_t = crate::egress::DEFAULT_ALLOWED.iter().map(|net| net.parse::<IpNet>().expect("a valid default network")),
     )]
     pub upstream_allow: Vec<IpNet>,
+
+    /// Where the registry keeps remote registrations: `embedded` (a redb
+    /// file in the data directory, one host) or `etcd` (shared by every
+    /// host given the same `--etcd-endpoints` and `--etcd-prefix`; needs
+    /// a build with the `etcd` feature). See `docs/CLUSTER.md`.
+    #[arg(long, env = "REGISTRY_STORE", value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+
+    /// The etcd cluster's client URLs, comma-separated
+    /// (`http://127.0.0.1:2379,...`), with `--store etcd`.
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// The key prefix under which this cluster of hosts keeps its
+    /// registry in etcd, so several clusters can share one etcd.
+    #[arg(long, env = "ETCD_PREFIX", default_value = "/plugin-host", value_parser = |text: &str| check_etcd_prefix(text.to_owned()))]
+    pub etcd_prefix: String,
+
+    /// Longest wait for one etcd request; a registry write that gets no
+    /// answer within it is answered 503.
+    #[arg(long, env = "ETCD_TIMEOUT", default_value = "2s", value_parser = positive_duration)]
+    pub etcd_timeout: Duration,
 
     /// Longest wait for a complete request head: from the accept for a
     /// connection's first request, from its first byte for a later one.
@@ -418,6 +440,24 @@ impl Config {
             "registry.upstream_allow",
             file.registry.upstream_allow.clone()
         );
+        take!(store, "registry.store", file.registry.store);
+        take!(
+            etcd_endpoints,
+            "registry.etcd_endpoints",
+            file.registry.etcd_endpoints.clone()
+        );
+        take!(
+            etcd_prefix,
+            "registry.etcd_prefix",
+            file.registry.etcd_prefix.clone(),
+            check_etcd_prefix
+        );
+        take!(
+            etcd_timeout,
+            "registry.etcd_timeout",
+            file.registry.etcd_timeout,
+            positive
+        );
         take!(
             header_read_timeout,
             "connections.header_read_timeout",
@@ -519,6 +559,20 @@ impl Config {
             Some(key) => (*key).to_owned(),
             None => format!("--{}", id.replace('_', "-")),
         };
+        if let Err((id, reason)) = self.store_rule() {
+            return match (from_file.get(id), path) {
+                (Some(key), Some(path)) => Err(FileError::Invalid {
+                    path: path.to_owned(),
+                    key: (*key).to_owned(),
+                    reason,
+                }
+                .into()),
+                _ => Err(ConfigError::Options {
+                    setting: name(id),
+                    reason,
+                }),
+            };
+        }
         let (id, reason) = match self.registry_policy().validate() {
             Ok(()) => return Ok(()),
             Err(InvalidPolicy::Zero(flag)) => (
@@ -545,6 +599,34 @@ impl Config {
                 setting: name(&id),
                 reason,
             }),
+        }
+    }
+
+    /// Whether the registry's store can be used as set: the option at
+    /// fault (its id) and why not.
+    fn store_rule(&self) -> Result<(), (&'static str, String)> {
+        match self.store {
+            StoreKind::Embedded => Ok(()),
+            StoreKind::Etcd if !cfg!(feature = "etcd") => Err((
+                "store",
+                "this plugin-host was built without the etcd store: build it with `--features etcd` (needs protoc)".to_owned(),
+            )),
+            StoreKind::Etcd if self.etcd_endpoints.is_empty() => Err((
+                "etcd_endpoints",
+                "the etcd store needs at least one endpoint (`http://host:2379`)".to_owned(),
+            )),
+            StoreKind::Etcd => Ok(()),
+        }
+    }
+
+    /// Where the registry keeps remote registrations.
+    pub fn registry_store(&self) -> StoreSettings {
+        StoreSettings {
+            kind: self.store,
+            database: self.data_dir.join("registry.redb"),
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_prefix: self.etcd_prefix.clone(),
+            etcd_timeout: self.etcd_timeout,
         }
     }
 
@@ -592,6 +674,10 @@ impl Config {
             registry_max_bytes => "registry.max_bytes",
             max_instances_per_service => "registry.max_instances_per_service",
             upstream_allow => "registry.upstream_allow",
+            store => "registry.store",
+            etcd_endpoints => "registry.etcd_endpoints",
+            etcd_prefix => "registry.etcd_prefix",
+            etcd_timeout => "registry.etcd_timeout",
             header_read_timeout => "connections.header_read_timeout",
             idle_timeout => "connections.idle_timeout",
             write_stall_timeout => "connections.write_stall_timeout",

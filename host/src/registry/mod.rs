@@ -14,6 +14,9 @@
 
 mod admin;
 mod catalogue;
+mod cluster;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod liveness;
 mod model;
 mod store;
@@ -21,7 +24,6 @@ mod tokens;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +38,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
+pub use cluster::{StoreKind, StoreSettings, check_etcd_prefix};
 pub use liveness::{InvalidPolicy, Policy};
 pub use tokens::{ListingAccess, RegistryAuthSettings, RegistryTokenSettings, TokenPolicy};
 
@@ -52,13 +55,13 @@ use crate::service::ServiceInfo;
 use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable};
 use model::{Invalid, Registration};
-use store::{RecordError, Store, StoreError, StoredInstance, StoredService};
+use store::{RecordError, RecordStore, StoreError, StoredInstance, StoredService};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
-    /// The database file.
-    pub database: PathBuf,
+    /// Where the records are kept: the database file, or etcd.
+    pub store: StoreSettings,
     /// Heartbeats, health checks, eviction.
     pub policy: Policy,
     /// Largest request body accepted, in bytes.
@@ -110,7 +113,11 @@ pub struct Registry {
 #[derive(Debug)]
 struct Shared {
     services: Arc<ServiceTable>,
-    store: Arc<Store>,
+    store: Arc<dyn RecordStore>,
+    /// The etcd backend itself, with `--store etcd`: what heartbeats are
+    /// shared through, and whether reads are stale.
+    #[cfg(feature = "etcd")]
+    etcd: Option<Arc<etcd::EtcdStore>>,
     policy: Policy,
     max_body_bytes: usize,
     body_timeout: Duration,
@@ -157,7 +164,8 @@ impl Registry {
     /// (ERROR, naming the service), left in the database and not routed.
     pub fn open(services: Arc<ServiceTable>, config: RegistryConfig) -> Result<Self, StartError> {
         config.policy.validate()?;
-        let store = Store::open(&config.database)?;
+        let opened = cluster::open(&config.store, config.policy.ttl)?;
+        let store = opened.store;
         let mut restored = 0;
         let mut storage = Storage::default();
         let mut unchecked = 0;
@@ -167,67 +175,32 @@ impl Registry {
             let stored = match loaded.service {
                 Ok(stored) if stored.spec.info.name == name => stored,
                 Ok(_) => {
-                    tracing::error!(service = %name, "stored registration is filed under another name; left in the database, not routed");
+                    tracing::error!(service = %name, "stored registration is filed under another name; left in the store, not routed");
                     continue;
                 }
                 Err(RecordError::Checksum { stored, computed }) => {
                     tracing::error!(
                         service = %name,
-                        database = %config.database.display(),
+                        store = %store.describe(),
                         stored_xxh3 = format_args!("{stored:016x}"),
                         computed_xxh3 = format_args!("{computed:016x}"),
-                        "stored registration fails its checksum (edited or damaged); left in the database, not routed; register the service again to replace it"
+                        "stored registration fails its checksum (edited or damaged); left in the store, not routed; register the service again to replace it"
                     );
                     continue;
                 }
                 Err(error) => {
-                    tracing::error!(service = %name, %error, "stored registration cannot be read; left in the database, not routed");
+                    tracing::error!(service = %name, %error, "stored registration cannot be read; left in the store, not routed");
                     continue;
                 }
             };
             storage.set(&name, Some(stored_size(&stored)));
-            // Names are resolved again at every connection; an address
-            // literal can be judged now (the listeners or the allow-list may
-            // have changed since it was accepted).
-            if let Some(refused) = stored.instances.iter().find_map(|instance| {
-                let ip = instance.addr.host.parse().ok()?;
-                config
-                    .egress
-                    .check(SocketAddr::new(ip, instance.addr.port))
-                    .err()
-            }) {
-                tracing::error!(service = %name, error = %refused, "stored registration points where the host may not connect; left in the database, not routed");
-                continue;
-            }
-            let registered_at = from_unix_ms(stored.registered_at_unix_ms);
-            let instances = stored
-                .instances
-                .iter()
-                .map(|instance| {
-                    Instance::new(
-                        instance.addr.clone(),
-                        stored.owner_of(instance),
-                        instance
-                            .registered_at_unix_ms
-                            .map_or(registered_at, from_unix_ms),
-                    )
-                    .map(Arc::new)
-                })
-                .collect::<Result<Vec<_>, _>>();
-            let remote = match instances {
-                Ok(instances) => Arc::new(RemoteService::new(
-                    stored.spec.clone(),
-                    instances,
-                    registered_at,
-                    stored.owner_token,
-                    config.policy.ttl,
-                )),
+            let service = match routable(stored, &config.egress, config.policy.ttl, None) {
+                Ok(service) => service,
                 Err(error) => {
-                    tracing::error!(service = %name, %error, "stored registration has an invalid address; left in the database, not routed");
+                    tracing::error!(service = %name, %error, "stored registration not routed; left in the store");
                     continue;
                 }
             };
-            let service = Service::new(stored.spec.info, Backend::Remote(remote));
             match services.insert(service, |_| false) {
                 Ok(_) => restored += 1,
                 Err(holder) => {
@@ -235,12 +208,16 @@ impl Registry {
                 }
             }
         }
-        restore_api_keys(&store, &config.managed_keys, &config.authenticator.load())?;
+        restore_api_keys(
+            store.as_ref(),
+            &config.managed_keys,
+            &config.authenticator.load(),
+        )?;
         // Records from before checksums get one at their next write.
         tracing::info!(
             restored,
             unchecked,
-            database = %config.database.display(),
+            store = %store.describe(),
             "remote services restored"
         );
         let catalogue = Arc::new(Catalogue::new(
@@ -249,10 +226,12 @@ impl Registry {
             config.instances.clone(),
             config.policy.check_timeout,
         ));
-        Ok(Self {
+        let registry = Self {
             shared: Arc::new(Shared {
                 services,
-                store: Arc::new(store),
+                store,
+                #[cfg(feature = "etcd")]
+                etcd: opened.etcd,
                 policy: config.policy,
                 max_body_bytes: config.max_body_bytes,
                 body_timeout: config.body_timeout,
@@ -269,7 +248,12 @@ impl Registry {
                 gateway_addr: config.gateway_addr,
                 writes: tokio::sync::Mutex::new(()),
             }),
-        })
+        };
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &registry.shared.etcd {
+            registry.follow(etcd.clone());
+        }
+        Ok(registry)
     }
 
     /// Starts the health checks and evictions; abort the handle to stop
@@ -439,6 +423,8 @@ impl Registry {
         let new_name = previous.is_none();
         self.commit(remote, new_name).await?;
         joining.refresh();
+        #[cfg(feature = "etcd")]
+        self.share_beats(&name, &[id.as_str()], true).await;
         tracing::info!(
             service = %name,
             instance = %id,
@@ -783,25 +769,39 @@ impl Registry {
         }
     }
 
-    /// Runs a database operation on the blocking pool; a failure is logged
-    /// and answered 500 (the client did nothing wrong, and nothing changed).
+    /// Runs a store operation on the blocking pool; a failure is logged
+    /// and answered (the client did nothing wrong, and nothing changed):
+    /// 503 while the store is unreachable, 409 when another host changed
+    /// the record first, 500 otherwise.
     async fn durably<T: Send + 'static>(
         &self,
         service: &str,
-        operation: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        operation: impl FnOnce(&dyn RecordStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let store = self.shared.store.clone();
-        let error = match tokio::task::spawn_blocking(move || operation(&store)).await {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(error)) => error.to_string(),
-            Err(join) => join.to_string(),
-        };
-        tracing::error!(service, %error, "registry database write failed");
+        let (status, error) =
+            match tokio::task::spawn_blocking(move || operation(store.as_ref())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error @ StoreError::Unreachable { .. })) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+                }
+                Ok(Err(error @ StoreError::Conflict { .. })) => {
+                    (StatusCode::CONFLICT, error.to_string())
+                }
+                Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+                Err(join) => (StatusCode::INTERNAL_SERVER_ERROR, join.to_string()),
+            };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(service, %error, "registry store write failed");
+        } else {
+            tracing::warn!(service, %error, "registry store write refused");
+        }
         Err(ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
+            status,
             format!("the registry could not store the change, so nothing changed: {error}"),
         )
-        .with("service", service))
+        .with("service", service)
+        .with("store", self.shared.store.describe()))
     }
 }
 
@@ -810,7 +810,7 @@ impl Registry {
 /// or same key) is logged and left in the database, not used: the file
 /// wins, and revoking the stored key removes it.
 fn restore_api_keys(
-    store: &Store,
+    store: &dyn RecordStore,
     managed: &ManagedKeys,
     authenticator: &Authenticator,
 ) -> Result<(), StoreError> {
@@ -859,6 +859,57 @@ impl Storage {
 /// stored JSON.
 fn stored_size(stored: &StoredService) -> u64 {
     serde_json::to_vec(stored).map_or(u64::MAX, |encoded| encoded.len() as u64)
+}
+
+/// The table entry for a stored registration, or why it is not routed.
+/// An instance `previous` (the entry it replaces) already has keeps its
+/// state: a record another host changed does not reset the liveness of the
+/// instances it did not touch.
+fn routable(
+    stored: StoredService,
+    egress: &EgressPolicy,
+    ttl: Duration,
+    previous: Option<&RemoteService>,
+) -> Result<Service, String> {
+    // Names are resolved again at every connection; an address literal can
+    // be judged now (the listeners or the allow-list may have changed since
+    // it was accepted).
+    if let Some(refused) = stored.instances.iter().find_map(|instance| {
+        let ip = instance.addr.host.parse().ok()?;
+        egress.check(SocketAddr::new(ip, instance.addr.port)).err()
+    }) {
+        return Err(format!(
+            "it points where the host may not connect: {refused}"
+        ));
+    }
+    let registered_at = from_unix_ms(stored.registered_at_unix_ms);
+    let instances = stored
+        .instances
+        .iter()
+        .map(|instance| {
+            let id = instance.addr.to_string();
+            if let Some(kept) = previous.and_then(|previous| previous.instances().get(&id)) {
+                return Ok(kept.clone());
+            }
+            Instance::new(
+                instance.addr.clone(),
+                stored.owner_of(instance),
+                instance
+                    .registered_at_unix_ms
+                    .map_or(registered_at, from_unix_ms),
+            )
+            .map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("it has an invalid address: {error}"))?;
+    let remote = Arc::new(RemoteService::new(
+        stored.spec.clone(),
+        instances,
+        registered_at,
+        stored.owner_token,
+        ttl,
+    ));
+    Ok(Service::new(stored.spec.info, Backend::Remote(remote)))
 }
 
 /// Whether `service` is `remote` (and not a successor with the same name).
@@ -1126,14 +1177,17 @@ async fn heartbeat(
         &writer,
         "service_id",
     )?;
+    let healthy = beat.status == remote::Reported::Healthy;
     for instance in &targets {
-        instance.heartbeat(beat.status == remote::Reported::Healthy);
+        instance.heartbeat(healthy);
     }
     crate::metrics::host().heartbeat();
     let thresholds = registry.shared.instances.load().thresholds;
     remote.announce_health(thresholds);
     let policy = registry.shared.policy;
     let ids: Vec<&str> = targets.iter().map(|instance| instance.id()).collect();
+    #[cfg(feature = "etcd")]
+    registry.share_beats(&name, &ids, healthy).await;
     Ok(axum::Json(json!({
         "service_id": name,
         "instance_ids": ids,
@@ -1219,7 +1273,7 @@ async fn list_services(
         .iter()
         .map(|service| describe(service, &policy))
         .collect();
-    Ok(axum::Json(listed).into_response())
+    Ok(registry.marked(axum::Json(listed).into_response()))
 }
 
 async fn get_service(
@@ -1230,9 +1284,9 @@ async fn get_service(
     registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
     match registry.shared.services.get(&name) {
-        Some(service) => {
-            Ok(axum::Json(describe(&service, &registry.shared.instances.load())).into_response())
-        }
+        Some(service) => Ok(registry.marked(
+            axum::Json(describe(&service, &registry.shared.instances.load())).into_response(),
+        )),
         None => Err(
             ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
                 .with("service", name),

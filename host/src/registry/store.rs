@@ -1,5 +1,8 @@
 //! The registry's persistence: every accepted registration, in an embedded
-//! crash-safe database (redb) in the data directory.
+//! crash-safe database (redb) in the data directory, or (with the `etcd`
+//! feature) in an etcd cluster shared by several hosts. [`RecordStore`] is
+//! what the registry asks of either; [`Store`] is the embedded one, and
+//! the record encoding below ([`encode`], [`decode`]) is both stores'.
 //!
 //! A write returns only once it is durable (redb's default `Immediate`
 //! durability: the commit is fsynced), so a registration answered 200/201
@@ -168,6 +171,45 @@ pub enum StoreError {
     /// A record could not be encoded.
     #[error("registry record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// A store on the network (etcd) did not answer: nothing changed.
+    #[error("the registry store ({store}) is unreachable: {reason}")]
+    Unreachable {
+        /// Which store, and where (`etcd at http://...`).
+        store: String,
+        /// What the client said.
+        reason: String,
+    },
+    /// The record changed in the store since this host last read it
+    /// (another host wrote it): nothing changed.
+    #[error(
+        "service `{name}` was changed by another host since this host read it; nothing changed, send the request again"
+    )]
+    Conflict {
+        /// The service.
+        name: String,
+    },
+}
+
+/// What the registry asks of its store. Every call blocks until the store
+/// answered (async callers run them on the blocking pool), and a write
+/// returns only once it is durable.
+pub trait RecordStore: std::fmt::Debug + Send + Sync {
+    /// Every stored registration.
+    fn load(&self) -> Result<Vec<Loaded>, StoreError>;
+    /// Stores `service` under its name, replacing what was there.
+    fn put(&self, service: &StoredService) -> Result<(), StoreError>;
+    /// Removes the registration of `name`.
+    fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Every API key added through the admin API, by id, or why one cannot
+    /// be used.
+    fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError>;
+    /// Stores `key` under its id, replacing what was there.
+    fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError>;
+    /// Removes the API key `id`.
+    fn delete_api_key(&self, id: &str) -> Result<(), StoreError>;
+    /// Where the records are, for log lines (`registry.redb` path, etcd
+    /// endpoints).
+    fn describe(&self) -> String;
 }
 
 /// Why one stored record is not used.
@@ -262,7 +304,7 @@ impl Store {
 
     /// Every stored registration.
     pub fn load(&self) -> Result<Vec<Loaded>, StoreError> {
-        catching_panics(|| self.load_all())
+        catching_panics(|| self.read_all())
             .map_err(|panic| {
                 damaged(
                     &self.path,
@@ -272,7 +314,7 @@ impl Store {
             .map_err(|error| classify(&self.path, error))
     }
 
-    fn load_all(&self) -> Result<Vec<Loaded>, StoreError> {
+    fn read_all(&self) -> Result<Vec<Loaded>, StoreError> {
         let read = self.db.begin_read().map_err(redb::Error::from)?;
         let table = read.open_table(SERVICES).map_err(redb::Error::from)?;
         let mut loaded = Vec::new();
@@ -291,8 +333,7 @@ impl Store {
     /// Stores `service` under its name, replacing what was there; durable
     /// when it returns.
     pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        let encoded = checksummed(&serde_json::to_vec(&Record::V1(service.clone()))?);
-        self.insert(SERVICES, &service.spec.info.name, &encoded)
+        self.insert(SERVICES, &service.spec.info.name, &encode(service)?)
     }
 
     /// Removes the registration of `name`; durable when it returns.
@@ -308,9 +349,7 @@ impl Store {
         let mut keys = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
             let (id, value) = entry.map_err(redb::Error::from)?;
-            let key = verified(value.value())
-                .and_then(|json| serde_json::from_slice(json).map_err(RecordError::from));
-            keys.push((id.value().to_owned(), key));
+            keys.push((id.value().to_owned(), decode_api_key(value.value())));
         }
         Ok(keys)
     }
@@ -318,7 +357,7 @@ impl Store {
     /// Stores `key` under its id, replacing what was there; durable when it
     /// returns.
     pub fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
-        self.insert(API_KEYS, &key.id, &checksummed(&serde_json::to_vec(key)?))
+        self.insert(API_KEYS, &key.id, &encode_api_key(key)?)
     }
 
     /// Removes the API key `id`; durable when it returns.
@@ -352,6 +391,54 @@ impl Store {
     }
 }
 
+impl RecordStore for Store {
+    fn load(&self) -> Result<Vec<Loaded>, StoreError> {
+        Store::load(self)
+    }
+
+    fn put(&self, service: &StoredService) -> Result<(), StoreError> {
+        Store::put(self, service)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        Store::delete(self, name)
+    }
+
+    fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError> {
+        Store::load_api_keys(self)
+    }
+
+    fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
+        Store::put_api_key(self, key)
+    }
+
+    fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
+        Store::delete_api_key(self, id)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// A registration as either store keeps it: the checksum line, then the
+/// tagged JSON.
+pub(super) fn encode(service: &StoredService) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(checksummed(&serde_json::to_vec(&Record::V1(
+        service.clone(),
+    ))?))
+}
+
+/// An API key as either store keeps it.
+pub(super) fn encode_api_key(key: &StoredApiKey) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(checksummed(&serde_json::to_vec(key)?))
+}
+
+/// A stored API key back, if it matches its checksum.
+pub(super) fn decode_api_key(value: &[u8]) -> Result<StoredApiKey, RecordError> {
+    verified(value).and_then(|json| serde_json::from_slice(json).map_err(RecordError::from))
+}
+
 /// The stored value of a record's JSON: checksum line, then the JSON.
 fn checksummed(json: &[u8]) -> Vec<u8> {
     let mut value = format!("xxh3={:016x}\n", xxh3_64(json)).into_bytes();
@@ -360,7 +447,7 @@ fn checksummed(json: &[u8]) -> Vec<u8> {
 }
 
 /// A stored value back as a registration, and whether it had a checksum.
-fn decode(value: &[u8]) -> (Result<StoredService, RecordError>, bool) {
+pub(super) fn decode(value: &[u8]) -> (Result<StoredService, RecordError>, bool) {
     if value.starts_with(CHECKSUM_PREFIX) {
         (verified(value).and_then(parse), true)
     } else {

@@ -21,7 +21,7 @@ fn open(dir: &std::path::Path) -> Router {
     let registry = Registry::open(
         services,
         RegistryConfig {
-            database: dir.join("registry.redb"),
+            store: StoreSettings::embedded(dir.join("registry.redb")),
             policy: Policy {
                 heartbeat_interval: Duration::from_secs(30),
                 ttl: Duration::from_secs(90),

@@ -9,6 +9,10 @@
 //! test` holds its build lock only while compiling, not while the tests
 //! run, so the nested build does not wait on it.
 //!
+//! The host is built with its `etcd` feature whenever `protoc` is found
+//! ([`etcd_feature`]), the rule `cargo xtask test` follows too, so the two
+//! builds never undo each other's.
+//!
 //! Test-only: a failure here panics with cargo's output, as a test that
 //! cannot have its artifacts cannot run.
 
@@ -43,8 +47,12 @@ fn build_workspace() -> Result<PathBuf, String> {
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let output = Command::new(&cargo)
-        .args(["build", "--workspace", "--quiet", "--profile", profile])
+    let mut build = Command::new(&cargo);
+    build.args(["build", "--workspace", "--quiet", "--profile", profile]);
+    if etcd_feature().is_ok() {
+        build.args(["--features", "plugin-host/etcd"]);
+    }
+    let output = build
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(&root)
@@ -59,6 +67,27 @@ fn build_workspace() -> Result<PathBuf, String> {
         ));
     }
     Ok(profile_dir.to_owned())
+}
+
+/// Whether the host is built with its etcd store (`--features etcd`):
+/// `Ok` when `protoc` is found (`$PROTOC`, or on the `PATH`), which
+/// etcd-client's build needs; otherwise why not, for a test's `SKIPPED`
+/// line. `cargo xtask test` decides by the same rule.
+pub fn etcd_feature() -> Result<(), String> {
+    let found = match std::env::var_os("PROTOC") {
+        Some(protoc) => Path::new(&protoc).is_file(),
+        None => std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| dir.join("protoc").is_file())
+        }),
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(
+            "no protoc (Debian's protobuf-compiler), so the host is built without its etcd store"
+                .to_owned(),
+        )
+    }
 }
 
 /// A file cargo built for this workspace, freshly.

@@ -1,0 +1,545 @@
+//! The registry's records in etcd, shared by every host that names the
+//! same endpoints and prefix (`--store etcd`).
+//!
+//! **Keys.** Under `<prefix>/t/<tenant>/` (the tenant is `default` until
+//! tenants land): `s/<name>`, one record per service, the value exactly
+//! what the embedded store keeps (checksum line, tagged JSON: see
+//! [`super::store`]); `live/<name>/<instance-id>`, an instance's liveness
+//! key, attached to its lease. API keys added through the admin API are
+//! `<prefix>/keys/<id>`. (With versions, instances get their own keys,
+//! `s/<name>/v/<version>/i/<id>`: anything under `s/<name>/` is left to
+//! them and ignored here.)
+//!
+//! **Writes are transactions on revisions.** A put succeeds only if the
+//! key is absent (`create_revision == 0`) when this host saw it absent,
+//! or unchanged since the revision this host saw (`mod_revision`); else
+//! it is [`StoreError::Conflict`] and nothing changed. Two hosts can
+//! therefore never both accept a write decided on the same view.
+//!
+//! **Liveness.** A heartbeat to any host renews the instance's lease (one
+//! keep-alive by the lease's id, which every host learns from the watch;
+//! a fresh grant if it expired) and puts the liveness key again, so every
+//! host sees the heartbeat as a watch event and refreshes its copy of the
+//! instance: the TTL then runs out at the same moment everywhere, and the
+//! lease's expiry removes the key everywhere.
+//!
+//! **Following.** [`EtcdStore::follow`] watches `<prefix>/t/<tenant>/`
+//! from the revision of the initial read. When the watch fails (etcd
+//! unreachable, or the revision compacted) the host keeps routing from
+//! its table, marks its reads stale, and retries; once etcd answers, it
+//! lists the prefix again, sends what differs from what it has seen, and
+//! watches from the listing's revision, so no change is missed, and none
+//! is applied twice (the registry applies a change only if its revision
+//! is newer than the last one it saw for the name: [`EtcdStore::accept`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use super::cluster::StoreSettings;
+use super::store::{
+    Loaded, LoadedApiKey, RecordStore, StoreError, StoredApiKey, StoredService, decode,
+    decode_api_key, encode, encode_api_key,
+};
+use crate::sync::lock;
+
+/// The tenant every record belongs to until tenants land.
+const TENANT: &str = "default";
+
+/// The pause before a request etcd's client could not deliver is sent
+/// again.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Longest pause between two attempts to reach etcd again.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// What the watch saw change.
+#[derive(Debug)]
+pub enum Change {
+    /// The record of `name` at `revision`: its value, or `None` once it
+    /// was deleted.
+    Service {
+        /// The service.
+        name: String,
+        /// The revision of the change.
+        revision: i64,
+        /// The stored value (checksum line and JSON).
+        value: Option<Vec<u8>>,
+    },
+    /// A heartbeat some host received for an instance.
+    Beat {
+        /// The service.
+        name: String,
+        /// The instance's id.
+        instance: String,
+        /// Whether it said it is healthy.
+        healthy: bool,
+    },
+}
+
+/// The last change this host applied for a name.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    revision: i64,
+    present: bool,
+}
+
+/// The etcd store: a client, and what this host has seen of the prefix.
+pub struct EtcdStore {
+    client: Client,
+    endpoints: String,
+    /// `<prefix>/t/<tenant>/`.
+    tenant_prefix: String,
+    /// `<prefix>/keys/`.
+    keys_prefix: String,
+    timeout: Duration,
+    /// The heartbeat TTL, in whole seconds (etcd's lease unit).
+    lease_ttl: i64,
+    runtime: Handle,
+    /// Per service name, the last revision applied to the table or
+    /// written by this host: what a write compares against.
+    seen: Mutex<HashMap<String, Seen>>,
+    /// Liveness key -> the lease it is attached to.
+    leases: Mutex<HashMap<String, i64>>,
+    /// The revision the initial read was made at.
+    listed: Mutex<i64>,
+    /// Whether the watch is following etcd now.
+    following: AtomicBool,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("tenant_prefix", &self.tenant_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd; blocks, on the multi-threaded runtime. The first
+    /// request is the initial [`load`].
+    ///
+    /// [`load`]: RecordStore::load
+    pub fn connect(settings: &StoreSettings, ttl: Duration) -> Result<Self, StoreError> {
+        let runtime = Handle::current();
+        let endpoints = settings.etcd_endpoints.join(",");
+        // One attempt gets a quarter of the timeout, so a request stuck on
+        // a member that just died is sent again to another in time.
+        let attempt = (settings.etcd_timeout / 4).max(Duration::from_millis(100));
+        let options = ConnectOptions::new()
+            .with_connect_timeout(attempt)
+            .with_timeout(attempt)
+            .with_keep_alive(Duration::from_secs(2), settings.etcd_timeout);
+        let connecting = tokio::time::timeout(
+            settings.etcd_timeout,
+            Client::connect(&settings.etcd_endpoints, Some(options)),
+        );
+        let client = tokio::task::block_in_place(|| runtime.block_on(connecting))
+            .map_err(|_| unreachable(&endpoints, "no answer within the etcd timeout"))?
+            .map_err(|error| unreachable(&endpoints, &error.to_string()))?;
+        Ok(Self {
+            client,
+            tenant_prefix: format!("{}/t/{TENANT}/", settings.etcd_prefix),
+            keys_prefix: format!("{}/keys/", settings.etcd_prefix),
+            endpoints,
+            timeout: settings.etcd_timeout,
+            lease_ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            runtime,
+            seen: Mutex::default(),
+            leases: Mutex::default(),
+            listed: Mutex::new(0),
+            following: AtomicBool::new(true),
+        })
+    }
+
+    /// Whether this host's table may be behind etcd: its watch is not
+    /// following etcd now.
+    pub fn is_stale(&self) -> bool {
+        !self.following.load(Ordering::Relaxed)
+    }
+
+    /// Whether the change of `name` at `revision` is newer than what this
+    /// host applied or wrote; if so it is recorded as seen. The registry
+    /// calls it under its write lock, with the change it then applies.
+    pub fn accept(&self, name: &str, revision: i64, present: bool) -> bool {
+        let mut seen = lock(&self.seen);
+        if seen.get(name).is_some_and(|seen| seen.revision >= revision) {
+            return false;
+        }
+        seen.insert(name.to_owned(), Seen { revision, present });
+        true
+    }
+
+    /// Follows etcd from the initial read on, for ever: every change
+    /// under the prefix, and after a lost watch the difference between a
+    /// fresh listing and what this host has seen.
+    pub fn follow(self: &std::sync::Arc<Self>) -> mpsc::UnboundedReceiver<Change> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut from = *lock(&store.listed) + 1;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let lost = store.watch(from, &sender).await;
+                if sender.is_closed() {
+                    return;
+                }
+                if store.following.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(store = %store.endpoints, error = %lost, "etcd watch lost: routing from the last known table, registry writes refused until etcd answers");
+                }
+                match store.relist(&sender).await {
+                    Ok(revision) => {
+                        from = revision + 1;
+                        pause = Duration::from_millis(100);
+                        store.following.store(true, Ordering::Relaxed);
+                        tracing::info!(store = %store.endpoints, revision, "etcd watch resumed after a fresh listing");
+                    }
+                    Err(error) => {
+                        tracing::debug!(store = %store.endpoints, %error, "etcd still unreachable");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_RETRY);
+                    }
+                }
+            }
+        });
+        receiver
+    }
+
+    /// Watches from `from` until the watch fails; returns why.
+    async fn watch(&self, mut from: i64, sender: &mpsc::UnboundedSender<Change>) -> String {
+        let options = WatchOptions::new().with_prefix().with_start_revision(from);
+        let mut stream = match self
+            .client
+            .watch_client()
+            .watch(self.tenant_prefix.as_bytes(), Some(options))
+            .await
+        {
+            Ok(stream) => stream,
+            Err(error) => return error.to_string(),
+        };
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return "the watch stream ended".to_owned(),
+                Err(error) => return error.to_string(),
+            };
+            if response.compact_revision() > 0 {
+                return format!(
+                    "revision {from} was compacted (oldest kept: {})",
+                    response.compact_revision()
+                );
+            }
+            if response.canceled() {
+                return format!("the watch was cancelled: {}", response.cancel_reason());
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                from = kv.mod_revision() + 1;
+                let deleted = event.event_type() == EventType::Delete;
+                if let Some(change) = self.change(kv, deleted) {
+                    let _ = sender.send(change);
+                }
+            }
+        }
+    }
+
+    /// Lists the prefix again and sends every record that differs from
+    /// what was seen, and a deletion for every name seen that is gone;
+    /// returns the listing's revision.
+    async fn relist(&self, sender: &mpsc::UnboundedSender<Change>) -> Result<i64, StoreError> {
+        let (kvs, revision) = self.list(&self.tenant_prefix).await?;
+        let mut listed = Vec::new();
+        for kv in &kvs {
+            if let Some(change) = self.change(kv, false) {
+                if let Change::Service { name, .. } = &change {
+                    listed.push(name.clone());
+                }
+                if matches!(change, Change::Service { .. }) {
+                    let _ = sender.send(change);
+                }
+            }
+        }
+        let gone: Vec<String> = lock(&self.seen)
+            .iter()
+            .filter(|(name, seen)| seen.present && !listed.contains(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            let _ = sender.send(Change::Service {
+                name,
+                revision,
+                value: None,
+            });
+        }
+        Ok(revision)
+    }
+
+    /// What a key under the tenant prefix changing means, if anything;
+    /// remembers the lease of a liveness key.
+    fn change(&self, kv: &KeyValue, deleted: bool) -> Option<Change> {
+        let key = std::str::from_utf8(kv.key()).ok()?;
+        let rest = key.strip_prefix(&self.tenant_prefix)?;
+        if let Some(name) = rest.strip_prefix("s/") {
+            // Keys below a service's (versions, instances) are not ours.
+            if name.contains('/') {
+                return None;
+            }
+            return Some(Change::Service {
+                name: name.to_owned(),
+                revision: kv.mod_revision(),
+                value: (!deleted).then(|| kv.value().to_vec()),
+            });
+        }
+        let (name, instance) = rest.strip_prefix("live/")?.split_once('/')?;
+        if deleted {
+            lock(&self.leases).remove(key);
+            return None;
+        }
+        lock(&self.leases).insert(key.to_owned(), kv.lease());
+        Some(Change::Beat {
+            name: name.to_owned(),
+            instance: instance.to_owned(),
+            healthy: kv.value() == b"healthy",
+        })
+    }
+
+    /// Records a heartbeat for `instance` of `name` where every host sees
+    /// it: renews the instance's lease (or grants one) and puts its
+    /// liveness key again. Skipped, as an error, while the watch is lost:
+    /// the heartbeat then counts on this host only.
+    pub async fn beat(&self, name: &str, instance: &str, healthy: bool) -> Result<(), StoreError> {
+        if self.is_stale() {
+            return Err(unreachable(
+                &self.endpoints,
+                "the watch is not following etcd",
+            ));
+        }
+        let key = format!("{}live/{name}/{instance}", self.tenant_prefix);
+        let known = lock(&self.leases).get(&key).copied();
+        let lease = self
+            .bounded(|| async {
+                let mut leases = self.client.lease_client();
+                if let Some(id) = known {
+                    let (mut keeper, mut answers) = leases.keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    if answers
+                        .message()
+                        .await?
+                        .is_some_and(|answer| answer.ttl() > 0)
+                    {
+                        return Ok(id);
+                    }
+                }
+                Ok(leases.grant(self.lease_ttl, None).await?.id())
+            })
+            .await?;
+        let value: &[u8] = if healthy { b"healthy" } else { b"unhealthy" };
+        self.bounded(|| async {
+            self.client
+                .kv_client()
+                .put(
+                    key.as_bytes(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+        })
+        .await?;
+        lock(&self.leases).insert(key, lease);
+        Ok(())
+    }
+
+    /// Every key under `prefix`, and the revision of the read.
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut response = self
+            .bounded(|| async {
+                self.client
+                    .kv_client()
+                    .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
+                    .await
+            })
+            .await?;
+        let revision = response.header().map_or(0, |header| header.revision());
+        Ok((response.take_kvs(), revision))
+    }
+
+    /// `request`, within the etcd timeout; any failure is etcd being
+    /// unreachable (a refusal of a request this host built is one too:
+    /// nothing a client sent reaches etcd unchecked). A request etcd's
+    /// client could not deliver, or that got no answer within one attempt's
+    /// time (the member it picked is down, or has no leader yet), is sent
+    /// again until the timeout, which is how the loss of one member of
+    /// several goes unnoticed. Sending a
+    /// write twice is safe: each compares revisions, so a repeat of one
+    /// that was applied is refused as a conflict, never applied twice.
+    async fn bounded<T, Request>(
+        &self,
+        mut request: impl FnMut() -> Request,
+    ) -> Result<T, StoreError>
+    where
+        Request: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            let error = match tokio::time::timeout_at(deadline, request()).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    return Err(unreachable(
+                        &self.endpoints,
+                        &format!("no answer within {:?}", self.timeout),
+                    ));
+                }
+            };
+            let undelivered = match &error {
+                etcd_client::Error::GRpcStatus(status) => matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ),
+                etcd_client::Error::TransportError(_) => true,
+                _ => false,
+            };
+            if !undelivered || tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                return Err(unreachable(&self.endpoints, &error.to_string()));
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// Runs `request` to completion from blocking code: the registry's
+    /// store calls run on the blocking pool, except the initial load made
+    /// while the host starts, which `block_in_place` moves off its worker.
+    fn blocking<T>(
+        &self,
+        request: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::task::block_in_place(|| self.runtime.block_on(request))
+    }
+
+    fn service_key(&self, name: &str) -> String {
+        format!("{}s/{name}", self.tenant_prefix)
+    }
+
+    /// Writes `operation` on `key` if the record of `name` is still what
+    /// this host last saw; records the write's revision as seen.
+    fn compare_and(
+        &self,
+        name: &str,
+        key: String,
+        operation: TxnOp,
+        present: bool,
+    ) -> Result<(), StoreError> {
+        let seen = lock(&self.seen).get(name).copied();
+        let compare = match seen {
+            Some(Seen {
+                revision,
+                present: true,
+            }) => Compare::mod_revision(key.as_bytes(), CompareOp::Equal, revision),
+            _ => Compare::create_revision(key.as_bytes(), CompareOp::Equal, 0),
+        };
+        let txn = Txn::new().when([compare]).and_then([operation]);
+        let response = self
+            .blocking(self.bounded(|| async { self.client.kv_client().txn(txn.clone()).await }))?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict {
+                name: name.to_owned(),
+            });
+        }
+        let revision = response.header().map_or(0, |header| header.revision());
+        lock(&self.seen).insert(name.to_owned(), Seen { revision, present });
+        Ok(())
+    }
+}
+
+impl RecordStore for EtcdStore {
+    fn load(&self) -> Result<Vec<Loaded>, StoreError> {
+        let (kvs, revision) = self.blocking(self.list(&self.tenant_prefix))?;
+        *lock(&self.listed) = revision;
+        let mut loaded = Vec::new();
+        for kv in &kvs {
+            if let Some(Change::Service {
+                name,
+                revision,
+                value: Some(value),
+            }) = self.change(kv, false)
+            {
+                self.accept(&name, revision, true);
+                let (service, checksummed) = decode(&value);
+                loaded.push(Loaded {
+                    name,
+                    service,
+                    checksummed,
+                });
+            }
+        }
+        Ok(loaded)
+    }
+
+    fn put(&self, service: &StoredService) -> Result<(), StoreError> {
+        let name = &service.spec.info.name;
+        let key = self.service_key(name);
+        let operation = TxnOp::put(key.as_bytes(), encode(service)?, None);
+        self.compare_and(name, key, operation, true)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let key = self.service_key(name);
+        let operation = TxnOp::delete(key.as_bytes(), None);
+        self.compare_and(name, key, operation, false)
+    }
+
+    fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError> {
+        let (kvs, _) = self.blocking(self.list(&self.keys_prefix))?;
+        Ok(kvs
+            .iter()
+            .map(|kv| {
+                let id = String::from_utf8_lossy(&kv.key()[self.keys_prefix.len()..]).into_owned();
+                (id, decode_api_key(kv.value()))
+            })
+            .collect())
+    }
+
+    fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
+        let value = encode_api_key(key)?;
+        let id = format!("{}{}", self.keys_prefix, key.id);
+        self.blocking(self.bounded(|| async {
+            self.client
+                .kv_client()
+                .put(id.as_bytes(), value.clone(), None)
+                .await
+        }))?;
+        Ok(())
+    }
+
+    fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
+        let key = format!("{}{id}", self.keys_prefix);
+        self.blocking(
+            self.bounded(|| async { self.client.kv_client().delete(key.as_bytes(), None).await }),
+        )?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.endpoints)
+    }
+}
+
+fn unreachable(endpoints: &str, reason: &str) -> StoreError {
+    StoreError::Unreachable {
+        store: format!("etcd at {endpoints}"),
+        reason: reason.to_owned(),
+    }
+}

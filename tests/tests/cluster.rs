@@ -1,0 +1,253 @@
+//! Several hosts sharing one registry in etcd (`--store etcd`): what one
+//! host accepts, every host routes, and keeps routing when that host or
+//! etcd goes away.
+//!
+//! Each test starts its own etcd (one member, or three) from Debian's
+//! `etcd-server` on loopback ports with temporary data, and needs the
+//! host built with its etcd store (`protoc` found): without either, the
+//! tests print `SKIPPED` lines, and under `PLUGIN_HOST_REQUIRE_ALL=1` (CI)
+//! they fail.
+
+use std::time::Duration;
+
+use host_harness::http::{client, get_json, registration};
+use host_harness::workspace::host_builder;
+use host_harness::{Host, require_or_skip};
+use integration_tests::etcd::{self, Etcd};
+use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
+
+/// etcd and an etcd-capable host, or a `SKIPPED` line and `false`.
+fn can_run(test: &str) -> bool {
+    require_or_skip(test, etcd::available()).is_some()
+}
+
+/// A host on `etcd`'s registry, with `extra` flags.
+async fn host_on(etcd: &Etcd, extra: &[&str]) -> Host {
+    host_builder()
+        .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+        .args(extra.iter().copied())
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Waits until `host` applied a change of `name` it learnt from etcd.
+async fn learns(host: &Host, mark: usize, name: &str) {
+    host.wait_for_log_since(
+        mark,
+        &["remote service changed in etcd", &format!("service={name}")],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_service_registered_with_one_host_is_routed_by_another() {
+    if !can_run("a_service_registered_with_one_host_is_routed_by_another") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    let (status, body) = register(&a, &registration("shared", upstream.addr())).await;
+    assert_eq!(status, 201, "{body}");
+    learns(&b, mark, "shared").await;
+    let (status, body) = gateway_get(&b, "/api/shared/hello").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, listed) = get_json(&b.registry_url("/api/registry/services/shared"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["kind"], "remote");
+
+    // A host started later reads it from etcd at start.
+    let c = host_on(&etcd, &[]).await;
+    let (status, body) = gateway_get(&c, "/api/shared/hello").await;
+    assert_eq!(status, 200, "{body}");
+
+    // Deregistered through B: gone from A too.
+    let mark = a.log_mark();
+    let (status, body) = host_harness::http::post_json(
+        &b.registry_url("/api/registry/deregister/shared"),
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    a.wait_for_log_since(mark, &["remote service removed in etcd", "service=shared"])
+        .await
+        .unwrap();
+    assert_eq!(gateway_get(&a, "/api/shared/hello").await.0, 404);
+}
+
+#[tokio::test]
+async fn a_heartbeat_to_one_host_keeps_the_service_alive_on_another() {
+    if !can_run("a_heartbeat_to_one_host_keeps_the_service_alive_on_another") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    // No health check after the first round: only heartbeats keep the
+    // service alive.
+    let flags = [
+        "--heartbeat-ttl",
+        "2s",
+        "--heartbeat-interval",
+        "500ms",
+        "--health-check-interval",
+        "1h",
+    ];
+    let a = host_on(&etcd, &flags).await;
+    let b = host_on(&etcd, &flags).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("beating", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    learns(&b, mark, "beating").await;
+    // Heartbeats to B only, for twice the TTL: the pace is the stimulus.
+    for _ in 0..8 {
+        assert_eq!(heartbeat(&b, "beating").await.0, 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, body) = gateway_get(&a, "/api/beating/hello").await;
+    assert_eq!(status, 200, "A saw B's heartbeats: {body}");
+    for host in [&a, &b] {
+        let lost = host.log_lines_since(0, &["etcd watch lost"]);
+        assert!(lost.is_empty(), "the watch held: {lost:?}");
+    }
+    // And without them, A lets it lapse: the heartbeats were what kept it.
+    let mark = a.log_mark();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (status, body) = gateway_get(&a, "/api/beating/hello").await;
+    assert_eq!(status, 503, "{body}");
+    a.wait_for_log_since(mark, &["remote service unhealthy", "service=beating"])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_service_stays_routed_when_the_host_it_registered_with_dies() {
+    if !can_run("a_service_stays_routed_when_the_host_it_registered_with_dies") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("survivor", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    learns(&b, mark, "survivor").await;
+    let _dirs = a.kill9();
+    for _ in 0..5 {
+        let (status, body) = gateway_get(&b, "/api/survivor/hello").await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(heartbeat(&b, "survivor").await.0, 200);
+}
+
+#[tokio::test]
+async fn an_etcd_outage_keeps_routing_refuses_writes_and_loses_nothing() {
+    if !can_run("an_etcd_outage_keeps_routing_refuses_writes_and_loses_nothing") {
+        return;
+    }
+    let mut etcd = Etcd::single().await;
+    // A short timeout: a write is refused 503 within it.
+    let flags = ["--etcd-timeout", "1s"];
+    let a = host_on(&etcd, &flags).await;
+    let b = host_on(&etcd, &flags).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("before", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    learns(&b, mark, "before").await;
+
+    let mark_a = a.log_mark();
+    let mark_b = b.log_mark();
+    etcd.kill_all();
+    for host in [&a, &b] {
+        let (status, body) = gateway_get(host, "/api/before/hello").await;
+        assert_eq!(status, 200, "routing goes on without etcd: {body}");
+    }
+    let (status, body) = register(&b, &registration("during", upstream.addr())).await;
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("etcd"), "{error}");
+    assert!(body["store"].as_str().unwrap().contains("etcd"), "{body}");
+    // Reads answer, flagged stale once the host noticed.
+    b.wait_for_log_since(mark_b, &["etcd watch lost"])
+        .await
+        .unwrap();
+    let answer = client()
+        .get(b.registry_url("/api/registry/services"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["x-registry-stale"], "true");
+
+    etcd.restart_killed().await;
+    a.wait_for_log_since(mark_a, &["etcd watch resumed"])
+        .await
+        .unwrap();
+    b.wait_for_log_since(mark_b, &["etcd watch resumed"])
+        .await
+        .unwrap();
+    let mark = a.log_mark();
+    let (status, body) = register(&b, &registration("after", upstream.addr())).await;
+    assert_eq!(status, 201, "{body}");
+    learns(&a, mark, "after").await;
+    assert_eq!(gateway_get(&a, "/api/after/hello").await.0, 200);
+    let answer = client()
+        .get(b.registry_url("/api/registry/services"))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.headers().get("x-registry-stale").is_none());
+    // The registration made before the outage is still in etcd: a host
+    // started now reads it.
+    let c = host_on(&etcd, &[]).await;
+    let (status, body) = gateway_get(&c, "/api/before/hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(gateway_get(&c, "/api/during/hello").await.0, 404);
+}
+
+#[tokio::test]
+async fn losing_one_etcd_member_of_three_changes_nothing() {
+    if !can_run("losing_one_etcd_member_of_three_changes_nothing") {
+        return;
+    }
+    let mut etcd = Etcd::three().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("first", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    learns(&b, mark, "first").await;
+    etcd.kill(0);
+    assert_eq!(gateway_get(&b, "/api/first/hello").await.0, 200);
+    let mark = b.log_mark();
+    let (status, body) = register(&a, &registration("second", upstream.addr())).await;
+    assert_eq!(status, 201, "{body}");
+    learns(&b, mark, "second").await;
+    assert_eq!(gateway_get(&b, "/api/second/hello").await.0, 200);
+    assert_eq!(heartbeat(&b, "first").await.0, 200);
+}
