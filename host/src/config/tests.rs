@@ -185,3 +185,40 @@ fn the_guide_shows_the_shipped_example_verbatim() {
         "docs/GATEWAY_CONFIG.md must include plugin-host.example.toml verbatim"
     );
 }
+
+#[test]
+fn the_etcd_store_is_refused_without_endpoints_or_without_the_feature() {
+    let error = refusal(&[], "[registry]\nstore = \"etcd\"\n");
+    if cfg!(feature = "etcd") {
+        // Set nowhere: named as the flag.
+        assert!(
+            error.starts_with("--etcd-endpoints: the etcd store needs at least one endpoint"),
+            "{error}"
+        );
+        let config = resolve(
+            &[
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379,http://127.0.0.1:2380",
+            ],
+            "[registry]\nstore = \"etcd\"\netcd_prefix = \"/staging\"\n",
+        )
+        .unwrap();
+        let store = config.registry_store();
+        assert_eq!(store.kind, StoreKind::Etcd);
+        assert_eq!(store.etcd_endpoints.len(), 2);
+        assert_eq!(store.etcd_prefix, "/staging");
+    } else {
+        assert!(error.contains("/etc/ph.toml: registry.store:"), "{error}");
+        assert!(error.contains("--features etcd"), "{error}");
+    }
+}
+
+#[test]
+fn an_etcd_prefix_must_be_an_absolute_key_path() {
+    for bad in ["plugin-host", "/plugin-host/", "/with space", ""] {
+        let error = refusal(&[], &format!("[registry]\netcd_prefix = {bad:?}\n"));
+        assert!(error.contains("registry.etcd_prefix"), "{bad:?}: {error}");
+        assert!(error.contains("not a key prefix"), "{bad:?}: {error}");
+    }
+    assert!(resolve(&[], "[registry]\netcd_prefix = \"/a/b\"\n").is_ok());
+}
