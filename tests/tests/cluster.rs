@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use host_harness::http::{client, get_json, registration};
-use host_harness::workspace::host_builder;
+use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
 use integration_tests::etcd::{self, Etcd};
 use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
@@ -250,4 +250,48 @@ async fn losing_one_etcd_member_of_three_changes_nothing() {
     learns(&b, mark, "second").await;
     assert_eq!(gateway_get(&b, "/api/second/hello").await.0, 200);
     assert_eq!(heartbeat(&b, "first").await.0, 200);
+}
+
+#[tokio::test]
+async fn a_plugin_keeps_its_name_on_its_own_host_only() {
+    if !can_run("a_plugin_keeps_its_name_on_its_own_host_only") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    b.mount_plugin(plugin_library("hello"), "libhello.so")
+        .await
+        .unwrap();
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    let (status, body) = register(&a, &registration("hello", upstream.addr())).await;
+    assert_eq!(
+        status, 201,
+        "a plugin elsewhere does not reserve the name: {body}"
+    );
+    b.wait_for_log_since(
+        mark,
+        &[
+            "not routed on this host",
+            "a plugin of this host holds the name",
+            "service=hello",
+        ],
+    )
+    .await
+    .unwrap();
+    // A routes the remote service, B its own plugin.
+    assert_eq!(gateway_get(&a, "/api/hello/echo").await.0, 200);
+    assert_eq!(upstream.echoes(), 1);
+    let (status, body) = gateway_get(&b, "/api/hello/hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(upstream.echoes(), 1, "B answered from its plugin");
+    let (_, listed) = get_json(&b.registry_url("/api/registry/services/hello"))
+        .await
+        .unwrap();
+    assert_eq!(listed["kind"], "plugin");
+    // A registration of that name at B is refused, as on one host.
+    let (status, body) = register(&b, &registration("hello", upstream.addr())).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["holder"]["kind"], "plugin");
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use host_harness::http::{client, get_json};
 use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
+use integration_tests::etcd::{self, Etcd};
 use integration_tests::python;
 use serde_json::{Value, json};
 
@@ -505,4 +506,51 @@ async fn the_catalogue_merges_the_guides_own_api_and_validates_as_openapi_3_1() 
         String::from_utf8_lossy(&validated.stderr)
     );
     plugin.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs python3 with venv, PyPI, ../shared/seed-plugin-guide.zh.md, etcd and protoc; run with --include-ignored, or PLUGIN_HOST_REQUIRE_ALL=1 cargo xtask test"]
+async fn a_copy_registered_with_one_host_is_reached_through_another_on_etcd() {
+    const TEST: &str =
+        "python_guide::a_copy_registered_with_one_host_is_reached_through_another_on_etcd";
+    if require_or_skip(TEST, etcd::available()).is_none() {
+        return;
+    }
+    let Some(main_py) = require_or_skip(TEST, guide_main_py()) else {
+        return;
+    };
+    let Some(python) = require_or_skip(TEST, python_off_runtime().await) else {
+        return;
+    };
+    let etcd = Etcd::single().await;
+    let on_etcd =
+        || host_builder().args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()]);
+    let a = on_etcd().start().await.unwrap();
+    let b = on_etcd().start().await.unwrap();
+    let (main_py, port) = on_free_port(&main_py, a.registry_addr().port());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mark = b.log_mark();
+    let mut plugin = Plugin::start(&python, dir.path(), &main_py);
+    let direct = format!("http://localhost:{port}");
+    wait_until_serving(&a, &plugin, &direct).await;
+    b.wait_for_log_since(
+        mark,
+        &["remote service changed in etcd", "service=my-plugin"],
+    )
+    .await
+    .unwrap();
+    // Every command of the guide's section 5, through the host it did
+    // not register with.
+    section_5(&b.gateway_url(""), &b.registry_url(""), &direct).await;
+
+    let mark = b.log_mark();
+    plugin.stop().await;
+    b.wait_for_log_since(
+        mark,
+        &["remote service removed in etcd", "service=my-plugin"],
+    )
+    .await
+    .unwrap();
+    let (status, _) = get(&b.registry_url("/api/registry/services/my-plugin")).await;
+    assert_eq!(status, 404, "deregistered through A, gone from B");
 }
