@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use host_harness::PATIENCE;
 
-pub mod etcd;
 pub mod python;
 pub mod upstream;
 

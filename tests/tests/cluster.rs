@@ -10,10 +10,10 @@
 
 use std::time::Duration;
 
+use host_harness::etcd::{self, Etcd};
 use host_harness::http::{client, get_json, registration};
 use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
-use integration_tests::etcd::{self, Etcd};
 use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
 
 /// etcd and an etcd-capable host, or a `SKIPPED` line and `false`.

@@ -5,7 +5,7 @@
 //! `../shared/seed-plugin-guide.zh.md` beside the checkout. They need it,
 //! `python3` with `venv`, and pip access to PyPI (they install fastapi,
 //! uvicorn, httpx and pydantic into a throwaway virtual environment), so
-//! the two that run `main.py` are `#[ignore]`d: `cargo xtask test` runs
+//! the ones that run `main.py` are `#[ignore]`d: `cargo xtask test` runs
 //! them under `PLUGIN_HOST_REQUIRE_ALL=1`, where anything missing is a
 //! failure; run alone with `--include-ignored`, a missing piece is a
 //! printed `SKIPPED` line.
@@ -22,10 +22,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use host_harness::etcd::{self, Etcd};
 use host_harness::http::{client, get_json};
 use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
-use integration_tests::etcd::{self, Etcd};
 use integration_tests::python;
 use serde_json::{Value, json};
 

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod haproxy;
 mod load;
 mod nginx;

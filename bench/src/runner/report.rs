@@ -765,6 +765,9 @@ pub fn markdown(results: &Results) -> String {
     if let Some(cost) = &r.plugin_calls {
         let _ = writeln!(out, "{}", crate::plugin_calls::markdown(cost));
     }
+    if let Some(cost) = &r.cluster {
+        let _ = writeln!(out, "{}", crate::cluster::markdown(cost));
+    }
 
     // The shared host's warnings, then those of scenario 5's own host.
     let registry_warnings = r.registry.iter().map(|g| &g.host_warnings);

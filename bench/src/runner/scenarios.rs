@@ -41,6 +41,8 @@ pub struct ScenarioResults {
     pub memory: Option<Memory>,
     /// Scenario 7.
     pub plugin_calls: Option<crate::plugin_calls::CallCost>,
+    /// Scenario 8.
+    pub cluster: Option<crate::cluster::ClusterCost>,
     /// Scenarios that could not run, and why.
     pub errors: Vec<String>,
     /// WARN and ERROR lines the hosts logged, by host.
@@ -293,7 +295,7 @@ pub struct Memory {
 
 /// The `ps`-th percentiles of `values` (NaN when there are none), in the
 /// order asked: `[50.0, 99.0, 100.0]` gives p50, p99 and max.
-fn percentiles<const N: usize>(values: &[f64], ps: [f64; N]) -> [f64; N] {
+pub(crate) fn percentiles<const N: usize>(values: &[f64], ps: [f64; N]) -> [f64; N] {
     ps.map(|p| percentile(values, p).unwrap_or(f64::NAN))
 }
 
@@ -308,7 +310,7 @@ const BENCH_API_KEY_SHA256: &str =
 /// nothing per request (the access log is off), `--config` giving it
 /// [`BENCH_API_KEY`], and `args`. The returned directory holds the config
 /// file; it is read at start-up.
-fn start_host(
+pub(crate) fn start_host(
     rt: &Runtime,
     pinning: Pinning,
     binary: &Path,
@@ -354,6 +356,12 @@ pub fn run_all(
         match crate::plugin_calls::run(rt, pinning, settings, bin_dir) {
             Ok(cost) => results.plugin_calls = Some(cost),
             Err(error) => results.errors.push(format!("scenario 7: {error}")),
+        }
+    }
+    if only(8) {
+        match crate::cluster::run(rt, pinning, settings, artifacts) {
+            Ok(cost) => results.cluster = cost,
+            Err(error) => results.errors.push(format!("scenario 8: {error}")),
         }
     }
     results
@@ -1149,14 +1157,14 @@ fn registry_scale(
 
 /// What registering many services came to, per worker and in all.
 #[derive(Debug, Default)]
-struct Registrations {
+pub(crate) struct Registrations {
     /// Per success: seconds since the start when it was done, and its
     /// latency in ms.
-    latencies: Vec<(f64, f64)>,
+    pub(crate) latencies: Vec<(f64, f64)>,
     /// Registrations refused or failed.
-    failures: u64,
+    pub(crate) failures: u64,
     /// The first failure.
-    first_error: Option<String>,
+    pub(crate) first_error: Option<String>,
 }
 
 impl Registrations {
@@ -1177,7 +1185,7 @@ impl Registrations {
 /// Registers `svc-00000`.. with `concurrency` requests in flight. Nothing
 /// listens on their ports (10000 + i): the host's health checker finds
 /// them down, as it would find crashed services.
-async fn register_many(
+pub(crate) async fn register_many(
     client: &reqwest::Client,
     url: String,
     services: usize,

@@ -23,6 +23,7 @@
 //! turn it into its own per-scenario error string.
 
 mod error;
+pub mod etcd;
 mod host;
 pub mod http;
 mod process;

@@ -1,4 +1,4 @@
-//! etcd clusters for the cluster tests: Debian's `etcd-server` (3.4,
+//! etcd clusters for the cluster tests and the bench: Debian's `etcd-server` (3.4,
 //! `/usr/bin/etcd`), one or three members on loopback ports picked at
 //! random, each with its own temporary data directory; never a system
 //! service. A member can be killed (SIGKILL) and started again on the same
@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use host_harness::{PATIENCE, Proc, workspace};
+use crate::{PATIENCE, Proc, workspace};
 
 /// The etcd binary Debian's `etcd-server` installs.
 const ETCD: &str = "/usr/bin/etcd";
