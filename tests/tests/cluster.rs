@@ -295,3 +295,70 @@ async fn a_plugin_keeps_its_name_on_its_own_host_only() {
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["holder"]["kind"], "plugin");
 }
+
+#[tokio::test]
+async fn one_host_checks_each_service_and_every_host_sees_the_result() {
+    if !can_run("one_host_checks_each_service_and_every_host_sees_the_result") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let flags = ["--health-check-interval", "100ms"];
+    let a = host_on(&etcd, &flags).await;
+    let b = host_on(&etcd, &flags).await;
+    for host in [&a, &b] {
+        host.wait_for_log("joined the hosts sharing the registry")
+            .await
+            .unwrap();
+    }
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("checked", upstream.addr()))
+            .await
+            .0,
+        201
+    );
+    learns(&b, mark, "checked").await;
+    // A registration from B that A has applied: both have seen both
+    // hosts' membership keys, which were written before.
+    let other = Upstream::start().await;
+    let mark = a.log_mark();
+    assert_eq!(
+        register(&b, &registration("marker", other.addr())).await.0,
+        201
+    );
+    learns(&a, mark, "marker").await;
+
+    // One checker makes at most one check per 100 ms; two would make two.
+    let before = upstream.health_checks();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let checks = upstream.health_checks() - before;
+    assert!(
+        (1..=24).contains(&checks),
+        "{checks} checks in 2 s at one per 100 ms: one host checks"
+    );
+
+    // What the checker finds reaches the other host: the same thresholds
+    // mark the instance down everywhere, and back up.
+    let instance_status = |host: &Host| {
+        let url = host.registry_url("/api/registry/services/checked");
+        async move {
+            let (_, listed) = get_json(&url).await.unwrap();
+            listed["instances"][0]["status"].as_str().map(str::to_owned)
+        }
+    };
+    upstream.set_healthy(false);
+    for host in [&a, &b] {
+        integration_tests::eventually("both hosts mark the failing instance down", || async {
+            instance_status(host).await.as_deref() == Some("unhealthy")
+        })
+        .await;
+    }
+    upstream.set_healthy(true);
+    for host in [&a, &b] {
+        integration_tests::eventually("both hosts bring it back up", || async {
+            instance_status(host).await.as_deref() == Some("healthy")
+        })
+        .await;
+    }
+}

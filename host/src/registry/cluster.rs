@@ -72,6 +72,25 @@ pub fn check_etcd_prefix(prefix: String) -> Result<String, String> {
 }
 
 impl super::Registry {
+    /// The remote services whose active health checks this host runs:
+    /// every one, except with etcd, where one host among those sharing
+    /// the prefix checks each service (`EtcdStore::checks`) and shares the
+    /// results (`share_checks`), so checks are not multiplied by the
+    /// number of hosts. The host that checks a service also evicts it.
+    pub(super) fn checked_here(
+        &self,
+        remotes: Vec<std::sync::Arc<crate::remote::RemoteService>>,
+    ) -> Vec<std::sync::Arc<crate::remote::RemoteService>> {
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &self.shared.etcd {
+            return remotes
+                .into_iter()
+                .filter(|remote| etcd.checks(remote.name()))
+                .collect();
+        }
+        remotes
+    }
+
     /// `response` to a read, marked `X-Registry-Stale: true` while this
     /// host's table may be behind the store (its etcd watch is lost).
     pub(super) fn marked(&self, response: axum::response::Response) -> axum::response::Response {
@@ -138,6 +157,7 @@ mod following {
     use super::super::etcd::{Change, EtcdStore};
     use super::super::store::decode;
     use super::super::{Registry, routable, stored_size};
+    use crate::remote::RemoteService;
     use crate::table::Backend;
 
     impl Registry {
@@ -185,6 +205,23 @@ mod following {
                         remote.announce_health(self.shared.instances.load().thresholds);
                     }
                 }
+                Change::Check {
+                    name,
+                    instance,
+                    outcome,
+                } => {
+                    let Some(service) = self.shared.services.get(&name) else {
+                        return;
+                    };
+                    let Backend::Remote(remote) = &service.backend else {
+                        return;
+                    };
+                    if let Some(instance) = remote.instances().get(&instance) {
+                        let thresholds = self.shared.instances.load().thresholds;
+                        instance.record_check(outcome, thresholds);
+                        remote.announce_health(thresholds);
+                    }
+                }
             }
         }
 
@@ -203,6 +240,27 @@ mod following {
             for id in ids {
                 if let Err(error) = etcd.beat(name, id, healthy).await {
                     tracing::debug!(service = %name, instance = %id, %error, "heartbeat not shared through etcd");
+                }
+            }
+        }
+
+        /// Shares what this host's last health check round found for
+        /// `remotes` with every host, which records each outcome as if it
+        /// had made the check: the same thresholds then mark the same
+        /// instances down everywhere, and a passing check is a sign of
+        /// life everywhere.
+        pub(in crate::registry) async fn share_checks(&self, remotes: &[Arc<RemoteService>]) {
+            let Some(etcd) = &self.shared.etcd else {
+                return;
+            };
+            for remote in remotes {
+                for instance in remote.instances().members() {
+                    let Some(outcome) = instance.last_check() else {
+                        continue;
+                    };
+                    if let Err(error) = etcd.checked(remote.name(), instance.id(), &outcome).await {
+                        tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check not shared through etcd");
+                    }
                 }
             }
         }

@@ -6,9 +6,10 @@
 //! what the embedded store keeps (checksum line, tagged JSON: see
 //! [`super::store`]); `live/<name>/<instance-id>`, an instance's liveness
 //! key, attached to its lease. API keys added through the admin API are
-//! `<prefix>/keys/<id>`. (With versions, instances get their own keys,
-//! `s/<name>/v/<version>/i/<id>`: anything under `s/<name>/` is left to
-//! them and ignored here.)
+//! `<prefix>/keys/<id>`; the hosts sharing the prefix list themselves as
+//! `<prefix>/hosts/<id>`, each on its own session lease. (With versions,
+//! instances get their own keys, `s/<name>/v/<version>/i/<id>`: anything
+//! under `s/<name>/` is left to them and ignored here.)
 //!
 //! **Writes are transactions on revisions.** A put succeeds only if the
 //! key is absent (`create_revision == 0`) when this host saw it absent,
@@ -21,7 +22,9 @@
 //! a fresh grant if it expired) and puts the liveness key again, so every
 //! host sees the heartbeat as a watch event and refreshes its copy of the
 //! instance: the TTL then runs out at the same moment everywhere, and the
-//! lease's expiry removes the key everywhere.
+//! lease's expiry removes the key everywhere. The host that checks a
+//! service ([`EtcdStore::checks`]) puts each check's outcome on the same
+//! key, and the other hosts record it as their own.
 //!
 //! **Following.** [`EtcdStore::follow`] watches `<prefix>/t/<tenant>/`
 //! from the revision of the initial read. When the watch fails (etcd
@@ -32,7 +35,7 @@
 //! is applied twice (the registry applies a change only if its revision
 //! is newer than the last one it saw for the name: [`EtcdStore::accept`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +53,9 @@ use super::store::{
     Loaded, LoadedApiKey, RecordStore, StoreError, StoredApiKey, StoredService, decode,
     decode_api_key, encode, encode_api_key,
 };
+use crate::remote::CheckOutcome;
 use crate::sync::lock;
+use xxhash_rust::xxh3::xxh3_64;
 
 /// The tenant every record belongs to until tenants land.
 const TENANT: &str = "default";
@@ -84,6 +89,15 @@ pub enum Change {
         /// Whether it said it is healthy.
         healthy: bool,
     },
+    /// A health check the host checking the service made of an instance.
+    Check {
+        /// The service.
+        name: String,
+        /// The instance's id.
+        instance: String,
+        /// What the check found.
+        outcome: CheckOutcome,
+    },
 }
 
 /// The last change this host applied for a name.
@@ -97,6 +111,8 @@ struct Seen {
 pub struct EtcdStore {
     client: Client,
     endpoints: String,
+    /// `<prefix>/`: everything this cluster of hosts keeps.
+    root_prefix: String,
     /// `<prefix>/t/<tenant>/`.
     tenant_prefix: String,
     /// `<prefix>/keys/`.
@@ -112,6 +128,11 @@ pub struct EtcdStore {
     leases: Mutex<HashMap<String, i64>>,
     /// The revision the initial read was made at.
     listed: Mutex<i64>,
+    /// This host's id among the hosts sharing the prefix.
+    host_id: String,
+    /// The ids of the hosts sharing the prefix now (`<prefix>/hosts/<id>`,
+    /// each on its host's session lease).
+    members: Mutex<BTreeSet<String>>,
     /// Whether the watch is following etcd now.
     following: AtomicBool,
 }
@@ -150,6 +171,7 @@ impl EtcdStore {
             .map_err(|error| unreachable(&endpoints, &error.to_string()))?;
         Ok(Self {
             client,
+            root_prefix: format!("{}/", settings.etcd_prefix),
             tenant_prefix: format!("{}/t/{TENANT}/", settings.etcd_prefix),
             keys_prefix: format!("{}/keys/", settings.etcd_prefix),
             endpoints,
@@ -159,6 +181,8 @@ impl EtcdStore {
             seen: Mutex::default(),
             leases: Mutex::default(),
             listed: Mutex::new(0),
+            host_id: uuid::Uuid::new_v4().simple().to_string(),
+            members: Mutex::default(),
             following: AtomicBool::new(true),
         })
     }
@@ -185,6 +209,7 @@ impl EtcdStore {
     /// under the prefix, and after a lost watch the difference between a
     /// fresh listing and what this host has seen.
     pub fn follow(self: &std::sync::Arc<Self>) -> mpsc::UnboundedReceiver<Change> {
+        self.join();
         let (sender, receiver) = mpsc::unbounded_channel();
         let store = self.clone();
         tokio::spawn(async move {
@@ -216,13 +241,107 @@ impl EtcdStore {
         receiver
     }
 
+    /// Keeps this host listed among the hosts sharing the prefix, on a
+    /// session lease of the heartbeat TTL renewed a third of it apart: a
+    /// host that dies drops out of the list one TTL later, and the other
+    /// hosts take over the health checks it made.
+    fn join(self: &std::sync::Arc<Self>) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let key = format!("{}hosts/{}", store.root_prefix, store.host_id);
+            let renew_every = Duration::from_secs(u64::try_from(store.lease_ttl).unwrap_or(1)) / 3;
+            loop {
+                let error = store.hold(&key, renew_every).await;
+                tracing::debug!(store = %store.endpoints, %error, "host session lease lost; joining again");
+                tokio::time::sleep(MAX_RETRY).await;
+            }
+        });
+    }
+
+    /// Puts `key` on a fresh session lease and renews it until that
+    /// fails; returns why.
+    async fn hold(&self, key: &str, renew_every: Duration) -> StoreError {
+        let leases = self.client.lease_client();
+        let granted = self
+            .bounded(|| {
+                let mut leases = leases.clone();
+                async move { leases.grant(self.lease_ttl, None).await }
+            })
+            .await;
+        let lease = match granted {
+            Ok(granted) => granted.id(),
+            Err(error) => return error,
+        };
+        let put = self
+            .bounded(|| async {
+                self.client
+                    .kv_client()
+                    .put(
+                        key,
+                        self.host_id.as_bytes(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+            })
+            .await;
+        if let Err(error) = put {
+            return error;
+        }
+        tracing::info!(store = %self.endpoints, host_id = %self.host_id, "joined the hosts sharing the registry in etcd");
+        let renewing = self
+            .bounded(|| {
+                let mut leases = leases.clone();
+                async move { leases.keep_alive(lease).await }
+            })
+            .await;
+        let (mut keeper, mut answers) = match renewing {
+            Ok(stream) => stream,
+            Err(error) => return error,
+        };
+        loop {
+            tokio::time::sleep(renew_every).await;
+            let renewed = tokio::time::timeout(self.timeout, async {
+                keeper.keep_alive().await?;
+                answers.message().await
+            })
+            .await;
+            match renewed {
+                Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
+                Ok(Ok(_)) => return unreachable(&self.endpoints, "the session lease expired"),
+                Ok(Err(error)) => return unreachable(&self.endpoints, &error.to_string()),
+                Err(_) => return unreachable(&self.endpoints, "no answer to a lease renewal"),
+            }
+        }
+    }
+
+    /// Whether this host runs the active health checks of service `name`:
+    /// the host among those sharing the prefix that ranks first for the
+    /// name (rendezvous hashing, so a host joining or leaving moves only
+    /// its share of the services). While the watch is lost, or before the
+    /// host saw itself listed, it checks everything: checks repeated are
+    /// better than checks missed.
+    pub fn checks(&self, name: &str) -> bool {
+        if self.is_stale() {
+            return true;
+        }
+        let members = lock(&self.members);
+        if !members.contains(&self.host_id) {
+            return true;
+        }
+        let rank = |host: &str| xxh3_64(format!("{host}/{name}").as_bytes());
+        members
+            .iter()
+            .max_by_key(|host| rank(host))
+            .is_none_or(|host| *host == self.host_id)
+    }
+
     /// Watches from `from` until the watch fails; returns why.
     async fn watch(&self, mut from: i64, sender: &mpsc::UnboundedSender<Change>) -> String {
         let options = WatchOptions::new().with_prefix().with_start_revision(from);
         let mut stream = match self
             .client
             .watch_client()
-            .watch(self.tenant_prefix.as_bytes(), Some(options))
+            .watch(self.root_prefix.as_bytes(), Some(options))
             .await
         {
             Ok(stream) => stream,
@@ -258,7 +377,8 @@ impl EtcdStore {
     /// what was seen, and a deletion for every name seen that is gone;
     /// returns the listing's revision.
     async fn relist(&self, sender: &mpsc::UnboundedSender<Change>) -> Result<i64, StoreError> {
-        let (kvs, revision) = self.list(&self.tenant_prefix).await?;
+        let (kvs, revision) = self.list(&self.root_prefix).await?;
+        lock(&self.members).clear();
         let mut listed = Vec::new();
         for kv in &kvs {
             if let Some(change) = self.change(kv, false) {
@@ -289,6 +409,18 @@ impl EtcdStore {
     /// remembers the lease of a liveness key.
     fn change(&self, kv: &KeyValue, deleted: bool) -> Option<Change> {
         let key = std::str::from_utf8(kv.key()).ok()?;
+        if let Some(host) = key
+            .strip_prefix(&self.root_prefix)
+            .and_then(|rest| rest.strip_prefix("hosts/"))
+        {
+            let mut members = lock(&self.members);
+            if deleted {
+                members.remove(host);
+            } else {
+                members.insert(host.to_owned());
+            }
+            return None;
+        }
         let rest = key.strip_prefix(&self.tenant_prefix)?;
         if let Some(name) = rest.strip_prefix("s/") {
             // Keys below a service's (versions, instances) are not ours.
@@ -307,18 +439,62 @@ impl EtcdStore {
             return None;
         }
         lock(&self.leases).insert(key.to_owned(), kv.lease());
+        // `healthy`/`unhealthy` from a heartbeat; `check:<host>:<result>`
+        // from a health check of the host named (`ok`, or why it failed),
+        // which that host has applied already.
+        let value = std::str::from_utf8(kv.value()).ok()?;
+        if let Some(check) = value.strip_prefix("check:") {
+            let (host, result) = check.split_once(':')?;
+            if host == self.host_id {
+                return None;
+            }
+            let ok = result == "ok";
+            return Some(Change::Check {
+                name: name.to_owned(),
+                instance: instance.to_owned(),
+                outcome: CheckOutcome {
+                    at: std::time::SystemTime::now(),
+                    ok,
+                    error: (!ok).then(|| result.to_owned()),
+                },
+            });
+        }
         Some(Change::Beat {
             name: name.to_owned(),
             instance: instance.to_owned(),
-            healthy: kv.value() == b"healthy",
+            healthy: value == "healthy",
         })
     }
 
     /// Records a heartbeat for `instance` of `name` where every host sees
-    /// it: renews the instance's lease (or grants one) and puts its
-    /// liveness key again. Skipped, as an error, while the watch is lost:
-    /// the heartbeat then counts on this host only.
+    /// it. Skipped, as an error, while the watch is lost: the heartbeat
+    /// then counts on this host only.
     pub async fn beat(&self, name: &str, instance: &str, healthy: bool) -> Result<(), StoreError> {
+        let value = if healthy { "healthy" } else { "unhealthy" };
+        self.signal(name, instance, value.to_owned()).await
+    }
+
+    /// Records the outcome of this host's health check of `instance` of
+    /// `name` where every host sees it, and applies it as if it had made
+    /// the check itself.
+    pub async fn checked(
+        &self,
+        name: &str,
+        instance: &str,
+        outcome: &CheckOutcome,
+    ) -> Result<(), StoreError> {
+        let result = match &outcome.error {
+            None if outcome.ok => "ok",
+            None => "failed",
+            Some(error) => error,
+        };
+        let value = format!("check:{}:{result}", self.host_id);
+        self.signal(name, instance, value).await
+    }
+
+    /// Renews the lease of `instance` of `name` (or grants one) and puts
+    /// its liveness key with `value`.
+    async fn signal(&self, name: &str, instance: &str, value: String) -> Result<(), StoreError> {
         if self.is_stale() {
             return Err(unreachable(
                 &self.endpoints,
@@ -344,13 +520,12 @@ impl EtcdStore {
                 Ok(leases.grant(self.lease_ttl, None).await?.id())
             })
             .await?;
-        let value: &[u8] = if healthy { b"healthy" } else { b"unhealthy" };
         self.bounded(|| async {
             self.client
                 .kv_client()
                 .put(
                     key.as_bytes(),
-                    value,
+                    value.as_bytes(),
                     Some(PutOptions::new().with_lease(lease)),
                 )
                 .await
@@ -466,7 +641,7 @@ impl EtcdStore {
 
 impl RecordStore for EtcdStore {
     fn load(&self) -> Result<Vec<Loaded>, StoreError> {
-        let (kvs, revision) = self.blocking(self.list(&self.tenant_prefix))?;
+        let (kvs, revision) = self.blocking(self.list(&self.root_prefix))?;
         *lock(&self.listed) = revision;
         let mut loaded = Vec::new();
         for kv in &kvs {

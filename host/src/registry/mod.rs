@@ -274,9 +274,12 @@ impl Registry {
             loop {
                 ticks.tick().await;
                 let policy = registry.shared.instances.load_full();
-                for silent in checker.round(registry.remotes(), &policy).await {
+                let checked = registry.checked_here(registry.remotes());
+                for silent in checker.round(checked.clone(), &policy).await {
                     registry.evict(&silent).await;
                 }
+                #[cfg(feature = "etcd")]
+                registry.share_checks(&checked).await;
                 checker.check_plugins(registry.shared.services.list()).await;
             }
         })
