@@ -126,6 +126,11 @@ pub struct EtcdStore {
     seen: Mutex<HashMap<String, Seen>>,
     /// Liveness key -> the lease it is attached to.
     leases: Mutex<HashMap<String, i64>>,
+    /// Per (service, instance), when this host last shared a heartbeat
+    /// and with which status.
+    beats_shared: Mutex<HashMap<(String, String), (tokio::time::Instant, bool)>>,
+    /// How often a heartbeat whose status did not change is shared.
+    share_every: Duration,
     /// The revision the initial read was made at.
     listed: Mutex<i64>,
     /// This host's id among the hosts sharing the prefix.
@@ -180,6 +185,8 @@ impl EtcdStore {
             runtime,
             seen: Mutex::default(),
             leases: Mutex::default(),
+            beats_shared: Mutex::default(),
+            share_every: ttl / 4,
             listed: Mutex::new(0),
             host_id: uuid::Uuid::new_v4().simple().to_string(),
             members: Mutex::default(),
@@ -436,6 +443,7 @@ impl EtcdStore {
         let (name, instance) = rest.strip_prefix("live/")?.split_once('/')?;
         if deleted {
             lock(&self.leases).remove(key);
+            lock(&self.beats_shared).remove(&(name.to_owned(), instance.to_owned()));
             return None;
         }
         lock(&self.leases).insert(key.to_owned(), kv.lease());
@@ -469,9 +477,26 @@ impl EtcdStore {
     /// Records a heartbeat for `instance` of `name` where every host sees
     /// it. Skipped, as an error, while the watch is lost: the heartbeat
     /// then counts on this host only.
+    ///
+    /// Other hosts need a sign of life within every TTL, and a change of
+    /// the status at once, not every heartbeat: a heartbeat with the
+    /// status this host last shared for the instance less than a quarter
+    /// of the TTL ago counts here only, which keeps the cost of a
+    /// heartbeat on etcd that of one on the embedded store for all but a
+    /// few of them.
     pub async fn beat(&self, name: &str, instance: &str, healthy: bool) -> Result<(), StoreError> {
+        let key = (name.to_owned(), instance.to_owned());
+        let now = tokio::time::Instant::now();
+        if lock(&self.beats_shared)
+            .get(&key)
+            .is_some_and(|(at, shared)| *shared == healthy && now - *at < self.share_every)
+        {
+            return Ok(());
+        }
         let value = if healthy { "healthy" } else { "unhealthy" };
-        self.signal(name, instance, value.to_owned()).await
+        self.signal(name, instance, value.to_owned()).await?;
+        lock(&self.beats_shared).insert(key, (now, healthy));
+        Ok(())
     }
 
     /// Records the outcome of this host's health check of `instance` of

@@ -349,7 +349,7 @@ impl Registry {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
         let id = instance.to_string();
-        let _writes = self.shared.writes.lock().await;
+        let writes = self.shared.writes.lock().await;
         let previous = match self.shared.services.get(&name) {
             None => {
                 may_write(&writer, &name, None, "name")?;
@@ -426,6 +426,9 @@ impl Registry {
         let new_name = previous.is_none();
         self.commit(remote, new_name).await?;
         joining.refresh();
+        drop(writes);
+        // Outside the write lock: the next registration need not wait for
+        // this instance's first heartbeat to be shared.
         #[cfg(feature = "etcd")]
         self.share_beats(&name, &[id.as_str()], true).await;
         tracing::info!(
