@@ -362,3 +362,63 @@ async fn one_host_checks_each_service_and_every_host_sees_the_result() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn an_api_key_added_on_one_host_works_on_every_host() {
+    if !can_run("an_api_key_added_on_one_host_works_on_every_host") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    // `printf %s admin | sha256sum`
+    let config = "[auth.registry]\nadmin_token_sha256 = \"8c6976e5b5410415bde908bd4dee15dfb167a9c873fc4bb8a81f6f2ab448a918\"\n";
+    let on_etcd = || {
+        host_builder()
+            .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+            .config(config)
+    };
+    let a = on_etcd().start().await.unwrap();
+    let b = on_etcd().start().await.unwrap();
+    for host in [&a, &b] {
+        host.mount_plugin(plugin_library("guarded"), "libguarded.so")
+            .await
+            .unwrap();
+    }
+    let with_key = |host: &Host, key: &str| {
+        client()
+            .get(host.gateway_url("/api/guarded/private"))
+            .header("x-api-key", key)
+            .send()
+    };
+    let mark = b.log_mark();
+    let added = client()
+        .post(a.registry_url("/api/registry/admin/api-keys"))
+        .bearer_auth("admin")
+        .json(&serde_json::json!({"id": "robot", "services": ["guarded"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    let answer: serde_json::Value = added.json().await.unwrap();
+    let key = answer["key"].as_str().unwrap().to_owned();
+    b.wait_for_log_since(mark, &["API key added on another host", "api_key=robot"])
+        .await
+        .unwrap();
+    for host in [&a, &b] {
+        assert_eq!(with_key(host, &key).await.unwrap().status(), 200);
+    }
+
+    let mark = a.log_mark();
+    let revoked = client()
+        .delete(b.registry_url("/api/registry/admin/api-keys/robot"))
+        .bearer_auth("admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    a.wait_for_log_since(mark, &["API key revoked on another host", "api_key=robot"])
+        .await
+        .unwrap();
+    for host in [&a, &b] {
+        assert_eq!(with_key(host, &key).await.unwrap().status(), 401);
+    }
+}

@@ -154,9 +154,11 @@ pub(super) fn open(settings: &StoreSettings, ttl: Duration) -> Result<Opened, St
 mod following {
     use std::sync::Arc;
 
-    use super::super::etcd::{Change, EtcdStore};
+    use super::super::etcd::{Change, EtcdStore, api_key_seen};
     use super::super::store::decode;
+    use super::super::store::decode_api_key;
     use super::super::{Registry, routable, stored_size};
+    use crate::auth::ApiKeySettings;
     use crate::remote::RemoteService;
     use crate::table::Backend;
 
@@ -203,6 +205,16 @@ mod following {
                     if let Some(instance) = remote.instances().get(&instance) {
                         instance.heartbeat(healthy);
                         remote.announce_health(self.shared.instances.load().thresholds);
+                    }
+                }
+                Change::ApiKey {
+                    id,
+                    revision,
+                    value,
+                } => {
+                    let _writes = self.shared.writes.lock().await;
+                    if etcd.accept(&api_key_seen(&id), revision, value.is_some()) {
+                        self.api_key_from_store(&id, value.as_deref());
                     }
                 }
                 Change::Check {
@@ -261,6 +273,41 @@ mod following {
                     if let Err(error) = etcd.checked(remote.name(), instance.id(), &outcome).await {
                         tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check not shared through etcd");
                     }
+                }
+            }
+        }
+
+        /// Applies API key `id` as another host added (`Some`) or revoked
+        /// it through the admin API; one that clashes with this host's
+        /// config file is logged and not used, as at a start.
+        fn api_key_from_store(&self, id: &str, value: Option<&[u8]>) {
+            let managed = &self.shared.managed_keys;
+            let Some(value) = value else {
+                if managed.revoke(id) {
+                    tracing::info!(api_key = %id, "API key revoked on another host");
+                }
+                return;
+            };
+            let stored = match decode_api_key(value) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    tracing::error!(api_key = %id, %error, "API key in etcd cannot be used");
+                    return;
+                }
+            };
+            managed.revoke(id);
+            let added = managed.insert(
+                ApiKeySettings {
+                    id: stored.id,
+                    sha256: stored.sha256,
+                    services: stored.services,
+                },
+                &self.shared.authenticator.load(),
+            );
+            match added {
+                Ok(()) => tracing::info!(api_key = %id, "API key added on another host"),
+                Err(refused) => {
+                    tracing::error!(api_key = %id, error = %refused, "API key added on another host not used here");
                 }
             }
         }

@@ -6,7 +6,7 @@
 //! what the embedded store keeps (checksum line, tagged JSON: see
 //! [`super::store`]); `live/<name>/<instance-id>`, an instance's liveness
 //! key, attached to its lease. API keys added through the admin API are
-//! `<prefix>/keys/<id>`; the hosts sharing the prefix list themselves as
+//! `<prefix>/keys/<id>` (followed like the records); the hosts sharing the prefix list themselves as
 //! `<prefix>/hosts/<id>`, each on its own session lease. (With versions,
 //! instances get their own keys, `s/<name>/v/<version>/i/<id>`: anything
 //! under `s/<name>/` is left to them and ignored here.)
@@ -88,6 +88,16 @@ pub enum Change {
         instance: String,
         /// Whether it said it is healthy.
         healthy: bool,
+    },
+    /// API key `id` added through the admin API at `revision` (its stored
+    /// value), or revoked (`None`).
+    ApiKey {
+        /// The key's id.
+        id: String,
+        /// The revision of the change.
+        revision: i64,
+        /// The stored value (checksum line and JSON).
+        value: Option<Vec<u8>>,
     },
     /// A health check the host checking the service made of an instance.
     Check {
@@ -386,15 +396,24 @@ impl EtcdStore {
     async fn relist(&self, sender: &mpsc::UnboundedSender<Change>) -> Result<i64, StoreError> {
         let (kvs, revision) = self.list(&self.root_prefix).await?;
         lock(&self.members).clear();
+        // The names (and API keys) listed, as `seen` files them.
         let mut listed = Vec::new();
         for kv in &kvs {
-            if let Some(change) = self.change(kv, false) {
-                if let Change::Service { name, .. } = &change {
-                    listed.push(name.clone());
-                }
-                if matches!(change, Change::Service { .. }) {
+            match self.change(kv, false) {
+                Some(change @ Change::Service { .. }) => {
+                    if let Change::Service { name, .. } = &change {
+                        listed.push(name.clone());
+                    }
                     let _ = sender.send(change);
                 }
+                Some(change @ Change::ApiKey { .. }) => {
+                    if let Change::ApiKey { id, .. } = &change {
+                        listed.push(api_key_seen(id));
+                    }
+                    let _ = sender.send(change);
+                }
+                // Liveness is not replayed: the heartbeats to come are.
+                Some(Change::Beat { .. } | Change::Check { .. }) | None => {}
             }
         }
         let gone: Vec<String> = lock(&self.seen)
@@ -403,17 +422,25 @@ impl EtcdStore {
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            let _ = sender.send(Change::Service {
-                name,
-                revision,
-                value: None,
-            });
+            let change = match name.strip_prefix("keys/") {
+                Some(id) => Change::ApiKey {
+                    id: id.to_owned(),
+                    revision,
+                    value: None,
+                },
+                None => Change::Service {
+                    name,
+                    revision,
+                    value: None,
+                },
+            };
+            let _ = sender.send(change);
         }
         Ok(revision)
     }
 
-    /// What a key under the tenant prefix changing means, if anything;
-    /// remembers the lease of a liveness key.
+    /// What a key under the prefix changing means, if anything; keeps the
+    /// list of hosts, and remembers the lease of a liveness key.
     fn change(&self, kv: &KeyValue, deleted: bool) -> Option<Change> {
         let key = std::str::from_utf8(kv.key()).ok()?;
         if let Some(host) = key
@@ -427,6 +454,13 @@ impl EtcdStore {
                 members.insert(host.to_owned());
             }
             return None;
+        }
+        if let Some(id) = key.strip_prefix(&self.keys_prefix) {
+            return Some(Change::ApiKey {
+                id: id.to_owned(),
+                revision: kv.mod_revision(),
+                value: (!deleted).then(|| kv.value().to_vec()),
+            });
         }
         let rest = key.strip_prefix(&self.tenant_prefix)?;
         if let Some(name) = rest.strip_prefix("s/") {
@@ -707,6 +741,7 @@ impl RecordStore for EtcdStore {
             .iter()
             .map(|kv| {
                 let id = String::from_utf8_lossy(&kv.key()[self.keys_prefix.len()..]).into_owned();
+                self.accept(&api_key_seen(&id), kv.mod_revision(), true);
                 (id, decode_api_key(kv.value()))
             })
             .collect())
@@ -715,26 +750,36 @@ impl RecordStore for EtcdStore {
     fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
         let value = encode_api_key(key)?;
         let id = format!("{}{}", self.keys_prefix, key.id);
-        self.blocking(self.bounded(|| async {
+        let response = self.blocking(self.bounded(|| async {
             self.client
                 .kv_client()
                 .put(id.as_bytes(), value.clone(), None)
                 .await
         }))?;
+        let revision = response.header().map_or(0, |header| header.revision());
+        self.accept(&api_key_seen(&key.id), revision, true);
         Ok(())
     }
 
     fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
         let key = format!("{}{id}", self.keys_prefix);
-        self.blocking(
+        let response = self.blocking(
             self.bounded(|| async { self.client.kv_client().delete(key.as_bytes(), None).await }),
         )?;
+        let revision = response.header().map_or(0, |header| header.revision());
+        self.accept(&api_key_seen(id), revision, false);
         Ok(())
     }
 
     fn describe(&self) -> String {
         format!("etcd at {}", self.endpoints)
     }
+}
+
+/// The name API key `id`'s revisions are recorded under in what a host
+/// has seen: service names hold no `/`, so the two never meet.
+pub fn api_key_seen(id: &str) -> String {
+    format!("keys/{id}")
 }
 
 fn unreachable(endpoints: &str, reason: &str) -> StoreError {
