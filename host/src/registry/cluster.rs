@@ -121,9 +121,13 @@ pub(super) struct Opened {
     pub etcd: Option<Arc<super::etcd::EtcdStore>>,
 }
 
-/// Opens the store `settings` name. etcd is connected to (and must
-/// answer) here: a host does not start with a registry it cannot read.
-pub(super) fn open(settings: &StoreSettings, ttl: Duration) -> Result<Opened, StoreError> {
+/// Opens the store `settings` name; `ttl`, the heartbeat TTL, is the
+/// length of etcd's leases. etcd is connected to (and must answer) here: a
+/// host does not start with a registry it cannot read.
+pub(super) fn open(
+    settings: &StoreSettings,
+    #[cfg_attr(not(feature = "etcd"), expect(unused_variables))] ttl: Duration,
+) -> Result<Opened, StoreError> {
     match settings.kind {
         StoreKind::Embedded => Ok(Opened {
             store: Arc::new(Store::open(&settings.database)?),
@@ -139,14 +143,11 @@ pub(super) fn open(settings: &StoreSettings, ttl: Duration) -> Result<Opened, St
             })
         }
         #[cfg(not(feature = "etcd"))]
-        StoreKind::Etcd => {
-            let _ = ttl;
-            Err(StoreError::Unreachable {
-                store: "etcd".to_owned(),
-                reason: "this plugin-host was built without the etcd store (cargo feature `etcd`)"
-                    .to_owned(),
-            })
-        }
+        StoreKind::Etcd => Err(StoreError::Unreachable {
+            store: "etcd".to_owned(),
+            reason: "this plugin-host was built without the etcd store (cargo feature `etcd`)"
+                .to_owned(),
+        }),
     }
 }
 

@@ -8,7 +8,8 @@
 //! listed alike.
 //!
 //! **Invariant:** a registration is answered 200/201 only once it is in the
-//! database; the table never holds a remote service the database does not.
+//! database; the table never holds a remote service the database does not
+//! (with etcd, shared by several hosts: no service etcd did not commit).
 //! Names are unique across kinds: the table's writer lock decides a race
 //! between a registration and a plugin file.
 
@@ -150,7 +151,8 @@ enum Deregistered<'a> {
 }
 
 impl Registry {
-    /// Opens the database and puts every stored registration in `services`.
+    /// Opens the store (the database, or etcd) and puts every stored
+    /// registration in `services`; with etcd, follows it from then on.
     ///
     /// Call it before plugins are loaded: a restored remote service then
     /// holds its name, and a plugin file claiming the same name is refused
