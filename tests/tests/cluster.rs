@@ -422,3 +422,31 @@ async fn an_api_key_added_on_one_host_works_on_every_host() {
         assert_eq!(with_key(host, &key).await.unwrap().status(), 401);
     }
 }
+
+#[tokio::test]
+async fn a_host_does_not_start_on_an_etcd_it_cannot_reach() {
+    if !can_run("a_host_does_not_start_on_an_etcd_it_cannot_reach") {
+        return;
+    }
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port();
+    let refused = host_builder()
+        .args(["--store", "etcd", "--etcd-endpoints"])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .args(["--etcd-timeout", "500ms"])
+        .start_refused()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        refused
+            .output
+            .contains(&format!("etcd at http://127.0.0.1:{port}"))
+            && refused.output.contains("unreachable"),
+        "{}",
+        refused.output
+    );
+}
