@@ -14,7 +14,9 @@ use host_harness::etcd::{self, Etcd};
 use host_harness::http::{client, get_json, registration};
 use host_harness::workspace::{host_builder, plugin_library};
 use host_harness::{Host, require_or_skip};
-use integration_tests::upstream::{Upstream, gateway_get, heartbeat, register};
+use integration_tests::upstream::{
+    Upstream, client_from, gateway_get, heartbeat, post_from, register,
+};
 
 /// etcd and an etcd-capable host, or a `SKIPPED` line and `false`.
 fn can_run(test: &str) -> bool {
@@ -449,4 +451,46 @@ async fn a_host_does_not_start_on_an_etcd_it_cannot_reach() {
         "{}",
         refused.output
     );
+}
+
+#[tokio::test]
+async fn two_hosts_never_both_accept_a_name_for_different_owners() {
+    if !can_run("two_hosts_never_both_accept_a_name_for_different_owners") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let (first, second) = (Upstream::start().await, Upstream::start().await);
+    let (from_a, from_b) = (client_from("127.0.0.2"), client_from("127.0.0.3"));
+    let path = "/api/registry/register";
+    for round in 0..10 {
+        // Two owners, two versions, the same new name, at once, through
+        // two hosts: one is accepted, the other refused.
+        let name = format!("contested-{round}");
+        let mut one = registration(&name, first.addr());
+        one["version"] = serde_json::json!("1.0.0");
+        let mut other = registration(&name, second.addr());
+        other["version"] = serde_json::json!("2.0.0");
+        let ((status_a, answer_a), (status_b, answer_b)) = tokio::join!(
+            post_from(&from_a, &a, path, &one),
+            post_from(&from_b, &b, path, &other)
+        );
+        let mut statuses = [status_a, status_b];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409], "{answer_a} / {answer_b}");
+        let winner = if status_a == 201 { "1.0.0" } else { "2.0.0" };
+        // Both hosts end up routing the winner's registration.
+        for host in [&a, &b] {
+            let url = host.registry_url(&format!("/api/registry/services/{name}"));
+            integration_tests::eventually("both hosts hold the accepted registration", || {
+                let url = url.clone();
+                async move {
+                    let (status, listed) = get_json(&url).await.unwrap();
+                    status == 200 && listed["version"] == winner
+                }
+            })
+            .await;
+        }
+    }
 }

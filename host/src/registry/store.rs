@@ -182,7 +182,7 @@ pub enum StoreError {
     /// The record changed in the store since this host last read it
     /// (another host wrote it): nothing changed.
     #[error(
-        "service `{name}` was changed by another host since this host read it; nothing changed, send the request again"
+        "service `{name}` was changed by another host since this host read it; send the request again"
     )]
     Conflict {
         /// The service.
