@@ -231,28 +231,28 @@ impl EtcdStore {
         let store = self.clone();
         tokio::spawn(async move {
             let mut from = *lock(&store.listed) + 1;
-            let mut pause = Duration::from_millis(100);
             loop {
                 let lost = store.watch(from, &sender).await;
                 if sender.is_closed() {
                     return;
                 }
-                if store.following.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(store = %store.endpoints, error = %lost, "etcd watch lost: routing from the last known table, registry writes refused until etcd answers");
-                }
-                match store.relist(&sender).await {
-                    Ok(revision) => {
-                        from = revision + 1;
-                        pause = Duration::from_millis(100);
-                        store.following.store(true, Ordering::Relaxed);
-                        tracing::info!(store = %store.endpoints, revision, "etcd watch resumed after a fresh listing");
+                store.following.store(false, Ordering::Relaxed);
+                tracing::warn!(store = %store.endpoints, error = %lost, "etcd watch lost: routing from the last known table, registry writes refused until etcd answers");
+                // Only a fresh listing ends the outage: a watch resumed
+                // from the old revision could start past a compaction.
+                let mut pause = Duration::from_millis(100);
+                from = loop {
+                    match store.relist(&sender).await {
+                        Ok(revision) => break revision + 1,
+                        Err(error) => {
+                            tracing::debug!(store = %store.endpoints, %error, "etcd still unreachable");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(MAX_RETRY);
+                        }
                     }
-                    Err(error) => {
-                        tracing::debug!(store = %store.endpoints, %error, "etcd still unreachable");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(MAX_RETRY);
-                    }
-                }
+                };
+                store.following.store(true, Ordering::Relaxed);
+                tracing::info!(store = %store.endpoints, revision = from - 1, "etcd watch resumed after a fresh listing");
             }
         });
         receiver
