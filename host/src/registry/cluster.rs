@@ -155,6 +155,8 @@ pub(super) fn open(
 mod following {
     use std::sync::Arc;
 
+    use tokio::task::JoinSet;
+
     use super::super::etcd::{Change, EtcdStore, api_key_seen};
     use super::super::store::decode;
     use super::super::store::decode_api_key;
@@ -162,6 +164,9 @@ mod following {
     use crate::auth::ApiKeySettings;
     use crate::remote::RemoteService;
     use crate::table::Backend;
+
+    /// Most health check outcomes put to etcd at once.
+    const SHARED_AT_ONCE: usize = 64;
 
     impl Registry {
         /// Applies what the etcd watch reports to the table, for as long
@@ -266,16 +271,30 @@ mod following {
             let Some(etcd) = &self.shared.etcd else {
                 return;
             };
+            let mut sharing = JoinSet::new();
             for remote in remotes {
                 for instance in remote.instances().members() {
                     let Some(outcome) = instance.last_check() else {
                         continue;
                     };
-                    if let Err(error) = etcd.checked(remote.name(), instance.id(), &outcome).await {
-                        tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check not shared through etcd");
+                    // A bounded number at once: a round of many services
+                    // neither waits for them one by one nor floods etcd.
+                    if sharing.len() >= SHARED_AT_ONCE {
+                        sharing.join_next().await;
                     }
+                    let (etcd, name, id) = (
+                        etcd.clone(),
+                        remote.name().to_owned(),
+                        instance.id().to_owned(),
+                    );
+                    sharing.spawn(async move {
+                        if let Err(error) = etcd.checked(&name, &id, &outcome).await {
+                            tracing::debug!(service = %name, instance = %id, %error, "health check not shared through etcd");
+                        }
+                    });
                 }
             }
+            sharing.join_all().await;
         }
 
         /// Applies API key `id` as another host added (`Some`) or revoked
