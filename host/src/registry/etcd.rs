@@ -345,11 +345,7 @@ impl EtcdStore {
         if !members.contains(&self.host_id) {
             return true;
         }
-        let rank = |host: &str| xxh3_64(format!("{host}/{name}").as_bytes());
-        members
-            .iter()
-            .max_by_key(|host| rank(host))
-            .is_none_or(|host| *host == self.host_id)
+        checker_of(&members, name).is_none_or(|host| host == self.host_id)
     }
 
     /// Watches from `from` until the watch fails; returns why.
@@ -776,6 +772,16 @@ impl RecordStore for EtcdStore {
     }
 }
 
+/// The host among `members` that checks service `name`: the one ranking
+/// first for it (rendezvous hashing).
+fn checker_of<'a>(members: &'a BTreeSet<String>, name: &str) -> Option<&'a str> {
+    let rank = |host: &str| xxh3_64(format!("{host}/{name}").as_bytes());
+    members
+        .iter()
+        .max_by_key(|host| rank(host))
+        .map(String::as_str)
+}
+
 /// The name API key `id`'s revisions are recorded under in what a host
 /// has seen: service names hold no `/`, so the two never meet.
 pub fn api_key_seen(id: &str) -> String {
@@ -786,5 +792,37 @@ fn unreachable(endpoints: &str, reason: &str) -> StoreError {
     StoreError::Unreachable {
         store: format!("etcd at {endpoints}"),
         reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_service_has_one_checker_and_a_host_leaving_moves_only_its_share() {
+        let hosts = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| (*id).to_owned())
+                .collect::<BTreeSet<_>>()
+        };
+        let three = hosts(&["a", "b", "c"]);
+        let two = hosts(&["a", "c"]);
+        let names: Vec<String> = (0..300).map(|i| format!("svc-{i}")).collect();
+        let mut share = HashMap::new();
+        for name in &names {
+            let checker = checker_of(&three, name).unwrap();
+            *share.entry(checker).or_insert(0) += 1;
+            let after = checker_of(&two, name).unwrap();
+            if checker != "b" {
+                assert_eq!(after, checker, "{name} stays where it was");
+            }
+        }
+        // Spread over every host, roughly evenly.
+        for host in ["a", "b", "c"] {
+            let count = share.get(host).copied().unwrap_or(0);
+            assert!((50..=150).contains(&count), "{host} checks {count} of 300");
+        }
+        assert_eq!(checker_of(&BTreeSet::new(), "svc"), None);
     }
 }
