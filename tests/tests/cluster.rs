@@ -189,6 +189,15 @@ async fn an_etcd_outage_keeps_routing_refuses_writes_and_loses_nothing() {
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("etcd"), "{error}");
     assert!(body["store"].as_str().unwrap().contains("etcd"), "{body}");
+    let (status, body) = host_harness::http::post_json(
+        &a.registry_url("/api/registry/deregister/before"),
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "a deregistration is a write too: {body}");
+    // A heartbeat still counts on the host that received it.
+    assert_eq!(heartbeat(&b, "before").await.0, 200);
     // Reads answer, flagged stale once the host noticed.
     b.wait_for_log_since(mark_b, &["etcd watch lost"])
         .await
