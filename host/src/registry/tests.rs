@@ -33,6 +33,7 @@ fn open(dir: &std::path::Path) -> Router {
             body_timeout: Duration::from_secs(5),
             max_stored_bytes: 1024 * 1024,
             max_instances: 8,
+            max_versions: 4,
             instances: Arc::default(),
             egress: Arc::new(
                 EgressPolicy::new(DEFAULT_ALLOWED.iter().map(|n| n.parse().unwrap()).collect())
