@@ -152,13 +152,17 @@ pub struct StoredApiKey {
 /// used.
 pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 
+/// One stored traffic policy as read back: its service name, and the
+/// policy or why it is not used.
+pub type LoadedPolicy = (String, Result<TrafficPolicy, RecordError>);
+
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "format")]
 enum Record {
     #[serde(rename = "1")]
-    V1(StoredVersion),
+    V1(Box<StoredVersion>),
     #[serde(rename = "2")]
     V2(StoredService),
 }
@@ -326,9 +330,7 @@ impl Store {
 
     /// Every stored traffic policy, by service name, or why one cannot be
     /// used.
-    pub fn load_traffic(
-        &self,
-    ) -> Result<Vec<(String, Result<TrafficPolicy, RecordError>)>, StoreError> {
+    pub fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError> {
         let read = self.db.begin_read().map_err(redb::Error::from)?;
         let table = read.open_table(TRAFFIC).map_err(redb::Error::from)?;
         let mut policies = Vec::new();
@@ -451,7 +453,7 @@ fn verified(value: &[u8]) -> Result<&[u8], RecordError> {
 fn parse(json: &[u8]) -> Result<StoredService, RecordError> {
     Ok(match serde_json::from_slice(json)? {
         Record::V1(version) => StoredService {
-            versions: vec![version],
+            versions: vec![*version],
         },
         Record::V2(service) => service,
     })
@@ -690,7 +692,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             // The format before checksums: the bare tagged JSON.
-            let legacy = serde_json::to_vec(&Record::V1(version("old", 1))).unwrap();
+            let legacy = serde_json::to_vec(&Record::V1(Box::new(version("old", 1)))).unwrap();
             let write = store.db.begin_write().unwrap();
             write
                 .open_table(SERVICES)
