@@ -483,6 +483,19 @@ async fn only_an_owner_adds_a_version_and_a_restart_in_place_moves_its_instance(
     let (status, answer) = register(&host, &over).await;
     assert_eq!(status, 409, "{answer}");
     assert_eq!(answer["limit"], "max_versions_per_service", "{answer}");
+    // A move out of a version's last instance keeps the count: allowed.
+    let mut moved = registration("svc", theirs.addr());
+    moved["version"] = json!("3.0.0");
+    let (status, answer) = register(&host, &moved).await;
+    assert_eq!(status, 201, "{answer}");
+    let entry = listed(&host, "svc").await;
+    let versions: Vec<&str> = entry["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(versions, ["3.0.0", "1.1.0"], "{entry}");
 
     // A heartbeat by name speaks for the caller's instances in every version.
     let (status, answer) = post_from(

@@ -435,7 +435,8 @@ impl Registry {
             Some(remote) => self.join(remote, &spec, &id, caller, &writer)?,
             None if current.is_empty() => (Vec::new(), Change::Registered),
             None => {
-                self.may_add_version(&name, &current, &version, moving.is_some(), caller, anyone)?;
+                let from = moving.as_ref().map(|(from, _)| from);
+                self.may_add_version(&name, &current, &version, from, caller, anyone)?;
                 (Vec::new(), Change::VersionAdded)
             }
         };
@@ -552,16 +553,22 @@ impl Registry {
     /// from an address that owns an instance of the name (or moves one of
     /// its own): a higher version would take the name's default traffic,
     /// so a stranger must not add one. With tokens, [`may_write`] already
-    /// held the name to its token. And at most `max_versions` versions.
+    /// held the name to its token. And at most `max_versions` versions
+    /// after the change. `moving_from`: the version the caller's instance
+    /// leaves for this one (which goes if it was its last instance).
     fn may_add_version(
         &self,
         name: &str,
         current: &[Arc<Service>],
         version: &Version,
-        moving: bool,
+        moving_from: Option<&Arc<Service>>,
         caller: IpAddr,
         anyone: bool,
     ) -> Result<(), ApiError> {
+        let moving = moving_from.is_some();
+        let emptied = moving_from
+            .and_then(|from| remote_of(from))
+            .is_some_and(|remote| remote.instances().members().len() == 1);
         let remotes = || current.iter().filter_map(|held| remote_of(held));
         if anyone && !moving && remotes().all(|remote| remote.owned_by(caller).is_empty()) {
             let owners: Vec<String> = remotes()
@@ -583,9 +590,7 @@ impl Registry {
             .with("version", version.to_string()));
         }
         let limit = self.shared.max_versions;
-        // A move may empty the version it leaves, but it is still there
-        // while this one is added: count it.
-        if current.len() >= limit {
+        if current.len() + 1 - usize::from(emptied) > limit {
             let present: Vec<String> = current
                 .iter()
                 .map(|held| held.version().to_string())

@@ -1,5 +1,10 @@
 //! The registry's persistence: every accepted registration, in an embedded
-//! crash-safe database (redb) in the data directory.
+//! crash-safe database (redb) in the data directory: one record per
+//! service name holding its versions and their instances (format `"2"`;
+//! the single-version records of format `"1"` that earlier releases wrote
+//! are read as a name of one version, and rewritten in the new format at
+//! the name's next write), and the names' traffic policies, one record per
+//! name in a table of their own.
 //!
 //! A write returns only once it is durable (redb's default `Immediate`
 //! durability: the commit is fsynced), so a registration answered 200/201
