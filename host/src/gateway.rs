@@ -184,6 +184,7 @@ async fn dispatch(
             status = status.as_u16(),
             duration_ms = arrived.elapsed().as_secs_f64() * 1e3,
             bytes = HttpBody::size_hint(response.body()).exact(),
+            version = response.headers().get(X_SERVICE_VERSION).and_then(|v| v.to_str().ok()),
             request_id = response.headers().get(X_REQUEST_ID).and_then(|id| id.to_str().ok()),
             client = %client,
             identity = served.identity.as_deref(),

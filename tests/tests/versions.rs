@@ -153,6 +153,11 @@ async fn a_version_is_selected_by_header_or_path_and_names_itself() {
     assert_eq!(echoed["headers"]["x-service-version"], json!(["^1.4"]));
     assert_eq!(old.echoes(), 1);
     assert_eq!(new.echoes(), 0);
+    // The access log names the version that answered, and the service
+    // without the path form's requirement.
+    host.wait_for_log_since(0, &["access:", "service=\"svc\"", "version=\"1.4.2\""])
+        .await
+        .unwrap();
 
     let (status, _, refused) = ask(&host, "/api/svc/hello", Some("^^1")).await;
     assert_eq!(status, 400, "{refused}");
