@@ -1,7 +1,9 @@
 //! The plugin manager: applies settled file events to the service table.
 //!
-//! It owns which file is mounted under which name, and the budget of
-//! worker threads all plugins share. For a changed file it takes the
+//! It owns which file is mounted under which name and version (two files
+//! may serve two versions of one name; a file whose name and version are
+//! another file's, or whose name remote services hold, waits), and the
+//! budget of worker threads all plugins share. For a changed file it takes the
 //! file's workers from that budget, asks the loader for a library, starts
 //! a runtime for it, and swaps it into the table in one step, so a request
 //! sees the old version or the new one, never neither. Whatever leaves the table (replaced, removed, refused
