@@ -623,3 +623,83 @@ async fn a_store_written_before_versions_is_migrated_on_read() {
         "{entry}"
     );
 }
+
+/// SHA-256 digests of the tokens `team-a` and `team-b`.
+const TOKENS: &str = r#"
+[[auth.registry.tokens]]
+id = "team-a"
+sha256 = "96c2886c51d1dfb4901d9feccff66213ce3e27406282ff6f602a4258a33dacec"
+names = ["shared-*"]
+
+[[auth.registry.tokens]]
+id = "team-b"
+sha256 = "e618ceaa77728baaf382c3c58980d1ef1e75003e83dc2fe322caeea1abcc70d3"
+names = ["shared-*"]
+"#;
+
+#[tokio::test]
+async fn with_tokens_the_owning_token_adds_versions_and_splits() {
+    let host = host_builder().config(TOKENS).start().await.unwrap();
+    let first = Upstream::start().await;
+    let second = Upstream::start().await;
+    let send = |token: &'static str, version: &'static str, upstream: &Upstream| {
+        let mut body = registration("shared-svc", upstream.addr());
+        body["version"] = json!(version);
+        let url = host.registry_url("/api/registry/register");
+        async move {
+            let answer = client()
+                .post(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, answer) = send("team-a", "1.0.0", &first).await;
+    assert_eq!(status, 201, "{answer}");
+    let (status, answer) = send("team-b", "2.0.0", &second).await;
+    assert_eq!(status, 403, "another token adds no version: {answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("team-a"),
+        "{answer}"
+    );
+    let (status, answer) = send("team-a", "2.0.0", &second).await;
+    assert_eq!(status, 201, "{answer}");
+
+    let split = json!({"weights": {"1.0.0": 1}});
+    let (status, answer) = traffic(
+        &client(),
+        &host,
+        reqwest::Method::PUT,
+        "shared-svc",
+        Some(split.clone()),
+        Some("team-b"),
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = traffic(
+        &client(),
+        &host,
+        reqwest::Method::PUT,
+        "shared-svc",
+        Some(split),
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "{answer}");
+    let (status, answer) = traffic(
+        &client(),
+        &host,
+        reqwest::Method::PUT,
+        "shared-svc",
+        Some(json!({"weights": {"1.0.0": 1}})),
+        Some("team-a"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (_, version, _) = ask(&host, "/api/shared-svc/hello", None).await;
+    assert_eq!(version.as_deref(), Some("1.0.0"));
+}
