@@ -444,6 +444,24 @@ async fn plugin_versions_load_side_by_side_and_the_admin_splits_them() {
 }
 
 #[tokio::test]
+async fn a_plugin_file_whose_version_is_no_semver_is_refused() {
+    let host = host_builder().start().await.unwrap();
+    host.install_plugin(plugin_library("bad_version"), "bad-version.so")
+        .unwrap();
+    let line = host
+        .wait_for_log_since(0, &["plugin file refused", "file=bad-version.so"])
+        .await
+        .unwrap();
+    assert!(line.contains("`version`"), "{line}");
+    assert!(
+        line.contains("`latest` is not a semantic version"),
+        "{line}"
+    );
+    let (status, _, _) = ask(&host, "/api/bad-version/health", None).await;
+    assert_eq!(status, 404, "never loaded");
+}
+
+#[tokio::test]
 async fn only_an_owner_adds_a_version_and_a_restart_in_place_moves_its_instance() {
     let host = host_builder()
         .args(["--max-versions-per-service", "2"])
