@@ -252,6 +252,7 @@ async fn a_split_shares_traffic_by_weight_and_sticks_by_key() {
 
     let seen = versions_answering(&host, "/api/canary/hello", 2000, 8, &[]).await;
     let share = seen.get("2.0.0").copied().unwrap_or(0) as f64 / 2000.0;
+    println!("90/10 split over 2,000 requests: {seen:?}");
     assert!(
         (0.07..=0.13).contains(&share),
         "2.0.0 took {share} of 2,000 requests, 0.10 +- 0.03 expected: {seen:?}"
@@ -578,6 +579,20 @@ async fn versions_and_splits_survive_kill_9() {
     assert_eq!(entry["traffic"]["split"], split, "{entry}");
     let seen = versions_answering(&host, "/api/durable/hello", 10, 1, &[]).await;
     assert_eq!(seen, BTreeMap::from([("1.0.0".to_owned(), 10)]));
+
+    // The version the split names goes: the split is kept, and with none
+    // of its versions present the default takes the traffic.
+    let (status, answer) = post_from(
+        &client(),
+        &host,
+        &format!("/api/registry/deregister/durable/{}", old.addr()),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let seen = versions_answering(&host, "/api/durable/hello", 10, 1, &[]).await;
+    assert_eq!(seen, BTreeMap::from([("2.0.0".to_owned(), 10)]));
+    assert_eq!(listed(&host, "durable").await["traffic"]["split"], split);
 }
 
 /// A record as the release before versions wrote it (format 1, before
