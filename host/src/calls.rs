@@ -23,7 +23,7 @@ use crate::metrics::ServiceTraffic;
 use crate::plugin::{CallError, PluginRequest, PluginResponse, ServiceCalls};
 use crate::proxy::Proxy;
 use crate::remote::RemoteService;
-use crate::table::{Backend, ServiceTable};
+use crate::table::{Backend, Selection, ServiceTable};
 
 /// Resolves plugins' calls in the service table.
 #[derive(Debug)]
@@ -153,10 +153,13 @@ impl ServiceCalls for ServiceCaller {
         // by then the table holds its successor or nothing.
         let mut retried = false;
         loop {
-            let backend = self
-                .services
-                .get(service)
-                .map(|s| (s.backend.clone(), s.traffic().clone()));
+            // A plugin's call asks for no version: the split or the
+            // default, as for a client that names none.
+            let backend = self.services.get(service).and_then(|versions| {
+                versions
+                    .select(&Selection::Default, &request.headers)
+                    .map(|s| (s.backend.clone(), s.traffic().clone()))
+            });
             match backend {
                 None => {
                     return refusal(

@@ -30,8 +30,8 @@ use crate::http::{
 use crate::metrics::{self, Started};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
-use crate::service::{HTTP_METHODS, ServiceInfo};
-use crate::table::{Backend, Service, ServiceTable};
+use crate::service::{HTTP_METHODS, ServiceInfo, VersionReq};
+use crate::table::{Backend, Selection, Service, ServiceTable, Versions};
 use crate::tunnel;
 
 /// What the gateway needs to serve.
@@ -63,9 +63,82 @@ pub fn router(gateway: Gateway) -> Router {
 }
 
 /// `/api/<name>` or `/api/<name>/<rest>` split into name and rest (raw).
+/// The name may carry a version requirement (`<name>@<requirement>`).
 fn split_service_path(path: &str) -> Option<(&str, &str)> {
     let below = path.strip_prefix("/api/")?;
     Some(below.split_at(below.find('/').unwrap_or(below.len())))
+}
+
+/// Which version a request asks for, and the answer each version's
+/// responses carry: `X-Service-Version`.
+pub const X_SERVICE_VERSION: HeaderName = HeaderName::from_static("x-service-version");
+
+/// What version a request selects: the path form's requirement
+/// (`<name>@<requirement>`, percent-decoded) if any, else the
+/// `X-Service-Version` header's, else none in particular. A requirement
+/// that does not parse is a 400 naming it.
+fn selection(
+    name: &str,
+    in_path: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Selection, Box<Response>> {
+    let refuse = |reason: String, given: &str| {
+        Box::new(
+            ApiError::new(StatusCode::BAD_REQUEST, reason)
+                .with("service", name)
+                .with("version_requirement", given)
+                .into_response(),
+        )
+    };
+    let text = match (in_path, headers.get(X_SERVICE_VERSION)) {
+        (Some(raw), _) => match percent_encoding::percent_decode_str(raw).decode_utf8() {
+            Ok(text) => text,
+            Err(_) => {
+                return Err(refuse(
+                    format!("the version requirement after `{name}@` is not UTF-8"),
+                    raw,
+                ));
+            }
+        },
+        (None, Some(value)) => match value.to_str() {
+            Ok(text) => text.into(),
+            Err(_) => {
+                return Err(refuse(
+                    "the X-Service-Version header is not visible ASCII".to_owned(),
+                    "",
+                ));
+            }
+        },
+        (None, None) => return Ok(Selection::Default),
+    };
+    VersionReq::parse(text.trim())
+        .map(Selection::Matching)
+        .map_err(|error| refuse(format!("version requirement refused: {error}"), &text))
+}
+
+/// The 404 of a requirement no version of the service meets.
+fn no_version(versions: &Versions, selection: &Selection) -> Response {
+    let name = versions.name();
+    let present: Vec<String> = versions
+        .all()
+        .iter()
+        .map(|service| service.version().to_string())
+        .collect();
+    let wanted = match selection {
+        Selection::Matching(requirement) => requirement.to_string(),
+        Selection::Default => String::new(),
+    };
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no version of service `{name}` meets `{wanted}`; its versions are {}",
+            present.join(", ")
+        ),
+    )
+    .with("service", name)
+    .with("version_requirement", wanted)
+    .with("versions", present)
+    .into_response()
 }
 
 /// What the access log and the metrics learn of a request while it is
@@ -101,7 +174,8 @@ async fn dispatch(
     if let Some(uri) = logged_uri {
         tracing::info!(
             target: "access",
-            service = split_service_path(uri.path()).map(|(name, _)| name),
+            service = split_service_path(uri.path())
+                .and_then(|(name, _)| name.split('@').next()),
             route = served
                 .started
                 .as_ref()
@@ -110,6 +184,7 @@ async fn dispatch(
             status = status.as_u16(),
             duration_ms = arrived.elapsed().as_secs_f64() * 1e3,
             bytes = HttpBody::size_hint(response.body()).exact(),
+            version = response.headers().get(X_SERVICE_VERSION).and_then(|v| v.to_str().ok()),
             request_id = response.headers().get(X_REQUEST_ID).and_then(|id| id.to_str().ok()),
             client = %client,
             identity = served.identity.as_deref(),
@@ -136,12 +211,16 @@ async fn route(
     served: &mut Served,
 ) -> Response {
     let path = request.uri().path().to_owned();
-    let Some((name, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
+    let Some((named, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}: services are under /api/<name>/"),
         )
         .into_response();
+    };
+    let (name, in_path) = match named.split_once('@') {
+        Some((name, requirement)) => (name, Some(requirement)),
+        None => (named, None),
     };
     if let Err(detected) = gateway.loop_guard.check(request.headers()) {
         tracing::debug!(service = %name, error = %detected, "request refused: loop");
@@ -157,9 +236,18 @@ async fn route(
         .with("service", name)
         .into_response();
     }
-    let Some(service) = gateway.services.get(name) else {
+    let selection = match selection(name, in_path, request.headers()) {
+        Ok(selection) => selection,
+        Err(refused) => return *refused,
+    };
+    let Some(versions) = gateway.services.get(name) else {
         return unknown_service(name);
     };
+    let Some(service) = versions.select(&selection, request.headers()) else {
+        return no_version(&versions, &selection);
+    };
+    let service = service.clone();
+    drop(versions);
     served.started = Some(service.traffic().start(arrived));
     // The route label is worth matching only for someone who reads it.
     if metrics::enabled() || access_logged() {
@@ -233,8 +321,8 @@ async fn route(
             .into_response()
         }
         Backend::Plugin(_) => {
-            drop(service);
-            let response = call_plugin(gateway, name, rest, client, request).await;
+            let response =
+                call_plugin(gateway, name, rest, client, request, service, selection).await;
             drop(in_flight);
             response
         }
@@ -244,8 +332,9 @@ async fn route(
         Backend::Remote(remote) => {
             let remote = remote.clone();
             let traffic = service.traffic().clone();
+            let version = service.version_header().clone();
             drop(service);
-            let response = match upgrade {
+            let mut response = match upgrade {
                 Some(protocol) => {
                     (gateway.proxy)
                         .upgrade(&remote, &traffic, rest, client, protocol, request)
@@ -257,6 +346,7 @@ async fn route(
                         .await
                 }
             };
+            response.headers_mut().insert(X_SERVICE_VERSION, version);
             in_flight.hold_until_body_ends(response)
         }
     };
@@ -362,12 +452,19 @@ fn unknown_service(name: &str) -> Response {
         .into_response()
 }
 
+/// Hands `request` to the plugin `chosen` (a version of `name` that
+/// `selection` picked) once its body is read. The name's versions are
+/// looked up again then: the same version first, else what the same
+/// selection picks now, so a swap of one version never sends the request
+/// to another version than the client asked for.
 async fn call_plugin(
     gateway: &Gateway,
     name: &str,
     rest: &str,
     client: SocketAddr,
     request: Request,
+    chosen: Arc<Service>,
+    selection: Selection,
 ) -> Response {
     let (parts, body) = request.into_parts();
     let reading = read_body_within(
@@ -403,11 +500,20 @@ async fn call_plugin(
     // fresh lookup decides.
     let mut retried = false;
     loop {
-        let runtime = match gateway.services.get(name).as_deref().map(|s| &s.backend) {
-            Some(Backend::Plugin(plugin)) => plugin.runtime.clone(),
+        let Some(versions) = gateway.services.get(name) else {
+            return unknown_service(name);
+        };
+        let Some(service) = versions
+            .version(chosen.version())
+            .or_else(|| versions.select(&selection, &request.headers))
+        else {
+            return no_version(&versions, &selection);
+        };
+        let (runtime, answered) = match &service.backend {
+            Backend::Plugin(plugin) => (plugin.runtime.clone(), service.version_header().clone()),
             // A plugin replaced by a remote service meanwhile: the body was
             // read for the plugin, so let the client retry.
-            Some(Backend::Remote(_)) => {
+            Backend::Remote(_) => {
                 return ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("service `{name}` was replaced while the request waited; retry"),
@@ -415,13 +521,17 @@ async fn call_plugin(
                 .with("service", name)
                 .into_response();
             }
-            None => return unknown_service(name),
         };
+        drop(versions);
         match runtime
             .call(Arc::clone(&request), gateway.request_timeout)
             .await
         {
-            Ok(response) => return plugin_response(name, response),
+            Ok(response) => {
+                let mut response = plugin_response(name, response);
+                response.headers_mut().insert(X_SERVICE_VERSION, answered);
+                return response;
+            }
             Err(CallError::Unloading) if !retried => retried = true,
             Err(error) => {
                 return ApiError::new(error.status(), error.to_string())

@@ -28,6 +28,7 @@ pub mod service;
 pub mod settings;
 mod sync;
 pub mod table;
+pub mod traffic;
 pub mod tunnel;
 pub mod watcher;
 
@@ -143,6 +144,7 @@ pub async fn run(
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
             max_instances: config.max_instances_per_service as usize,
+            max_versions: config.max_versions_per_service as usize,
             instances: live.instances.clone(),
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),

@@ -123,6 +123,9 @@ async fn scrape(State(observe): State<Observe>, headers: HeaderMap) -> Result<Re
         .services
         .list()
         .iter()
+        // One series per name: its default version's (the metrics have no
+        // version label yet).
+        .map(|versions| versions.default_version())
         .map(|service| {
             let mut sample = ServiceSample {
                 name: service.info.name.clone(),

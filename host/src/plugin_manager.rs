@@ -1,7 +1,9 @@
 //! The plugin manager: applies settled file events to the service table.
 //!
-//! It owns which file is mounted under which name, and the budget of
-//! worker threads all plugins share. For a changed file it takes the
+//! It owns which file is mounted under which name and version (two files
+//! may serve two versions of one name; a file whose name and version are
+//! another file's, or whose name remote services hold, waits), and the
+//! budget of worker threads all plugins share. For a changed file it takes the
 //! file's workers from that budget, asks the loader for a library, starts
 //! a runtime for it, and swaps it into the table in one step, so a request
 //! sees the old version or the new one, never neither. Whatever leaves the table (replaced, removed, refused
@@ -37,7 +39,7 @@ use crate::plugin::{
     Candidate, CloseReport, FileChecks, HostSetup, PluginLibrary, PluginRuntime, RuntimeLimits,
     ServiceCalls, ShutdownReport, ThreadBudget,
 };
-use crate::service;
+use crate::service::{self, Version};
 use crate::settings::SettingsError;
 use crate::sync::lock;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
@@ -417,6 +419,16 @@ impl Manager {
             }
         };
         let name = info.name.clone();
+        // The loader checked the declaration, version included.
+        let version = match Version::parse(&info.version) {
+            Ok(version) => version,
+            Err(error) => {
+                self.refused(&file, Refusal::Library, Some(&name), error.to_string());
+                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
+                log_close(&name, &file, library.close());
+                return;
+            }
+        };
         // Before `init`: a file that is not the pinned build never runs
         // more than its initializers and `config`, and is never mounted.
         if let Some(pin) = self.policy.pin(&name)
@@ -428,9 +440,9 @@ impl Manager {
             self.refused_by_pin.insert(path, name);
             return;
         }
-        if let Some(holder) = self.name_holder(&name, &file) {
-            self.waiting(&file, &name, &info.version, &holder);
-            tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
+        if let Some(holder) = self.name_holder(&name, &version, &file) {
+            self.waiting(&file, &name, &version, &holder);
+            tracing::warn!(file = %file, plugin = %name, version = %version, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
             self.waiting_for_name.insert(path, name);
             return;
@@ -468,26 +480,36 @@ impl Manager {
                 return;
             }
         };
-        let version = info.version.clone();
         let endpoints = info.endpoints.len();
-        let service = Service::new(
+        let service = Arc::new(Service::new(
             info,
+            version.clone(),
             Backend::Plugin(PluginBackend {
                 runtime: runtime.clone(),
                 loaded_from: file.clone(),
                 health: Arc::default(),
             }),
-        );
+        ));
         // The table decides the race with a remote registration: it may
-        // have taken the name since `name_holder` looked.
-        match self
-            .services
-            .insert(service, |holder| is_plugin_from(holder, &file))
-        {
+        // have taken the name since `name_holder` looked. The version this
+        // file held (whichever it was) leaves in the same write, so a
+        // request finds one or the other, never neither.
+        let inserted = self.services.update(&name, |versions| {
+            if let Some(holder) = versions.iter().find(|held| blocks(held, &version, &file)) {
+                return Err(holder.clone());
+            }
+            Ok(versions
+                .iter()
+                .filter(|held| !is_plugin_from(held, &file))
+                .cloned()
+                .chain([service])
+                .collect())
+        });
+        match inserted {
             Ok(replaced) => drop(replaced),
             Err(holder) => {
                 self.waiting(&file, &name, &version, &describe(&holder));
-                tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
+                tracing::warn!(file = %file, plugin = %name, version = %version, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.unload(runtime, file);
                 self.waiting_for_name.insert(path, name);
                 return;
@@ -504,9 +526,13 @@ impl Manager {
         );
         let replaced = previous.is_some();
         metrics::host().plugin_loaded(replaced, started.elapsed());
-        self.config
-            .files
-            .set(&file, FileState::Loaded, Some(&name), Some(&version), None);
+        self.config.files.set(
+            &file,
+            FileState::Loaded,
+            Some(&name),
+            Some(&version.to_string()),
+            None,
+        );
         if granted < wanted {
             tracing::warn!(
                 plugin = %name,
@@ -596,12 +622,17 @@ impl Manager {
         }
     }
 
-    /// Who other than the plugin file `file` holds `name`, if anyone.
-    fn name_holder(&self, name: &str, file: &str) -> Option<String> {
-        self.services
-            .get(name)
-            .filter(|holder| !is_plugin_from(holder, file))
-            .map(|holder| describe(&holder))
+    /// Who other than the plugin file `file` keeps it from serving
+    /// `version` of `name`, if anyone: remote services holding the name,
+    /// or another plugin file holding that version.
+    fn name_holder(&self, name: &str, version: &Version, file: &str) -> Option<String> {
+        self.services.get(name).and_then(|versions| {
+            versions
+                .all()
+                .iter()
+                .find(|held| blocks(held, version, file))
+                .map(|holder| describe(holder))
+        })
     }
 
     /// Records a refusal of `file` (its status, the metric); the caller
@@ -613,15 +644,18 @@ impl Manager {
             .set(file, FileState::Refused, name, None, Some(why));
     }
 
-    /// Records that `file` waits for `name`, which `holder` holds.
-    fn waiting(&self, file: &str, name: &str, version: &str, holder: &str) {
+    /// Records that `file` waits for `version` of `name`, which `holder`
+    /// holds.
+    fn waiting(&self, file: &str, name: &str, version: &Version, holder: &str) {
         metrics::host().plugin_refused(Refusal::NameTaken);
         self.config.files.set(
             file,
             FileState::Waiting,
             Some(name),
-            Some(version),
-            Some(format!("service name `{name}` is held by {holder}")),
+            Some(&version.to_string()),
+            Some(format!(
+                "service name `{name}` (version {version}) is held by {holder}"
+            )),
         );
     }
 
@@ -690,6 +724,16 @@ impl Manager {
 
 fn is_plugin_from(service: &Service, file: &str) -> bool {
     matches!(&service.backend, Backend::Plugin(plugin) if plugin.loaded_from == file)
+}
+
+/// Whether `held`, a version of the name a plugin file declares, keeps
+/// that file from serving `version`: a remote service (kinds do not mix
+/// under one name) or another file's plugin of the same version.
+fn blocks(held: &Service, version: &Version, file: &str) -> bool {
+    match &held.backend {
+        Backend::Remote(_) => true,
+        Backend::Plugin(plugin) => held.version() == version && plugin.loaded_from != file,
+    }
 }
 
 fn is_runtime(service: &Service, runtime: &Arc<PluginRuntime>) -> bool {

@@ -25,4 +25,5 @@ mod registry;
 mod registry_tokens;
 mod scaffold;
 mod store;
+mod versions;
 mod websocket;

@@ -545,7 +545,11 @@ fn interleaved(
 /// compiled into a plain axum server; and the cost of gateway auth: the
 /// same handler in `hello-keyed`, whose route needs an API key, against
 /// the open `hello`, in the same host. Every target gets the same
-/// `X-API-Key` header, so the requests differ only in where they go.
+/// `X-API-Key` header, so the requests differ only in where they go. And
+/// the cost of versions: the same handler under a name served by two
+/// versions (`hello-versioned` 1.0.0 and 2.0.0), asked without a version
+/// (the default path) and with the path form `@1` (a requirement matched
+/// per request), against `hello`, which has one.
 fn in_process(
     rt: &Runtime,
     client: &reqwest::Client,
@@ -559,6 +563,14 @@ fn in_process(
     let mark = host.log_mark();
     host.rename_plugin_in(&artifacts.hello_keyed, "hello-keyed.so")?;
     rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=hello-keyed"]))?;
+    for (index, library) in artifacts.hello_versions.iter().enumerate() {
+        let mark = host.log_mark();
+        let file = format!("hello-v{}.so", index + 1);
+        host.rename_plugin_in(library, &file)?;
+        rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", &format!("file={file}")]))?;
+    }
+    let versions_url = host.gateway_url("/api/hello-versioned/hello?name=x");
+    let required_url = host.gateway_url("/api/hello-versioned@1/hello?name=x");
     let path = "/api/hello/hello?name=x";
     let plugin_url = host.gateway_url(path);
     let keyed_url = host.gateway_url("/api/hello-keyed/hello?name=x");
@@ -587,6 +599,12 @@ fn in_process(
             "hello-keyed: {status_open} without the key (401 expected), {status_k} {body_k:?} with it"
         ));
     }
+    for url in [&versions_url, &required_url] {
+        let (status, body) = rt.block_on(get(client, url))?;
+        if status != 200 || body != body_p {
+            return Err(format!("{url}: {status} {body:?}, not what hello answers"));
+        }
+    }
     let options = WrkOptions::new(
         settings.wrk_threads,
         settings.connections_small,
@@ -612,6 +630,18 @@ fn in_process(
             pids: vec![host.pid()],
             behind: Vec::new(),
         },
+        Spec {
+            label: "plugin-2-versions",
+            url: versions_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
+        Spec {
+            label: "plugin-2-versions@1",
+            url: required_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
     ];
     if let Some(base) = base {
         targets.push(Spec {
@@ -624,13 +654,15 @@ fn in_process(
     let mut comparison = interleaved(
         pinning,
         "1",
-        "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x",
+        "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x; a name of two versions: GET /api/hello-versioned/hello?name=x and /api/hello-versioned@1/hello?name=x",
         &targets,
         &options,
         settings,
     )?;
     comparison.add_ratio("plugin", "native");
     comparison.add_ratio("plugin+key", "plugin");
+    comparison.add_ratio("plugin-2-versions", "plugin");
+    comparison.add_ratio("plugin-2-versions@1", "plugin");
     comparison.add_ratio("plugin", "base");
     Ok(comparison)
 }

@@ -127,6 +127,8 @@ pub struct RegistrySection {
     pub max_bytes: Option<u64>,
     /// `--max-instances-per-service`.
     pub max_instances_per_service: Option<u32>,
+    /// `--max-versions-per-service`.
+    pub max_versions_per_service: Option<u32>,
     /// `--upstream-allow`.
     pub upstream_allow: Option<Vec<IpNet>>,
 }

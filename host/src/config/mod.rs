@@ -157,6 +157,11 @@ pub struct Config {
     #[arg(long, env = "MAX_INSTANCES_PER_SERVICE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances_per_service: u32,
 
+    /// Most versions one remote service name may have; a registration of
+    /// one more is answered 409 naming the limit.
+    #[arg(long, env = "MAX_VERSIONS_PER_SERVICE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_versions_per_service: u32,
+
     /// Networks a registered service's addresses must be in (CIDRs,
     /// comma-separated). Link-local and unspecified addresses are refused
     /// whatever the list says, and so are the host's own listeners.
@@ -414,6 +419,12 @@ impl Config {
             at_least_one
         );
         take!(
+            max_versions_per_service,
+            "registry.max_versions_per_service",
+            file.registry.max_versions_per_service,
+            at_least_one
+        );
+        take!(
             upstream_allow,
             "registry.upstream_allow",
             file.registry.upstream_allow.clone()
@@ -591,6 +602,7 @@ impl Config {
             registry_max_body_bytes => "registry.max_body_bytes",
             registry_max_bytes => "registry.max_bytes",
             max_instances_per_service => "registry.max_instances_per_service",
+            max_versions_per_service => "registry.max_versions_per_service",
             upstream_allow => "registry.upstream_allow",
             header_read_timeout => "connections.header_read_timeout",
             idle_timeout => "connections.idle_timeout",

@@ -18,6 +18,7 @@ mod liveness;
 mod model;
 mod store;
 mod tokens;
+mod traffic;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -48,11 +49,11 @@ use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
 use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, Escaped, read_body_within};
 use crate::remote::{self, Instance, InstancePolicy, RemoteService, RemoteSpec};
-use crate::service::ServiceInfo;
+use crate::service::{ServiceInfo, Version};
 use crate::sync::lock;
-use crate::table::{Backend, Service, ServiceTable};
+use crate::table::{Backend, Service, ServiceTable, Versions};
 use model::{Invalid, Registration};
-use store::{RecordError, Store, StoreError, StoredInstance, StoredService};
+use store::{RecordError, Store, StoreError, StoredInstance, StoredService, StoredVersion};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
@@ -69,6 +70,8 @@ pub struct RegistryConfig {
     pub max_stored_bytes: u64,
     /// Most instances one service may have.
     pub max_instances: usize,
+    /// Most versions one service name may have.
+    pub max_versions: usize,
     /// Health check thresholds, protect threshold and balancing, for the
     /// liveness task and the listing; swapped on reload.
     pub instances: Arc<ArcSwap<InstancePolicy>>,
@@ -116,6 +119,7 @@ struct Shared {
     body_timeout: Duration,
     max_stored_bytes: u64,
     max_instances: usize,
+    max_versions: usize,
     instances: Arc<ArcSwap<InstancePolicy>>,
     /// What the stored registrations take; changed only under `writes`.
     storage: std::sync::Mutex<Storage>,
@@ -165,7 +169,15 @@ impl Registry {
             let name = loaded.name;
             unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
-                Ok(stored) if stored.spec.info.name == name => stored,
+                Ok(stored)
+                    if !stored.versions.is_empty()
+                        && stored
+                            .versions
+                            .iter()
+                            .all(|version| version.spec.info.name == name) =>
+                {
+                    stored
+                }
                 Ok(_) => {
                     tracing::error!(service = %name, "stored registration is filed under another name; left in the database, not routed");
                     continue;
@@ -186,52 +198,34 @@ impl Registry {
                 }
             };
             storage.set(&name, Some(stored_size(&stored)));
-            // Names are resolved again at every connection; an address
-            // literal can be judged now (the listeners or the allow-list may
-            // have changed since it was accepted).
-            if let Some(refused) = stored.instances.iter().find_map(|instance| {
-                let ip = instance.addr.host.parse().ok()?;
-                config
-                    .egress
-                    .check(SocketAddr::new(ip, instance.addr.port))
-                    .err()
-            }) {
-                tracing::error!(service = %name, error = %refused, "stored registration points where the host may not connect; left in the database, not routed");
-                continue;
-            }
-            let registered_at = from_unix_ms(stored.registered_at_unix_ms);
-            let instances = stored
-                .instances
+            let versions = match stored
+                .versions
                 .iter()
-                .map(|instance| {
-                    Instance::new(
-                        instance.addr.clone(),
-                        stored.owner_of(instance),
-                        instance
-                            .registered_at_unix_ms
-                            .map_or(registered_at, from_unix_ms),
-                    )
-                    .map(Arc::new)
-                })
-                .collect::<Result<Vec<_>, _>>();
-            let remote = match instances {
-                Ok(instances) => Arc::new(RemoteService::new(
-                    stored.spec.clone(),
-                    instances,
-                    registered_at,
-                    stored.owner_token,
-                    config.policy.ttl,
-                )),
+                .map(|version| restored_version(version, &config))
+                .collect::<Result<Vec<_>, String>>()
+            {
+                Ok(versions) => versions,
                 Err(error) => {
-                    tracing::error!(service = %name, %error, "stored registration has an invalid address; left in the database, not routed");
+                    tracing::error!(service = %name, %error, "stored registration not restored; left in the database, not routed");
                     continue;
                 }
             };
-            let service = Service::new(stored.spec.info, Backend::Remote(remote));
-            match services.insert(service, |_| false) {
+            let inserted = services.update(&name, |held| match held.first() {
+                None => Ok(versions),
+                Some(holder) => Err(holder.clone()),
+            });
+            match inserted {
                 Ok(_) => restored += 1,
                 Err(holder) => {
                     tracing::error!(service = %name, holder = holder.kind(), "stored registration not restored: the name is taken");
+                }
+            }
+        }
+        for (name, policy) in store.load_traffic()? {
+            match policy {
+                Ok(policy) => services.set_policy(&name, Some(policy)),
+                Err(error) => {
+                    tracing::error!(service = %name, %error, "stored traffic policy cannot be read; left in the database, not applied");
                 }
             }
         }
@@ -258,6 +252,7 @@ impl Registry {
                 body_timeout: config.body_timeout,
                 max_stored_bytes: config.max_stored_bytes,
                 max_instances: config.max_instances,
+                max_versions: config.max_versions,
                 instances: config.instances,
                 storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
@@ -270,6 +265,37 @@ impl Registry {
                 writes: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// The versions of `name`, as the registry writes them: none for a
+    /// free name, the holder's 409 for a name plugins hold (kinds do not
+    /// mix under one name).
+    fn remote_versions(&self, name: &str) -> Result<Vec<Arc<Service>>, ApiError> {
+        match self.shared.services.get(name) {
+            None => Ok(Vec::new()),
+            Some(versions) => match versions.default_version().backend {
+                Backend::Plugin(_) => Err(name_taken(versions.default_version())),
+                Backend::Remote(_) => Ok(versions.all().to_vec()),
+            },
+        }
+    }
+
+    /// Version `service` of a remote service with `members` as its
+    /// instances (carried over with their state), everything else as it
+    /// was.
+    fn with_members(&self, service: &Service, members: Vec<Arc<Instance>>) -> Arc<Service> {
+        let remote = remote_of(service).expect("a remote version");
+        Arc::new(Service::new(
+            service.info.clone(),
+            service.version().clone(),
+            Backend::Remote(Arc::new(RemoteService::new(
+                remote.spec().clone(),
+                members,
+                remote.registered_at(),
+                remote.owner_token().map(str::to_owned),
+                self.shared.policy.ttl,
+            ))),
+        ))
     }
 
     /// Starts the health checks and evictions; abort the handle to stop
@@ -293,7 +319,9 @@ impl Registry {
                 for silent in checker.round(registry.remotes(), &policy).await {
                     registry.evict(&silent).await;
                 }
-                checker.check_plugins(registry.shared.services.list()).await;
+                checker
+                    .check_plugins(registry.shared.services.services())
+                    .await;
             }
         })
     }
@@ -344,7 +372,7 @@ impl Registry {
     fn remotes(&self) -> Vec<Arc<RemoteService>> {
         self.shared
             .services
-            .list()
+            .services()
             .iter()
             .filter_map(|service| match &service.backend {
                 Backend::Remote(remote) => Some(remote.clone()),
@@ -361,37 +389,63 @@ impl Registry {
     ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
+        let version = Version::parse(&spec.info.version).map_err(|error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("version: {error}"),
+            )
+            .with("field", "version")
+        })?;
         let id = instance.to_string();
         let _writes = self.shared.writes.lock().await;
-        let previous = match self.shared.services.get(&name) {
-            None => {
-                may_write(&writer, &name, None, "name")?;
-                None
-            }
-            Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => {
-                    may_write(&writer, &name, Some(remote), "name")?;
-                    Some(remote.clone())
-                }
-                Backend::Plugin(_) => return Err(name_taken(&holder)),
-            },
-        };
+        let current = self.remote_versions(&name)?;
+        let first = current.first().and_then(|service| remote_of(service));
+        may_write(&writer, &name, first, "name")?;
         let owner_token = match &writer {
             Writer::Anyone => None,
             Writer::Token(token) => Some(token.id().to_owned()),
             // The admin token manages a name; it does not take it from
             // the token that owns it.
-            Writer::Admin => previous
-                .as_ref()
-                .and_then(|previous| previous.owner_token().map(str::to_owned)),
+            Writer::Admin => first.and_then(|first| first.owner_token().map(str::to_owned)),
         };
-        let (kept, change) = match &previous {
-            None => (Vec::new(), Change::Registered),
+        let here = current.iter().find(|held| *held.version() == version);
+        // The same `host:port` under another version: a rolling restart
+        // in place, which moves it to this version.
+        let moving = current
+            .iter()
+            .filter(|held| *held.version() != version)
+            .find_map(|held| {
+                let member = remote_of(held)?.instances().get(&id)?.clone();
+                Some((held.clone(), member))
+            });
+        let anyone = matches!(writer, Writer::Anyone);
+        if let Some((_, member)) = &moving
+            && anyone
+            && !member.is_owned_by(caller)
+        {
+            return Err(not_the_owner(
+                &name,
+                member,
+                caller,
+                StatusCode::CONFLICT,
+                "name",
+            ));
+        }
+        let (kept, mut change) = match here.and_then(|held| remote_of(held)) {
             Some(remote) => self.join(remote, &spec, &id, caller, &writer)?,
+            None if current.is_empty() => (Vec::new(), Change::Registered),
+            None => {
+                let from = moving.as_ref().map(|(from, _)| from);
+                self.may_add_version(&name, &current, &version, from, caller, anyone)?;
+                (Vec::new(), Change::VersionAdded)
+            }
         };
-        let registered_at = previous
-            .as_ref()
-            .map_or_else(SystemTime::now, |previous| previous.registered_at());
+        if moving.is_some() {
+            change = Change::Moved;
+        }
+        let registered_at = here
+            .and_then(|held| remote_of(held))
+            .map_or_else(SystemTime::now, |held| held.registered_at());
         // A refreshed instance keeps its state (it is the same `Arc`),
         // unless it was stored without an owner: the caller claims it.
         let refreshed = kept
@@ -429,33 +483,59 @@ impl Registry {
             .with("max_instances_per_service", limit));
         }
         let instances = members.len();
-        let remote = RemoteService::new(
-            spec.clone(),
-            members,
-            registered_at,
-            owner_token,
-            self.shared.policy.ttl,
-        );
-        let new_name = previous.is_none();
-        self.commit(remote, new_name).await?;
+        let added = Arc::new(Service::new(
+            spec.info.clone(),
+            version.clone(),
+            Backend::Remote(Arc::new(RemoteService::new(
+                spec.clone(),
+                members,
+                registered_at,
+                owner_token,
+                self.shared.policy.ttl,
+            ))),
+        ));
+        let mut next = Vec::with_capacity(current.len() + 1);
+        for held in &current {
+            if *held.version() == version {
+                continue;
+            }
+            match &moving {
+                Some((from, member)) if Arc::ptr_eq(from, held) => {
+                    let rest: Vec<Arc<Instance>> = remote_of(held)
+                        .map(|remote| remote.instances().members())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|other| !Arc::ptr_eq(other, member))
+                        .cloned()
+                        .collect();
+                    if !rest.is_empty() {
+                        next.push(self.with_members(held, rest));
+                    }
+                }
+                _ => next.push(held.clone()),
+            }
+        }
+        next.push(added);
+        self.commit(&name, &current, next).await?;
         joining.refresh();
         tracing::info!(
             service = %name,
             instance = %id,
             instances,
-            version = %spec.info.version,
+            version = %version,
             change = change.word(),
             "remote service registered"
         );
         let policy = self.shared.policy;
         let status = match change {
-            Change::Registered | Change::Added | Change::Replaced => StatusCode::CREATED,
             Change::Updated => StatusCode::OK,
+            _ => StatusCode::CREATED,
         };
         let answer = json!({
             "service_id": name,
             "status": change.word(),
             "instance_id": id,
+            "version": version.to_string(),
             "instances": instances,
             "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
             "ttl_seconds": seconds(policy.ttl),
@@ -468,15 +548,78 @@ impl Registry {
         Ok((status, axum::Json(answer)).into_response())
     }
 
-    /// What a registration of instance `id` with `spec` does to `remote`,
-    /// and the instances the service keeps (the caller's one included if
-    /// it is already there): refused when the caller may not.
+    /// Whether a caller may add `version` to `name`, which has the
+    /// versions `current` and not that one. Without registry tokens, only
+    /// from an address that owns an instance of the name (or moves one of
+    /// its own): a higher version would take the name's default traffic,
+    /// so a stranger must not add one. With tokens, [`may_write`] already
+    /// held the name to its token. And at most `max_versions` versions
+    /// after the change. `moving_from`: the version the caller's instance
+    /// leaves for this one (which goes if it was its last instance).
+    fn may_add_version(
+        &self,
+        name: &str,
+        current: &[Arc<Service>],
+        version: &Version,
+        moving_from: Option<&Arc<Service>>,
+        caller: IpAddr,
+        anyone: bool,
+    ) -> Result<(), ApiError> {
+        let moving = moving_from.is_some();
+        let emptied = moving_from
+            .and_then(|from| remote_of(from))
+            .is_some_and(|remote| remote.instances().members().len() == 1);
+        let remotes = || current.iter().filter_map(|held| remote_of(held));
+        if anyone && !moving && remotes().all(|remote| remote.owned_by(caller).is_empty()) {
+            let owners: Vec<String> = remotes()
+                .flat_map(|remote| remote.instances().members().iter())
+                .filter_map(|member| member.owner())
+                .map(|owner| owner.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service `{name}` has no version {version}, and only an address that owns one of its instances ({}) may add a version: a new version may take the name's default traffic; {caller} owns none",
+                    owners.join(", ")
+                ),
+            )
+            .with("field", "version")
+            .with("service", name)
+            .with("version", version.to_string()));
+        }
+        let limit = self.shared.max_versions;
+        if current.len() + 1 - usize::from(emptied) > limit {
+            let present: Vec<String> = current
+                .iter()
+                .map(|held| held.version().to_string())
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service `{name}` has {} versions ({}), its limit (`registry.max_versions_per_service`, --max-versions-per-service); deregister the instances of one first",
+                    current.len(),
+                    present.join(", ")
+                ),
+            )
+            .with("field", "version")
+            .with("service", name)
+            .with("limit", "max_versions_per_service")
+            .with("max_versions_per_service", limit));
+        }
+        Ok(())
+    }
+
+    /// What a registration of instance `id` with `spec` does to `remote`
+    /// (the version it declares), and the instances that version keeps
+    /// (the caller's one included if it is already there): refused when
+    /// the caller may not.
     ///
     /// Without registry tokens, any address may add an instance, but only
-    /// the address that registered an instance may register it again; a
-    /// caller that owns no instance must declare exactly what the service
-    /// declares (it joins, it does not redefine); and a new `version`
-    /// replaces every instance, so it takes a caller that owns them all.
+    /// the address that registered an instance may register it again, and
+    /// a caller that owns no instance of the version must declare exactly
+    /// what it declares (it joins, it does not redefine).
     fn join(
         &self,
         remote: &RemoteService,
@@ -487,25 +630,6 @@ impl Registry {
     ) -> Result<(Vec<Arc<Instance>>, Change), ApiError> {
         let name = remote.name();
         let anyone = matches!(writer, Writer::Anyone);
-        if remote.spec().info.version != spec.info.version {
-            // Until versions land, another version replaces the service.
-            if anyone
-                && let Some(other) = remote
-                    .instances()
-                    .members()
-                    .iter()
-                    .find(|member| !member.is_owned_by(caller))
-            {
-                return Err(not_the_owner(
-                    name,
-                    other,
-                    caller,
-                    StatusCode::CONFLICT,
-                    "version",
-                ));
-            }
-            return Ok((Vec::new(), Change::Replaced));
-        }
         let existing = remote.instances().get(id);
         if anyone {
             if let Some(existing) = existing
@@ -538,67 +662,88 @@ impl Registry {
         Ok((remote.instances().members().to_vec(), change))
     }
 
-    /// Makes `remote` (a new or changed service) durable, then routes it.
-    /// `new_name`: nothing held the name, so a plugin file may have taken
-    /// it meanwhile (the table decides; the write is undone then).
-    async fn commit(&self, remote: RemoteService, new_name: bool) -> Result<(), ApiError> {
-        let name = remote.name().to_owned();
-        let stored = stored_record(&remote);
-        let size = stored_size(&stored);
-        self.reserve_storage(&name, size)?;
-        self.durably(&name, move |store| store.put(&stored)).await?;
-        self.record_storage(&name, Some(size));
-        let info = remote.spec().info.clone();
-        let remote = Arc::new(remote);
-        let service = Service::new(info, Backend::Remote(remote.clone()));
-        let inserted = self.shared.services.insert(service, |holder| {
-            matches!(holder.backend, Backend::Remote(_))
+    /// Makes `next` the versions of `name` (none: the name goes), durably,
+    /// then routes them; `current` is what the table holds now. A name
+    /// that was free may have been taken by a plugin file meanwhile (the
+    /// table decides; the write is undone then). Called under `writes`.
+    async fn commit(
+        &self,
+        name: &str,
+        current: &[Arc<Service>],
+        next: Vec<Arc<Service>>,
+    ) -> Result<(), ApiError> {
+        let owned = name.to_owned();
+        if next.is_empty() {
+            self.durably(name, move |store| store.delete(&owned))
+                .await?;
+            self.record_storage(name, None);
+        } else {
+            let stored = stored_record(&next);
+            let size = stored_size(&stored);
+            self.reserve_storage(name, size)?;
+            self.durably(name, move |store| store.put(&stored)).await?;
+            self.record_storage(name, Some(size));
+        }
+        let fresh: Vec<Arc<RemoteService>> = next
+            .iter()
+            .filter(|service| !current.iter().any(|held| Arc::ptr_eq(held, service)))
+            .filter_map(|service| remote_of(service).cloned())
+            .collect();
+        let updated = self.shared.services.update(name, |held| {
+            match held.iter().find(|service| remote_of(service).is_none()) {
+                Some(plugin) => Err(plugin.clone()),
+                None => Ok(next),
+            }
         });
-        if let Err(holder) = inserted {
+        if let Err(holder) = updated {
             // A plugin file took the name since the look above (the table
             // decides races); only a new name can lose one, so undo the
             // write.
-            debug_assert!(new_name, "only a new name can lose a race");
-            let undo = self.durably(&name, {
-                let name = name.clone();
+            debug_assert!(current.is_empty(), "only a new name can lose a race");
+            let undo = self.durably(name, {
+                let name = name.to_owned();
                 move |store| store.delete(&name)
             });
             match undo.await {
-                Ok(()) => self.record_storage(&name, None),
+                Ok(()) => self.record_storage(name, None),
                 Err(error) => {
                     tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
                 }
             }
             return Err(name_taken(&holder));
         }
-        self.shared.catalogue.fetch(remote);
+        for remote in fresh {
+            self.shared.catalogue.fetch(remote);
+        }
         Ok(())
     }
 
-    /// The instances of `remote` a heartbeat or deregistration from
-    /// `caller` speaks for: `instance_id` if given (404 if unknown, 403 if
-    /// the caller does not own it), else the caller's instances (403 if it
-    /// has none) or, for the owning token or the admin token, all of them
-    /// when none is the caller's.
+    /// The instances of `name` (whose versions are `versions`) a
+    /// heartbeat or deregistration from `caller` speaks for, in every
+    /// version: `instance_id` if given (404 if unknown, 403 if the caller
+    /// does not own it), else the caller's instances (403 if it has none)
+    /// or, for the owning token or the admin token, all of them when none
+    /// is the caller's.
     fn targets(
         &self,
-        remote: &Arc<RemoteService>,
+        name: &str,
+        versions: &[Arc<Service>],
         instance_id: Option<&str>,
         caller: IpAddr,
         writer: &Writer,
         name_field: &str,
     ) -> Result<Vec<Arc<Instance>>, ApiError> {
-        let name = remote.name();
-        may_write(writer, name, Some(remote), name_field)?;
+        let first = versions.first().and_then(|service| remote_of(service));
+        may_write(writer, name, first, name_field)?;
         let anyone = matches!(writer, Writer::Anyone);
+        let all: Vec<&Arc<Instance>> = versions
+            .iter()
+            .filter_map(|service| remote_of(service))
+            .flat_map(|remote| remote.instances().members().iter())
+            .collect();
         if let Some(id) = instance_id {
-            let Some(instance) = remote.instances().get(id) else {
-                let known: Vec<&str> = remote
-                    .instances()
-                    .members()
-                    .iter()
-                    .map(|member| member.id())
-                    .collect();
+            let Some(instance) = all.iter().find(|member| member.id() == id) else {
+                let known: Vec<&str> = all.iter().map(|member| member.id()).collect();
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     format!(
@@ -618,14 +763,17 @@ impl Registry {
                     "instance_id",
                 ));
             }
-            return Ok(vec![instance.clone()]);
+            return Ok(vec![(*instance).clone()]);
         }
-        let owned = remote.owned_by(caller);
+        let owned: Vec<Arc<Instance>> = all
+            .iter()
+            .filter(|member| member.is_owned_by(caller))
+            .map(|member| (*member).clone())
+            .collect();
         if !owned.is_empty() {
             return Ok(owned);
         }
-        if anyone {
-            let first = &remote.instances().members()[0];
+        if anyone && let Some(first) = all.first() {
             return Err(not_the_owner(
                 name,
                 first,
@@ -634,7 +782,7 @@ impl Registry {
                 name_field,
             ));
         }
-        Ok(remote.instances().members().to_vec())
+        Ok(all.into_iter().cloned().collect())
     }
 
     /// Refuses a registration of `size` bytes under `name` (replacing what
@@ -670,10 +818,10 @@ impl Registry {
         writer: Writer,
     ) -> Result<Response, ApiError> {
         let _writes = self.shared.writes.lock().await;
-        let remote = match self.shared.services.get(name) {
+        let versions = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
-            Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => remote.clone(),
+            Some(versions) => match &versions.default_version().backend {
+                Backend::Remote(_) => versions.all().to_vec(),
                 Backend::Plugin(plugin) => {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -689,12 +837,16 @@ impl Registry {
         };
         let targets = match which {
             Deregistered::Chosen(instance_id) => {
-                self.targets(&remote, instance_id, caller, &writer, "name")?
+                self.targets(name, &versions, instance_id, caller, &writer, "name")?
             }
-            Deregistered::Every => remote.instances().members().to_vec(),
+            Deregistered::Every => versions
+                .iter()
+                .filter_map(|service| remote_of(service))
+                .flat_map(|remote| remote.instances().members().iter().cloned())
+                .collect(),
         };
         let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
-        let remaining = self.remove_instances(&remote, &targets).await?;
+        let remaining = self.remove_instances(name, &versions, &targets).await?;
         tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
         Ok(axum::Json(json!({
             "service_id": name,
@@ -705,61 +857,59 @@ impl Registry {
         .into_response())
     }
 
-    /// Removes `targets` from `remote` durably, and the service with its
-    /// last instance; returns how many instances remain. Called under
-    /// `writes`.
+    /// Removes `targets` from the versions of `name` (`current`) durably;
+    /// a version goes with its last instance, the name with its last
+    /// version. Returns how many instances remain. Called under `writes`.
     async fn remove_instances(
         &self,
-        remote: &Arc<RemoteService>,
+        name: &str,
+        current: &[Arc<Service>],
         targets: &[Arc<Instance>],
     ) -> Result<usize, ApiError> {
-        let name = remote.name().to_owned();
-        let remaining: Vec<Arc<Instance>> = remote
-            .instances()
-            .members()
-            .iter()
-            .filter(|member| !targets.iter().any(|target| Arc::ptr_eq(target, member)))
-            .cloned()
-            .collect();
-        if remaining.is_empty() {
-            let key = name.clone();
-            self.durably(&name, move |store| store.delete(&key)).await?;
-            self.record_storage(&name, None);
-            self.shared
-                .services
-                .remove_if(&name, |service| holds(service, remote));
-            return Ok(0);
+        let mut next = Vec::with_capacity(current.len());
+        let mut remaining = 0;
+        for held in current {
+            let Some(remote) = remote_of(held) else {
+                continue;
+            };
+            let members = remote.instances().members();
+            let kept: Vec<Arc<Instance>> = members
+                .iter()
+                .filter(|member| !targets.iter().any(|target| Arc::ptr_eq(target, member)))
+                .cloned()
+                .collect();
+            remaining += kept.len();
+            if kept.len() == members.len() {
+                next.push(held.clone());
+            } else if !kept.is_empty() {
+                next.push(self.with_members(held, kept));
+            }
         }
-        let count = remaining.len();
-        let smaller = RemoteService::new(
-            remote.spec().clone(),
-            remaining,
-            remote.registered_at(),
-            remote.owner_token().map(str::to_owned),
-            self.shared.policy.ttl,
-        );
-        self.commit(smaller, false).await?;
-        Ok(count)
+        self.commit(name, current, next).await?;
+        Ok(remaining)
     }
 
     /// Removes the instances of `remote` silent past the grace period, if
-    /// it is still the one registered (a heartbeat or a new registration
-    /// may have come while the liveness task was deciding); the service
-    /// goes with its last instance.
+    /// it is still a version registered (a heartbeat or a new registration
+    /// may have come while the liveness task was deciding); the version
+    /// goes with its last instance, the service with its last version.
     async fn evict(&self, remote: &Arc<RemoteService>) {
         let _writes = self.shared.writes.lock().await;
         let name = remote.name().to_owned();
-        let registered = self
+        let Some(versions) = self
             .shared
             .services
             .get(&name)
-            .is_some_and(|service| holds(&service, remote));
+            .filter(|versions| versions.all().iter().any(|service| holds(service, remote)))
+        else {
+            return;
+        };
         let silent = remote.silent_instances(self.shared.policy.evict_after);
-        if !registered || silent.is_empty() {
+        if silent.is_empty() {
             return;
         }
         // A failed write is logged; the next round tries again.
-        let Ok(remaining) = self.remove_instances(remote, &silent).await else {
+        let Ok(remaining) = self.remove_instances(&name, versions.all(), &silent).await else {
             return;
         };
         let ids: Vec<&str> = silent.iter().map(|instance| instance.id()).collect();
@@ -859,6 +1009,68 @@ impl Storage {
 /// stored JSON.
 fn stored_size(stored: &StoredService) -> u64 {
     serde_json::to_vec(stored).map_or(u64::MAX, |encoded| encoded.len() as u64)
+}
+
+/// The remote service behind a version, if it is one.
+fn remote_of(service: &Service) -> Option<&Arc<RemoteService>> {
+    match &service.backend {
+        Backend::Remote(remote) => Some(remote),
+        Backend::Plugin(_) => None,
+    }
+}
+
+/// A stored version back as a version in the table, or why not: its
+/// version must read as one (records of the releases before versions hold
+/// any text), its address literals must be where the host may connect
+/// (names are resolved again at every connection; the listeners or the
+/// allow-list may have changed since it was accepted).
+fn restored_version(
+    stored: &StoredVersion,
+    config: &RegistryConfig,
+) -> Result<Arc<Service>, String> {
+    let version =
+        Version::parse(&stored.spec.info.version).map_err(|error| format!("version: {error}"))?;
+    if let Some(refused) = stored.instances.iter().find_map(|instance| {
+        let ip = instance.addr.host.parse().ok()?;
+        config
+            .egress
+            .check(SocketAddr::new(ip, instance.addr.port))
+            .err()
+    }) {
+        return Err(format!(
+            "it points where the host may not connect: {refused}"
+        ));
+    }
+    let registered_at = from_unix_ms(stored.registered_at_unix_ms);
+    let instances = stored
+        .instances
+        .iter()
+        .map(|instance| {
+            Instance::new(
+                instance.addr.clone(),
+                stored.owner_of(instance),
+                instance
+                    .registered_at_unix_ms
+                    .map_or(registered_at, from_unix_ms),
+            )
+            .map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("invalid address: {error}"))?;
+    let mut spec = stored.spec.clone();
+    spec.info.version = version.to_string();
+    let remote = RemoteService::new(
+        spec.clone(),
+        instances,
+        registered_at,
+        stored.owner_token.clone(),
+        config.policy.ttl,
+    );
+    Ok(Arc::new(Service::new(
+        spec.info,
+        version,
+        Backend::Remote(Arc::new(remote)),
+    )))
 }
 
 /// Whether `service` is `remote` (and not a successor with the same name).
@@ -984,9 +1196,11 @@ enum Change {
     Added,
     /// An instance registered again.
     Updated,
-    /// Another version, replacing the service and its instances (until
-    /// versions land).
-    Replaced,
+    /// A new version of a service, with its first instance.
+    VersionAdded,
+    /// An instance registered again with another version: it moved to
+    /// that version (a rolling restart in place).
+    Moved,
 }
 
 impl Change {
@@ -995,13 +1209,25 @@ impl Change {
             Change::Registered => "registered",
             Change::Added => "instance added",
             Change::Updated => "updated",
-            Change::Replaced => "replaced",
+            Change::VersionAdded => "version added",
+            Change::Moved => "moved to another version",
         }
     }
 }
 
-/// `remote` as the store keeps it.
-fn stored_record(remote: &RemoteService) -> StoredService {
+/// The versions of a service as the store keeps them.
+fn stored_record(versions: &[Arc<Service>]) -> StoredService {
+    StoredService {
+        versions: versions
+            .iter()
+            .filter_map(|service| remote_of(service))
+            .map(|remote| stored_version(remote))
+            .collect(),
+    }
+}
+
+/// One version as the store keeps it.
+fn stored_version(remote: &RemoteService) -> StoredVersion {
     let instances: Vec<StoredInstance> = remote
         .instances()
         .members()
@@ -1012,7 +1238,7 @@ fn stored_record(remote: &RemoteService) -> StoredService {
             registered_at_unix_ms: Some(unix_ms(instance.registered_at())),
         })
         .collect();
-    StoredService {
+    StoredVersion {
         spec: remote.spec().clone(),
         owner: instances.first().and_then(|instance| instance.owner),
         instances,
@@ -1054,6 +1280,10 @@ pub fn router(registry: Registry, more: Router) -> Router {
         )
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .route(
+            "/api/registry/services/{name}/traffic",
+            get(traffic::get).put(traffic::put).delete(traffic::delete),
+        )
         .route("/api/registry/openapi.json", get(openapi))
         .route(
             "/api/registry/admin/api-keys",
@@ -1105,11 +1335,11 @@ async fn heartbeat(
     let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
-    let Some(service) = registry.shared.services.get(&name) else {
+    let Some(versions) = registry.shared.services.get(&name) else {
         tracing::debug!(service = %Escaped(&name), "heartbeat for an unknown service");
         return Err(not_registered(&name, "service_id"));
     };
-    let Backend::Remote(remote) = &service.backend else {
+    if let Backend::Plugin(_) = versions.default_version().backend {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
@@ -1118,9 +1348,10 @@ async fn heartbeat(
         )
         .with("field", "service_id")
         .with("service", name));
-    };
+    }
     let targets = registry.targets(
-        remote,
+        &name,
+        versions.all(),
         beat.instance_id.as_deref(),
         caller.ip(),
         &writer,
@@ -1131,13 +1362,23 @@ async fn heartbeat(
     }
     crate::metrics::host().heartbeat();
     let thresholds = registry.shared.instances.load().thresholds;
-    remote.announce_health(thresholds);
+    let mut status = remote::Status::Unhealthy;
+    for remote in versions
+        .all()
+        .iter()
+        .filter_map(|service| remote_of(service))
+    {
+        remote.announce_health(thresholds);
+        if remote.status(thresholds) == remote::Status::Healthy {
+            status = remote::Status::Healthy;
+        }
+    }
     let policy = registry.shared.policy;
     let ids: Vec<&str> = targets.iter().map(|instance| instance.id()).collect();
     Ok(axum::Json(json!({
         "service_id": name,
         "instance_ids": ids,
-        "status": remote.status(thresholds),
+        "status": status,
         "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
         "ttl_seconds": seconds(policy.ttl),
     }))
@@ -1257,7 +1498,14 @@ async fn openapi(
             || format!("http://{gateway}"),
             |host| format!("http://{}:{}", host.host(), gateway.port()),
         );
-    let services = registry.shared.services.list();
+    // One document per name: its default version's.
+    let services: Vec<Arc<Service>> = registry
+        .shared
+        .services
+        .list()
+        .iter()
+        .map(|versions| versions.default_version().clone())
+        .collect();
     Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
 }
 
@@ -1286,8 +1534,9 @@ fn refusal(invalid: Invalid) -> ApiError {
     ApiError::new(invalid.status(), invalid.to_string()).with("field", invalid.field())
 }
 
-/// A service as the registry lists it: what it declared, its kind, and
-/// what its kind adds. Serialized straight from borrowed data.
+/// A service as the registry lists it: what its default version declared,
+/// its kind, what its kind adds, and its versions. Serialized straight
+/// from borrowed data.
 #[derive(serde::Serialize)]
 struct Listed<'a> {
     #[serde(flatten)]
@@ -1295,17 +1544,37 @@ struct Listed<'a> {
     kind: &'static str,
     #[serde(flatten)]
     details: Details<'a>,
-    /// Cumulative since the service entered the table; a reader computes
-    /// rates by differencing two reads.
-    traffic: Traffic,
+    /// The version a request naming none goes to when there is no split.
+    default_version: &'a str,
+    /// Every version, highest first.
+    versions: Vec<ListedVersion<'a>>,
+    /// Cumulative since each version entered the table, over every
+    /// version; a reader computes rates by differencing two reads. With
+    /// the name's traffic split, if it has one.
+    traffic: Traffic<'a>,
 }
 
 #[derive(serde::Serialize)]
-struct Traffic {
+struct ListedVersion<'a> {
+    version: &'a str,
+    status: remote::Status,
+    /// A remote version's instance ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<Vec<&'a str>>,
+    /// A plugin version's file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded_from: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct Traffic<'a> {
     requests_total: u64,
     /// Answers with a 5xx status.
     errors_total: u64,
     in_flight: u64,
+    /// The traffic split between versions (`PUT .../traffic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    split: Option<&'a crate::traffic::TrafficPolicy>,
 }
 
 #[derive(serde::Serialize)]
@@ -1319,23 +1588,87 @@ enum Details<'a> {
     Remote(remote::Liveness),
 }
 
-fn describe<'a>(service: &'a Service, policy: &InstancePolicy) -> Listed<'a> {
-    Listed {
-        info: &service.info,
-        kind: service.kind(),
-        details: match &service.backend {
-            Backend::Plugin(plugin) => Details::Plugin {
-                status: plugin.health.status(),
-                last_health_check: plugin.health.last_check(),
-                loaded_from: &plugin.loaded_from,
+/// The listing entry of a name: the default version's declaration and
+/// details, every version's instances and status, the service healthy
+/// while one version is.
+fn describe<'a>(versions: &'a Versions, policy: &InstancePolicy) -> Listed<'a> {
+    let default = versions.default_version();
+    let mut listed_versions = Vec::with_capacity(versions.all().len());
+    let mut liveness: Vec<(bool, remote::Liveness)> = Vec::new();
+    let mut healthy = false;
+    for service in versions.all() {
+        let (status, instances, loaded_from) = match &service.backend {
+            Backend::Plugin(plugin) => (
+                plugin.health.status(),
+                None,
+                Some(plugin.loaded_from.as_str()),
+            ),
+            Backend::Remote(remote) => {
+                let ids = remote
+                    .instances()
+                    .members()
+                    .iter()
+                    .map(|member| member.id())
+                    .collect();
+                let live = remote.liveness(policy);
+                let status = live.status;
+                liveness.push((Arc::ptr_eq(service, default), live));
+                (status, Some(ids), None)
+            }
+        };
+        healthy |= status == remote::Status::Healthy;
+        listed_versions.push(ListedVersion {
+            version: &service.info.version,
+            status,
+            instances,
+            loaded_from,
+        });
+    }
+    let details = match &default.backend {
+        Backend::Plugin(plugin) => Details::Plugin {
+            status: if healthy {
+                remote::Status::Healthy
+            } else {
+                plugin.health.status()
             },
-            Backend::Remote(remote) => Details::Remote(remote.liveness(policy)),
+            last_health_check: plugin.health.last_check(),
+            loaded_from: &plugin.loaded_from,
         },
-        traffic: Traffic {
-            requests_total: service.traffic().requests_total(),
-            errors_total: service.traffic().errors_total(),
-            in_flight: service.traffic().in_flight(),
-        },
+        Backend::Remote(_) => {
+            let position = liveness
+                .iter()
+                .position(|(is_default, _)| *is_default)
+                .unwrap_or(0);
+            let (_, mut shown) = liveness.swap_remove(position);
+            // Every instance of every version, the default's first.
+            for (_, other) in liveness {
+                shown.instances.extend(other.instances);
+            }
+            if healthy {
+                shown.status = remote::Status::Healthy;
+                shown.unhealthy_reason = None;
+            }
+            Details::Remote(shown)
+        }
+    };
+    let mut traffic = Traffic {
+        requests_total: 0,
+        errors_total: 0,
+        in_flight: 0,
+        split: versions.policy(),
+    };
+    for service in versions.all() {
+        traffic.requests_total += service.traffic().requests_total();
+        traffic.errors_total += service.traffic().errors_total();
+        traffic.in_flight += service.traffic().in_flight();
+    }
+    Listed {
+        info: &default.info,
+        kind: versions.kind(),
+        details,
+        default_version: &default.info.version,
+        versions: listed_versions,
+        traffic,
     }
 }
 

@@ -1,5 +1,10 @@
 //! The registry's persistence: every accepted registration, in an embedded
-//! crash-safe database (redb) in the data directory.
+//! crash-safe database (redb) in the data directory: one record per
+//! service name holding its versions and their instances (format `"2"`;
+//! the single-version records of format `"1"` that earlier releases wrote
+//! are read as a name of one version, and rewritten in the new format at
+//! the name's next write), and the names' traffic policies, one record per
+//! name in a table of their own.
 //!
 //! A write returns only once it is durable (redb's default `Immediate`
 //! durability: the commit is fsynced), so a registration answered 200/201
@@ -48,9 +53,15 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::remote::{InstanceAddr, RemoteSpec};
+use crate::traffic::TrafficPolicy;
 
 /// Service name -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
+
+/// Service name -> the checksum line and the JSON of its
+/// [`TrafficPolicy`]: kept apart from the registrations, since plugin names
+/// have policies too, and a policy outlives the versions it names.
+const TRAFFIC: TableDefinition<&str, &[u8]> = TableDefinition::new("traffic_policies");
 
 /// API key id -> the checksum line and the JSON of a [`StoredApiKey`]:
 /// the keys added through the admin API, as digests.
@@ -62,13 +73,33 @@ const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
 /// How to recover from a damaged database, for the error message.
 const RECOVERY: &str = "move it aside to start with an empty registry, or restore it from a backup";
 
-/// One registration as stored: the service and all its instances, in one
-/// record under the service's name, so a change of membership is one
-/// atomic write. (The registry model's per-instance keys,
-/// `.../s/<name>/v/<version>/i/<instance-id>`, come with versions; an
+/// One service name's registrations as stored: every version with its
+/// instances, in one record under the name, so a change of membership or
+/// of versions is one atomic write. (The registry model's per-instance
+/// keys, `.../s/<name>/v/<version>/i/<instance-id>`, would split it; an
 /// instance record here is already what such a key will hold.)
+///
+/// Format `"2"`. A record of format `"1"` (one version, written by the
+/// releases before versions) is read as a service of that one version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredService {
+    /// Its versions; never empty.
+    pub versions: Vec<StoredVersion>,
+}
+
+impl StoredService {
+    /// The service's name (its versions all declare it).
+    pub fn name(&self) -> &str {
+        self.versions
+            .first()
+            .map_or("", |version| version.spec.info.name.as_str())
+    }
+}
+
+/// One version of a service as stored: what it registered with and its
+/// instances (exactly a format `"1"` record's fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVersion {
     /// What it registered with.
     pub spec: RemoteSpec,
     /// Its instances. Records written before several instances per service
@@ -103,7 +134,7 @@ pub struct StoredInstance {
     pub registered_at_unix_ms: Option<u64>,
 }
 
-impl StoredService {
+impl StoredVersion {
     /// The owner of `instance`: its own, or for a record written before
     /// instances had one, the record's.
     pub fn owner_of(&self, instance: &StoredInstance) -> Option<IpAddr> {
@@ -126,13 +157,19 @@ pub struct StoredApiKey {
 /// used.
 pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 
+/// One stored traffic policy as read back: its service name, and the
+/// policy or why it is not used.
+pub type LoadedPolicy = (String, Result<TrafficPolicy, RecordError>);
+
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "format")]
 enum Record {
     #[serde(rename = "1")]
-    V1(StoredService),
+    V1(Box<StoredVersion>),
+    #[serde(rename = "2")]
+    V2(StoredService),
 }
 
 /// Why the database could not be used.
@@ -248,6 +285,7 @@ impl Store {
             let write = db.begin_write().map_err(redb::Error::from)?;
             write.open_table(SERVICES).map_err(redb::Error::from)?;
             write.open_table(API_KEYS).map_err(redb::Error::from)?;
+            write.open_table(TRAFFIC).map_err(redb::Error::from)?;
             write.commit().map_err(redb::Error::from)?;
             Ok(db)
         });
@@ -291,8 +329,34 @@ impl Store {
     /// Stores `service` under its name, replacing what was there; durable
     /// when it returns.
     pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        let encoded = checksummed(&serde_json::to_vec(&Record::V1(service.clone()))?);
-        self.insert(SERVICES, &service.spec.info.name, &encoded)
+        let encoded = checksummed(&serde_json::to_vec(&Record::V2(service.clone()))?);
+        self.insert(SERVICES, service.name(), &encoded)
+    }
+
+    /// Every stored traffic policy, by service name, or why one cannot be
+    /// used.
+    pub fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError> {
+        let read = self.db.begin_read().map_err(redb::Error::from)?;
+        let table = read.open_table(TRAFFIC).map_err(redb::Error::from)?;
+        let mut policies = Vec::new();
+        for entry in table.iter().map_err(redb::Error::from)? {
+            let (name, value) = entry.map_err(redb::Error::from)?;
+            let policy = verified(value.value())
+                .and_then(|json| serde_json::from_slice(json).map_err(RecordError::from));
+            policies.push((name.value().to_owned(), policy));
+        }
+        Ok(policies)
+    }
+
+    /// Stores the traffic policy of `name`, replacing what was there;
+    /// durable when it returns.
+    pub fn put_traffic(&self, name: &str, policy: &TrafficPolicy) -> Result<(), StoreError> {
+        self.insert(TRAFFIC, name, &checksummed(&serde_json::to_vec(policy)?))
+    }
+
+    /// Removes the traffic policy of `name`; durable when it returns.
+    pub fn delete_traffic(&self, name: &str) -> Result<(), StoreError> {
+        self.remove(TRAFFIC, name)
     }
 
     /// Removes the registration of `name`; durable when it returns.
@@ -389,9 +453,15 @@ fn verified(value: &[u8]) -> Result<&[u8], RecordError> {
     }
 }
 
+/// A record of either format, as the current one: a format `"1"` record
+/// is a service of one version.
 fn parse(json: &[u8]) -> Result<StoredService, RecordError> {
-    let Record::V1(service) = serde_json::from_slice(json)?;
-    Ok(service)
+    Ok(match serde_json::from_slice(json)? {
+        Record::V1(version) => StoredService {
+            versions: vec![*version],
+        },
+        Record::V2(service) => service,
+    })
 }
 
 fn damaged(path: &Path, problem: &str) -> StoreError {
@@ -474,6 +544,12 @@ mod tests {
 
     fn service(name: &str, port: u16) -> StoredService {
         StoredService {
+            versions: vec![version(name, port)],
+        }
+    }
+
+    fn version(name: &str, port: u16) -> StoredVersion {
+        StoredVersion {
             spec: RemoteSpec {
                 info: ServiceInfo {
                     name: name.to_owned(),
@@ -501,6 +577,26 @@ mod tests {
             owner: Some(IpAddr::from([127, 0, 0, 1])),
             owner_token: None,
         }
+    }
+
+    #[test]
+    fn policies_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let policy: TrafficPolicy = serde_json::from_str(
+            r#"{"weights": {"1.4.2": 90, "2.0.0": 10}, "sticky": {"header": "X-User-Id"}}"#,
+        )
+        .unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_traffic("a", &policy).unwrap();
+            store.put_traffic("b", &policy).unwrap();
+            store.delete_traffic("b").unwrap();
+        }
+        let loaded = Store::open(&path).unwrap().load_traffic().unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].0, "a");
+        assert_eq!(loaded[0].1.as_ref().unwrap(), &policy);
     }
 
     #[test]
@@ -601,7 +697,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             // The format before checksums: the bare tagged JSON.
-            let legacy = serde_json::to_vec(&Record::V1(service("old", 1))).unwrap();
+            let legacy = serde_json::to_vec(&Record::V1(Box::new(version("old", 1)))).unwrap();
             let write = store.db.begin_write().unwrap();
             write
                 .open_table(SERVICES)
@@ -640,7 +736,7 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
-        let old = loaded[0].service.as_ref().unwrap();
+        let old = &loaded[0].service.as_ref().unwrap().versions[0];
         assert_eq!(old.instances.len(), 1);
         let instance = &old.instances[0];
         assert_eq!(instance.addr.to_string(), "127.0.0.1:8010");
@@ -648,8 +744,10 @@ mod tests {
         assert_eq!(old.owner_of(instance), Some(IpAddr::from([127, 0, 0, 2])));
         assert_eq!(old.spec.load_balancing, None);
         // Written again, it keeps what it had and gains the new fields.
-        let mut again = old.clone();
-        again.instances[0].owner = old.owner_of(instance);
+        let mut again = StoredService {
+            versions: vec![old.clone()],
+        };
+        again.versions[0].instances[0].owner = old.owner_of(instance);
         store.put(&again).unwrap();
         let reloaded = store.load().unwrap();
         assert_eq!(reloaded[0].service.as_ref().unwrap(), &again);

@@ -25,9 +25,7 @@
 //!   of the alive instances are not up, those suspicions are set aside and
 //!   every alive instance is routed (logged once, WARN, when it starts).
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckOutcome, InstanceAddr, Unavailable};
 use crate::settings::SettingsError;
-use crate::sync::lock;
+use crate::sync::{lock, random_below};
 
 /// How a request picks among a service's routable instances.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -793,22 +791,6 @@ impl InstanceSet {
             "instance ejected after consecutive failures"
         );
     }
-}
-
-/// A number below `bound` (at least 1), from a per-thread xorshift: cheap,
-/// lock-free, and good enough to spread two choices.
-fn random_below(bound: usize) -> usize {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
-    }
-    STATE.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        (x % bound.max(1) as u64) as usize
-    })
 }
 
 #[cfg(test)]

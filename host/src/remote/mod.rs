@@ -204,6 +204,8 @@ pub struct Liveness {
 pub struct InstanceLiveness {
     /// `host:port`.
     pub id: String,
+    /// The version of the service it serves.
+    pub version: String,
     /// `http://host:port/base_path`.
     pub url: String,
     /// `healthy`, `unhealthy` or `ejected`.
@@ -409,6 +411,7 @@ impl RemoteService {
             .iter()
             .map(|instance| InstanceLiveness {
                 id: instance.id().to_owned(),
+                version: self.spec.info.version.clone(),
                 url: format!("http://{}{}", instance.authority(), self.spec.base_path),
                 status: instance.status(now, self.ttl),
                 registered_at: instance.registered_at(),
