@@ -30,7 +30,7 @@ use crate::http::{
 use crate::metrics::{self, Started};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
-use crate::service::{HTTP_METHODS, ServiceInfo, VersionReq};
+use crate::service::{HTTP_METHODS, ServiceInfo, Version, VersionReq};
 use crate::table::{Backend, Selection, Service, ServiceTable, Versions};
 use crate::tunnel;
 
@@ -320,9 +320,13 @@ async fn route(
             .with("service", name)
             .into_response()
         }
+        // Only the version is kept while the body is read: a slow upload
+        // must not pin a runtime that is being swapped out.
         Backend::Plugin(_) => {
+            let chosen = service.version().clone();
+            drop(service);
             let response =
-                call_plugin(gateway, name, rest, client, request, service, selection).await;
+                call_plugin(gateway, name, rest, client, request, chosen, selection).await;
             drop(in_flight);
             response
         }
@@ -452,7 +456,7 @@ fn unknown_service(name: &str) -> Response {
         .into_response()
 }
 
-/// Hands `request` to the plugin `chosen` (a version of `name` that
+/// Hands `request` to version `chosen` of the plugin `name` (the one
 /// `selection` picked) once its body is read. The name's versions are
 /// looked up again then: the same version first, else what the same
 /// selection picks now, so a swap of one version never sends the request
@@ -463,7 +467,7 @@ async fn call_plugin(
     rest: &str,
     client: SocketAddr,
     request: Request,
-    chosen: Arc<Service>,
+    chosen: Version,
     selection: Selection,
 ) -> Response {
     let (parts, body) = request.into_parts();
@@ -504,7 +508,7 @@ async fn call_plugin(
             return unknown_service(name);
         };
         let Some(service) = versions
-            .version(chosen.version())
+            .version(&chosen)
             .or_else(|| versions.select(&selection, &request.headers))
         else {
             return no_version(&versions, &selection);
