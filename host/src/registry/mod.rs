@@ -117,7 +117,8 @@ struct Shared {
     max_stored_bytes: u64,
     max_instances: usize,
     instances: Arc<ArcSwap<InstancePolicy>>,
-    /// What the stored registrations take; changed only under `writes`.
+    /// What the stored registrations take, and what the writes in flight
+    /// reserved.
     storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
@@ -126,11 +127,45 @@ struct Shared {
     managed_keys: Arc<ManagedKeys>,
     catalogue: Arc<Catalogue>,
     gateway_addr: SocketAddr,
-    /// Serializes registrations, deregistrations and evictions. Each is a
-    /// look at the table, a durable write, then a change of the table; two
-    /// of them interleaved could leave the database and the table telling
-    /// different stories. Heartbeats do not take it.
-    writes: tokio::sync::Mutex<()>,
+    /// Serializes the registrations, deregistrations and evictions of one
+    /// name. Each is a look at the table, a durable write, then a change of
+    /// the table; two of them interleaved could leave the database and the
+    /// table telling different stories. Writes of different names run
+    /// concurrently, so that their durable writes share a commit.
+    /// Heartbeats do not take it.
+    writes: NameLocks,
+    /// Serializes the admin API's changes of API keys (each checks the
+    /// new key against all the others).
+    key_writes: tokio::sync::Mutex<()>,
+}
+
+/// How many locks the names of [`NameLocks`] are spread over: well above
+/// the writes a registry sees in flight at once, so two of them seldom
+/// share one.
+const NAME_LOCKS: usize = 256;
+
+/// One lock per name, without a map of names: each name hashes to one of
+/// a fixed set of locks. Two names sharing a lock only wait for each
+/// other; one name always finds its own.
+#[derive(Debug)]
+struct NameLocks {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl NameLocks {
+    fn new() -> Self {
+        Self {
+            locks: (0..NAME_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    /// Waits for the lock of `name`.
+    async fn lock(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let index = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.locks.len() as u64;
+        self.locks[index as usize].lock().await
+    }
 }
 
 /// Which instances a deregistration removes.
@@ -267,7 +302,8 @@ impl Registry {
                 managed_keys: config.managed_keys,
                 catalogue,
                 gateway_addr: config.gateway_addr,
-                writes: tokio::sync::Mutex::new(()),
+                writes: NameLocks::new(),
+                key_writes: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -362,7 +398,7 @@ impl Registry {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
         let id = instance.to_string();
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.writes.lock(&name).await;
         let previous = match self.shared.services.get(&name) {
             None => {
                 may_write(&writer, &name, None, "name")?;
@@ -546,8 +582,9 @@ impl Registry {
         let stored = stored_record(&remote);
         let size = stored_size(&stored);
         self.reserve_storage(&name, size)?;
-        self.durably(&name, move |store| store.put(&stored)).await?;
-        self.record_storage(&name, Some(size));
+        let written = self.durably(&name, move |store| store.put(&stored)).await;
+        lock(&self.shared.storage).settle(&name, size, written.is_ok());
+        written?;
         let info = remote.spec().info.clone();
         let remote = Arc::new(remote);
         let service = Service::new(info, Backend::Remote(remote.clone()));
@@ -638,11 +675,14 @@ impl Registry {
     }
 
     /// Refuses a registration of `size` bytes under `name` (replacing what
-    /// `name` held) that would take the registry past its size limit.
-    /// Called under `writes`, before the durable write.
+    /// `name` held) that would take the registry past its size limit, with
+    /// what the other writes in flight reserved; else reserves `size` until
+    /// its write is settled ([`Storage::settle`]). Called under the name's
+    /// lock, before the durable write.
     fn reserve_storage(&self, name: &str, size: u64) -> Result<(), ApiError> {
-        let storage = lock(&self.shared.storage);
-        let total = storage.total - storage.by_name.get(name).copied().unwrap_or(0);
+        let mut storage = lock(&self.shared.storage);
+        let total =
+            storage.total - storage.by_name.get(name).copied().unwrap_or(0) + storage.reserved;
         let limit = self.shared.max_stored_bytes;
         if total.saturating_add(size) > limit {
             return Err(ApiError::new(
@@ -654,6 +694,7 @@ impl Registry {
             .with("limit_bytes", limit)
             .with("service", name));
         }
+        storage.reserved += size;
         Ok(())
     }
 
@@ -669,7 +710,7 @@ impl Registry {
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.writes.lock(name).await;
         let remote = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
             Some(holder) => match &holder.backend {
@@ -707,7 +748,7 @@ impl Registry {
 
     /// Removes `targets` from `remote` durably, and the service with its
     /// last instance; returns how many instances remain. Called under
-    /// `writes`.
+    /// the name's lock.
     async fn remove_instances(
         &self,
         remote: &Arc<RemoteService>,
@@ -747,8 +788,8 @@ impl Registry {
     /// may have come while the liveness task was deciding); the service
     /// goes with its last instance.
     async fn evict(&self, remote: &Arc<RemoteService>) {
-        let _writes = self.shared.writes.lock().await;
         let name = remote.name().to_owned();
+        let _writes = self.shared.writes.lock(&name).await;
         let registered = self
             .shared
             .services
@@ -840,9 +881,21 @@ fn restore_api_keys(
 struct Storage {
     by_name: HashMap<String, u64>,
     total: u64,
+    /// What the writes in flight may add (their whole size: the record
+    /// each replaces is still counted in `total` until it is settled).
+    reserved: u64,
 }
 
 impl Storage {
+    /// Ends the reservation of `size` bytes for `name`'s write, which
+    /// now holds them if it was `stored`.
+    fn settle(&mut self, name: &str, size: u64, stored: bool) {
+        self.reserved -= size;
+        if stored {
+            self.set(name, Some(size));
+        }
+    }
+
     fn set(&mut self, name: &str, size: Option<u64>) {
         let previous = match size {
             Some(size) => {
