@@ -119,9 +119,8 @@ impl Listing {
         query: ListQuery,
     ) -> Result<Response, ApiError> {
         let paged = query.limit.is_some() || query.cursor.is_some();
-        if !paged && query.kind.is_none() && query.status.is_none() && query.name_prefix.is_none()
-        {
-            return Ok(json(self.whole(services, policy)));
+        if !paged && query.kind.is_none() && query.status.is_none() && query.name_prefix.is_none() {
+            return self.whole(services, policy).map(json).map_err(unwritable);
         }
         let limit = match query.limit {
             Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
@@ -142,38 +141,34 @@ impl Listing {
         let mut selected = services[start..]
             .iter()
             .filter(|service| selects(&query, service, policy));
-        let mut listed: Vec<Listed<'_>> = selected
-            .by_ref()
-            .take(limit)
+        let page: Vec<&Arc<Service>> = selected.by_ref().take(limit).collect();
+        let listed: Vec<Listed<'_>> = page
+            .iter()
             .map(|service| describe(service, policy))
             .collect();
         let body = if paged {
             let more = selected.next().is_some();
-            let next_cursor = listed
-                .last()
-                .filter(|_| more)
-                .map(|last| last.info.name.as_str());
-            let services = std::mem::take(&mut listed);
             serde_json::to_vec(&Page {
-                services,
-                next_cursor,
+                services: listed,
+                next_cursor: page
+                    .last()
+                    .filter(|_| more)
+                    .map(|last| last.info.name.as_str()),
             })
         } else {
             serde_json::to_vec(&listed)
         };
-        let body = body.map_err(|error| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the listing could not be written: {error}"),
-            )
-        })?;
-        Ok(json(Bytes::from(body)))
+        body.map(|body| json(Bytes::from(body))).map_err(unwritable)
     }
 
     /// The whole listing: the cached buffer if nothing it shows changed,
     /// else a new one made of the unchanged entries' bytes and the
     /// changed ones serialized again.
-    fn whole(&self, services: &[Arc<Service>], policy: &Arc<InstancePolicy>) -> Bytes {
+    fn whole(
+        &self,
+        services: &[Arc<Service>],
+        policy: &Arc<InstancePolicy>,
+    ) -> Result<Bytes, serde_json::Error> {
         let now = Instant::now();
         let mut built = lock(&self.built);
         let previous = built
@@ -182,7 +177,7 @@ impl Listing {
         // Each service with its stamp and, if its bytes can be reused,
         // where they are in the previous buffer.
         let mut old = previous.map_or(&[][..], |previous| &previous.entries[..]);
-        let plan: Vec<(&Arc<Service>, Option<u64>, Option<Range<usize>>)> = services
+        let plan: Vec<Planned<'_>> = services
             .iter()
             .map(|service| {
                 let stamp = stamp(service, now);
@@ -196,7 +191,7 @@ impl Listing {
             && plan.len() == previous.entries.len()
             && plan.iter().all(|(_, _, reused)| reused.is_some())
         {
-            return previous.json.clone();
+            return Ok(previous.json.clone());
         }
         let mut json = Vec::with_capacity(previous.map_or(0, |previous| previous.json.len()));
         let mut entries = Vec::with_capacity(plan.len());
@@ -208,8 +203,7 @@ impl Listing {
             let begin = json.len();
             match (reused, previous) {
                 (Some(range), Some(previous)) => json.extend_from_slice(&previous.json[range]),
-                _ => serde_json::to_writer(&mut json, &describe(service, policy))
-                    .expect("a listing entry serializes into memory"),
+                _ => serde_json::to_writer(&mut json, &describe(service, policy))?,
             }
             entries.push(Entry {
                 service: Arc::downgrade(service),
@@ -224,9 +218,13 @@ impl Listing {
             json: json.clone(),
             entries,
         });
-        json
+        Ok(json)
     }
 }
+
+/// A service of a listing being built: its stamp, and where its bytes
+/// are in the previous buffer if they can be reused.
+type Planned<'a> = (&'a Arc<Service>, Option<u64>, Option<Range<usize>>);
 
 /// The previous entry built from `service` itself, if any; skips, in
 /// `old` (sorted by name, like the services asked for), the entries of
@@ -269,7 +267,9 @@ fn stamp(service: &Service, now: Instant) -> Option<u64> {
     match &service.backend {
         Backend::Plugin(plugin) => {
             let check = plugin.health.last_check();
-            check.map(|check| (unix_nanos(check.at), check.ok)).hash(&mut hasher);
+            check
+                .map(|check| (unix_nanos(check.at), check.ok))
+                .hash(&mut hasher);
         }
         Backend::Remote(remote) => {
             let ttl = remote.ttl();
@@ -341,6 +341,15 @@ pub(super) fn bad_query(rejection: QueryRejection) -> ApiError {
         ),
     )
     .with("field", "query")
+}
+
+/// A listing that could not be serialized: the host's fault, not the
+/// client's.
+fn unwritable(error: serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("the listing could not be written: {error}"),
+    )
 }
 
 fn json(body: Bytes) -> Response {

@@ -14,6 +14,7 @@
 
 mod admin;
 mod catalogue;
+mod listing;
 mod liveness;
 mod model;
 mod store;
@@ -28,8 +29,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -126,6 +127,8 @@ struct Shared {
     authenticator: Arc<ArcSwap<Authenticator>>,
     managed_keys: Arc<ManagedKeys>,
     catalogue: Arc<Catalogue>,
+    /// The listing as last built.
+    listing: listing::Listing,
     gateway_addr: SocketAddr,
     /// Serializes the registrations, deregistrations and evictions of one
     /// name. Each is a look at the table, a durable write, then a change of
@@ -301,6 +304,7 @@ impl Registry {
                 authenticator: config.authenticator,
                 managed_keys: config.managed_keys,
                 catalogue,
+                listing: listing::Listing::default(),
                 gateway_addr: config.gateway_addr,
                 writes: NameLocks::new(),
                 key_writes: tokio::sync::Mutex::new(()),
@@ -1261,18 +1265,18 @@ async fn uncancellable(
     })
 }
 
+/// `GET /api/registry/services`, whole (from the listing's cache) or a
+/// page or filter of it (see [`listing`]).
 async fn list_services(
     State(registry): State<Registry>,
     headers: HeaderMap,
+    query: Result<Query<listing::ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
+    let Query(query) = query.map_err(listing::bad_query)?;
     let services = registry.shared.services.list();
-    let policy = registry.shared.instances.load();
-    let listed: Vec<Listed<'_>> = services
-        .iter()
-        .map(|service| describe(service, &policy))
-        .collect();
-    Ok(axum::Json(listed).into_response())
+    let policy = registry.shared.instances.load_full();
+    registry.shared.listing.answer(&services, &policy, query)
 }
 
 async fn get_service(
