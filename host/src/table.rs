@@ -7,7 +7,7 @@
 //! [`Service`] in the table is immutable: mutable state of a kind (a remote
 //! service's heartbeats) lives behind its own handle in [`Backend`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, Sender};
@@ -134,7 +134,27 @@ impl Service {
 
 /// A persistent map: a writer's copy shares all but the changed path with
 /// the snapshot readers hold, so a write costs O(log n), not a full clone.
-type Snapshot = imbl::HashMap<String, Arc<Service>>;
+type Map = imbl::HashMap<String, Arc<Service>>;
+
+/// One version of the table.
+#[derive(Debug, Default)]
+struct Snapshot {
+    map: Map,
+    /// Its services sorted by name, made by the first reader that asks
+    /// and shared by every later one until the next write: a listing, a
+    /// scrape or a health check round of a large table would otherwise
+    /// sort it each time.
+    sorted: OnceLock<Arc<[Arc<Service>]>>,
+}
+
+impl Snapshot {
+    fn new(map: Map) -> Self {
+        Self {
+            map,
+            sorted: OnceLock::new(),
+        }
+    }
+}
 
 /// Every routable service by name. Cheap to share: clone the `Arc`.
 #[derive(Debug, Default)]
@@ -154,14 +174,20 @@ impl ServiceTable {
 
     /// The service named `name`, if any.
     pub fn get(&self, name: &str) -> Option<Arc<Service>> {
-        self.current.load().get(name).cloned()
+        self.current.load().map.get(name).cloned()
     }
 
     /// Every service, sorted by name.
-    pub fn list(&self) -> Vec<Arc<Service>> {
-        let mut services: Vec<_> = self.current.load().values().cloned().collect();
-        services.sort_by(|a, b| a.info.name.cmp(&b.info.name));
-        services
+    pub fn list(&self) -> Arc<[Arc<Service>]> {
+        let snapshot = self.current.load();
+        snapshot
+            .sorted
+            .get_or_init(|| {
+                let mut services: Vec<_> = snapshot.map.values().cloned().collect();
+                services.sort_by(|a, b| a.info.name.cmp(&b.info.name));
+                services.into()
+            })
+            .clone()
     }
 
     /// Puts `service` under its name unless another service holds the name
@@ -174,14 +200,14 @@ impl ServiceTable {
     ) -> Result<Option<Arc<Service>>, Arc<Service>> {
         let _guard = lock(&self.write);
         let current = self.current.load_full();
-        if let Some(holder) = current.get(&service.info.name)
+        if let Some(holder) = current.map.get(&service.info.name)
             && !may_replace(holder)
         {
             return Err(holder.clone());
         }
-        let mut next = Snapshot::clone(&current);
+        let mut next = current.map.clone();
         let previous = next.insert(service.info.name.clone(), Arc::new(service));
-        self.current.store(Arc::new(next));
+        self.current.store(Arc::new(Snapshot::new(next)));
         Ok(previous)
     }
 
@@ -202,13 +228,13 @@ impl ServiceTable {
     ) -> Option<Arc<Service>> {
         let _guard = lock(&self.write);
         let current = self.current.load_full();
-        let holder = current.get(name)?;
+        let holder = current.map.get(name)?;
         if !should_remove(holder) {
             return None;
         }
-        let mut next = Snapshot::clone(&current);
+        let mut next = current.map.clone();
         let removed = next.remove(name);
-        self.current.store(Arc::new(next));
+        self.current.store(Arc::new(Snapshot::new(next)));
         lock(&self.freed).retain(|listener| listener.send(name.to_owned()).is_ok());
         removed
     }

@@ -170,7 +170,7 @@ impl Checker {
     /// not), all at once: a GET handed to the plugin's workers like a
     /// gateway request, healthy if answered 2xx within the check timeout.
     /// Plugin code runs on the plugin's threads; this task only awaits.
-    pub(super) async fn check_plugins(&self, services: Vec<Arc<Service>>) {
+    pub(super) async fn check_plugins(&self, services: &[Arc<Service>]) {
         let timeout = self.policy.check_timeout;
         let mut checks = JoinSet::new();
         for service in services {

@@ -333,7 +333,9 @@ impl Registry {
                 for silent in checker.round(registry.remotes(), &policy).await {
                     registry.evict(&silent).await;
                 }
-                checker.check_plugins(registry.shared.services.list()).await;
+                checker
+                    .check_plugins(&registry.shared.services.list())
+                    .await;
             }
         })
     }
