@@ -14,7 +14,7 @@
 //! plugins hold is refused), and the table keeps whatever list a writer's
 //! change returns.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
 use axum::http::{HeaderMap, HeaderValue};
@@ -260,14 +260,32 @@ impl Versions {
     }
 }
 
-/// A persistent map: a writer's copy shares all but the changed path with
-/// the snapshot readers hold, so a write costs O(log n), not a full clone.
-#[derive(Debug, Clone, Default)]
+/// One version of the table, in persistent maps: a writer's copy shares
+/// all but the changed path with the snapshot readers hold, so a write
+/// costs O(log n), not a full clone.
+#[derive(Debug, Default)]
 struct Snapshot {
     entries: imbl::HashMap<String, Arc<Versions>>,
     /// Kept whether or not the name has versions now: a policy outlives
     /// its versions (a name may come back, a plugin may be reloaded).
     policies: imbl::HashMap<String, Arc<TrafficPolicy>>,
+    /// Its names sorted, made by the first reader that asks and shared by
+    /// every later one until the next write: a listing, a scrape or a
+    /// health check round of a large table would otherwise sort it each
+    /// time.
+    sorted: OnceLock<Arc<[Arc<Versions>]>>,
+}
+
+impl Snapshot {
+    /// A writer's starting point: the same maps (shared, not copied), and
+    /// a sorted list to be made again.
+    fn to_change(&self) -> Self {
+        Self {
+            entries: self.entries.clone(),
+            policies: self.policies.clone(),
+            sorted: OnceLock::new(),
+        }
+    }
 }
 
 /// Every routable service by name. Cheap to share: clone the `Arc`.
@@ -292,10 +310,16 @@ impl ServiceTable {
     }
 
     /// Every name's versions, sorted by name.
-    pub fn list(&self) -> Vec<Arc<Versions>> {
-        let mut names: Vec<_> = self.current.load().entries.values().cloned().collect();
-        names.sort_by(|a, b| a.name().cmp(b.name()));
-        names
+    pub fn list(&self) -> Arc<[Arc<Versions>]> {
+        let snapshot = self.current.load();
+        snapshot
+            .sorted
+            .get_or_init(|| {
+                let mut names: Vec<_> = snapshot.entries.values().cloned().collect();
+                names.sort_by(|a, b| a.name().cmp(b.name()));
+                names.into()
+            })
+            .clone()
     }
 
     /// Every version of every service, sorted by name, highest version
@@ -335,7 +359,7 @@ impl ServiceTable {
         let freed = previous
             .iter()
             .any(|old| !next_versions.iter().any(|new| new.version == old.version));
-        let mut next = Snapshot::clone(&current);
+        let mut next = current.to_change();
         match Versions::build(next_versions, current.policies.get(name).cloned()) {
             Some(entry) => next.entries.insert(name.to_owned(), Arc::new(entry)),
             None => next.entries.remove(name),
@@ -352,7 +376,7 @@ impl ServiceTable {
     pub fn set_policy(&self, name: &str, policy: Option<TrafficPolicy>) {
         let _guard = lock(&self.write);
         let current = self.current.load_full();
-        let mut next = Snapshot::clone(&current);
+        let mut next = current.to_change();
         let policy = policy.map(Arc::new);
         match &policy {
             Some(policy) => next.policies.insert(name.to_owned(), policy.clone()),

@@ -22,6 +22,7 @@ mod plugins;
 mod proxy;
 mod python_guide;
 mod registry;
+mod registry_scale;
 mod registry_tokens;
 mod scaffold;
 mod store;

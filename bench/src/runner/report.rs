@@ -723,6 +723,13 @@ pub fn markdown(results: &Results) -> String {
             );
             let _ = writeln!(
                 out,
+                "| a page of it, `?limit=100`, one connection | p50 {}, p99 {} ({:.1} req/s) |",
+                ms(g.list_page.p50_ms),
+                ms(g.list_page.p99_ms),
+                g.list_page.rps
+            );
+            let _ = writeln!(
+                out,
                 "| host RSS: before / after registering / at the end | {} / {} / {} |",
                 mib(g.rss_before_kib),
                 mib(g.rss_after_register_kib),

@@ -262,6 +262,8 @@ pub struct RegistryScale {
     /// `GET /api/registry/services` with every service registered (wrk,
     /// one connection).
     pub list: WrkResult,
+    /// A page of it, `?limit=100` (wrk, one connection).
+    pub list_page: WrkResult,
     /// Size of that listing in bytes.
     pub list_bytes: usize,
     /// Entries in that listing.
@@ -1142,6 +1144,15 @@ fn registry_scale(
         list.p50_ms,
         list.p99_ms
     );
+    let list_page = load::run_wrk(
+        pinning,
+        &format!("{list_url}?limit=100"),
+        &WrkOptions::new(1, 1, settings.list_seconds),
+    )?;
+    eprintln!(
+        "[5] a page of 100: p50 {:.2} ms, p99 {:.2} ms",
+        list_page.p50_ms, list_page.p99_ms
+    );
     let rss_end_kib = host.rss_kib().unwrap_or(0);
     let host_warnings = warnings(&host, "host of scenario 5");
     let latency_ms: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
@@ -1168,6 +1179,7 @@ fn registry_scale(
         register_ms,
         heartbeats,
         list,
+        list_page,
         list_bytes: body.len(),
         list_entries,
         rss_before_kib,

@@ -118,7 +118,7 @@ impl Registry {
         settings: ApiKeySettings,
         generated: Option<String>,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.key_writes.lock().await;
         let stored = StoredApiKey {
             id: settings.id.clone(),
             sha256: settings.sha256.clone(),
@@ -149,7 +149,7 @@ impl Registry {
     }
 
     async fn revoke_api_key(&self, id: String) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.key_writes.lock().await;
         let known = self
             .shared
             .managed_keys

@@ -14,6 +14,7 @@
 
 mod admin;
 mod catalogue;
+mod listing;
 mod liveness;
 mod model;
 mod store;
@@ -29,8 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -121,7 +122,8 @@ struct Shared {
     max_instances: usize,
     max_versions: usize,
     instances: Arc<ArcSwap<InstancePolicy>>,
-    /// What the stored registrations take; changed only under `writes`.
+    /// What the stored registrations take, and what the writes in flight
+    /// reserved.
     storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
@@ -129,12 +131,48 @@ struct Shared {
     authenticator: Arc<ArcSwap<Authenticator>>,
     managed_keys: Arc<ManagedKeys>,
     catalogue: Arc<Catalogue>,
+    /// The listing as last built.
+    listing: listing::Listing,
     gateway_addr: SocketAddr,
-    /// Serializes registrations, deregistrations and evictions. Each is a
-    /// look at the table, a durable write, then a change of the table; two
-    /// of them interleaved could leave the database and the table telling
-    /// different stories. Heartbeats do not take it.
-    writes: tokio::sync::Mutex<()>,
+    /// Serializes the registrations, deregistrations and evictions of one
+    /// name. Each is a look at the table, a durable write, then a change of
+    /// the table; two of them interleaved could leave the database and the
+    /// table telling different stories. Writes of different names run
+    /// concurrently, so that their durable writes share a commit.
+    /// Heartbeats do not take it.
+    writes: NameLocks,
+    /// Serializes the admin API's changes of API keys (each checks the
+    /// new key against all the others).
+    key_writes: tokio::sync::Mutex<()>,
+}
+
+/// How many locks the names of [`NameLocks`] are spread over: well above
+/// the writes a registry sees in flight at once, so two of them seldom
+/// share one.
+const NAME_LOCKS: usize = 256;
+
+/// One lock per name, without a map of names: each name hashes to one of
+/// a fixed set of locks. Two names sharing a lock only wait for each
+/// other; one name always finds its own.
+#[derive(Debug)]
+struct NameLocks {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl NameLocks {
+    fn new() -> Self {
+        Self {
+            locks: (0..NAME_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    /// Waits for the lock of `name`.
+    async fn lock(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let index = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.locks.len() as u64;
+        self.locks[index as usize].lock().await
+    }
 }
 
 /// Which instances a deregistration removes.
@@ -261,8 +299,10 @@ impl Registry {
                 authenticator: config.authenticator,
                 managed_keys: config.managed_keys,
                 catalogue,
+                listing: listing::Listing::default(),
                 gateway_addr: config.gateway_addr,
-                writes: tokio::sync::Mutex::new(()),
+                writes: NameLocks::new(),
+                key_writes: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -320,7 +360,7 @@ impl Registry {
                     registry.evict(&silent).await;
                 }
                 checker
-                    .check_plugins(registry.shared.services.services())
+                    .check_plugins(&registry.shared.services.services())
                     .await;
             }
         })
@@ -397,7 +437,7 @@ impl Registry {
             .with("field", "version")
         })?;
         let id = instance.to_string();
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.writes.lock(&name).await;
         let current = self.remote_versions(&name)?;
         let first = current.first().and_then(|service| remote_of(service));
         may_write(&writer, &name, first, "name")?;
@@ -665,7 +705,7 @@ impl Registry {
     /// Makes `next` the versions of `name` (none: the name goes), durably,
     /// then routes them; `current` is what the table holds now. A name
     /// that was free may have been taken by a plugin file meanwhile (the
-    /// table decides; the write is undone then). Called under `writes`.
+    /// table decides; the write is undone then). Called under the name's lock.
     async fn commit(
         &self,
         name: &str,
@@ -681,8 +721,9 @@ impl Registry {
             let stored = stored_record(&next);
             let size = stored_size(&stored);
             self.reserve_storage(name, size)?;
-            self.durably(name, move |store| store.put(&stored)).await?;
-            self.record_storage(name, Some(size));
+            let written = self.durably(name, move |store| store.put(&stored)).await;
+            lock(&self.shared.storage).settle(name, size, written.is_ok());
+            written?;
         }
         let fresh: Vec<Arc<RemoteService>> = next
             .iter()
@@ -786,11 +827,14 @@ impl Registry {
     }
 
     /// Refuses a registration of `size` bytes under `name` (replacing what
-    /// `name` held) that would take the registry past its size limit.
-    /// Called under `writes`, before the durable write.
+    /// `name` held) that would take the registry past its size limit, with
+    /// what the other writes in flight reserved; else reserves `size` until
+    /// its write is settled ([`Storage::settle`]). Called under the name's
+    /// lock, before the durable write.
     fn reserve_storage(&self, name: &str, size: u64) -> Result<(), ApiError> {
-        let storage = lock(&self.shared.storage);
-        let total = storage.total - storage.by_name.get(name).copied().unwrap_or(0);
+        let mut storage = lock(&self.shared.storage);
+        let total =
+            storage.total - storage.by_name.get(name).copied().unwrap_or(0) + storage.reserved;
         let limit = self.shared.max_stored_bytes;
         if total.saturating_add(size) > limit {
             return Err(ApiError::new(
@@ -802,6 +846,7 @@ impl Registry {
             .with("limit_bytes", limit)
             .with("service", name));
         }
+        storage.reserved += size;
         Ok(())
     }
 
@@ -817,7 +862,7 @@ impl Registry {
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.writes.lock(name).await;
         let versions = match self.shared.services.get(name) {
             None => return Err(not_registered(name, "name")),
             Some(versions) => match &versions.default_version().backend {
@@ -859,7 +904,8 @@ impl Registry {
 
     /// Removes `targets` from the versions of `name` (`current`) durably;
     /// a version goes with its last instance, the name with its last
-    /// version. Returns how many instances remain. Called under `writes`.
+    /// version. Returns how many instances remain. Called under
+    /// the name's lock.
     async fn remove_instances(
         &self,
         name: &str,
@@ -894,8 +940,8 @@ impl Registry {
     /// may have come while the liveness task was deciding); the version
     /// goes with its last instance, the service with its last version.
     async fn evict(&self, remote: &Arc<RemoteService>) {
-        let _writes = self.shared.writes.lock().await;
         let name = remote.name().to_owned();
+        let _writes = self.shared.writes.lock(&name).await;
         let Some(versions) = self
             .shared
             .services
@@ -990,9 +1036,21 @@ fn restore_api_keys(
 struct Storage {
     by_name: HashMap<String, u64>,
     total: u64,
+    /// What the writes in flight may add (their whole size: the record
+    /// each replaces is still counted in `total` until it is settled).
+    reserved: u64,
 }
 
 impl Storage {
+    /// Ends the reservation of `size` bytes for `name`'s write, which
+    /// now holds them if it was `stored`.
+    fn settle(&mut self, name: &str, size: u64, stored: bool) {
+        self.reserved -= size;
+        if stored {
+            self.set(name, Some(size));
+        }
+    }
+
     fn set(&mut self, name: &str, size: Option<u64>) {
         let previous = match size {
             Some(size) => {
@@ -1449,18 +1507,18 @@ async fn uncancellable(
     })
 }
 
+/// `GET /api/registry/services`, whole (from the listing's cache) or a
+/// page or filter of it (see [`listing`]).
 async fn list_services(
     State(registry): State<Registry>,
     headers: HeaderMap,
+    query: Result<Query<listing::ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
+    let Query(query) = query.map_err(listing::bad_query)?;
     let services = registry.shared.services.list();
-    let policy = registry.shared.instances.load();
-    let listed: Vec<Listed<'_>> = services
-        .iter()
-        .map(|service| describe(service, &policy))
-        .collect();
-    Ok(axum::Json(listed).into_response())
+    let policy = registry.shared.instances.load_full();
+    registry.shared.listing.answer(&services, &policy, query)
 }
 
 async fn get_service(

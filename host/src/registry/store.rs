@@ -13,6 +13,18 @@
 //! take over. The calls block on disk I/O; async callers run them on the
 //! blocking pool.
 //!
+//! **Writes are committed in groups.** Every put and delete goes to one
+//! committer thread, which takes the first write waiting, waits for the
+//! database's write transaction, then adds every write that queued
+//! meanwhile (while the previous commit was being fsynced) to the same
+//! transaction and commits it: one fsync for the whole group, so
+//! concurrent registrations are no longer bounded by one fsync each. Each
+//! caller is answered only once its group is committed; a group that fails
+//! is not applied at all, and every caller in it gets the error (each
+//! write is one record, so none is ever half-applied). Writes are applied
+//! in the order they were made; the registry never has two writes of one
+//! name in flight.
+//!
 //! **A damaged file is refused, never replaced.** Only a missing file means
 //! "new registry": an existing file is opened, never re-initialised, so a
 //! 0-byte (truncated) file is refused instead of silently becoming an empty
@@ -46,9 +58,11 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Once, mpsc};
+use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crossbeam_channel::{Receiver, Sender};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -69,6 +83,10 @@ const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 
 /// What starts a value's checksum line.
 const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
+
+/// Most writes committed in one transaction: bounds the time one group
+/// holds the writer, and what a failed group takes down with it.
+const MAX_GROUP: usize = 1024;
 
 /// How to recover from a damaged database, for the error message.
 const RECOVERY: &str = "move it aside to start with an empty registry, or restore it from a backup";
@@ -205,6 +223,14 @@ pub enum StoreError {
     /// A record could not be encoded.
     #[error("registry record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The group of writes this one was committed with failed: what
+    /// failed it (every write of the group gets the same error).
+    #[error(transparent)]
+    Group(Arc<StoreError>),
+    /// The committer thread is gone (it panicked on the database, or the
+    /// store is being closed).
+    #[error("registry database committer: {0}")]
+    Committer(String),
 }
 
 /// Why one stored record is not used.
@@ -243,8 +269,49 @@ pub struct Loaded {
 /// The open database.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
+    /// Where writes go to be committed; `None` once closing.
+    writes: Option<Sender<Job>>,
+    /// The committer thread, joined when the store is dropped so that the
+    /// file is closed (and can be opened again) once `drop` returns.
+    committer: Option<JoinHandle<()>>,
+}
+
+/// Which table a write goes to.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Services,
+    Traffic,
+    ApiKeys,
+}
+
+/// One change of one record.
+#[derive(Debug)]
+enum Write {
+    Insert {
+        table: Table,
+        key: String,
+        value: Vec<u8>,
+    },
+    Remove {
+        table: Table,
+        key: String,
+    },
+    /// Fails its group, as a failing disk would.
+    #[cfg(test)]
+    Fail,
+}
+
+/// What a write is answered: the sequence number of the commit that made
+/// it durable, or why its group failed.
+type Committed = Result<u64, Arc<StoreError>>;
+
+/// A write waiting for the committer, and where to answer it.
+#[derive(Debug)]
+struct Job {
+    write: Write,
+    done: mpsc::Sender<Committed>,
 }
 
 impl Store {
@@ -289,12 +356,26 @@ impl Store {
             write.commit().map_err(redb::Error::from)?;
             Ok(db)
         });
-        let db = opened
-            .map_err(|panic| damaged(path, &format!("the database engine failed on it ({panic})")))?
-            .map_err(|error| classify(path, error))?;
+        let db = Arc::new(
+            opened
+                .map_err(|panic| {
+                    damaged(path, &format!("the database engine failed on it ({panic})"))
+                })?
+                .map_err(|error| classify(path, error))?,
+        );
+        let (writes, queue) = crossbeam_channel::unbounded();
+        let committer = std::thread::Builder::new()
+            .name("registry-commit".to_owned())
+            .spawn({
+                let db = db.clone();
+                move || commit_groups(&db, &queue)
+            })
+            .map_err(|error| StoreError::Committer(format!("cannot start its thread: {error}")))?;
         Ok(Self {
             db,
             path: path.to_owned(),
+            writes: Some(writes),
+            committer: Some(committer),
         })
     }
 
@@ -330,7 +411,7 @@ impl Store {
     /// when it returns.
     pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
         let encoded = checksummed(&serde_json::to_vec(&Record::V2(service.clone()))?);
-        self.insert(SERVICES, service.name(), &encoded)
+        self.insert(Table::Services, service.name(), encoded)
     }
 
     /// Every stored traffic policy, by service name, or why one cannot be
@@ -351,17 +432,21 @@ impl Store {
     /// Stores the traffic policy of `name`, replacing what was there;
     /// durable when it returns.
     pub fn put_traffic(&self, name: &str, policy: &TrafficPolicy) -> Result<(), StoreError> {
-        self.insert(TRAFFIC, name, &checksummed(&serde_json::to_vec(policy)?))
+        self.insert(
+            Table::Traffic,
+            name,
+            checksummed(&serde_json::to_vec(policy)?),
+        )
     }
 
     /// Removes the traffic policy of `name`; durable when it returns.
     pub fn delete_traffic(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(TRAFFIC, name)
+        self.remove(Table::Traffic, name)
     }
 
     /// Removes the registration of `name`; durable when it returns.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(SERVICES, name)
+        self.remove(Table::Services, name)
     }
 
     /// Every API key added through the admin API, by id, or why one cannot
@@ -382,37 +467,143 @@ impl Store {
     /// Stores `key` under its id, replacing what was there; durable when it
     /// returns.
     pub fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
-        self.insert(API_KEYS, &key.id, &checksummed(&serde_json::to_vec(key)?))
+        self.insert(
+            Table::ApiKeys,
+            &key.id,
+            checksummed(&serde_json::to_vec(key)?),
+        )
     }
 
     /// Removes the API key `id`; durable when it returns.
     pub fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
-        self.remove(API_KEYS, id)
+        self.remove(Table::ApiKeys, id)
     }
 
-    fn insert(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &[u8],
-    ) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(table).map_err(redb::Error::from)?;
-            table.insert(key, value).map_err(redb::Error::from)?;
-        }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+    fn insert(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.write(Write::Insert {
+            table,
+            key: key.to_owned(),
+            value,
+        })
+        .map(drop)
     }
 
-    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(table).map_err(redb::Error::from)?;
-            table.remove(key).map_err(redb::Error::from)?;
+    fn remove(&self, table: Table, key: &str) -> Result<(), StoreError> {
+        self.write(Write::Remove {
+            table,
+            key: key.to_owned(),
+        })
+        .map(drop)
+    }
+
+    /// Hands `write` to the committer and waits until its group is
+    /// durable; answers the commit's sequence number.
+    fn write(&self, write: Write) -> Result<u64, StoreError> {
+        let answer = self.submit(write)?;
+        match answer.recv() {
+            Ok(committed) => committed.map_err(StoreError::Group),
+            Err(mpsc::RecvError) => Err(StoreError::Committer(
+                "it stopped before committing this write".to_owned(),
+            )),
         }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+    }
+
+    /// Queues `write` for the committer; its answer comes on the receiver.
+    fn submit(&self, write: Write) -> Result<mpsc::Receiver<Committed>, StoreError> {
+        let (done, answer) = mpsc::channel();
+        self.writes
+            .as_ref()
+            .and_then(|writes| writes.send(Job { write, done }).ok())
+            .ok_or_else(|| StoreError::Committer("it has stopped".to_owned()))?;
+        Ok(answer)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The committer ends once the queue is closed and empty: every
+        // write made before this drop is committed first.
+        drop(self.writes.take());
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+/// The committer thread: commits the queued writes in groups until the
+/// queue is closed. A panic of the database engine fails its group (its
+/// callers get the error) instead of ending the thread.
+fn commit_groups(db: &Database, queue: &Receiver<Job>) {
+    let mut commits: u64 = 0;
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        let outcome = catching_panics(|| {
+            // The write transaction may have to wait for the previous one;
+            // whatever queued meanwhile joins this group.
+            let transaction = db.begin_write().map_err(redb::Error::from)?;
+            group.extend(queue.try_iter().take(MAX_GROUP - 1));
+            apply(transaction, &group)
+        });
+        let outcome = match outcome {
+            Ok(Ok(())) => {
+                commits += 1;
+                Ok(commits)
+            }
+            Ok(Err(error)) => Err(Arc::new(StoreError::from(error))),
+            Err(panic) => Err(Arc::new(StoreError::Committer(format!(
+                "the database engine failed committing ({panic})"
+            )))),
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(writes = group.len(), %error, "registry database commit failed; none of its writes were applied");
+        }
+        for job in group {
+            // A caller that is gone needs no answer.
+            let _ = job.done.send(outcome.clone());
+        }
+    }
+}
+
+/// Applies `group` in `transaction` and commits it, or aborts it whole.
+fn apply(transaction: WriteTransaction, group: &[Job]) -> Result<(), redb::Error> {
+    let applied = (|| {
+        let mut services = transaction.open_table(SERVICES)?;
+        let mut traffic = transaction.open_table(TRAFFIC)?;
+        let mut api_keys = transaction.open_table(API_KEYS)?;
+        for job in group {
+            match &job.write {
+                Write::Insert { table, key, value } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    table.insert(key.as_str(), value.as_slice())?;
+                }
+                Write::Remove { table, key } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    table.remove(key.as_str())?;
+                }
+                #[cfg(test)]
+                Write::Fail => {
+                    return Err(redb::Error::Corrupted("a write made to fail".to_owned()));
+                }
+            }
+        }
+        Ok::<(), redb::Error>(())
+    })();
+    match applied {
+        Ok(()) => Ok(transaction.commit()?),
+        Err(error) => {
+            // Nothing of the group is applied; an abort that fails too
+            // changes nothing either.
+            let _ = transaction.abort();
+            Err(error)
+        }
     }
 }
 
@@ -618,6 +809,123 @@ mod tests {
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("a", 3));
     }
 
+    /// Holds the database's write transaction while `writes` are queued,
+    /// so that the committer, which took the first and waits for the
+    /// transaction, finds the others queued behind it; then lets it go.
+    /// Answers each write's outcome, in order.
+    fn group_of(store: &Store, writes: Vec<Write>) -> Vec<Committed> {
+        let count = writes.len();
+        let held = store.db.begin_write().unwrap();
+        let answers: Vec<_> = writes
+            .into_iter()
+            .map(|write| store.submit(write).unwrap())
+            .collect();
+        let queue = store.writes.as_ref().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while queue.len() != count - 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the committer never took the first write"
+            );
+            std::thread::yield_now();
+        }
+        held.abort().unwrap();
+        answers
+            .into_iter()
+            .map(|answer| answer.recv().unwrap())
+            .collect()
+    }
+
+    fn insert_of(service: &StoredService) -> Write {
+        Write::Insert {
+            table: Table::Services,
+            key: service.name().to_owned(),
+            value: checksummed(&serde_json::to_vec(&Record::V2(service.clone())).unwrap()),
+        }
+    }
+
+    #[test]
+    fn concurrent_writes_are_committed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let before = {
+            let store = Store::open(&path).unwrap();
+            let first = store.write(insert_of(&service("before", 1))).unwrap();
+            let writes = (0..8u16)
+                .map(|index| insert_of(&service(&format!("s{index}"), index)))
+                .chain([Write::Remove {
+                    table: Table::Services,
+                    key: "before".to_owned(),
+                }])
+                .collect();
+            let commits: Vec<u64> = group_of(&store, writes)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert!(
+                commits.iter().all(|commit| *commit == first + 1),
+                "nine writes, one commit: {commits:?}"
+            );
+            first
+        };
+        assert_eq!(before, 1);
+        // Durable and in order: the delete queued last removed `before`.
+        let loaded = Store::open(&path).unwrap().load().unwrap();
+        let names: Vec<&str> = loaded.iter().map(|loaded| loaded.name.as_str()).collect();
+        assert_eq!(names, ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]);
+    }
+
+    #[test]
+    fn a_failed_group_answers_every_writer_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let store = Store::open(&path).unwrap();
+        store.put(&service("kept", 1)).unwrap();
+        let outcomes = group_of(
+            &store,
+            vec![
+                insert_of(&service("a", 1)),
+                Write::Remove {
+                    table: Table::Services,
+                    key: "kept".to_owned(),
+                },
+                Write::Fail,
+                insert_of(&service("b", 2)),
+            ],
+        );
+        for outcome in &outcomes {
+            let error = outcome.as_ref().unwrap_err().to_string();
+            assert!(error.contains("a write made to fail"), "{error}");
+        }
+        let loaded = store.load().unwrap();
+        let names: Vec<&str> = loaded.iter().map(|loaded| loaded.name.as_str()).collect();
+        assert_eq!(names, ["kept"], "nothing of the failed group applied");
+        // The committer goes on: the next write is committed.
+        store.put(&service("after", 3)).unwrap();
+        assert_eq!(store.load().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn writes_from_many_threads_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            std::thread::scope(|scope| {
+                for thread in 0..8u16 {
+                    let store = &store;
+                    scope.spawn(move || {
+                        for index in 0..25u16 {
+                            let port = thread * 100 + index;
+                            store.put(&service(&format!("t{port}"), port)).unwrap();
+                        }
+                    });
+                }
+            });
+        }
+        assert_eq!(Store::open(&path).unwrap().load().unwrap().len(), 200);
+    }
+
     fn damage(result: Result<Store, StoreError>) -> String {
         match result {
             Err(StoreError::Damaged { problem, .. }) => problem,
@@ -728,9 +1036,9 @@ mod tests {
             let store = Store::open(&path).unwrap();
             store
                 .insert(
-                    SERVICES,
+                    Table::Services,
                     "old",
-                    &checksummed(SINGLE_INSTANCE_RECORD.as_bytes()),
+                    checksummed(SINGLE_INSTANCE_RECORD.as_bytes()),
                 )
                 .unwrap();
         }

@@ -91,7 +91,7 @@ impl Registry {
         caller: IpAddr,
         writer: &Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.writes.lock(name).await;
         let versions = self.versions(name)?;
         may_split(&versions, caller, writer)?;
         if let Some(policy) = &policy

@@ -455,6 +455,15 @@ impl Instance {
         lock(&self.checks).last.clone()
     }
 
+    /// When the last health check finished and whether it passed: what
+    /// tells one check from the next without copying its error.
+    pub fn last_check_at(&self) -> Option<(SystemTime, bool)> {
+        lock(&self.checks)
+            .last
+            .as_ref()
+            .map(|last| (last.at, last.ok))
+    }
+
     /// The last heartbeat since the start.
     pub fn last_heartbeat(&self) -> Option<SystemTime> {
         match self.last_heartbeat_ms.load(Ordering::Relaxed) {

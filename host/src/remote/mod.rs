@@ -51,7 +51,7 @@ pub struct RemoteService {
 }
 
 /// Whether the gateway routes to a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Routed.
@@ -265,6 +265,11 @@ impl RemoteService {
     /// When it first registered (kept across re-registrations).
     pub fn registered_at(&self) -> SystemTime {
         self.registered_at
+    }
+
+    /// Longest silence before an instance is unhealthy.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// The registry token that owns it.
