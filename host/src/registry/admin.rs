@@ -75,6 +75,7 @@ pub(super) async fn add(
         id: new.id,
         sha256,
         services: new.services,
+        tenant: None,
     };
     super::uncancellable(async move { registry.add_api_key(settings, generated).await }).await
 }
@@ -90,7 +91,8 @@ pub(super) async fn revoke(
 }
 
 /// `DELETE /api/registry/admin/services/{name}`: the service goes, with
-/// every instance, whoever registered it.
+/// every instance, whoever registered it; in the tenant `X-Tenant-ID`
+/// names (default: the default tenant).
 pub(super) async fn remove_service(
     State(registry): State<Registry>,
     ConnectInfo(caller): ConnectInfo<std::net::SocketAddr>,
@@ -99,10 +101,11 @@ pub(super) async fn remove_service(
 ) -> Result<Response, ApiError> {
     registry.admin(&headers)?;
     let Path(name) = name.map_err(super::bad_path)?;
+    let tenant = registry.tenant(&Writer::Admin, &headers)?;
     super::uncancellable(async move {
         (registry)
             .deregister(
-                &name,
+                (&tenant, &name),
                 super::Deregistered::Every,
                 caller.ip(),
                 Writer::Admin,

@@ -53,9 +53,11 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::remote::{InstanceAddr, RemoteSpec};
+use crate::tenant;
 use crate::traffic::TrafficPolicy;
 
-/// Service name -> the checksum line and the JSON of a [`Record`].
+/// `t/<tenant>/s/<name>` (or, written before tenants, the bare name: the
+/// default tenant's) -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
 
 /// Service name -> the checksum line and the JSON of its
@@ -231,7 +233,10 @@ pub enum RecordError {
 /// One stored record as read back.
 #[derive(Debug)]
 pub struct Loaded {
-    /// Its key.
+    /// The tenant it belongs to: the default tenant for a record written
+    /// before tenants (keyed by its bare name).
+    pub tenant: String,
+    /// Its service name.
     pub name: String,
     /// The record, or why it is not used.
     pub service: Result<StoredService, RecordError>,
@@ -315,10 +320,12 @@ impl Store {
         let table = read.open_table(SERVICES).map_err(redb::Error::from)?;
         let mut loaded = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
-            let (name, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(redb::Error::from)?;
             let (service, checksummed) = decode(value.value());
+            let (tenant, name) = tenant_and_name(key.value());
             loaded.push(Loaded {
-                name: name.value().to_owned(),
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
                 service,
                 checksummed,
             });
@@ -326,11 +333,27 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Stores `service` under its name, replacing what was there; durable
+    /// Stores `service` under its tenant and name, replacing what was
+    /// there (a default-tenant record written before tenants, under the
+    /// bare name, is removed in the same transaction: migrated); durable
     /// when it returns.
-    pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
+    pub fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
         let encoded = checksummed(&serde_json::to_vec(&Record::V2(service.clone()))?);
-        self.insert(SERVICES, service.name(), &encoded)
+        let write = self.db.begin_write().map_err(redb::Error::from)?;
+        {
+            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
+            table
+                .insert(
+                    record_key(tenant, service.name()).as_str(),
+                    encoded.as_slice(),
+                )
+                .map_err(redb::Error::from)?;
+            if tenant::is_default(tenant) {
+                table.remove(service.name()).map_err(redb::Error::from)?;
+            }
+        }
+        write.commit().map_err(redb::Error::from)?;
+        Ok(())
     }
 
     /// Every stored traffic policy, by service name, or why one cannot be
@@ -359,9 +382,21 @@ impl Store {
         self.remove(TRAFFIC, name)
     }
 
-    /// Removes the registration of `name`; durable when it returns.
-    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(SERVICES, name)
+    /// Removes the registration of `name` in `tenant` (in the default
+    /// tenant, under either key); durable when it returns.
+    pub fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        let write = self.db.begin_write().map_err(redb::Error::from)?;
+        {
+            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
+            table
+                .remove(record_key(tenant, name).as_str())
+                .map_err(redb::Error::from)?;
+            if tenant::is_default(tenant) {
+                table.remove(name).map_err(redb::Error::from)?;
+            }
+        }
+        write.commit().map_err(redb::Error::from)?;
+        Ok(())
     }
 
     /// Every API key added through the admin API, by id, or why one cannot
@@ -414,6 +449,20 @@ impl Store {
         write.commit().map_err(redb::Error::from)?;
         Ok(())
     }
+}
+
+/// The key of the registration of `name` in `tenant`: the registry model's
+/// `t/<tenant>/s/<name>`.
+fn record_key(tenant: &str, name: &str) -> String {
+    format!("t/{tenant}/s/{name}")
+}
+
+/// The tenant and name a record key names; a bare name (a record written
+/// before tenants) is the default tenant's.
+fn tenant_and_name(key: &str) -> (&str, &str) {
+    key.strip_prefix("t/")
+        .and_then(|rest| rest.split_once("/s/"))
+        .unwrap_or((tenant::DEFAULT, key))
 }
 
 /// The stored value of a record's JSON: checksum line, then the JSON.
@@ -605,11 +654,11 @@ mod tests {
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
-            store.put(&service("a", 3)).unwrap();
-            store.delete("b").unwrap();
-            store.delete("never-there").unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 3)).unwrap();
+            store.delete(tenant::DEFAULT, "b").unwrap();
+            store.delete(tenant::DEFAULT, "never-there").unwrap();
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
@@ -642,7 +691,9 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             for port in 1..50 {
-                store.put(&service(&format!("s{port}"), port)).unwrap();
+                store
+                    .put(tenant::DEFAULT, &service(&format!("s{port}"), port))
+                    .unwrap();
             }
         }
         let mut bytes = std::fs::read(&path).unwrap();
@@ -667,18 +718,18 @@ mod tests {
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
             let write = store.db.begin_write().unwrap();
             {
                 let mut table = write.open_table(SERVICES).unwrap();
                 let edited = {
-                    let value = table.get("a").unwrap().unwrap();
+                    let value = table.get("t/default/s/a").unwrap().unwrap();
                     String::from_utf8(value.value().to_vec())
                         .unwrap()
                         .replace("\"port\":1", "\"port\":9")
                 };
-                table.insert("a", edited.as_bytes()).unwrap();
+                table.insert("t/default/s/a", edited.as_bytes()).unwrap();
             }
             write.commit().unwrap();
         }
@@ -710,10 +761,39 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(!loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 1));
-        store.put(&service("old", 2)).unwrap();
+        assert_eq!(
+            (loaded[0].tenant.as_str(), loaded[0].name.as_str()),
+            (tenant::DEFAULT, "old"),
+            "a record from before tenants is the default tenant's"
+        );
+        store.put(tenant::DEFAULT, &service("old", 2)).unwrap();
         let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1, "migrated: the bare key is gone");
         assert!(loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 2));
+    }
+
+    #[test]
+    fn tenants_keep_records_of_the_same_name_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("registry.redb")).unwrap();
+        store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+        store.put("acme", &service("a", 2)).unwrap();
+        store.put("globex", &service("a", 3)).unwrap();
+        store.delete("globex", "a").unwrap();
+        let loaded: Vec<(String, String, StoredService)> = store
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|loaded| (loaded.tenant, loaded.name, loaded.service.unwrap()))
+            .collect();
+        assert_eq!(
+            loaded,
+            vec![
+                ("acme".to_owned(), "a".to_owned(), service("a", 2)),
+                (tenant::DEFAULT.to_owned(), "a".to_owned(), service("a", 1)),
+            ]
+        );
     }
 
     /// A record exactly as the release before several instances per
@@ -748,7 +828,7 @@ mod tests {
             versions: vec![old.clone()],
         };
         again.versions[0].instances[0].owner = old.owner_of(instance);
-        store.put(&again).unwrap();
+        store.put(tenant::DEFAULT, &again).unwrap();
         let reloaded = store.load().unwrap();
         assert_eq!(reloaded[0].service.as_ref().unwrap(), &again);
     }

@@ -40,6 +40,7 @@ fn echo(_: &Echo, req: &Request) -> Result<Response> {
         "headers": headers,
         "body": req.text(),
         "client_addr": req.client_addr(),
+        "tenant": req.tenant(),
     }))
 }
 
