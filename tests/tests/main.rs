@@ -25,5 +25,6 @@ mod registry;
 mod registry_tokens;
 mod scaffold;
 mod store;
+mod tenants;
 mod versions;
 mod websocket;

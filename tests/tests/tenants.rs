@@ -1,0 +1,305 @@
+//! Tenants (`docs/MULTI_TENANT.md`): two tenants registering one name are
+//! routed apart and never see each other's services; a client's
+//! `X-Tenant-ID` counts only when the config trusts it (and is removed
+//! otherwise); an API key naming a tenant decides, and a header naming
+//! another is refused; tenants survive `kill -9`, and a record stored
+//! before tenants is read as the default tenant's.
+
+use host_harness::Host;
+use host_harness::http::{client, registration};
+use host_harness::workspace::{host_builder, plugin_library};
+use integration_tests::upstream::Upstream;
+use redb::{ReadableDatabase, ReadableTable};
+use serde_json::Value;
+
+const TRUSTED: &str = "[tenants]\ntrust_header = true\n";
+
+/// `TRUSTED` plus an API key `acme-key` of tenant `acme`.
+const KEYED: &str = r#"
+[tenants]
+trust_header = true
+
+[[auth.api_keys]]
+id = "acme-ci"
+sha256 = "afacab3575137afa4e00d9cbcafcb14c9ae25f779d964eb0ea5b2c4eb5dfd163"
+tenant = "acme"
+"#;
+
+/// Registers `name` at `upstream` as `tenant` (through `X-Tenant-ID`).
+async fn register_as(host: &Host, tenant: Option<&str>, name: &str, upstream: &Upstream) -> Value {
+    let mut request = client()
+        .post(host.registry_url("/api/registry/register"))
+        .json(&registration(name, upstream.addr()));
+    if let Some(tenant) = tenant {
+        request = request.header("X-Tenant-ID", tenant);
+    }
+    let answer = request.send().await.unwrap();
+    let status = answer.status().as_u16();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
+/// A gateway GET of `path` with `headers`: status and JSON body.
+async fn get_as(host: &Host, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = client().get(host.gateway_url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let answer = request.send().await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+/// The listing as `tenant` sees it: (name, tenant) pairs.
+async fn listed_as(host: &Host, tenant: Option<&str>) -> Vec<(String, String)> {
+    let mut request = client().get(host.registry_url("/api/registry/services"));
+    if let Some(tenant) = tenant {
+        request = request.header("X-Tenant-ID", tenant);
+    }
+    let listed: Value = request.send().await.unwrap().json().await.unwrap();
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| {
+            (
+                entry["name"].as_str().unwrap().to_owned(),
+                entry["tenant"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(name, tenant)| ((*name).to_owned(), (*tenant).to_owned()))
+        .collect()
+}
+
+/// The values of header `name` an upstream's echo received.
+fn upstream_saw(echo: &Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|values| {
+            values
+                .iter()
+                .map(|value| value.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The values of header `name` the echo plugin received.
+fn plugin_saw(echo: &Value, name: &str) -> Vec<String> {
+    echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pair| pair[0] == name)
+        .map(|pair| pair[1].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn two_tenants_with_one_name_are_routed_apart_and_see_only_their_own() {
+    let host = host_builder().config(TRUSTED).start().await.unwrap();
+    let (acme, globex, shared) = (
+        Upstream::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
+    );
+    assert_eq!(
+        register_as(&host, Some("acme"), "svc", &acme).await["tenant"],
+        "acme"
+    );
+    register_as(&host, Some("globex"), "svc", &globex).await;
+    assert_eq!(
+        register_as(&host, None, "common", &shared).await["tenant"],
+        "default"
+    );
+
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["acme"]);
+    assert_eq!((acme.echoes(), globex.echoes()), (1, 0));
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "globex")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["globex"]);
+    assert_eq!((acme.echoes(), globex.echoes()), (1, 1));
+
+    // Neither the default tenant nor a third tenant reaches a tenant's svc.
+    for headers in [&[][..], &[("X-Tenant-ID", "initech")][..]] {
+        let (status, refused) = get_as(&host, "/api/svc/echo", headers).await;
+        assert_eq!(status, 404, "{refused}");
+    }
+    assert_eq!((acme.echoes(), globex.echoes()), (1, 1));
+
+    // The shared (default) services serve every tenant, told which.
+    let (status, echo) = get_as(&host, "/api/common/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["acme"]);
+
+    let (status, refused) =
+        get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "Not/A/Tenant")]).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["field"], "X-Tenant-ID");
+
+    assert_eq!(
+        listed_as(&host, Some("acme")).await,
+        pairs(&[("common", "default"), ("svc", "acme")])
+    );
+    assert_eq!(
+        listed_as(&host, Some("globex")).await,
+        pairs(&[("common", "default"), ("svc", "globex")])
+    );
+    assert_eq!(
+        listed_as(&host, None).await,
+        pairs(&[("common", "default")])
+    );
+
+    // A tenant's deregistration acts in its own tenant only.
+    let answer = client()
+        .post(host.registry_url("/api/registry/deregister/svc"))
+        .header("X-Tenant-ID", "globex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let (status, _) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "globex")]).await;
+    assert_eq!(status, 404);
+    let (status, _) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn an_untrusted_tenant_header_is_ignored_and_stripped() {
+    let host = host_builder().start().await.unwrap();
+    let upstream = Upstream::start().await;
+    // Registered in the default tenant whatever the header says.
+    let answer = register_as(&host, Some("acme"), "svc", &upstream).await;
+    assert_eq!(answer["tenant"], "default", "{answer}");
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
+        .unwrap();
+
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert!(upstream_saw(&echo, "x-tenant-id").is_empty(), "{echo}");
+    let (status, echo) = get_as(&host, "/api/echo/x", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert!(plugin_saw(&echo, "x-tenant-id").is_empty(), "{echo}");
+    assert_eq!(echo["tenant"], "default");
+    assert_eq!(
+        listed_as(&host, Some("acme")).await,
+        pairs(&[("echo", "default"), ("svc", "default")])
+    );
+}
+
+#[tokio::test]
+async fn an_api_key_names_the_tenant_and_a_conflicting_header_is_refused() {
+    let host = host_builder().config(KEYED).start().await.unwrap();
+    let (acme, shared) = (Upstream::start().await, Upstream::start().await);
+    register_as(&host, Some("acme"), "svc", &acme).await;
+    register_as(&host, None, "svc", &shared).await;
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
+        .unwrap();
+    let key = ("X-API-Key", "acme-key");
+
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[key]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["acme"]);
+    assert_eq!((acme.echoes(), shared.echoes()), (1, 0));
+    let (status, _) = get_as(&host, "/api/svc/echo", &[key, ("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200);
+
+    let (status, refused) = get_as(&host, "/api/svc/echo", &[key, ("X-Tenant-ID", "globex")]).await;
+    assert_eq!(status, 403, "{refused}");
+    assert_eq!(refused["tenant"], "acme");
+    assert_eq!(refused["x_tenant_id"], "globex");
+    let error = refused["error"].as_str().unwrap();
+    assert!(
+        error.contains("acme") && error.contains("globex"),
+        "{error}"
+    );
+    assert_eq!((acme.echoes(), shared.echoes()), (2, 0));
+
+    // Without the key, the default tenant's svc.
+    let (status, _) = get_as(&host, "/api/svc/echo", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!((acme.echoes(), shared.echoes()), (2, 1));
+
+    // A plugin reads the tenant through `Request::tenant()`.
+    let (status, echo) = get_as(&host, "/api/echo/x", &[key]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["tenant"], "acme");
+    assert_eq!(plugin_saw(&echo, "x-tenant-id"), ["acme"]);
+}
+
+#[tokio::test]
+async fn tenants_survive_kill_9_and_records_from_before_tenants_are_the_defaults() {
+    let host = host_builder().config(TRUSTED).start().await.unwrap();
+    let (acme, shared) = (Upstream::start().await, Upstream::start().await);
+    register_as(&host, Some("acme"), "svc", &acme).await;
+    register_as(&host, None, "old", &shared).await;
+    let dirs = host.kill9();
+
+    // `old` as the release before tenants stored it: under its bare name.
+    let database = dirs.data().join("registry.redb");
+    {
+        let db = redb::Database::open(&database).unwrap();
+        let table: redb::TableDefinition<&str, &[u8]> =
+            redb::TableDefinition::new("remote_services");
+        let write = db.begin_write().unwrap();
+        {
+            let mut table = write.open_table(table).unwrap();
+            let record = table
+                .remove("t/default/s/old")
+                .unwrap()
+                .expect("the default tenant's record")
+                .value()
+                .to_vec();
+            table.insert("old", record.as_slice()).unwrap();
+        }
+        write.commit().unwrap();
+        let read = db.begin_read().unwrap();
+        let keys: Vec<String> = read
+            .open_table(table)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|entry| entry.unwrap().0.value().to_owned())
+            .collect();
+        assert_eq!(keys, ["old", "t/acme/s/svc"]);
+    }
+
+    let host = host_builder()
+        .dirs(dirs)
+        .config(TRUSTED)
+        .start()
+        .await
+        .unwrap();
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(acme.echoes(), 1);
+    let (status, _) = get_as(&host, "/api/svc/echo", &[]).await;
+    assert_eq!(status, 404, "acme's svc is still acme's alone");
+    let (status, echo) = get_as(&host, "/api/old/echo", &[]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        listed_as(&host, Some("acme")).await,
+        pairs(&[("old", "default"), ("svc", "acme")])
+    );
+    let admin_view = client()
+        .get(host.registry_url("/api/registry/services?tenant=acme"))
+        .header("X-Tenant-ID", "globex")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        admin_view.status().as_u16(),
+        403,
+        "only the admin lists another tenant"
+    );
+}
