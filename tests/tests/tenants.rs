@@ -3,7 +3,8 @@
 //! `X-Tenant-ID` counts only when the config trusts it (and is removed
 //! otherwise); an API key naming a tenant decides, and a header naming
 //! another is refused; tenants survive `kill -9`, and a record stored
-//! before tenants is read as the default tenant's.
+//! before tenants is read as the default tenant's; a tenant's plugin files
+//! live in `plugins-dir/<tenant>/`, created at run time.
 
 use host_harness::Host;
 use host_harness::http::{client, registration};
@@ -301,5 +302,92 @@ async fn tenants_survive_kill_9_and_records_from_before_tenants_are_the_defaults
         admin_view.status().as_u16(),
         403,
         "only the admin lists another tenant"
+    );
+}
+
+/// Creates `plugins-dir/<name>/`, mode 0755 whatever the umask.
+fn tenant_dir(host: &Host, name: &str) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(host.plugins_dir().join(name))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_tenants_plugins_live_in_its_subdirectory() {
+    let host = host_builder().config(TRUSTED).start().await.unwrap();
+    // Created after the start: the watcher picks the directory up.
+    tenant_dir(&host, "acme");
+    let mounted = host
+        .mount_plugin(plugin_library("echo"), "acme/libecho.so")
+        .await
+        .unwrap();
+    assert!(mounted.contains("tenant=acme"), "{mounted}");
+
+    let (status, echo) = get_as(&host, "/api/echo/x", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["tenant"], "acme");
+    for headers in [&[][..], &[("X-Tenant-ID", "globex")][..]] {
+        let (status, refused) = get_as(&host, "/api/echo/x", headers).await;
+        assert_eq!(status, 404, "{refused}");
+    }
+    assert_eq!(
+        listed_as(&host, Some("acme")).await,
+        pairs(&[("echo", "acme")])
+    );
+    assert!(listed_as(&host, None).await.is_empty());
+
+    // The same file in the default tenant too: both mounted, each its own.
+    host.mount_plugin(plugin_library("echo"), "libecho.so")
+        .await
+        .unwrap();
+    let (status, echo) = get_as(&host, "/api/echo/x", &[]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["tenant"], "default");
+
+    // A directory that is no tenant id: its file is refused and listed.
+    let mark = host.log_mark();
+    tenant_dir(&host, "Not_A_Tenant");
+    host.install_plugin(plugin_library("echo"), "Not_A_Tenant/libecho.so")
+        .unwrap();
+    host.wait_for_log_since(mark, &["plugin file refused", "Not_A_Tenant/libecho.so"])
+        .await
+        .unwrap();
+    let files: Value = client()
+        .get(host.registry_url("/api/registry/plugins/files"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let refused = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|file| file["file"] == "Not_A_Tenant/libecho.so")
+        .unwrap_or_else(|| panic!("listed: {files}"));
+    assert_eq!(refused["state"], "refused");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not a tenant id"),
+        "{refused}"
+    );
+
+    // Removing the tenant's directory unmounts its plugin, not the default's.
+    let mark = host.log_mark();
+    std::fs::remove_dir_all(host.plugins_dir().join("acme")).unwrap();
+    host.wait_for_log_since(mark, &["plugin unmounted", "file=acme/libecho.so"])
+        .await
+        .unwrap();
+    let (status, echo) = get_as(&host, "/api/echo/x", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["tenant"], "acme", "the shared echo, told the tenant");
+    assert_eq!(
+        listed_as(&host, Some("acme")).await,
+        pairs(&[("echo", "default")])
     );
 }
