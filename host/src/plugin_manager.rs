@@ -521,6 +521,7 @@ impl Manager {
                 }),
             calls: self.config.calls.clone(),
             call_timeout: self.config.call_timeout,
+            tenant: tenant.clone(),
         };
         let runtime = match PluginRuntime::start(
             &name,

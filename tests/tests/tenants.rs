@@ -391,3 +391,33 @@ async fn a_tenants_plugins_live_in_its_subdirectory() {
         pairs(&[("echo", "default")])
     );
 }
+
+#[tokio::test]
+async fn a_plugins_calls_are_resolved_in_its_requests_tenant() {
+    let config = format!("{TRUSTED}\n[plugin.caller-a.settings]\npeer = \"svc\"\n");
+    let host = host_builder().config(&config).start().await.unwrap();
+    let (acme, shared) = (Upstream::start().await, Upstream::start().await);
+    register_as(&host, Some("acme"), "svc", &acme).await;
+    register_as(&host, None, "svc", &shared).await;
+    // A shared plugin, calling `svc` for whoever called it.
+    host.mount_plugin(plugin_library("caller_a"), "libcaller_a.so")
+        .await
+        .unwrap();
+    let call = "/api/caller-a/call?service=svc&path=/echo";
+
+    let (status, echo) = get_as(&host, call, &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["acme"]);
+    assert_eq!((acme.echoes(), shared.echoes()), (1, 0));
+    let (status, echo) = get_as(&host, call, &[]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["default"]);
+    assert_eq!((acme.echoes(), shared.echoes()), (1, 1));
+    let (status, refused) = get_as(&host, call, &[("X-Tenant-ID", "globex")]).await;
+    assert_eq!(status, 200, "{refused}");
+    assert_eq!(
+        (acme.echoes(), shared.echoes()),
+        (1, 2),
+        "globex reaches the shared svc"
+    );
+}
