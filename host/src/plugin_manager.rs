@@ -398,6 +398,7 @@ impl Manager {
         self.refused_by_pin.remove(&path);
         let started = Instant::now();
         let (directory, file) = self.placed(&path);
+        let in_subdirectory = directory.is_some();
         // Files directly in the plugins directory are the default
         // tenant's; those in a subdirectory, the tenant it is named after.
         let tenant = match directory {
@@ -414,7 +415,12 @@ impl Manager {
                 }
             },
         };
-        let candidate = match Candidate::read(&path, self.config.file_checks) {
+        // `placed` found the plugins directory.
+        let read = match self.root.get().filter(|_| in_subdirectory) {
+            Some(root) => Candidate::read_below(&path, root, self.config.file_checks),
+            None => Candidate::read(&path, self.config.file_checks),
+        };
+        let candidate = match read {
             Ok(candidate) => candidate,
             Err(error) => {
                 self.refused(&file, Refusal::File, None, error.to_string());

@@ -377,6 +377,28 @@ async fn a_tenants_plugins_live_in_its_subdirectory() {
         "{refused}"
     );
 
+    // A tenant directory others may write is refused, as the plugins
+    // directory would be.
+    let mark = host.log_mark();
+    tenant_dir(&host, "lax");
+    std::fs::set_permissions(
+        host.plugins_dir().join("lax"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    host.install_plugin(plugin_library("echo"), "lax/libecho.so")
+        .unwrap();
+    let refused = host
+        .wait_for_log_since(mark, &["plugin file refused", "lax/libecho.so"])
+        .await
+        .unwrap();
+    assert!(
+        refused.contains("writable by group and others"),
+        "{refused}"
+    );
+    let (status, _) = get_as(&host, "/api/echo/x", &[("X-Tenant-ID", "lax")]).await;
+    assert_eq!(status, 200, "lax reaches the shared echo only");
+
     // Removing the tenant's directory unmounts its plugin, not the default's.
     let mark = host.log_mark();
     std::fs::remove_dir_all(host.plugins_dir().join("acme")).unwrap();
