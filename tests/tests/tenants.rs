@@ -443,3 +443,143 @@ async fn a_plugins_calls_are_resolved_in_its_requests_tenant() {
         "globex reaches the shared svc"
     );
 }
+
+/// Registry tokens `admin`, and `team-a` (of tenant `acme`); the header is
+/// not trusted.
+const TOKENS: &str = r#"
+[auth.registry]
+admin_token_sha256 = "8c6976e5b5410415bde908bd4dee15dfb167a9c873fc4bb8a81f6f2ab448a918"
+
+[[auth.registry.tokens]]
+id = "team-a"
+sha256 = "96c2886c51d1dfb4901d9feccff66213ce3e27406282ff6f602a4258a33dacec"
+names = ["*"]
+tenant = "acme"
+"#;
+
+/// A registry request with `token` and `headers`: status and JSON body.
+async fn registry_as(
+    host: &Host,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut request = client()
+        .request(method, host.registry_url(path))
+        .bearer_auth(token);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let answer = request.send().await.unwrap();
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_registry_token_and_an_admin_added_key_name_their_tenant() {
+    let host = host_builder().config(TOKENS).start().await.unwrap();
+    let (acme, shared) = (Upstream::start().await, Upstream::start().await);
+    let post = reqwest::Method::POST;
+    let register = "/api/registry/register";
+    let (status, answer) = registry_as(
+        &host,
+        post.clone(),
+        register,
+        "team-a",
+        &[],
+        Some(&registration("svc", acme.addr())),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["tenant"]),
+        (201, &Value::from("acme")),
+        "{answer}"
+    );
+    let (status, answer) = registry_as(
+        &host,
+        post.clone(),
+        register,
+        "admin",
+        &[],
+        Some(&registration("svc", shared.addr())),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["tenant"]),
+        (201, &Value::from("default")),
+        "{answer}"
+    );
+    // The header is not trusted: the token's tenant decides.
+    let (status, answer) = registry_as(
+        &host,
+        post.clone(),
+        register,
+        "team-a",
+        &[("X-Tenant-ID", "globex")],
+        Some(&registration("svc", acme.addr())),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["tenant"]),
+        (200, &Value::from("acme")),
+        "{answer}"
+    );
+
+    let listed = |token: &'static str, query: &'static str| {
+        let host = &host;
+        async move {
+            let (status, listed) = registry_as(
+                host,
+                reqwest::Method::GET,
+                &format!("/api/registry/services{query}"),
+                token,
+                &[],
+                None,
+            )
+            .await;
+            assert_eq!(status, 200, "{listed}");
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|entry| {
+                    (
+                        entry["name"].as_str().unwrap().to_owned(),
+                        entry["tenant"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let both = pairs(&[("svc", "acme"), ("svc", "default")]);
+    assert_eq!(listed("team-a", "").await, both);
+    assert_eq!(listed("admin", "").await, both);
+    assert_eq!(
+        listed("admin", "?tenant=acme").await,
+        pairs(&[("svc", "acme")])
+    );
+
+    let (status, added) = registry_as(
+        &host,
+        post,
+        "/api/registry/admin/api-keys",
+        "admin",
+        &[],
+        Some(&serde_json::json!({"id": "acme-robot", "tenant": "acme"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{added}");
+    let key = added["key"].as_str().unwrap();
+    let (status, echo) = get_as(&host, "/api/svc/echo", &[("X-API-Key", key)]).await;
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(upstream_saw(&echo, "x-tenant-id"), ["acme"]);
+    // The header is not trusted here: it changes nothing.
+    let (status, _) = get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    assert_eq!(status, 200);
+    assert_eq!((acme.echoes(), shared.echoes()), (1, 1));
+}

@@ -1046,7 +1046,7 @@ fn restore_api_keys(
                         id: stored.id,
                         sha256: stored.sha256,
                         services: stored.services,
-                        tenant: None,
+                        tenant: stored.tenant,
                     },
                     authenticator,
                 )

@@ -153,6 +153,9 @@ pub struct StoredApiKey {
     pub sha256: String,
     /// Services it may reach; `None`: every service.
     pub services: Option<Vec<String>>,
+    /// The tenant it names; absent in keys stored before tenants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One stored API key as read back: its id, and the key or why it is not
