@@ -583,3 +583,73 @@ async fn a_registry_token_and_an_admin_added_key_name_their_tenant() {
     assert_eq!(status, 200);
     assert_eq!((acme.echoes(), shared.echoes()), (1, 1));
 }
+
+/// Registers version `version` of `name` at `upstream` as `tenant`.
+async fn register_version_as(host: &Host, tenant: &str, version: &str, upstream: &Upstream) {
+    let mut body = registration("svc", upstream.addr());
+    body["version"] = version.into();
+    let answer = client()
+        .post(host.registry_url("/api/registry/register"))
+        .header("X-Tenant-ID", tenant)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 201);
+}
+
+#[tokio::test]
+async fn a_tenants_traffic_split_is_its_own_and_survives_kill_9() {
+    let host = host_builder().config(TRUSTED).start().await.unwrap();
+    let upstreams = [
+        Upstream::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
+    ];
+    let [acme_1, acme_2, shared_1, shared_2] = &upstreams;
+    register_version_as(&host, "acme", "1.0.0", acme_1).await;
+    register_version_as(&host, "acme", "2.0.0", acme_2).await;
+    register_version_as(&host, "default", "1.0.0", shared_1).await;
+    register_version_as(&host, "default", "2.0.0", shared_2).await;
+    let split = |tenant: &'static str, name: &'static str| {
+        let url = host.registry_url(&format!("/api/registry/services/{name}/traffic"));
+        async move {
+            let answer = client()
+                .put(url)
+                .header("X-Tenant-ID", tenant)
+                .json(&serde_json::json!({"weights": {"1.0.0": 100}}))
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, answer) = split("acme", "svc").await;
+    assert_eq!(status, 200, "{answer}");
+    // A tenant never sets the split of a name it does not hold itself.
+    let (status, refused) = split("globex", "svc").await;
+    assert_eq!(status, 404, "{refused}");
+    assert_eq!(refused["tenant"], "globex");
+
+    let echoes = || upstreams.iter().map(Upstream::echoes).collect::<Vec<_>>();
+    get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    get_as(&host, "/api/svc/echo", &[]).await;
+    assert_eq!(
+        echoes(),
+        [1, 0, 0, 1],
+        "acme's split, the default's highest"
+    );
+
+    let dirs = host.kill9();
+    let host = host_builder()
+        .dirs(dirs)
+        .config(TRUSTED)
+        .start()
+        .await
+        .unwrap();
+    get_as(&host, "/api/svc/echo", &[("X-Tenant-ID", "acme")]).await;
+    get_as(&host, "/api/svc/echo", &[]).await;
+    assert_eq!(echoes(), [2, 0, 0, 2], "the split survived the restart");
+}

@@ -227,9 +227,9 @@ impl Registry {
                 }
             }
         }
-        for (name, policy) in store.load_traffic()? {
+        for (tenant, name, policy) in store.load_traffic()? {
             match policy {
-                Ok(policy) => services.set_policy(&name, Some(policy)),
+                Ok(policy) => services.set_policy(&tenant::key(&tenant, &name), Some(policy)),
                 Err(error) => {
                     tracing::error!(service = %name, %error, "stored traffic policy cannot be read; left in the database, not applied");
                 }

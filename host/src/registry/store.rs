@@ -60,8 +60,8 @@ use crate::traffic::TrafficPolicy;
 /// default tenant's) -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
 
-/// Service name -> the checksum line and the JSON of its
-/// [`TrafficPolicy`]: kept apart from the registrations, since plugin names
+/// `t/<tenant>/s/<name>` (or the bare name, as for [`SERVICES`]) -> the
+/// checksum line and the JSON of its [`TrafficPolicy`]: kept apart from the registrations, since plugin names
 /// have policies too, and a policy outlives the versions it names.
 const TRAFFIC: TableDefinition<&str, &[u8]> = TableDefinition::new("traffic_policies");
 
@@ -162,9 +162,9 @@ pub struct StoredApiKey {
 /// used.
 pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 
-/// One stored traffic policy as read back: its service name, and the
-/// policy or why it is not used.
-pub type LoadedPolicy = (String, Result<TrafficPolicy, RecordError>);
+/// One stored traffic policy as read back: its tenant, its service name,
+/// and the policy or why it is not used.
+pub type LoadedPolicy = (String, String, Result<TrafficPolicy, RecordError>);
 
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
@@ -342,17 +342,32 @@ impl Store {
     /// when it returns.
     pub fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
         let encoded = checksummed(&serde_json::to_vec(&Record::V2(service.clone()))?);
+        self.put_keyed(SERVICES, tenant, service.name(), Some(&encoded))
+    }
+
+    /// Writes `value` (or with `None` removes the record) of `name` in
+    /// `tenant` under its key `t/<tenant>/s/<name>`, and removes a
+    /// default-tenant record under the bare name (written before tenants)
+    /// in the same transaction: migrated, never left to shadow the new
+    /// one. Durable when it returns.
+    fn put_keyed(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        tenant: &str,
+        name: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         let write = self.db.begin_write().map_err(redb::Error::from)?;
         {
-            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
-            table
-                .insert(
-                    record_key(tenant, service.name()).as_str(),
-                    encoded.as_slice(),
-                )
-                .map_err(redb::Error::from)?;
+            let mut table = write.open_table(table).map_err(redb::Error::from)?;
+            let key = record_key(tenant, name);
+            match value {
+                Some(value) => table.insert(key.as_str(), value).map(drop),
+                None => table.remove(key.as_str()).map(drop),
+            }
+            .map_err(redb::Error::from)?;
             if tenant::is_default(tenant) {
-                table.remove(service.name()).map_err(redb::Error::from)?;
+                table.remove(name).map_err(redb::Error::from)?;
             }
         }
         write.commit().map_err(redb::Error::from)?;
@@ -366,40 +381,37 @@ impl Store {
         let table = read.open_table(TRAFFIC).map_err(redb::Error::from)?;
         let mut policies = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
-            let (name, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(redb::Error::from)?;
             let policy = verified(value.value())
                 .and_then(|json| serde_json::from_slice(json).map_err(RecordError::from));
-            policies.push((name.value().to_owned(), policy));
+            let (tenant, name) = tenant_and_name(key.value());
+            policies.push((tenant.to_owned(), name.to_owned(), policy));
         }
         Ok(policies)
     }
 
-    /// Stores the traffic policy of `name`, replacing what was there;
-    /// durable when it returns.
-    pub fn put_traffic(&self, name: &str, policy: &TrafficPolicy) -> Result<(), StoreError> {
-        self.insert(TRAFFIC, name, &checksummed(&serde_json::to_vec(policy)?))
+    /// Stores the traffic policy of `name` in `tenant`, replacing what was
+    /// there; durable when it returns.
+    pub fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError> {
+        let encoded = checksummed(&serde_json::to_vec(policy)?);
+        self.put_keyed(TRAFFIC, tenant, name, Some(&encoded))
     }
 
-    /// Removes the traffic policy of `name`; durable when it returns.
-    pub fn delete_traffic(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(TRAFFIC, name)
+    /// Removes the traffic policy of `name` in `tenant`; durable when it
+    /// returns.
+    pub fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.put_keyed(TRAFFIC, tenant, name, None)
     }
 
     /// Removes the registration of `name` in `tenant` (in the default
     /// tenant, under either key); durable when it returns.
     pub fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(SERVICES).map_err(redb::Error::from)?;
-            table
-                .remove(record_key(tenant, name).as_str())
-                .map_err(redb::Error::from)?;
-            if tenant::is_default(tenant) {
-                table.remove(name).map_err(redb::Error::from)?;
-            }
-        }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+        self.put_keyed(SERVICES, tenant, name, None)
     }
 
     /// Every API key added through the admin API, by id, or why one cannot
@@ -641,14 +653,18 @@ mod tests {
         .unwrap();
         {
             let store = Store::open(&path).unwrap();
-            store.put_traffic("a", &policy).unwrap();
-            store.put_traffic("b", &policy).unwrap();
-            store.delete_traffic("b").unwrap();
+            store.put_traffic(tenant::DEFAULT, "a", &policy).unwrap();
+            store.put_traffic(tenant::DEFAULT, "b", &policy).unwrap();
+            store.put_traffic("acme", "b", &policy).unwrap();
+            store.delete_traffic(tenant::DEFAULT, "b").unwrap();
         }
         let loaded = Store::open(&path).unwrap().load_traffic().unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].0, "a");
-        assert_eq!(loaded[0].1.as_ref().unwrap(), &policy);
+        let keys: Vec<(&str, &str)> = loaded
+            .iter()
+            .map(|(tenant, name, _)| (tenant.as_str(), name.as_str()))
+            .collect();
+        assert_eq!(keys, [("acme", "b"), (tenant::DEFAULT, "a")]);
+        assert_eq!(loaded[1].2.as_ref().unwrap(), &policy);
     }
 
     #[test]
