@@ -159,6 +159,47 @@ async fn two_tenants_with_one_name_are_routed_apart_and_see_only_their_own() {
         pairs(&[("common", "default")])
     );
 
+    // The API catalogue is the caller's view too.
+    let catalogue = |tenant: &'static str| {
+        let url = host.registry_url("/api/registry/openapi.json");
+        async move {
+            let document: Value = client()
+                .get(url)
+                .header("X-Tenant-ID", tenant)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut paths: Vec<String> = document["paths"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            paths.sort();
+            paths
+        }
+    };
+    assert_eq!(
+        catalogue("acme").await,
+        ["/api/common/hello", "/api/svc/hello"]
+    );
+    assert_eq!(catalogue("initech").await, ["/api/common/hello"]);
+    // Metrics keep the two tenants' `svc` apart.
+    let metrics = client()
+        .get(host.registry_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for label in [r#"service="acme/svc""#, r#"service="globex/svc""#] {
+        assert!(metrics.contains(label), "{label} in:\n{metrics}");
+    }
+
     // A tenant's deregistration acts in its own tenant only.
     let answer = client()
         .post(host.registry_url("/api/registry/deregister/svc"))

@@ -1619,12 +1619,22 @@ async fn openapi(
             || format!("http://{gateway}"),
             |host| format!("http://{}:{}", host.host(), gateway.port()),
         );
-    // One document per name: its default version's.
-    let services: Vec<Arc<Service>> = registry
-        .shared
-        .services
+    // One document per name: its default version's, of the name the
+    // caller's tenant reaches (its own, else the shared one; the admin
+    // token: the default tenant's).
+    let tenant = registry.reading_tenant(&headers)?;
+    let tenant = tenant.as_deref().unwrap_or(tenant::DEFAULT);
+    let table = &registry.shared.services;
+    let services: Vec<Arc<Service>> = table
         .list()
         .iter()
+        .filter(|versions| match versions.tenant() {
+            owner if owner == tenant => true,
+            owner if tenant::is_default(owner) => {
+                table.get(&tenant::key(tenant, versions.name())).is_none()
+            }
+            _ => false,
+        })
         .map(|versions| versions.default_version().clone())
         .collect();
     Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
