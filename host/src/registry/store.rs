@@ -1,6 +1,9 @@
 //! The registry's persistence: every accepted registration, in an embedded
 //! crash-safe database (redb) in the data directory: one record per
-//! service name holding its versions and their instances (format `"2"`;
+//! service name in a tenant, keyed `t/<tenant>/s/<name>` (the registry
+//! model's schema; a record under the bare name, written before tenants,
+//! is the default tenant's and moves to its key at its next write),
+//! holding its versions and their instances (format `"2"`;
 //! the single-version records of format `"1"` that earlier releases wrote
 //! are read as a name of one version, and rewritten in the new format at
 //! the name's next write), and the names' traffic policies, one record per
