@@ -24,6 +24,7 @@ use crate::plugin::{CallError, PluginRequest, PluginResponse, ServiceCalls};
 use crate::proxy::Proxy;
 use crate::remote::RemoteService;
 use crate::table::{Backend, Selection, ServiceTable};
+use crate::tenant::{self, X_TENANT_ID};
 
 /// Resolves plugins' calls in the service table.
 #[derive(Debug)]
@@ -154,8 +155,14 @@ impl ServiceCalls for ServiceCaller {
         let mut retried = false;
         loop {
             // A plugin's call asks for no version: the split or the
-            // default, as for a client that names none.
-            let backend = self.services.get(service).and_then(|versions| {
+            // default, as for a client that names none. It is resolved in
+            // its chain's tenant, which the context set.
+            let tenant = request
+                .headers
+                .get(X_TENANT_ID)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or(tenant::DEFAULT);
+            let backend = self.services.resolve(tenant, service).and_then(|versions| {
                 versions
                     .select(&Selection::Default, &request.headers)
                     .map(|s| (s.backend.clone(), s.traffic().clone()))

@@ -32,6 +32,7 @@ use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
 use crate::service::{HTTP_METHODS, ServiceInfo, Version, VersionReq};
 use crate::table::{Backend, Selection, Service, ServiceTable, Versions};
+use crate::tenant::{self, X_TENANT_ID};
 use crate::tunnel;
 
 /// What the gateway needs to serve.
@@ -52,6 +53,9 @@ pub struct Gateway {
     pub auth: Arc<ArcSwap<Authenticator>>,
     /// CORS, rate limits and concurrency limits; reloadable.
     pub admission: Arc<ArcSwap<Admission>>,
+    /// Whether a client's `X-Tenant-ID` chooses its tenant
+    /// (`[tenants] trust_header`).
+    pub trust_tenant_header: bool,
 }
 
 /// The gateway's routes.
@@ -240,8 +244,12 @@ async fn route(
         Ok(selection) => selection,
         Err(refused) => return *refused,
     };
-    let Some(versions) = gateway.services.get(name) else {
-        return unknown_service(name);
+    let tenant = match resolve_tenant(gateway, request.headers_mut()) {
+        Ok(tenant) => tenant,
+        Err(refused) => return *refused,
+    };
+    let Some(versions) = gateway.services.resolve(tenant_of(&tenant), name) else {
+        return unknown_service(name, &tenant);
     };
     let Some(service) = versions.select(&selection, request.headers()) else {
         return no_version(&versions, &selection);
@@ -325,8 +333,16 @@ async fn route(
         Backend::Plugin(_) => {
             let chosen = service.version().clone();
             drop(service);
-            let response =
-                call_plugin(gateway, name, rest, client, request, chosen, selection).await;
+            let response = call_plugin(
+                gateway,
+                (&tenant, name),
+                rest,
+                client,
+                request,
+                chosen,
+                selection,
+            )
+            .await;
             drop(in_flight);
             response
         }
@@ -450,20 +466,120 @@ fn authenticate(
     auth.admit(name, headers).map(Some)
 }
 
-fn unknown_service(name: &str) -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+fn unknown_service(name: &str, tenant: &Option<Arc<str>>) -> Response {
+    match tenant {
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+            .with("service", name),
+        Some(tenant) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no service named `{name}` in tenant `{tenant}` or shared"),
+        )
         .with("service", name)
-        .into_response()
+        .with("tenant", &**tenant),
+    }
+    .into_response()
 }
 
-/// Hands `request` to version `chosen` of the plugin `name` (the one
-/// `selection` picked) once its body is read. The name's versions are
+/// The tenant id of a resolved tenant (`None`: the default tenant).
+fn tenant_of(tenant: &Option<Arc<str>>) -> &str {
+    tenant.as_deref().unwrap_or(tenant::DEFAULT)
+}
+
+/// The tenant a request belongs to (`None`: the default tenant), with its
+/// `X-Tenant-ID` set to it for the service (or, while no credential can
+/// name a tenant and the header is not trusted, removed: then this is one
+/// branch and a header lookup). A credential naming a tenant decides;
+/// else a trusted `X-Tenant-ID`; else the default tenant. A trusted header
+/// naming another tenant than the credential is a 403 naming both; one
+/// that is no tenant id, or sent twice, a 400.
+fn resolve_tenant(
+    gateway: &Gateway,
+    headers: &mut HeaderMap,
+) -> Result<Option<Arc<str>>, Box<Response>> {
+    let auth = gateway.auth.load();
+    let credentials = auth.names_tenants();
+    if !credentials && !gateway.trust_tenant_header {
+        if headers.contains_key(X_TENANT_ID) {
+            headers.remove(X_TENANT_ID);
+        }
+        return Ok(None);
+    }
+    // Service-independent: a credential that fails here is judged again
+    // by the service's own authentication, which refuses it if it must.
+    let named: Option<Arc<str>> = if credentials {
+        auth.authenticate(headers)
+            .ok()
+            .flatten()
+            .and_then(|identity| identity.tenant().map(Arc::from))
+    } else {
+        None
+    };
+    drop(auth);
+    let claimed: Option<Arc<str>> = if gateway.trust_tenant_header {
+        let mut values = headers.get_all(X_TENANT_ID).iter();
+        match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(refuse_tenant(
+                    StatusCode::BAD_REQUEST,
+                    "X-Tenant-ID was sent more than once".to_owned(),
+                ));
+            }
+            (Some(value), None) => {
+                let text = value.to_str().unwrap_or_default();
+                if let Err(reason) = tenant::check(text) {
+                    return Err(refuse_tenant(
+                        StatusCode::BAD_REQUEST,
+                        format!("X-Tenant-ID refused: {reason}"),
+                    ));
+                }
+                Some(Arc::from(text))
+            }
+        }
+    } else {
+        None
+    };
+    let tenant = match (named, claimed) {
+        (Some(named), Some(claimed)) if named != claimed => {
+            return Err(Box::new(
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the credential belongs to tenant `{named}`, but X-Tenant-ID names `{claimed}`"
+                    ),
+                )
+                .with("tenant", &*named)
+                .with("x_tenant_id", &*claimed)
+                .into_response(),
+            ));
+        }
+        (Some(named), _) => Some(named),
+        (None, claimed) => claimed,
+    }
+    .filter(|tenant| !tenant::is_default(tenant));
+    // A tenant id is a valid header value (checked above or at load).
+    let value = HeaderValue::from_str(tenant_of(&tenant))
+        .unwrap_or_else(|_| HeaderValue::from_static(tenant::DEFAULT));
+    headers.insert(X_TENANT_ID, value);
+    Ok(tenant)
+}
+
+fn refuse_tenant(status: StatusCode, reason: String) -> Box<Response> {
+    Box::new(
+        ApiError::new(status, reason)
+            .with("field", "X-Tenant-ID")
+            .into_response(),
+    )
+}
+
+/// Hands `request` to version `chosen` of the plugin `name` as `tenant`
+/// reaches it (the one `selection` picked) once its body is read. The name's versions are
 /// looked up again then: the same version first, else what the same
 /// selection picks now, so a swap of one version never sends the request
 /// to another version than the client asked for.
 async fn call_plugin(
     gateway: &Gateway,
-    name: &str,
+    (tenant, name): (&Option<Arc<str>>, &str),
     rest: &str,
     client: SocketAddr,
     request: Request,
@@ -504,8 +620,8 @@ async fn call_plugin(
     // fresh lookup decides.
     let mut retried = false;
     loop {
-        let Some(versions) = gateway.services.get(name) else {
-            return unknown_service(name);
+        let Some(versions) = gateway.services.resolve(tenant_of(tenant), name) else {
+            return unknown_service(name, tenant);
         };
         let Some(service) = versions
             .version(&chosen)

@@ -28,6 +28,7 @@ pub mod service;
 pub mod settings;
 mod sync;
 pub mod table;
+pub mod tenant;
 pub mod traffic;
 pub mod tunnel;
 pub mod watcher;
@@ -152,6 +153,7 @@ pub async fn run(
             authenticator: live.authenticator.clone(),
             managed_keys: live.managed_keys.clone(),
             gateway_addr,
+            trust_tenant_header: config.file.tenants.trust_header,
         },
     )?;
 
@@ -211,6 +213,7 @@ pub async fn run(
         loop_guard,
         auth: live.authenticator.clone(),
         admission: live.admission.clone(),
+        trust_tenant_header: config.file.tenants.trust_header,
     });
     let liveness = registry.spawn_liveness();
     let admission_housekeeping = admission::spawn_housekeeping(live.admission.clone());

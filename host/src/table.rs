@@ -25,6 +25,7 @@ use crate::plugin::PluginRuntime;
 use crate::remote::{CheckOutcome, RemoteService, Status};
 use crate::service::{PublicEndpoints, RouteTemplates, ServiceInfo, Version, VersionReq};
 use crate::sync::lock;
+use crate::tenant;
 use crate::traffic::{Split, TrafficPolicy};
 
 /// Where a service's requests go.
@@ -176,6 +177,9 @@ pub enum Selection {
 /// replaces it whole.
 #[derive(Debug)]
 pub struct Versions {
+    /// Its key in the table: the name, or `<tenant>/<name>` outside the
+    /// default tenant.
+    key: String,
     /// Highest first, never empty.
     versions: Vec<Arc<Service>>,
     /// Index of the default version: the highest stable one, else the
@@ -190,7 +194,11 @@ pub struct Versions {
 }
 
 impl Versions {
-    fn build(mut versions: Vec<Arc<Service>>, policy: Option<Arc<TrafficPolicy>>) -> Option<Self> {
+    fn build(
+        key: &str,
+        mut versions: Vec<Arc<Service>>,
+        policy: Option<Arc<TrafficPolicy>>,
+    ) -> Option<Self> {
         if versions.is_empty() {
             return None;
         }
@@ -203,6 +211,7 @@ impl Versions {
             Split::compile(policy, versions.iter().map(|service| &service.version))
         });
         Some(Self {
+            key: key.to_owned(),
             versions,
             default,
             policy,
@@ -213,6 +222,16 @@ impl Versions {
     /// The name.
     pub fn name(&self) -> &str {
         &self.versions[0].info.name
+    }
+
+    /// The tenant it belongs to.
+    pub fn tenant(&self) -> &str {
+        tenant::split_key(&self.key).0
+    }
+
+    /// Its key in the table (see [`tenant::key`]).
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// Every version, highest first.
@@ -265,6 +284,8 @@ impl Versions {
 /// costs O(log n), not a full clone.
 #[derive(Debug, Default)]
 struct Snapshot {
+    /// By [`tenant::key`]: a default-tenant name is its own key, so its
+    /// lookup is one hash lookup as before tenants.
     entries: imbl::HashMap<String, Arc<Versions>>,
     /// Kept whether or not the name has versions now: a policy outlives
     /// its versions (a name may come back, a plugin may be reloaded).
@@ -304,19 +325,36 @@ impl ServiceTable {
         Self::default()
     }
 
-    /// The versions of the service named `name`, if any.
-    pub fn get(&self, name: &str) -> Option<Arc<Versions>> {
-        self.current.load().entries.get(name).cloned()
+    /// The versions of the service whose key is `key` (for the default
+    /// tenant, its name), if any.
+    pub fn get(&self, key: &str) -> Option<Arc<Versions>> {
+        self.current.load().entries.get(key).cloned()
     }
 
-    /// Every name's versions, sorted by name.
+    /// The versions of `name` a request of `tenant` reaches: the tenant's
+    /// own, else the shared (default tenant's) one; never another
+    /// tenant's. For the default tenant, one lookup.
+    pub fn resolve(&self, tenant: &str, name: &str) -> Option<Arc<Versions>> {
+        if tenant::is_default(tenant) {
+            return self.get(name);
+        }
+        let current = self.current.load();
+        current
+            .entries
+            .get(tenant::key(tenant, name).as_ref())
+            .or_else(|| current.entries.get(name))
+            .cloned()
+    }
+
+    /// Every name's versions, in every tenant, sorted by name, then
+    /// tenant.
     pub fn list(&self) -> Arc<[Arc<Versions>]> {
         let snapshot = self.current.load();
         snapshot
             .sorted
             .get_or_init(|| {
                 let mut names: Vec<_> = snapshot.entries.values().cloned().collect();
-                names.sort_by(|a, b| a.name().cmp(b.name()));
+                names.sort_by(|a, b| (a.name(), a.tenant()).cmp(&(b.name(), b.tenant())));
                 names.into()
             })
             .clone()
@@ -331,42 +369,43 @@ impl ServiceTable {
             .collect()
     }
 
-    /// Replaces the versions of `name` by what `change` makes of them (an
-    /// empty list removes the name), unless it refuses. `change` sees the
+    /// Replaces the versions under `key` (a name, or `<tenant>/<name>`:
+    /// [`tenant::key`]) by what `change` makes of them (an empty list
+    /// removes the name), unless it refuses. `change` sees the
     /// versions there are (none for a new name) under the writers' lock,
     /// so its check and the replacement are one atomic step. Returns the
     /// versions replaced. Listeners of [`Self::freed_names`] are told the
-    /// name if a version it had is gone.
+    /// key if a version it had is gone.
     pub fn update<E>(
         &self,
-        name: &str,
+        key: &str,
         change: impl FnOnce(&[Arc<Service>]) -> Result<Vec<Arc<Service>>, E>,
     ) -> Result<Vec<Arc<Service>>, E> {
         let _guard = lock(&self.write);
         let current = self.current.load_full();
         let previous: Vec<Arc<Service>> = current
             .entries
-            .get(name)
+            .get(key)
             .map(|entry| entry.versions.clone())
             .unwrap_or_default();
         let next_versions = change(&previous)?;
         debug_assert!(
             next_versions
                 .iter()
-                .all(|service| service.info.name == name),
+                .all(|service| service.info.name == tenant::split_key(key).1),
             "a name's entry holds only that name's versions"
         );
         let freed = previous
             .iter()
             .any(|old| !next_versions.iter().any(|new| new.version == old.version));
         let mut next = current.to_change();
-        match Versions::build(next_versions, current.policies.get(name).cloned()) {
-            Some(entry) => next.entries.insert(name.to_owned(), Arc::new(entry)),
-            None => next.entries.remove(name),
+        match Versions::build(key, next_versions, current.policies.get(key).cloned()) {
+            Some(entry) => next.entries.insert(key.to_owned(), Arc::new(entry)),
+            None => next.entries.remove(key),
         };
         self.current.store(Arc::new(next));
         if freed {
-            lock(&self.freed).retain(|listener| listener.send(name.to_owned()).is_ok());
+            lock(&self.freed).retain(|listener| listener.send(key.to_owned()).is_ok());
         }
         Ok(previous)
     }
@@ -383,14 +422,14 @@ impl ServiceTable {
             None => next.policies.remove(name),
         };
         if let Some(entry) = current.entries.get(name)
-            && let Some(rebuilt) = Versions::build(entry.versions.clone(), policy)
+            && let Some(rebuilt) = Versions::build(name, entry.versions.clone(), policy)
         {
             next.entries.insert(name.to_owned(), Arc::new(rebuilt));
         }
         self.current.store(Arc::new(next));
     }
 
-    /// A channel that receives the name of every service that lost a
+    /// A channel that receives the key of every service that lost a
     /// version (or went) from now on, so that whoever waits for a name (a
     /// plugin file refused because the name or its version was taken) can
     /// try again.
@@ -400,15 +439,15 @@ impl ServiceTable {
         receiver
     }
 
-    /// Removes the versions of `name` for which `should_remove` holds;
+    /// Removes the versions under `key` for which `should_remove` holds;
     /// returns them.
     pub fn remove_if(
         &self,
-        name: &str,
+        key: &str,
         should_remove: impl Fn(&Service) -> bool,
     ) -> Vec<Arc<Service>> {
         let mut removed = Vec::new();
-        let _ = self.update::<()>(name, |versions| {
+        let _ = self.update::<()>(key, |versions| {
             let (gone, kept) = versions
                 .iter()
                 .cloned()
@@ -549,5 +588,28 @@ mod tests {
             Some(&policy),
             "a policy outlives its versions"
         );
+    }
+
+    #[test]
+    fn a_tenant_reaches_its_own_then_the_shared_never_anothers() {
+        let table = ServiceTable::new();
+        table
+            .update::<()>("acme/svc", |_| Ok(vec![version("2.0.0")]))
+            .unwrap();
+        let reached = |tenant: &str| {
+            table
+                .resolve(tenant, "svc")
+                .map(|versions| (versions.tenant().to_owned(), versions.key().to_owned()))
+        };
+        assert_eq!(reached("acme"), Some(("acme".into(), "acme/svc".into())));
+        assert_eq!(reached("globex"), None, "never another tenant's");
+        assert_eq!(reached(tenant::DEFAULT), None);
+        table
+            .update::<()>("svc", |_| Ok(vec![version("1.0.0")]))
+            .unwrap();
+        assert_eq!(reached("globex"), Some(("default".into(), "svc".into())));
+        assert_eq!(reached("acme").unwrap().1, "acme/svc", "its own first");
+        let listed: Vec<String> = table.list().iter().map(|v| v.key().to_owned()).collect();
+        assert_eq!(listed, ["acme/svc", "svc"]);
     }
 }

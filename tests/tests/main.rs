@@ -26,5 +26,6 @@ mod registry_scale;
 mod registry_tokens;
 mod scaffold;
 mod store;
+mod tenants;
 mod versions;
 mod websocket;

@@ -634,7 +634,13 @@ async fn a_store_written_before_versions_is_migrated_on_read() {
         let table = read
             .open_table(redb::TableDefinition::<&str, &[u8]>::new("remote_services"))
             .expect("table");
-        let value = redb::ReadableTable::get(&table, "legacy")
+        assert!(
+            redb::ReadableTable::get(&table, "legacy")
+                .expect("get")
+                .is_none(),
+            "moved to the tenant's key"
+        );
+        let value = redb::ReadableTable::get(&table, "t/default/s/legacy")
             .expect("get")
             .expect("stored");
         let text = String::from_utf8_lossy(value.value()).into_owned();

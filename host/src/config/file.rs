@@ -24,6 +24,7 @@ use crate::plugin::FileChecks;
 use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
 use crate::remote::{HealthSettings, LoadBalancingSettings, OutlierSettings};
+use crate::tenant::TenantSettings;
 
 use super::LogFormat;
 
@@ -75,6 +76,9 @@ pub struct FileConfig {
     /// `[health]`: health check thresholds and the protect threshold.
     #[serde(default)]
     pub health: HealthSettings,
+    /// `[tenants]`: whether `X-Tenant-ID` is trusted. Restart-only.
+    #[serde(default)]
+    pub tenants: TenantSettings,
 }
 
 /// `[log]`.

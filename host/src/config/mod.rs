@@ -622,6 +622,11 @@ impl Config {
             metrics_path => "metrics.path",
             log_format => "log.format",
         }
+        // Handed as a plain value to the gateway and the registry.
+        if self.file.tenants != running.file.tenants {
+            self.file.tenants = running.file.tenants.clone();
+            kept.push("tenants.trust_header");
+        }
         (self, kept)
     }
 }

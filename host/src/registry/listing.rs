@@ -61,6 +61,16 @@ pub(super) struct ListQuery {
     status: Option<Status>,
     /// Only services whose name starts with this.
     name_prefix: Option<String>,
+    /// Only services of this tenant (the admin token's, or the caller's
+    /// own tenant).
+    tenant: Option<String>,
+}
+
+impl ListQuery {
+    /// The tenant asked for, if any.
+    pub(super) fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
 }
 
 /// A service's kind, as a filter.
@@ -110,15 +120,22 @@ struct Entry {
 }
 
 impl Listing {
-    /// Answers a listing of `services` (sorted by name) under `policy`.
+    /// Answers a listing of the `services` (sorted by name) the caller
+    /// sees (`visible`), under `policy`.
     pub(super) fn answer(
         &self,
         services: &[Arc<Versions>],
         policy: &Arc<InstancePolicy>,
-        query: ListQuery,
+        query: &ListQuery,
+        visible: &dyn Fn(&Versions) -> bool,
     ) -> Result<Response, ApiError> {
         let paged = query.limit.is_some() || query.cursor.is_some();
-        if !paged && query.kind.is_none() && query.status.is_none() && query.name_prefix.is_none() {
+        let filtered =
+            query.kind.is_some() || query.status.is_some() || query.name_prefix.is_some();
+        // The cache holds every name's entry: it answers a caller who
+        // sees them all (the admin token, or any caller while there is no
+        // tenant but the default one).
+        if !paged && !filtered && services.iter().all(|versions| visible(versions)) {
             return self.whole(services, policy).map(json).map_err(unwritable);
         }
         let limit = match query.limit {
@@ -139,7 +156,7 @@ impl Listing {
         });
         let mut selected = services[start..]
             .iter()
-            .filter(|service| selects(&query, service, policy));
+            .filter(|versions| visible(versions) && selects(query, versions, policy));
         let page: Vec<&Arc<Versions>> = selected.by_ref().take(limit).collect();
         let listed: Vec<Listed<'_>> = page
             .iter()
@@ -365,7 +382,7 @@ pub(super) fn bad_query(rejection: QueryRejection) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         format!(
-            "{}; the listing takes limit (1 to {MAX_PAGE}), cursor, kind (plugin or remote), status (healthy or unhealthy) and name_prefix",
+            "{}; the listing takes limit (1 to {MAX_PAGE}), cursor, kind (plugin or remote), status (healthy or unhealthy), name_prefix and tenant",
             rejection.body_text()
         ),
     )

@@ -53,6 +53,7 @@ use crate::remote::{self, Instance, InstancePolicy, RemoteService, RemoteSpec};
 use crate::service::{ServiceInfo, Version};
 use crate::sync::lock;
 use crate::table::{Backend, Service, ServiceTable, Versions};
+use crate::tenant;
 use model::{Invalid, Registration};
 use store::{RecordError, Store, StoreError, StoredInstance, StoredService, StoredVersion};
 
@@ -91,6 +92,9 @@ pub struct RegistryConfig {
     /// The gateway's address, as bound: where the API catalogue sends
     /// clients.
     pub gateway_addr: SocketAddr,
+    /// Whether a caller's `X-Tenant-ID` chooses its tenant when its token
+    /// names none (`[tenants] trust_header`).
+    pub trust_tenant_header: bool,
 }
 
 /// Why the registry could not start.
@@ -134,6 +138,7 @@ struct Shared {
     /// The listing as last built.
     listing: listing::Listing,
     gateway_addr: SocketAddr,
+    trust_tenant_header: bool,
     /// Serializes the registrations, deregistrations and evictions of one
     /// name. Each is a look at the table, a durable write, then a change of
     /// the table; two of them interleaved could leave the database and the
@@ -205,6 +210,7 @@ impl Registry {
         let mut unchecked = 0;
         for loaded in store.load()? {
             let name = loaded.name;
+            let key = tenant::key(&loaded.tenant, &name).into_owned();
             unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
                 Ok(stored)
@@ -235,7 +241,7 @@ impl Registry {
                     continue;
                 }
             };
-            storage.set(&name, Some(stored_size(&stored)));
+            storage.set(&key, Some(stored_size(&stored)));
             let versions = match stored
                 .versions
                 .iter()
@@ -248,7 +254,7 @@ impl Registry {
                     continue;
                 }
             };
-            let inserted = services.update(&name, |held| match held.first() {
+            let inserted = services.update(&key, |held| match held.first() {
                 None => Ok(versions),
                 Some(holder) => Err(holder.clone()),
             });
@@ -259,9 +265,9 @@ impl Registry {
                 }
             }
         }
-        for (name, policy) in store.load_traffic()? {
+        for (tenant, name, policy) in store.load_traffic()? {
             match policy {
-                Ok(policy) => services.set_policy(&name, Some(policy)),
+                Ok(policy) => services.set_policy(&tenant::key(&tenant, &name), Some(policy)),
                 Err(error) => {
                     tracing::error!(service = %name, %error, "stored traffic policy cannot be read; left in the database, not applied");
                 }
@@ -301,17 +307,18 @@ impl Registry {
                 catalogue,
                 listing: listing::Listing::default(),
                 gateway_addr: config.gateway_addr,
+                trust_tenant_header: config.trust_tenant_header,
                 writes: NameLocks::new(),
                 key_writes: tokio::sync::Mutex::new(()),
             }),
         })
     }
 
-    /// The versions of `name`, as the registry writes them: none for a
-    /// free name, the holder's 409 for a name plugins hold (kinds do not
-    /// mix under one name).
-    fn remote_versions(&self, name: &str) -> Result<Vec<Arc<Service>>, ApiError> {
-        match self.shared.services.get(name) {
+    /// The versions under `key` (a name in a tenant, [`tenant::key`]), as
+    /// the registry writes them: none for a free name, the holder's 409
+    /// for a name plugins hold (kinds do not mix under one name).
+    fn remote_versions(&self, key: &str) -> Result<Vec<Arc<Service>>, ApiError> {
+        match self.shared.services.get(key) {
             None => Ok(Vec::new()),
             Some(versions) => match versions.default_version().backend {
                 Backend::Plugin(_) => Err(name_taken(versions.default_version())),
@@ -388,6 +395,64 @@ impl Registry {
             .map_err(unauthenticated)
     }
 
+    /// The tenant a write of `writer` acts in: its token's, else (when
+    /// `[tenants] trust_header` is on, or for the admin token) the
+    /// request's `X-Tenant-ID`, else the default tenant. A token's tenant
+    /// and a different header are a 403 naming both; a header that is no
+    /// tenant id, a 400.
+    fn tenant(&self, writer: &Writer, headers: &HeaderMap) -> Result<String, ApiError> {
+        let named = match writer {
+            Writer::Token(token) => token.tenant(),
+            Writer::Anyone | Writer::Admin => None,
+        };
+        let trusted = self.shared.trust_tenant_header || matches!(writer, Writer::Admin);
+        let claimed = match headers.get(tenant::X_TENANT_ID) {
+            Some(value) if trusted => {
+                let text = value.to_str().unwrap_or_default();
+                tenant::check(text).map_err(|reason| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("X-Tenant-ID refused: {reason}"),
+                    )
+                    .with("field", "X-Tenant-ID")
+                })?;
+                Some(text)
+            }
+            _ => None,
+        };
+        match (named, claimed) {
+            (Some(named), Some(claimed)) if named != claimed => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the registry token belongs to tenant `{named}`, but X-Tenant-ID names `{claimed}`"
+                ),
+            )
+            .with("tenant", named)
+            .with("x_tenant_id", claimed)),
+            (Some(tenant), _) | (None, Some(tenant)) => Ok(tenant.to_owned()),
+            (None, None) => Ok(tenant::DEFAULT.to_owned()),
+        }
+    }
+
+    /// Which tenants' services a listing request sees: `None` for the
+    /// admin token (every tenant), else the caller's tenant (besides the
+    /// shared ones), as [`Self::tenant`] decides it for a writer. A
+    /// listing open to anyone is read as the default tenant unless the
+    /// header is trusted.
+    fn reading_tenant(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+        let tokens = self.shared.tokens.load();
+        let writer = if tokens.is_open() || !headers.contains_key(header::AUTHORIZATION) {
+            Writer::Anyone
+        } else {
+            tokens.writer(headers).map_err(unauthenticated)?
+        };
+        drop(tokens);
+        match writer {
+            Writer::Admin => Ok(None),
+            writer => self.tenant(&writer, headers).map(Some),
+        }
+    }
+
     /// Whether the request carries the admin token.
     fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         self.shared
@@ -426,9 +491,11 @@ impl Registry {
         registration: Registration,
         caller: IpAddr,
         writer: Writer,
+        tenant: String,
     ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
+        let key = tenant::key(&tenant, &name).into_owned();
         let version = Version::parse(&spec.info.version).map_err(|error| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -437,8 +504,8 @@ impl Registry {
             .with("field", "version")
         })?;
         let id = instance.to_string();
-        let _writes = self.shared.writes.lock(&name).await;
-        let current = self.remote_versions(&name)?;
+        let _writes = self.shared.writes.lock(&key).await;
+        let current = self.remote_versions(&key)?;
         let first = current.first().and_then(|service| remote_of(service));
         may_write(&writer, &name, first, "name")?;
         let owner_token = match &writer {
@@ -556,10 +623,11 @@ impl Registry {
             }
         }
         next.push(added);
-        self.commit(&name, &current, next).await?;
+        self.commit(&key, &current, next).await?;
         joining.refresh();
         tracing::info!(
             service = %name,
+            tenant = %tenant,
             instance = %id,
             instances,
             version = %version,
@@ -573,6 +641,7 @@ impl Registry {
         };
         let answer = json!({
             "service_id": name,
+            "tenant": tenant,
             "status": change.word(),
             "instance_id": id,
             "version": version.to_string(),
@@ -702,27 +771,31 @@ impl Registry {
         Ok((remote.instances().members().to_vec(), change))
     }
 
-    /// Makes `next` the versions of `name` (none: the name goes), durably,
-    /// then routes them; `current` is what the table holds now. A name
+    /// Makes `next` the versions under `key` (a name in a tenant:
+    /// [`tenant::key`]; none: the name goes), durably, then routes them;
+    /// `current` is what the table holds now. A name
     /// that was free may have been taken by a plugin file meanwhile (the
     /// table decides; the write is undone then). Called under the name's lock.
     async fn commit(
         &self,
-        name: &str,
+        key: &str,
         current: &[Arc<Service>],
         next: Vec<Arc<Service>>,
     ) -> Result<(), ApiError> {
-        let owned = name.to_owned();
+        let (tenant, name) = tenant::split_key(key);
+        let (owned_tenant, owned) = (tenant.to_owned(), name.to_owned());
         if next.is_empty() {
-            self.durably(name, move |store| store.delete(&owned))
+            self.durably(name, move |store| store.delete(&owned_tenant, &owned))
                 .await?;
-            self.record_storage(name, None);
+            self.record_storage(key, None);
         } else {
             let stored = stored_record(&next);
             let size = stored_size(&stored);
-            self.reserve_storage(name, size)?;
-            let written = self.durably(name, move |store| store.put(&stored)).await;
-            lock(&self.shared.storage).settle(name, size, written.is_ok());
+            self.reserve_storage(key, size)?;
+            let written = self
+                .durably(name, move |store| store.put(&owned_tenant, &stored))
+                .await;
+            lock(&self.shared.storage).settle(key, size, written.is_ok());
             written?;
         }
         let fresh: Vec<Arc<RemoteService>> = next
@@ -730,7 +803,7 @@ impl Registry {
             .filter(|service| !current.iter().any(|held| Arc::ptr_eq(held, service)))
             .filter_map(|service| remote_of(service).cloned())
             .collect();
-        let updated = self.shared.services.update(name, |held| {
+        let updated = self.shared.services.update(key, |held| {
             match held.iter().find(|service| remote_of(service).is_none()) {
                 Some(plugin) => Err(plugin.clone()),
                 None => Ok(next),
@@ -742,11 +815,11 @@ impl Registry {
             // write.
             debug_assert!(current.is_empty(), "only a new name can lose a race");
             let undo = self.durably(name, {
-                let name = name.to_owned();
-                move |store| store.delete(&name)
+                let (tenant, name) = (tenant.to_owned(), name.to_owned());
+                move |store| store.delete(&tenant, &name)
             });
             match undo.await {
-                Ok(()) => self.record_storage(name, None),
+                Ok(()) => self.record_storage(key, None),
                 Err(error) => {
                     tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
                 }
@@ -857,13 +930,14 @@ impl Registry {
 
     async fn deregister(
         &self,
-        name: &str,
+        (tenant, name): (&str, &str),
         which: Deregistered<'_>,
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock(name).await;
-        let versions = match self.shared.services.get(name) {
+        let key = tenant::key(tenant, name);
+        let _writes = self.shared.writes.lock(&key).await;
+        let versions = match self.shared.services.get(&key) {
             None => return Err(not_registered(name, "name")),
             Some(versions) => match &versions.default_version().backend {
                 Backend::Remote(_) => versions.all().to_vec(),
@@ -891,7 +965,7 @@ impl Registry {
                 .collect(),
         };
         let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
-        let remaining = self.remove_instances(name, &versions, &targets).await?;
+        let remaining = self.remove_instances(&key, &versions, &targets).await?;
         tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
         Ok(axum::Json(json!({
             "service_id": name,
@@ -902,13 +976,13 @@ impl Registry {
         .into_response())
     }
 
-    /// Removes `targets` from the versions of `name` (`current`) durably;
+    /// Removes `targets` from the versions under `key` (`current`) durably;
     /// a version goes with its last instance, the name with its last
     /// version. Returns how many instances remain. Called under
     /// the name's lock.
     async fn remove_instances(
         &self,
-        name: &str,
+        key: &str,
         current: &[Arc<Service>],
         targets: &[Arc<Instance>],
     ) -> Result<usize, ApiError> {
@@ -931,7 +1005,7 @@ impl Registry {
                 next.push(self.with_members(held, kept));
             }
         }
-        self.commit(name, current, next).await?;
+        self.commit(key, current, next).await?;
         Ok(remaining)
     }
 
@@ -941,13 +1015,24 @@ impl Registry {
     /// goes with its last instance, the service with its last version.
     async fn evict(&self, remote: &Arc<RemoteService>) {
         let name = remote.name().to_owned();
-        let _writes = self.shared.writes.lock(&name).await;
-        let Some(versions) = self
+        let held = |versions: &Arc<Versions>| {
+            versions.name() == name && versions.all().iter().any(|service| holds(service, remote))
+        };
+        // Whichever tenant holds it; evictions are rare, a scan is cheap.
+        let Some(found) = self
             .shared
             .services
-            .get(&name)
-            .filter(|versions| versions.all().iter().any(|service| holds(service, remote)))
+            .list()
+            .iter()
+            .find(|v| held(v))
+            .cloned()
         else {
+            return;
+        };
+        let _writes = self.shared.writes.lock(found.key()).await;
+        // Looked at again under the lock: a registration or a
+        // deregistration may have come meanwhile.
+        let Some(versions) = self.shared.services.get(found.key()).filter(held) else {
             return;
         };
         let silent = remote.silent_instances(self.shared.policy.evict_after);
@@ -955,7 +1040,10 @@ impl Registry {
             return;
         }
         // A failed write is logged; the next round tries again.
-        let Ok(remaining) = self.remove_instances(&name, versions.all(), &silent).await else {
+        let Ok(remaining) = self
+            .remove_instances(versions.key(), versions.all(), &silent)
+            .await
+        else {
             return;
         };
         let ids: Vec<&str> = silent.iter().map(|instance| instance.id()).collect();
@@ -1018,6 +1106,7 @@ fn restore_api_keys(
                         id: stored.id,
                         sha256: stored.sha256,
                         services: stored.services,
+                        tenant: stored.tenant,
                     },
                     authenticator,
                 )
@@ -1368,6 +1457,7 @@ async fn register(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
     let instance = &registration.instance;
@@ -1380,7 +1470,12 @@ async fn register(
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {refused}"))
                 .with("field", "host")
         })?;
-    uncancellable(async move { registry.register(registration, caller.ip(), writer).await }).await
+    uncancellable(async move {
+        registry
+            .register(registration, caller.ip(), writer, tenant)
+            .await
+    })
+    .await
 }
 
 async fn heartbeat(
@@ -1390,10 +1485,11 @@ async fn heartbeat(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
-    let Some(versions) = registry.shared.services.get(&name) else {
+    let Some(versions) = registry.shared.services.get(&tenant::key(&tenant, &name)) else {
         tracing::debug!(service = %Escaped(&name), "heartbeat for an unknown service");
         return Err(not_registered(&name, "service_id"));
     };
@@ -1451,6 +1547,7 @@ async fn deregister(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path(name) = path.map_err(bad_path)?;
     let body = registry.read_body(body, &headers).await?;
     let instance_id = model::parse_deregistration(&body)
@@ -1459,7 +1556,7 @@ async fn deregister(
     uncancellable(async move {
         registry
             .deregister(
-                &name,
+                (&tenant, &name),
                 Deregistered::Chosen(instance_id.as_deref()),
                 caller.ip(),
                 writer,
@@ -1478,11 +1575,12 @@ async fn deregister_instance(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path((name, instance_id)) = path.map_err(bad_path)?;
     uncancellable(async move {
         registry
             .deregister(
-                &name,
+                (&tenant, &name),
                 Deregistered::Chosen(Some(&instance_id)),
                 caller.ip(),
                 writer,
@@ -1507,8 +1605,10 @@ async fn uncancellable(
     })
 }
 
-/// `GET /api/registry/services`, whole (from the listing's cache) or a
-/// page or filter of it (see [`listing`]).
+/// `GET /api/registry/services`: the caller's tenant's services and the
+/// shared ones; for the admin token, every tenant's, or only those of the
+/// tenant `?tenant=` names. Whole (from the listing's cache while the
+/// caller sees every name) or a page or filter of it (see [`listing`]).
 async fn list_services(
     State(registry): State<Registry>,
     headers: HeaderMap,
@@ -1516,9 +1616,35 @@ async fn list_services(
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
     let Query(query) = query.map_err(listing::bad_query)?;
+    let caller = registry.reading_tenant(&headers)?;
+    let asked = query.tenant();
+    if let Some(asked) = asked {
+        tenant::check(asked).map_err(|reason| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("tenant: {reason}"))
+                .with("field", "tenant")
+        })?;
+        if let Some(caller) = caller.as_deref().filter(|caller| *caller != asked) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("the listing of tenant `{asked}` needs the admin token; this caller is tenant `{caller}`"),
+            )
+            .with("field", "tenant")
+            .with("tenant", caller));
+        }
+    }
+    let visible = |versions: &Versions| match (asked, caller.as_deref()) {
+        (Some(asked), _) => versions.tenant() == asked,
+        (None, None) => true,
+        (None, Some(caller)) => {
+            versions.tenant() == caller || tenant::is_default(versions.tenant())
+        }
+    };
     let services = registry.shared.services.list();
     let policy = registry.shared.instances.load_full();
-    registry.shared.listing.answer(&services, &policy, query)
+    registry
+        .shared
+        .listing
+        .answer(&services, &policy, &query, &visible)
 }
 
 async fn get_service(
@@ -1528,7 +1654,12 @@ async fn get_service(
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
-    match registry.shared.services.get(&name) {
+    let tenant = registry.reading_tenant(&headers)?;
+    let found = match &tenant {
+        Some(tenant) => registry.shared.services.resolve(tenant, &name),
+        None => registry.shared.services.get(&name),
+    };
+    match found {
         Some(service) => {
             Ok(axum::Json(describe(&service, &registry.shared.instances.load())).into_response())
         }
@@ -1556,12 +1687,22 @@ async fn openapi(
             || format!("http://{gateway}"),
             |host| format!("http://{}:{}", host.host(), gateway.port()),
         );
-    // One document per name: its default version's.
-    let services: Vec<Arc<Service>> = registry
-        .shared
-        .services
+    // One document per name: its default version's, of the name the
+    // caller's tenant reaches (its own, else the shared one; the admin
+    // token: the default tenant's).
+    let tenant = registry.reading_tenant(&headers)?;
+    let tenant = tenant.as_deref().unwrap_or(tenant::DEFAULT);
+    let table = &registry.shared.services;
+    let services: Vec<Arc<Service>> = table
         .list()
         .iter()
+        .filter(|versions| match versions.tenant() {
+            owner if owner == tenant => true,
+            owner if tenant::is_default(owner) => {
+                table.get(&tenant::key(tenant, versions.name())).is_none()
+            }
+            _ => false,
+        })
         .map(|versions| versions.default_version().clone())
         .collect();
     Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
@@ -1599,6 +1740,8 @@ fn refusal(invalid: Invalid) -> ApiError {
 struct Listed<'a> {
     #[serde(flatten)]
     info: &'a ServiceInfo,
+    /// The tenant it belongs to (`default`: shared).
+    tenant: &'a str,
     kind: &'static str,
     #[serde(flatten)]
     details: Details<'a>,
@@ -1722,6 +1865,7 @@ fn describe<'a>(versions: &'a Versions, policy: &InstancePolicy) -> Listed<'a> {
     }
     Listed {
         info: &default.info,
+        tenant: versions.tenant(),
         kind: versions.kind(),
         details,
         default_version: &default.info.version,

@@ -1,6 +1,9 @@
 //! The registry's persistence: every accepted registration, in an embedded
 //! crash-safe database (redb) in the data directory: one record per
-//! service name holding its versions and their instances (format `"2"`;
+//! service name in a tenant, keyed `t/<tenant>/s/<name>` (the registry
+//! model's schema; a record under the bare name, written before tenants,
+//! is the default tenant's and moves to its key at its next write),
+//! holding its versions and their instances (format `"2"`;
 //! the single-version records of format `"1"` that earlier releases wrote
 //! are read as a name of one version, and rewritten in the new format at
 //! the name's next write), and the names' traffic policies, one record per
@@ -67,13 +70,15 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::remote::{InstanceAddr, RemoteSpec};
+use crate::tenant;
 use crate::traffic::TrafficPolicy;
 
-/// Service name -> the checksum line and the JSON of a [`Record`].
+/// `t/<tenant>/s/<name>` (or, written before tenants, the bare name: the
+/// default tenant's) -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
 
-/// Service name -> the checksum line and the JSON of its
-/// [`TrafficPolicy`]: kept apart from the registrations, since plugin names
+/// `t/<tenant>/s/<name>` (or the bare name, as for [`SERVICES`]) -> the
+/// checksum line and the JSON of its [`TrafficPolicy`]: kept apart from the registrations, since plugin names
 /// have policies too, and a policy outlives the versions it names.
 const TRAFFIC: TableDefinition<&str, &[u8]> = TableDefinition::new("traffic_policies");
 
@@ -169,15 +174,18 @@ pub struct StoredApiKey {
     pub sha256: String,
     /// Services it may reach; `None`: every service.
     pub services: Option<Vec<String>>,
+    /// The tenant it names; absent in keys stored before tenants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One stored API key as read back: its id, and the key or why it is not
 /// used.
 pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 
-/// One stored traffic policy as read back: its service name, and the
-/// policy or why it is not used.
-pub type LoadedPolicy = (String, Result<TrafficPolicy, RecordError>);
+/// One stored traffic policy as read back: its tenant, its service name,
+/// and the policy or why it is not used.
+pub type LoadedPolicy = (String, String, Result<TrafficPolicy, RecordError>);
 
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
@@ -257,7 +265,10 @@ pub enum RecordError {
 /// One stored record as read back.
 #[derive(Debug)]
 pub struct Loaded {
-    /// Its key.
+    /// The tenant it belongs to: the default tenant for a record written
+    /// before tenants (keyed by its bare name).
+    pub tenant: String,
+    /// Its service name.
     pub name: String,
     /// The record, or why it is not used.
     pub service: Result<StoredService, RecordError>,
@@ -297,6 +308,15 @@ enum Write {
     Remove {
         table: Table,
         key: String,
+    },
+    /// A record written (`value`) or removed (`None`) under its tenant key,
+    /// with the record of the same name written before tenants (`legacy`,
+    /// under the bare name) removed with it.
+    Keyed {
+        table: Table,
+        key: String,
+        value: Option<Vec<u8>>,
+        legacy: Option<String>,
     },
     /// Fails its group, as a failing disk would.
     #[cfg(test)]
@@ -396,10 +416,12 @@ impl Store {
         let table = read.open_table(SERVICES).map_err(redb::Error::from)?;
         let mut loaded = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
-            let (name, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(redb::Error::from)?;
             let (service, checksummed) = decode(value.value());
+            let (tenant, name) = tenant_and_name(key.value());
             loaded.push(Loaded {
-                name: name.value().to_owned(),
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
                 service,
                 checksummed,
             });
@@ -407,11 +429,34 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Stores `service` under its name, replacing what was there; durable
+    /// Stores `service` under its tenant and name, replacing what was
+    /// there (a default-tenant record written before tenants, under the
+    /// bare name, is removed in the same transaction: migrated); durable
     /// when it returns.
-    pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
+    pub fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
         let encoded = checksummed(&serde_json::to_vec(&Record::V2(service.clone()))?);
-        self.insert(Table::Services, service.name(), encoded)
+        self.put_keyed(Table::Services, tenant, service.name(), Some(encoded))
+    }
+
+    /// Writes `value` (or with `None` removes the record) of `name` in
+    /// `tenant` under its key `t/<tenant>/s/<name>`, and removes a
+    /// default-tenant record under the bare name (written before tenants)
+    /// in the same transaction: migrated, never left to shadow the new
+    /// one. Durable when it returns.
+    fn put_keyed(
+        &self,
+        table: Table,
+        tenant: &str,
+        name: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        self.write(Write::Keyed {
+            table,
+            key: record_key(tenant, name),
+            value,
+            legacy: tenant::is_default(tenant).then(|| name.to_owned()),
+        })
+        .map(drop)
     }
 
     /// Every stored traffic policy, by service name, or why one cannot be
@@ -421,32 +466,37 @@ impl Store {
         let table = read.open_table(TRAFFIC).map_err(redb::Error::from)?;
         let mut policies = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
-            let (name, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(redb::Error::from)?;
             let policy = verified(value.value())
                 .and_then(|json| serde_json::from_slice(json).map_err(RecordError::from));
-            policies.push((name.value().to_owned(), policy));
+            let (tenant, name) = tenant_and_name(key.value());
+            policies.push((tenant.to_owned(), name.to_owned(), policy));
         }
         Ok(policies)
     }
 
-    /// Stores the traffic policy of `name`, replacing what was there;
-    /// durable when it returns.
-    pub fn put_traffic(&self, name: &str, policy: &TrafficPolicy) -> Result<(), StoreError> {
-        self.insert(
-            Table::Traffic,
-            name,
-            checksummed(&serde_json::to_vec(policy)?),
-        )
+    /// Stores the traffic policy of `name` in `tenant`, replacing what was
+    /// there; durable when it returns.
+    pub fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError> {
+        let encoded = checksummed(&serde_json::to_vec(policy)?);
+        self.put_keyed(Table::Traffic, tenant, name, Some(encoded))
     }
 
-    /// Removes the traffic policy of `name`; durable when it returns.
-    pub fn delete_traffic(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(Table::Traffic, name)
+    /// Removes the traffic policy of `name` in `tenant`; durable when it
+    /// returns.
+    pub fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.put_keyed(Table::Traffic, tenant, name, None)
     }
 
-    /// Removes the registration of `name`; durable when it returns.
-    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(Table::Services, name)
+    /// Removes the registration of `name` in `tenant` (in the default
+    /// tenant, under either key); durable when it returns.
+    pub fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.put_keyed(Table::Services, tenant, name, None)
     }
 
     /// Every API key added through the admin API, by id, or why one cannot
@@ -588,6 +638,25 @@ fn apply(transaction: WriteTransaction, group: &[Job]) -> Result<(), redb::Error
                     };
                     table.remove(key.as_str())?;
                 }
+                Write::Keyed {
+                    table,
+                    key,
+                    value,
+                    legacy,
+                } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    match value {
+                        Some(value) => table.insert(key.as_str(), value.as_slice()).map(drop)?,
+                        None => table.remove(key.as_str()).map(drop)?,
+                    }
+                    if let Some(legacy) = legacy {
+                        table.remove(legacy.as_str())?;
+                    }
+                }
                 #[cfg(test)]
                 Write::Fail => {
                     return Err(redb::Error::Corrupted("a write made to fail".to_owned()));
@@ -605,6 +674,20 @@ fn apply(transaction: WriteTransaction, group: &[Job]) -> Result<(), redb::Error
             Err(error)
         }
     }
+}
+
+/// The key of the registration of `name` in `tenant`: the registry model's
+/// `t/<tenant>/s/<name>`.
+fn record_key(tenant: &str, name: &str) -> String {
+    format!("t/{tenant}/s/{name}")
+}
+
+/// The tenant and name a record key names; a bare name (a record written
+/// before tenants) is the default tenant's.
+fn tenant_and_name(key: &str) -> (&str, &str) {
+    key.strip_prefix("t/")
+        .and_then(|rest| rest.split_once("/s/"))
+        .unwrap_or((tenant::DEFAULT, key))
 }
 
 /// The stored value of a record's JSON: checksum line, then the JSON.
@@ -780,14 +863,18 @@ mod tests {
         .unwrap();
         {
             let store = Store::open(&path).unwrap();
-            store.put_traffic("a", &policy).unwrap();
-            store.put_traffic("b", &policy).unwrap();
-            store.delete_traffic("b").unwrap();
+            store.put_traffic(tenant::DEFAULT, "a", &policy).unwrap();
+            store.put_traffic(tenant::DEFAULT, "b", &policy).unwrap();
+            store.put_traffic("acme", "b", &policy).unwrap();
+            store.delete_traffic(tenant::DEFAULT, "b").unwrap();
         }
         let loaded = Store::open(&path).unwrap().load_traffic().unwrap();
-        assert_eq!(loaded.len(), 1);
-        assert_eq!(loaded[0].0, "a");
-        assert_eq!(loaded[0].1.as_ref().unwrap(), &policy);
+        let keys: Vec<(&str, &str)> = loaded
+            .iter()
+            .map(|(tenant, name, _)| (tenant.as_str(), name.as_str()))
+            .collect();
+        assert_eq!(keys, [("acme", "b"), (tenant::DEFAULT, "a")]);
+        assert_eq!(loaded[1].2.as_ref().unwrap(), &policy);
     }
 
     #[test]
@@ -796,11 +883,11 @@ mod tests {
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
-            store.put(&service("a", 3)).unwrap();
-            store.delete("b").unwrap();
-            store.delete("never-there").unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 3)).unwrap();
+            store.delete(tenant::DEFAULT, "b").unwrap();
+            store.delete(tenant::DEFAULT, "never-there").unwrap();
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
@@ -880,7 +967,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.redb");
         let store = Store::open(&path).unwrap();
-        store.put(&service("kept", 1)).unwrap();
+        store.put("default", &service("kept", 1)).unwrap();
         let outcomes = group_of(
             &store,
             vec![
@@ -901,7 +988,7 @@ mod tests {
         let names: Vec<&str> = loaded.iter().map(|loaded| loaded.name.as_str()).collect();
         assert_eq!(names, ["kept"], "nothing of the failed group applied");
         // The committer goes on: the next write is committed.
-        store.put(&service("after", 3)).unwrap();
+        store.put("default", &service("after", 3)).unwrap();
         assert_eq!(store.load().unwrap().len(), 2);
     }
 
@@ -917,7 +1004,9 @@ mod tests {
                     scope.spawn(move || {
                         for index in 0..25u16 {
                             let port = thread * 100 + index;
-                            store.put(&service(&format!("t{port}"), port)).unwrap();
+                            store
+                                .put("default", &service(&format!("t{port}"), port))
+                                .unwrap();
                         }
                     });
                 }
@@ -950,7 +1039,9 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             for port in 1..50 {
-                store.put(&service(&format!("s{port}"), port)).unwrap();
+                store
+                    .put(tenant::DEFAULT, &service(&format!("s{port}"), port))
+                    .unwrap();
             }
         }
         let mut bytes = std::fs::read(&path).unwrap();
@@ -975,18 +1066,18 @@ mod tests {
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
             let write = store.db.begin_write().unwrap();
             {
                 let mut table = write.open_table(SERVICES).unwrap();
                 let edited = {
-                    let value = table.get("a").unwrap().unwrap();
+                    let value = table.get("t/default/s/a").unwrap().unwrap();
                     String::from_utf8(value.value().to_vec())
                         .unwrap()
                         .replace("\"port\":1", "\"port\":9")
                 };
-                table.insert("a", edited.as_bytes()).unwrap();
+                table.insert("t/default/s/a", edited.as_bytes()).unwrap();
             }
             write.commit().unwrap();
         }
@@ -1018,10 +1109,39 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(!loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 1));
-        store.put(&service("old", 2)).unwrap();
+        assert_eq!(
+            (loaded[0].tenant.as_str(), loaded[0].name.as_str()),
+            (tenant::DEFAULT, "old"),
+            "a record from before tenants is the default tenant's"
+        );
+        store.put(tenant::DEFAULT, &service("old", 2)).unwrap();
         let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1, "migrated: the bare key is gone");
         assert!(loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 2));
+    }
+
+    #[test]
+    fn tenants_keep_records_of_the_same_name_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("registry.redb")).unwrap();
+        store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+        store.put("acme", &service("a", 2)).unwrap();
+        store.put("globex", &service("a", 3)).unwrap();
+        store.delete("globex", "a").unwrap();
+        let loaded: Vec<(String, String, StoredService)> = store
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|loaded| (loaded.tenant, loaded.name, loaded.service.unwrap()))
+            .collect();
+        assert_eq!(
+            loaded,
+            vec![
+                ("acme".to_owned(), "a".to_owned(), service("a", 2)),
+                (tenant::DEFAULT.to_owned(), "a".to_owned(), service("a", 1)),
+            ]
+        );
     }
 
     /// A record exactly as the release before several instances per
@@ -1056,7 +1176,7 @@ mod tests {
             versions: vec![old.clone()],
         };
         again.versions[0].instances[0].owner = old.owner_of(instance);
-        store.put(&again).unwrap();
+        store.put(tenant::DEFAULT, &again).unwrap();
         let reloaded = store.load().unwrap();
         assert_eq!(reloaded[0].service.as_ref().unwrap(), &again);
     }

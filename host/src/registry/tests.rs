@@ -50,6 +50,7 @@ fn open(dir: &std::path::Path) -> Router {
             )),
             managed_keys: Arc::default(),
             gateway_addr: "127.0.0.1:8000".parse().unwrap(),
+            trust_tenant_header: false,
         },
     )
     .expect("registry opens");

@@ -7,6 +7,9 @@
 //! token: its versions are the operator's files, and no network caller
 //! owns them. A split is written to the store before it is routed, and
 //! kept when the versions it names go (they may come back).
+//!
+//! A split is per name in the caller's tenant (see `docs/MULTI_TENANT.md`):
+//! a tenant sets the splits of its own names only, never of a shared one.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -21,9 +24,12 @@ use super::tokens::Writer;
 use super::{Registry, bad_path, may_write, model, refusal, remote_of, uncancellable};
 use crate::http::ApiError;
 use crate::table::{Backend, Versions};
+use crate::tenant;
 use crate::traffic::TrafficPolicy;
 
-/// `GET`: the split of `name`, `null` when it has none.
+/// `GET`: the split of `name` (the caller's tenant's, else the shared
+/// one; for the admin token, the default tenant's), `null` when it has
+/// none.
 pub(super) async fn get(
     State(registry): State<Registry>,
     headers: HeaderMap,
@@ -31,7 +37,14 @@ pub(super) async fn get(
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
-    let versions = registry.versions(&name)?;
+    let versions = match registry.reading_tenant(&headers)? {
+        Some(tenant) => registry
+            .shared
+            .services
+            .resolve(&tenant, &name)
+            .map_or_else(|| registry.versions(&tenant, &name), Ok)?,
+        None => registry.versions(tenant::DEFAULT, &name)?,
+    };
     Ok(axum::Json(json!({
         "service": name,
         "traffic": versions.policy(),
@@ -49,12 +62,13 @@ pub(super) async fn put(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path(name) = name.map_err(bad_path)?;
     let body = registry.read_body(body, &headers).await?;
     let policy = model::parse_traffic(&body).map_err(refusal)?;
     uncancellable(async move {
         registry
-            .set_split(&name, Some(policy), caller.ip(), &writer)
+            .set_split((&tenant, &name), Some(policy), caller.ip(), &writer)
             .await
     })
     .await
@@ -69,30 +83,48 @@ pub(super) async fn delete(
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path(name) = name.map_err(bad_path)?;
-    uncancellable(async move { registry.set_split(&name, None, caller.ip(), &writer).await }).await
+    uncancellable(async move {
+        registry
+            .set_split((&tenant, &name), None, caller.ip(), &writer)
+            .await
+    })
+    .await
 }
 
 impl Registry {
-    /// The versions of `name`, or the 404 naming it.
-    fn versions(&self, name: &str) -> Result<std::sync::Arc<Versions>, ApiError> {
-        self.shared.services.get(name).ok_or_else(|| {
-            ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
-                .with("service", name)
-        })
+    /// The versions of `name` in `tenant` (its own, not a shared one), or
+    /// the 404 naming it.
+    fn versions(&self, tenant: &str, name: &str) -> Result<std::sync::Arc<Versions>, ApiError> {
+        self.shared
+            .services
+            .get(&tenant::key(tenant, name))
+            .ok_or_else(|| {
+                let error = if tenant::is_default(tenant) {
+                    ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+                } else {
+                    ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        format!("tenant `{tenant}` has no service named `{name}`"),
+                    )
+                    .with("tenant", tenant)
+                };
+                error.with("service", name)
+            })
     }
 
     /// Sets or clears the split of `name` if `writer` at `caller` may:
     /// durably, then in the table.
     async fn set_split(
         &self,
-        name: &str,
+        (tenant, name): (&str, &str),
         policy: Option<TrafficPolicy>,
         caller: IpAddr,
         writer: &Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock(name).await;
-        let versions = self.versions(name)?;
+        let _writes = self.shared.writes.lock(&tenant::key(tenant, name)).await;
+        let versions = self.versions(tenant, name)?;
         may_split(&versions, caller, writer)?;
         if let Some(policy) = &policy
             && let Some(missing) = policy
@@ -117,14 +149,16 @@ impl Registry {
             .with("versions", present));
         }
         let stored = policy.clone();
-        let key = name.to_owned();
+        let (owned_tenant, owned_name) = (tenant.to_owned(), name.to_owned());
         self.durably(name, move |store| match &stored {
-            Some(policy) => store.put_traffic(&key, policy),
-            None => store.delete_traffic(&key),
+            Some(policy) => store.put_traffic(&owned_tenant, &owned_name, policy),
+            None => store.delete_traffic(&owned_tenant, &owned_name),
         })
         .await?;
-        tracing::info!(service = %name, split = ?policy, "traffic split changed");
-        self.shared.services.set_policy(name, policy.clone());
+        tracing::info!(service = %name, tenant = %tenant, split = ?policy, "traffic split changed");
+        self.shared
+            .services
+            .set_policy(versions.key(), policy.clone());
         Ok(axum::Json(json!({
             "service": name,
             "traffic": policy,
