@@ -16,6 +16,7 @@
 //! `X-Consumer-Claims`, never a client's copy of either.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use crate::http::ApiError;
 use crate::service::validate_name;
 use crate::settings::SettingsError;
 use crate::sync::lock;
+use crate::tenant;
 
 /// The header an API key is sent in.
 pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -86,6 +88,11 @@ pub struct ApiKeySettings {
     /// Services the key may reach; absent: every service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<Vec<String>>,
+    /// The tenant whose services the key's requests reach (a tenant id,
+    /// see `docs/MULTI_TENANT.md`); absent: the default tenant, or the
+    /// trusted `X-Tenant-ID` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One JWT issuer, `[[auth.jwt]]`.
@@ -117,6 +124,11 @@ pub struct JwtIssuerSettings {
     /// Services its tokens may reach; absent: every service.
     #[serde(default)]
     pub services: Option<Vec<String>>,
+    /// The claim naming a token's tenant (`tenant_claim = "tenant"`): a
+    /// token carrying it must hold a tenant id there; a token without it
+    /// names no tenant. Absent: its tokens name none.
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
 }
 
 fn default_leeway() -> Duration {
@@ -236,9 +248,17 @@ pub struct Identity {
     /// For a token: its payload as signed (base64url JSON).
     claims: Option<HeaderValue>,
     scope: Scope,
+    /// The tenant the credential names, if any.
+    tenant: Option<Arc<str>>,
 }
 
 impl Identity {
+    /// The tenant the credential names (an API key's `tenant`, a token's
+    /// tenant claim), if any.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
     /// The consumer id: an API key's id, or `jwt:<iss>#<sub>` for a token
     /// (key ids cannot contain `:`, so the two never collide).
     pub fn id(&self) -> &str {
@@ -366,6 +386,10 @@ impl ApiKey {
             Scope::from_settings(settings.services.as_deref(), &key_path(prefix, "services"))?;
         let id_header = HeaderValue::from_str(&settings.id)
             .map_err(|_| SettingsError::new(key_path(prefix, "id"), "not a valid header value"))?;
+        if let Some(tenant) = &settings.tenant {
+            tenant::check(tenant)
+                .map_err(|reason| SettingsError::new(key_path(prefix, "tenant"), reason))?;
+        }
         Ok(Self {
             digest,
             identity: Identity {
@@ -373,6 +397,7 @@ impl ApiKey {
                 id_header,
                 claims: None,
                 scope,
+                tenant: settings.tenant.as_deref().map(Arc::from),
             },
             settings: ApiKeySettings {
                 sha256: settings.sha256.trim().to_ascii_lowercase(),
@@ -418,6 +443,8 @@ struct Issuer {
     /// and required claims.
     validation: Validation,
     scope: Scope,
+    /// The claim naming a token's tenant, if configured.
+    tenant_claim: Option<String>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -488,12 +515,23 @@ impl Issuer {
         validation.set_issuer(&[issuer]);
         validation.set_audience(&settings.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        if settings
+            .tenant_claim
+            .as_deref()
+            .is_some_and(|claim| claim.is_empty() || claim.len() > 256)
+        {
+            return Err(SettingsError::new(
+                field("tenant_claim"),
+                "must be 1 to 256 bytes long",
+            ));
+        }
         Ok(Self {
             issuer: issuer.to_owned(),
             algorithm,
             key,
             validation,
             scope: Scope::from_settings(settings.services.as_deref(), &field("services"))?,
+            tenant_claim: settings.tenant_claim.clone(),
         })
     }
 }
@@ -650,6 +688,8 @@ pub struct Authenticator {
     keys: Box<[ApiKey]>,
     issuers: Box<[Issuer]>,
     managed: Arc<ManagedKeys>,
+    /// Whether a configured key or issuer names a tenant.
+    names_tenants: bool,
 }
 
 impl Authenticator {
@@ -715,10 +755,13 @@ impl Authenticator {
             }
             issuers.push(issuer);
         }
+        let names_tenants = keys.iter().any(|key| key.identity.tenant.is_some())
+            || issuers.iter().any(|issuer| issuer.tenant_claim.is_some());
         Ok(Self {
             keys: keys.into(),
             issuers: issuers.into(),
             managed: managed.clone(),
+            names_tenants,
         })
     }
 
@@ -726,6 +769,13 @@ impl Authenticator {
     /// the configured ones.
     pub fn managed(&self) -> &Arc<ManagedKeys> {
         &self.managed
+    }
+
+    /// Whether a credential may name a tenant: a configured key or issuer
+    /// does, or a key added at run time did. The gateway resolves a
+    /// tenant from credentials only then.
+    pub fn names_tenants(&self) -> bool {
+        self.names_tenants || self.managed.names_tenants.load(Ordering::Relaxed)
     }
 
     /// Whether the config defines an API key with this id.
@@ -842,6 +892,20 @@ impl Authenticator {
                     "`sub` must be a string of 1 to {MAX_SUBJECT_LEN} bytes without control characters"
                 ))
             })?;
+        let tenant = match &issuer.tenant_claim {
+            None => None,
+            Some(claim) => match verified.claims.get(claim) {
+                None => None,
+                Some(Value::String(tenant)) if tenant::check(tenant).is_ok() => {
+                    Some(Arc::from(tenant.as_str()))
+                }
+                Some(_) => {
+                    return Err(AuthError::InvalidToken(format!(
+                        "the `{claim}` claim must be a tenant id ([a-z0-9][a-z0-9-]*, at most 63 bytes)"
+                    )));
+                }
+            },
+        };
         let id = format!("jwt:{}#{subject}", issuer.issuer);
         let invalid = || AuthError::InvalidToken("malformed".to_owned());
         let id_header = HeaderValue::from_str(&id).map_err(|_| invalid())?;
@@ -852,6 +916,7 @@ impl Authenticator {
             id_header,
             claims: Some(claims),
             scope: issuer.scope.clone(),
+            tenant,
         })
     }
 }
@@ -950,6 +1015,9 @@ pub fn forward_identity(
 pub struct ManagedKeys {
     keys: ArcSwap<Vec<ApiKey>>,
     write: Mutex<()>,
+    /// Set once a key naming a tenant was added, never cleared: the
+    /// gateway then resolves tenants from credentials.
+    names_tenants: AtomicBool,
 }
 
 /// Why a key was not added.
@@ -993,6 +1061,9 @@ impl ManagedKeys {
         }
         if let Some(same) = current.iter().find(|k| k.digest == key.digest) {
             return Err(KeyRefused::SameKey(same.id().to_owned()));
+        }
+        if key.identity.tenant.is_some() {
+            self.names_tenants.store(true, Ordering::Relaxed);
         }
         let mut next = Vec::clone(&current);
         next.push(key);
@@ -1068,6 +1139,7 @@ mod tests {
             id: id.to_owned(),
             sha256: hex::encode(SecretDigest::of(secret.as_bytes()).0),
             services: services.map(|s| s.iter().map(|n| (*n).to_owned()).collect()),
+            tenant: None,
         }
     }
 
@@ -1085,6 +1157,7 @@ mod tests {
             public_key_file,
             leeway: Duration::from_secs(30),
             services: None,
+            tenant_claim: None,
         }
     }
 
@@ -1581,5 +1654,35 @@ mod tests {
         assert_eq!(SecretDigest::from_hex("abc"), Err(BadDigest));
         assert_eq!(SecretDigest::from_hex(&"g".repeat(64)), Err(BadDigest));
         assert!(SecretDigest::from_hex(&"A".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn a_key_or_a_token_claim_names_a_tenant() {
+        let mut settings = settings();
+        assert!(!authenticator().names_tenants());
+        settings.api_keys[0].tenant = Some("acme".to_owned());
+        settings.jwt[0].tenant_claim = Some("org".to_owned());
+        let auth = Authenticator::from_settings(&settings, &Arc::new(ManagedKeys::new())).unwrap();
+        assert!(auth.names_tenants());
+        let by_key = auth.authenticate(&with_key(KEY)).unwrap().unwrap();
+        assert_eq!(by_key.tenant(), Some("acme"));
+        let issuer = settings.jwt[0].issuer.clone();
+        let algorithm = Algorithm::HS256;
+        let mut claims = claims(&issuer);
+        claims["org"] = json!("globex");
+        let token = auth
+            .authenticate(&with_token(&mint(algorithm, &claims)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(token.tenant(), Some("globex"));
+        claims["org"] = json!("Not A Tenant");
+        let refused = auth
+            .authenticate(&with_token(&mint(algorithm, &claims)))
+            .unwrap_err();
+        assert!(refused.to_string().contains("`org` claim"), "{refused}");
+        settings.api_keys[0].tenant = Some("Bad".to_owned());
+        let refused =
+            Authenticator::from_settings(&settings, &Arc::new(ManagedKeys::new())).unwrap_err();
+        assert_eq!(refused.key, "auth.api_keys[0].tenant");
     }
 }

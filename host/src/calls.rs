@@ -23,7 +23,8 @@ use crate::metrics::ServiceTraffic;
 use crate::plugin::{CallError, PluginRequest, PluginResponse, ServiceCalls};
 use crate::proxy::Proxy;
 use crate::remote::RemoteService;
-use crate::table::{Backend, ServiceTable};
+use crate::table::{Backend, Selection, ServiceTable};
+use crate::tenant::{self, X_TENANT_ID};
 
 /// Resolves plugins' calls in the service table.
 #[derive(Debug)]
@@ -153,10 +154,19 @@ impl ServiceCalls for ServiceCaller {
         // by then the table holds its successor or nothing.
         let mut retried = false;
         loop {
-            let backend = self
-                .services
-                .get(service)
-                .map(|s| (s.backend.clone(), s.traffic().clone()));
+            // A plugin's call asks for no version: the split or the
+            // default, as for a client that names none. It is resolved in
+            // its chain's tenant, which the context set.
+            let tenant = request
+                .headers
+                .get(X_TENANT_ID)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or(tenant::DEFAULT);
+            let backend = self.services.resolve(tenant, service).and_then(|versions| {
+                versions
+                    .select(&Selection::Default, &request.headers)
+                    .map(|s| (s.backend.clone(), s.traffic().clone()))
+            });
             match backend {
                 None => {
                     return refusal(

@@ -30,8 +30,9 @@ use crate::http::{
 use crate::metrics::{self, Started};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
 use crate::proxy::{Proxy, request_id};
-use crate::service::{HTTP_METHODS, ServiceInfo};
-use crate::table::{Backend, Service, ServiceTable};
+use crate::service::{HTTP_METHODS, ServiceInfo, Version, VersionReq};
+use crate::table::{Backend, Selection, Service, ServiceTable, Versions};
+use crate::tenant::{self, X_TENANT_ID};
 use crate::tunnel;
 
 /// What the gateway needs to serve.
@@ -52,6 +53,9 @@ pub struct Gateway {
     pub auth: Arc<ArcSwap<Authenticator>>,
     /// CORS, rate limits and concurrency limits; reloadable.
     pub admission: Arc<ArcSwap<Admission>>,
+    /// Whether a client's `X-Tenant-ID` chooses its tenant
+    /// (`[tenants] trust_header`).
+    pub trust_tenant_header: bool,
 }
 
 /// The gateway's routes.
@@ -63,9 +67,82 @@ pub fn router(gateway: Gateway) -> Router {
 }
 
 /// `/api/<name>` or `/api/<name>/<rest>` split into name and rest (raw).
+/// The name may carry a version requirement (`<name>@<requirement>`).
 fn split_service_path(path: &str) -> Option<(&str, &str)> {
     let below = path.strip_prefix("/api/")?;
     Some(below.split_at(below.find('/').unwrap_or(below.len())))
+}
+
+/// Which version a request asks for, and the answer each version's
+/// responses carry: `X-Service-Version`.
+pub const X_SERVICE_VERSION: HeaderName = HeaderName::from_static("x-service-version");
+
+/// What version a request selects: the path form's requirement
+/// (`<name>@<requirement>`, percent-decoded) if any, else the
+/// `X-Service-Version` header's, else none in particular. A requirement
+/// that does not parse is a 400 naming it.
+fn selection(
+    name: &str,
+    in_path: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Selection, Box<Response>> {
+    let refuse = |reason: String, given: &str| {
+        Box::new(
+            ApiError::new(StatusCode::BAD_REQUEST, reason)
+                .with("service", name)
+                .with("version_requirement", given)
+                .into_response(),
+        )
+    };
+    let text = match (in_path, headers.get(X_SERVICE_VERSION)) {
+        (Some(raw), _) => match percent_encoding::percent_decode_str(raw).decode_utf8() {
+            Ok(text) => text,
+            Err(_) => {
+                return Err(refuse(
+                    format!("the version requirement after `{name}@` is not UTF-8"),
+                    raw,
+                ));
+            }
+        },
+        (None, Some(value)) => match value.to_str() {
+            Ok(text) => text.into(),
+            Err(_) => {
+                return Err(refuse(
+                    "the X-Service-Version header is not visible ASCII".to_owned(),
+                    "",
+                ));
+            }
+        },
+        (None, None) => return Ok(Selection::Default),
+    };
+    VersionReq::parse(text.trim())
+        .map(Selection::Matching)
+        .map_err(|error| refuse(format!("version requirement refused: {error}"), &text))
+}
+
+/// The 404 of a requirement no version of the service meets.
+fn no_version(versions: &Versions, selection: &Selection) -> Response {
+    let name = versions.name();
+    let present: Vec<String> = versions
+        .all()
+        .iter()
+        .map(|service| service.version().to_string())
+        .collect();
+    let wanted = match selection {
+        Selection::Matching(requirement) => requirement.to_string(),
+        Selection::Default => String::new(),
+    };
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no version of service `{name}` meets `{wanted}`; its versions are {}",
+            present.join(", ")
+        ),
+    )
+    .with("service", name)
+    .with("version_requirement", wanted)
+    .with("versions", present)
+    .into_response()
 }
 
 /// What the access log and the metrics learn of a request while it is
@@ -101,7 +178,8 @@ async fn dispatch(
     if let Some(uri) = logged_uri {
         tracing::info!(
             target: "access",
-            service = split_service_path(uri.path()).map(|(name, _)| name),
+            service = split_service_path(uri.path())
+                .and_then(|(name, _)| name.split('@').next()),
             route = served
                 .started
                 .as_ref()
@@ -110,6 +188,7 @@ async fn dispatch(
             status = status.as_u16(),
             duration_ms = arrived.elapsed().as_secs_f64() * 1e3,
             bytes = HttpBody::size_hint(response.body()).exact(),
+            version = response.headers().get(X_SERVICE_VERSION).and_then(|v| v.to_str().ok()),
             request_id = response.headers().get(X_REQUEST_ID).and_then(|id| id.to_str().ok()),
             client = %client,
             identity = served.identity.as_deref(),
@@ -136,12 +215,16 @@ async fn route(
     served: &mut Served,
 ) -> Response {
     let path = request.uri().path().to_owned();
-    let Some((name, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
+    let Some((named, rest)) = split_service_path(&path).filter(|(name, _)| !name.is_empty()) else {
         return ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}: services are under /api/<name>/"),
         )
         .into_response();
+    };
+    let (name, in_path) = match named.split_once('@') {
+        Some((name, requirement)) => (name, Some(requirement)),
+        None => (named, None),
     };
     if let Err(detected) = gateway.loop_guard.check(request.headers()) {
         tracing::debug!(service = %name, error = %detected, "request refused: loop");
@@ -157,9 +240,22 @@ async fn route(
         .with("service", name)
         .into_response();
     }
-    let Some(service) = gateway.services.get(name) else {
-        return unknown_service(name);
+    let selection = match selection(name, in_path, request.headers()) {
+        Ok(selection) => selection,
+        Err(refused) => return *refused,
     };
+    let tenant = match resolve_tenant(gateway, request.headers_mut()) {
+        Ok(tenant) => tenant,
+        Err(refused) => return *refused,
+    };
+    let Some(versions) = gateway.services.resolve(tenant_of(&tenant), name) else {
+        return unknown_service(name, &tenant);
+    };
+    let Some(service) = versions.select(&selection, request.headers()) else {
+        return no_version(&versions, &selection);
+    };
+    let service = service.clone();
+    drop(versions);
     served.started = Some(service.traffic().start(arrived));
     // The route label is worth matching only for someone who reads it.
     if metrics::enabled() || access_logged() {
@@ -232,9 +328,21 @@ async fn route(
             .with("service", name)
             .into_response()
         }
+        // Only the version is kept while the body is read: a slow upload
+        // must not pin a runtime that is being swapped out.
         Backend::Plugin(_) => {
+            let chosen = service.version().clone();
             drop(service);
-            let response = call_plugin(gateway, name, rest, client, request).await;
+            let response = call_plugin(
+                gateway,
+                (&tenant, name),
+                rest,
+                client,
+                request,
+                chosen,
+                selection,
+            )
+            .await;
             drop(in_flight);
             response
         }
@@ -244,8 +352,9 @@ async fn route(
         Backend::Remote(remote) => {
             let remote = remote.clone();
             let traffic = service.traffic().clone();
+            let version = service.version_header().clone();
             drop(service);
-            let response = match upgrade {
+            let mut response = match upgrade {
                 Some(protocol) => {
                     (gateway.proxy)
                         .upgrade(&remote, &traffic, rest, client, protocol, request)
@@ -257,6 +366,7 @@ async fn route(
                         .await
                 }
             };
+            response.headers_mut().insert(X_SERVICE_VERSION, version);
             in_flight.hold_until_body_ends(response)
         }
     };
@@ -356,18 +466,125 @@ fn authenticate(
     auth.admit(name, headers).map(Some)
 }
 
-fn unknown_service(name: &str) -> Response {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+fn unknown_service(name: &str, tenant: &Option<Arc<str>>) -> Response {
+    match tenant {
+        None => ApiError::new(StatusCode::NOT_FOUND, format!("no service named `{name}`"))
+            .with("service", name),
+        Some(tenant) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no service named `{name}` in tenant `{tenant}` or shared"),
+        )
         .with("service", name)
-        .into_response()
+        .with("tenant", &**tenant),
+    }
+    .into_response()
 }
 
+/// The tenant id of a resolved tenant (`None`: the default tenant).
+fn tenant_of(tenant: &Option<Arc<str>>) -> &str {
+    tenant.as_deref().unwrap_or(tenant::DEFAULT)
+}
+
+/// The tenant a request belongs to (`None`: the default tenant), with its
+/// `X-Tenant-ID` set to it for the service (or, while no credential can
+/// name a tenant and the header is not trusted, removed: then this is one
+/// branch and a header lookup). A credential naming a tenant decides;
+/// else a trusted `X-Tenant-ID`; else the default tenant. A trusted header
+/// naming another tenant than the credential is a 403 naming both; one
+/// that is no tenant id, or sent twice, a 400.
+fn resolve_tenant(
+    gateway: &Gateway,
+    headers: &mut HeaderMap,
+) -> Result<Option<Arc<str>>, Box<Response>> {
+    let auth = gateway.auth.load();
+    let credentials = auth.names_tenants();
+    if !credentials && !gateway.trust_tenant_header {
+        if headers.contains_key(X_TENANT_ID) {
+            headers.remove(X_TENANT_ID);
+        }
+        return Ok(None);
+    }
+    // Service-independent: a credential that fails here is judged again
+    // by the service's own authentication, which refuses it if it must.
+    let named: Option<Arc<str>> = if credentials {
+        auth.authenticate(headers)
+            .ok()
+            .flatten()
+            .and_then(|identity| identity.tenant().map(Arc::from))
+    } else {
+        None
+    };
+    drop(auth);
+    let claimed: Option<Arc<str>> = if gateway.trust_tenant_header {
+        let mut values = headers.get_all(X_TENANT_ID).iter();
+        match (values.next(), values.next()) {
+            (None, _) => None,
+            (Some(_), Some(_)) => {
+                return Err(refuse_tenant(
+                    StatusCode::BAD_REQUEST,
+                    "X-Tenant-ID was sent more than once".to_owned(),
+                ));
+            }
+            (Some(value), None) => {
+                let text = value.to_str().unwrap_or_default();
+                if let Err(reason) = tenant::check(text) {
+                    return Err(refuse_tenant(
+                        StatusCode::BAD_REQUEST,
+                        format!("X-Tenant-ID refused: {reason}"),
+                    ));
+                }
+                Some(Arc::from(text))
+            }
+        }
+    } else {
+        None
+    };
+    let tenant = match (named, claimed) {
+        (Some(named), Some(claimed)) if named != claimed => {
+            return Err(Box::new(
+                ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "the credential belongs to tenant `{named}`, but X-Tenant-ID names `{claimed}`"
+                    ),
+                )
+                .with("tenant", &*named)
+                .with("x_tenant_id", &*claimed)
+                .into_response(),
+            ));
+        }
+        (Some(named), _) => Some(named),
+        (None, claimed) => claimed,
+    }
+    .filter(|tenant| !tenant::is_default(tenant));
+    // A tenant id is a valid header value (checked above or at load).
+    let value = HeaderValue::from_str(tenant_of(&tenant))
+        .unwrap_or_else(|_| HeaderValue::from_static(tenant::DEFAULT));
+    headers.insert(X_TENANT_ID, value);
+    Ok(tenant)
+}
+
+fn refuse_tenant(status: StatusCode, reason: String) -> Box<Response> {
+    Box::new(
+        ApiError::new(status, reason)
+            .with("field", "X-Tenant-ID")
+            .into_response(),
+    )
+}
+
+/// Hands `request` to version `chosen` of the plugin `name` as `tenant`
+/// reaches it (the one `selection` picked) once its body is read. The name's versions are
+/// looked up again then: the same version first, else what the same
+/// selection picks now, so a swap of one version never sends the request
+/// to another version than the client asked for.
 async fn call_plugin(
     gateway: &Gateway,
-    name: &str,
+    (tenant, name): (&Option<Arc<str>>, &str),
     rest: &str,
     client: SocketAddr,
     request: Request,
+    chosen: Version,
+    selection: Selection,
 ) -> Response {
     let (parts, body) = request.into_parts();
     let reading = read_body_within(
@@ -403,11 +620,20 @@ async fn call_plugin(
     // fresh lookup decides.
     let mut retried = false;
     loop {
-        let runtime = match gateway.services.get(name).as_deref().map(|s| &s.backend) {
-            Some(Backend::Plugin(plugin)) => plugin.runtime.clone(),
+        let Some(versions) = gateway.services.resolve(tenant_of(tenant), name) else {
+            return unknown_service(name, tenant);
+        };
+        let Some(service) = versions
+            .version(&chosen)
+            .or_else(|| versions.select(&selection, &request.headers))
+        else {
+            return no_version(&versions, &selection);
+        };
+        let (runtime, answered) = match &service.backend {
+            Backend::Plugin(plugin) => (plugin.runtime.clone(), service.version_header().clone()),
             // A plugin replaced by a remote service meanwhile: the body was
             // read for the plugin, so let the client retry.
-            Some(Backend::Remote(_)) => {
+            Backend::Remote(_) => {
                 return ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("service `{name}` was replaced while the request waited; retry"),
@@ -415,13 +641,17 @@ async fn call_plugin(
                 .with("service", name)
                 .into_response();
             }
-            None => return unknown_service(name),
         };
+        drop(versions);
         match runtime
             .call(Arc::clone(&request), gateway.request_timeout)
             .await
         {
-            Ok(response) => return plugin_response(name, response),
+            Ok(response) => {
+                let mut response = plugin_response(name, response);
+                response.headers_mut().insert(X_SERVICE_VERSION, answered);
+                return response;
+            }
             Err(CallError::Unloading) if !retried => retried = true,
             Err(error) => {
                 return ApiError::new(error.status(), error.to_string())

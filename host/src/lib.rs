@@ -28,6 +28,8 @@ pub mod service;
 pub mod settings;
 mod sync;
 pub mod table;
+pub mod tenant;
+pub mod traffic;
 pub mod tunnel;
 pub mod watcher;
 
@@ -143,6 +145,7 @@ pub async fn run(
             body_timeout: config.request_timeout,
             max_stored_bytes: config.registry_max_bytes,
             max_instances: config.max_instances_per_service as usize,
+            max_versions: config.max_versions_per_service as usize,
             instances: live.instances.clone(),
             egress: egress.clone(),
             loop_guard: loop_guard.clone(),
@@ -150,6 +153,7 @@ pub async fn run(
             authenticator: live.authenticator.clone(),
             managed_keys: live.managed_keys.clone(),
             gateway_addr,
+            trust_tenant_header: config.file.tenants.trust_header,
         },
     )?;
 
@@ -209,6 +213,7 @@ pub async fn run(
         loop_guard,
         auth: live.authenticator.clone(),
         admission: live.admission.clone(),
+        trust_tenant_header: config.file.tenants.trust_header,
     });
     let liveness = registry.spawn_liveness();
     let admission_housekeeping = admission::spawn_housekeeping(live.admission.clone());

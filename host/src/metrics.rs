@@ -23,8 +23,8 @@
 //! counters and the histograms, which is what the benchmark compares;
 //! the totals the registry lists (`traffic`) are always kept.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::{Method, StatusCode};
@@ -106,14 +106,19 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_nanos: AtomicU64::new(0),
-        }
+        Self::empty()
     }
 }
 
 impl Histogram {
+    /// A histogram with no observations.
+    const fn empty() -> Self {
+        Self {
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BUCKETS.len() + 1],
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+
     /// Records one observation.
     pub fn observe(&self, elapsed: Duration) {
         let seconds = elapsed.as_secs_f64();
@@ -205,30 +210,62 @@ pub struct ServiceTraffic {
     /// The declared path templates, in declaration order; the route index
     /// `routes.len()` is `other`.
     routes: Box<[Box<str>]>,
+    /// The per-route counters and the histograms, made at the first
+    /// request: most of a service's footprint, which a registry of
+    /// thousands of idle services would otherwise hold for each.
+    detail: OnceLock<Box<Detail>>,
+    upstream_errors: [AtomicU64; UpstreamError::ALL.len()],
+}
+
+/// The series of a service that has had requests.
+#[derive(Debug)]
+struct Detail {
     /// Answers by `[route][method][status class]`, flattened.
     answers: Box<[AtomicU64]>,
     latency: Histogram,
     upstream_latency: Histogram,
-    upstream_errors: [AtomicU64; UpstreamError::ALL.len()],
 }
+
+/// What a service without requests shows: no answers, empty histograms.
+static NO_LATENCY: Histogram = Histogram::empty();
 
 impl ServiceTraffic {
     /// Counters for a service declaring these path templates (one per
     /// endpoint, in the order the route indexes given to
     /// [`Started::finish`] refer to).
     pub fn new<'a>(routes: impl IntoIterator<Item = &'a str>) -> Self {
-        let routes: Box<[Box<str>]> = routes.into_iter().map(Box::from).collect();
-        let slots = (routes.len() + 1) * METHODS.len() * STATUS_CLASSES.len();
         Self {
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             in_flight: AtomicI64::new(0),
-            routes,
-            answers: (0..slots).map(|_| AtomicU64::new(0)).collect(),
-            latency: Histogram::default(),
-            upstream_latency: Histogram::default(),
+            routes: routes.into_iter().map(Box::from).collect(),
+            detail: OnceLock::new(),
             upstream_errors: std::array::from_fn(|_| AtomicU64::new(0)),
         }
+    }
+
+    /// The detailed series, made now if this is the first request.
+    fn detail(&self) -> &Detail {
+        self.detail.get_or_init(|| {
+            let slots = (self.routes.len() + 1) * METHODS.len() * STATUS_CLASSES.len();
+            Box::new(Detail {
+                answers: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+                latency: Histogram::empty(),
+                upstream_latency: Histogram::empty(),
+            })
+        })
+    }
+
+    fn latency(&self) -> &Histogram {
+        self.detail
+            .get()
+            .map_or(&NO_LATENCY, |detail| &detail.latency)
+    }
+
+    fn upstream_latency(&self) -> &Histogram {
+        self.detail
+            .get()
+            .map_or(&NO_LATENCY, |detail| &detail.upstream_latency)
     }
 
     /// A request that arrived `at` enters: in flight until the returned
@@ -244,7 +281,7 @@ impl ServiceTraffic {
     /// Records the time a remote service took to answer (its head).
     pub fn upstream_answered(&self, elapsed: Duration) {
         if enabled() {
-            self.upstream_latency.observe(elapsed);
+            self.detail().upstream_latency.observe(elapsed);
         }
     }
 
@@ -309,8 +346,9 @@ impl Started {
                 .filter(|route| *route < traffic.routes.len())
                 .unwrap_or(traffic.routes.len());
             let slot = traffic.slot(route, method_index(method), class_index(status));
-            traffic.answers[slot].fetch_add(1, Ordering::Relaxed);
-            traffic.latency.observe(elapsed);
+            let detail = traffic.detail();
+            detail.answers[slot].fetch_add(1, Ordering::Relaxed);
+            detail.latency.observe(elapsed);
         }
     }
 }
@@ -522,6 +560,9 @@ impl Collector for ServicesCollector {
         let mut answers = Vec::new();
         for service in services {
             let traffic = &service.traffic;
+            let Some(detail) = traffic.detail.get() else {
+                continue;
+            };
             for (route, route_label) in traffic
                 .routes
                 .iter()
@@ -531,7 +572,7 @@ impl Collector for ServicesCollector {
             {
                 for (method, method_label) in METHODS.iter().enumerate() {
                     for (class, class_label) in STATUS_CLASSES.iter().enumerate() {
-                        let count = traffic.answers[traffic.slot(route, method, class)]
+                        let count = detail.answers[traffic.slot(route, method, class)]
                             .load(Ordering::Relaxed);
                         if count > 0 {
                             answers.push((
@@ -560,7 +601,7 @@ impl Collector for ServicesCollector {
             "Time from the service lookup to the answer's head, by service",
             services
                 .iter()
-                .map(|service| (by_service(service), &service.traffic.latency)),
+                .map(|service| (by_service(service), service.traffic.latency())),
         )?;
         histograms(
             &mut encoder,
@@ -569,7 +610,7 @@ impl Collector for ServicesCollector {
             services
                 .iter()
                 .filter(|service| service.kind == "remote")
-                .map(|service| (by_service(service), &service.traffic.upstream_latency)),
+                .map(|service| (by_service(service), service.traffic.upstream_latency())),
         )?;
         gauges(
             &mut encoder,

@@ -123,9 +123,13 @@ async fn scrape(State(observe): State<Observe>, headers: HeaderMap) -> Result<Re
         .services
         .list()
         .iter()
-        .map(|service| {
+        // One series per name: its default version's (the metrics have no
+        // version label yet). A tenant's name is labelled `<tenant>/<name>`
+        // (its table key), so two tenants' services never share a series.
+        .map(|versions| (versions.key(), versions.default_version()))
+        .map(|(key, service)| {
             let mut sample = ServiceSample {
-                name: service.info.name.clone(),
+                name: key.to_owned(),
                 kind: service.kind(),
                 state: "healthy",
                 traffic: service.traffic().clone(),

@@ -1,7 +1,9 @@
 //! The plugin manager: applies settled file events to the service table.
 //!
-//! It owns which file is mounted under which name, and the budget of
-//! worker threads all plugins share. For a changed file it takes the
+//! It owns which file is mounted under which name and version (two files
+//! may serve two versions of one name; a file whose name and version are
+//! another file's, or whose name remote services hold, waits), and the
+//! budget of worker threads all plugins share. For a changed file it takes the
 //! file's workers from that budget, asks the loader for a library, starts
 //! a runtime for it, and swaps it into the table in one step, so a request
 //! sees the old version or the new one, never neither. Whatever leaves the table (replaced, removed, refused
@@ -37,10 +39,11 @@ use crate::plugin::{
     Candidate, CloseReport, FileChecks, HostSetup, PluginLibrary, PluginRuntime, RuntimeLimits,
     ServiceCalls, ShutdownReport, ThreadBudget,
 };
-use crate::service;
+use crate::service::{self, Version};
 use crate::settings::SettingsError;
 use crate::sync::lock;
 use crate::table::{Backend, PluginBackend, Service, ServiceTable};
+use crate::tenant;
 use crate::watcher::FileEvent;
 
 /// `[plugin.<name>]` of the config file: what the host applies to the
@@ -197,7 +200,8 @@ pub enum FileState {
 /// lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FileStatus {
-    /// Its name in the plugins directory.
+    /// Its name in the plugins directory (`<directory>/<file>` for a file
+    /// in a subdirectory: a tenant's).
     pub file: String,
     /// What became of it.
     pub state: FileState,
@@ -272,6 +276,8 @@ impl PluginFiles {
 
 struct Mounted {
     name: String,
+    /// Its key in the table: the name in its tenant ([`tenant::key`]).
+    key: String,
     /// Of the bytes loaded: checked against the pin, and tells a file
     /// written again with the same content.
     sha256: SecretDigest,
@@ -302,6 +308,7 @@ pub fn spawn(
                 services,
                 mounted: HashMap::new(),
                 waiting_for_name: HashMap::new(),
+                root: std::cell::OnceCell::new(),
                 refused_by_pin: HashMap::new(),
                 unloads: Vec::new(),
             };
@@ -345,27 +352,75 @@ struct Manager {
     services: Arc<ServiceTable>,
     mounted: HashMap<PathBuf, Mounted>,
     /// Files refused because another service held their name: loaded again
-    /// when that name is free.
+    /// when that name (its table key, in the file's tenant) is free.
     waiting_for_name: HashMap<PathBuf, String>,
+    /// The plugins directory as the watcher names it (canonical), found at
+    /// the first event (the watcher creates it).
+    root: std::cell::OnceCell<PathBuf>,
     /// Files refused (or unmounted) because their digest did not match the
     /// pin of the name they declared: read again when that pin changes.
     refused_by_pin: HashMap<PathBuf, String>,
     unloads: Vec<JoinHandle<()>>,
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name()
-        .map(|name| name.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
 impl Manager {
+    /// Where `path` (a path the watcher reported) sits: the subdirectory
+    /// it is in, if any (a tenant's, if it is named like one), and its
+    /// name as listed and logged: `x.so`, or `<dir>/x.so`.
+    fn placed(&self, path: &Path) -> (Option<String>, String) {
+        let root = self.root.get_or_init(|| {
+            let directory = self.config.files.directory();
+            directory
+                .canonicalize()
+                .unwrap_or_else(|_| directory.to_owned())
+        });
+        let name = |path: &Path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        match path.parent() {
+            Some(parent) if parent != root.as_path() => {
+                let dir = name(parent);
+                (Some(dir.clone()), format!("{dir}/{}", name(path)))
+            }
+            _ => (None, name(path)),
+        }
+    }
+
+    /// `path`'s name as listed and logged ([`Self::placed`]).
+    fn file_name(&self, path: &Path) -> String {
+        self.placed(path).1
+    }
+
     fn load(&mut self, path: PathBuf) {
         self.waiting_for_name.remove(&path);
         self.refused_by_pin.remove(&path);
         let started = Instant::now();
-        let file = file_name(&path);
-        let candidate = match Candidate::read(&path, self.config.file_checks) {
+        let (directory, file) = self.placed(&path);
+        let in_subdirectory = directory.is_some();
+        // Files directly in the plugins directory are the default
+        // tenant's; those in a subdirectory, the tenant it is named after.
+        let tenant = match directory {
+            None => tenant::DEFAULT.to_owned(),
+            Some(directory) => match tenant::check(&directory) {
+                Ok(()) => directory,
+                Err(reason) => {
+                    let why = format!(
+                        "directory `{directory}` is not a tenant id ({reason}): a tenant's plugin files go in <plugins-dir>/<tenant>/"
+                    );
+                    self.refused(&file, Refusal::File, None, why.clone());
+                    tracing::warn!(file = %file, error = %why, "plugin file refused");
+                    return;
+                }
+            },
+        };
+        // `placed` found the plugins directory.
+        let read = match self.root.get().filter(|_| in_subdirectory) {
+            Some(root) => Candidate::read_below(&path, root, self.config.file_checks),
+            None => Candidate::read(&path, self.config.file_checks),
+        };
+        let candidate = match read {
             Ok(candidate) => candidate,
             Err(error) => {
                 self.refused(&file, Refusal::File, None, error.to_string());
@@ -417,6 +472,17 @@ impl Manager {
             }
         };
         let name = info.name.clone();
+        let key = tenant::key(&tenant, &name).into_owned();
+        // The loader checked the declaration, version included.
+        let version = match Version::parse(&info.version) {
+            Ok(version) => version,
+            Err(error) => {
+                self.refused(&file, Refusal::Library, Some(&name), error.to_string());
+                tracing::warn!(file = %file, plugin = %name, error = %error, "plugin file refused");
+                log_close(&name, &file, library.close());
+                return;
+            }
+        };
         // Before `init`: a file that is not the pinned build never runs
         // more than its initializers and `config`, and is never mounted.
         if let Some(pin) = self.policy.pin(&name)
@@ -428,11 +494,11 @@ impl Manager {
             self.refused_by_pin.insert(path, name);
             return;
         }
-        if let Some(holder) = self.name_holder(&name, &file) {
-            self.waiting(&file, &name, &info.version, &holder);
-            tracing::warn!(file = %file, plugin = %name, holder = %holder, "plugin file refused: service name already in use");
+        if let Some(holder) = self.name_holder(&key, &version, &file) {
+            self.waiting(&file, &name, &version, &holder);
+            tracing::warn!(file = %file, plugin = %name, tenant = %tenant, version = %version, holder = %holder, "plugin file refused: service name already in use");
             log_close(&name, &file, library.close());
-            self.waiting_for_name.insert(path, name);
+            self.waiting_for_name.insert(path, key);
             return;
         }
         let limits = self.policy.limits(&name);
@@ -449,9 +515,19 @@ impl Manager {
                 .get(&name)
                 .cloned()
                 .unwrap_or_else(|| serde_json::Value::Object(serde_json::Map::new())),
-            data_dir: self.config.plugin_data_dir.join(&name),
+            // A tenant's plugin keeps its data apart from the default
+            // tenant's plugin of the same name (`@` is in no name).
+            data_dir: self
+                .config
+                .plugin_data_dir
+                .join(if tenant::is_default(&tenant) {
+                    name.clone()
+                } else {
+                    format!("{name}@{tenant}")
+                }),
             calls: self.config.calls.clone(),
             call_timeout: self.config.call_timeout,
+            tenant: tenant.clone(),
         };
         let runtime = match PluginRuntime::start(
             &name,
@@ -468,28 +544,38 @@ impl Manager {
                 return;
             }
         };
-        let version = info.version.clone();
         let endpoints = info.endpoints.len();
-        let service = Service::new(
+        let service = Arc::new(Service::new(
             info,
+            version.clone(),
             Backend::Plugin(PluginBackend {
                 runtime: runtime.clone(),
                 loaded_from: file.clone(),
                 health: Arc::default(),
             }),
-        );
+        ));
         // The table decides the race with a remote registration: it may
-        // have taken the name since `name_holder` looked.
-        match self
-            .services
-            .insert(service, |holder| is_plugin_from(holder, &file))
-        {
+        // have taken the name since `name_holder` looked. The version this
+        // file held (whichever it was) leaves in the same write, so a
+        // request finds one or the other, never neither.
+        let inserted = self.services.update(&key, |versions| {
+            if let Some(holder) = versions.iter().find(|held| blocks(held, &version, &file)) {
+                return Err(holder.clone());
+            }
+            Ok(versions
+                .iter()
+                .filter(|held| !is_plugin_from(held, &file))
+                .cloned()
+                .chain([service])
+                .collect())
+        });
+        match inserted {
             Ok(replaced) => drop(replaced),
             Err(holder) => {
                 self.waiting(&file, &name, &version, &describe(&holder));
-                tracing::warn!(file = %file, plugin = %name, holder = %describe(&holder), "plugin file refused: service name already in use");
+                tracing::warn!(file = %file, plugin = %name, version = %version, holder = %describe(&holder), "plugin file refused: service name already in use");
                 self.unload(runtime, file);
-                self.waiting_for_name.insert(path, name);
+                self.waiting_for_name.insert(path, key);
                 return;
             }
         }
@@ -497,6 +583,7 @@ impl Manager {
             path,
             Mounted {
                 name: name.clone(),
+                key: key.clone(),
                 sha256,
                 limits,
                 runtime,
@@ -504,9 +591,13 @@ impl Manager {
         );
         let replaced = previous.is_some();
         metrics::host().plugin_loaded(replaced, started.elapsed());
-        self.config
-            .files
-            .set(&file, FileState::Loaded, Some(&name), Some(&version), None);
+        self.config.files.set(
+            &file,
+            FileState::Loaded,
+            Some(&name),
+            Some(&version.to_string()),
+            None,
+        );
         if granted < wanted {
             tracing::warn!(
                 plugin = %name,
@@ -518,14 +609,15 @@ impl Manager {
             );
         }
         if let Some(previous) = previous {
-            if previous.name != name {
+            if previous.key != key {
                 self.services
-                    .remove_if(&previous.name, |s| is_runtime(s, &previous.runtime));
+                    .remove_if(&previous.key, |s| is_runtime(s, &previous.runtime));
             }
             self.unload(previous.runtime, file.clone());
         }
         tracing::info!(
             plugin = %name,
+            tenant = %tenant,
             version = %version,
             file = %file,
             endpoints,
@@ -555,7 +647,7 @@ impl Manager {
             .map(|(path, _)| path.clone())
             .collect();
         for path in pin_changed {
-            tracing::info!(file = %file_name(&path), "plugin pin changed; reading the file again");
+            tracing::info!(file = %self.file_name(&path), "plugin pin changed; reading the file again");
             self.load(path);
         }
         let mismatched: Vec<(PathBuf, String)> = self
@@ -568,13 +660,13 @@ impl Manager {
                 }
                 metrics::host().plugin_refused(Refusal::Pin);
                 self.config.files.set(
-                    &file_name(path),
+                    &self.file_name(path),
                     FileState::Refused,
                     Some(&mounted.name),
                     None,
                     Some(pin_mismatch(&mounted.sha256)),
                 );
-                refuse_pin(&file_name(path), &mounted.name, pin, &mounted.sha256);
+                refuse_pin(&self.file_name(path), &mounted.name, pin, &mounted.sha256);
                 Some((path.clone(), mounted.name.clone()))
             })
             .collect();
@@ -587,7 +679,7 @@ impl Manager {
             if limits != mounted.limits {
                 tracing::info!(
                     plugin = %mounted.name,
-                    file = %file_name(path),
+                    file = %self.file_name(path),
                     workers = limits.workers,
                     queue = limits.queue,
                     "plugin limits change at its next load (touch its file to load it now)"
@@ -596,12 +688,18 @@ impl Manager {
         }
     }
 
-    /// Who other than the plugin file `file` holds `name`, if anyone.
-    fn name_holder(&self, name: &str, file: &str) -> Option<String> {
-        self.services
-            .get(name)
-            .filter(|holder| !is_plugin_from(holder, file))
-            .map(|holder| describe(&holder))
+    /// Who other than the plugin file `file` keeps it from serving
+    /// `version` of the name under `key` (a name in a tenant), if anyone:
+    /// remote services holding the name, or another plugin file holding
+    /// that version.
+    fn name_holder(&self, key: &str, version: &Version, file: &str) -> Option<String> {
+        self.services.get(key).and_then(|versions| {
+            versions
+                .all()
+                .iter()
+                .find(|held| blocks(held, version, file))
+                .map(|holder| describe(holder))
+        })
     }
 
     /// Records a refusal of `file` (its status, the metric); the caller
@@ -613,20 +711,23 @@ impl Manager {
             .set(file, FileState::Refused, name, None, Some(why));
     }
 
-    /// Records that `file` waits for `name`, which `holder` holds.
-    fn waiting(&self, file: &str, name: &str, version: &str, holder: &str) {
+    /// Records that `file` waits for `version` of `name`, which `holder`
+    /// holds.
+    fn waiting(&self, file: &str, name: &str, version: &Version, holder: &str) {
         metrics::host().plugin_refused(Refusal::NameTaken);
         self.config.files.set(
             file,
             FileState::Waiting,
             Some(name),
-            Some(version),
-            Some(format!("service name `{name}` is held by {holder}")),
+            Some(&version.to_string()),
+            Some(format!(
+                "service name `{name}` (version {version}) is held by {holder}"
+            )),
         );
     }
 
     fn remove(&mut self, path: &Path) {
-        self.config.files.forget(&file_name(path));
+        self.config.files.forget(&self.file_name(path));
         self.waiting_for_name.remove(path);
         self.refused_by_pin.remove(path);
         self.unmount(path);
@@ -639,13 +740,13 @@ impl Manager {
             return;
         };
         self.services
-            .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
-        tracing::info!(plugin = %mounted.name, file = %file_name(path), "plugin unmounted");
-        self.unload(mounted.runtime, file_name(path));
+            .remove_if(&mounted.key, |s| is_runtime(s, &mounted.runtime));
+        tracing::info!(plugin = %mounted.name, file = %self.file_name(path), "plugin unmounted");
+        self.unload(mounted.runtime, self.file_name(path));
     }
 
-    /// Loads the files that were refused because `name` was taken: a plugin
-    /// file or a remote service let go of it.
+    /// Loads the files that were refused because `name` (a table key) was
+    /// taken: a plugin file or a remote service let go of it.
     fn name_freed(&mut self, name: &str) {
         let waiting: Vec<PathBuf> = self
             .waiting_for_name
@@ -654,7 +755,7 @@ impl Manager {
             .map(|(path, _)| path.clone())
             .collect();
         for path in waiting {
-            tracing::info!(file = %file_name(&path), plugin = %name, "service name free again; loading the file that wanted it");
+            tracing::info!(file = %self.file_name(&path), plugin = %name, "service name free again; loading the file that wanted it");
             self.load(path);
         }
     }
@@ -679,8 +780,8 @@ impl Manager {
         let mounted: Vec<(PathBuf, Mounted)> = self.mounted.drain().collect();
         for (path, mounted) in mounted {
             self.services
-                .remove_if(&mounted.name, |s| is_runtime(s, &mounted.runtime));
-            self.unload(mounted.runtime, file_name(&path));
+                .remove_if(&mounted.key, |s| is_runtime(s, &mounted.runtime));
+            self.unload(mounted.runtime, self.file_name(&path));
         }
         for unload in self.unloads {
             let _ = unload.join();
@@ -690,6 +791,16 @@ impl Manager {
 
 fn is_plugin_from(service: &Service, file: &str) -> bool {
     matches!(&service.backend, Backend::Plugin(plugin) if plugin.loaded_from == file)
+}
+
+/// Whether `held`, a version of the name a plugin file declares, keeps
+/// that file from serving `version`: a remote service (kinds do not mix
+/// under one name) or another file's plugin of the same version.
+fn blocks(held: &Service, version: &Version, file: &str) -> bool {
+    match &held.backend {
+        Backend::Remote(_) => true,
+        Backend::Plugin(plugin) => held.version() == version && plugin.loaded_from != file,
+    }
 }
 
 fn is_runtime(service: &Service, runtime: &Arc<PluginRuntime>) -> bool {

@@ -24,7 +24,7 @@ pub struct ServiceInfo {
     pub display_name: String,
     /// One-paragraph description.
     pub description: String,
-    /// Free-form version.
+    /// Its version, normalised ([`Version`]) once checked.
     pub version: String,
     /// Health endpoint: a path (and optional query) relative to the
     /// service.
@@ -137,12 +137,14 @@ pub mod limits {
 /// field within [`limits`], and no control characters in anything that is
 /// logged or shown on one line (only a description may span lines). The
 /// first field at fault is reported.
-pub fn validate(info: &ServiceInfo) -> Result<(), InvalidField> {
+pub fn validate(info: &ServiceInfo) -> Result<Version, InvalidField> {
     validate_name(&info.name).map_err(|error| InvalidField::new("name", error.to_string()))?;
     if info.version.trim().is_empty() {
         return Err(InvalidField::new("version", "must not be empty"));
     }
     check_text("version", &info.version, limits::SHORT_TEXT)?;
+    let version = Version::parse(&info.version)
+        .map_err(|error| InvalidField::new("version", error.to_string()))?;
     check_text("display_name", &info.display_name, limits::SHORT_TEXT)?;
     check_description("description", &info.description)?;
     check_text("health_check_url", &info.health_check_url, limits::PATH)?;
@@ -185,7 +187,7 @@ pub fn validate(info: &ServiceInfo) -> Result<(), InvalidField> {
             ));
         }
     }
-    Ok(())
+    Ok(version)
 }
 
 /// At most `limit` bytes, and no control characters: such a field is
@@ -440,6 +442,131 @@ fn decode_segment(segment: &str) -> Vec<u8> {
     percent_encoding::percent_decode_str(segment).collect()
 }
 
+/// A service's version: a semantic version (semver 2.0), as both kinds
+/// declare it in their `version` field. A short form is normalised where it
+/// is unambiguous (`1` is `1.0.0`, `1.2` is `1.2.0`, a leading `v` or `V`
+/// is dropped); anything else is refused. Ordered as semver orders
+/// versions; shown in its normalised form.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(semver::Version);
+
+/// Why a version or a version requirement is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidVersion {
+    /// Not a semantic version, nor a short form of one.
+    #[error(
+        "`{text}` is not a semantic version (MAJOR.MINOR.PATCH, such as 1.4.2 or 2.0.0-beta.1; 1, 1.2 and v1.2.3 are read as 1.0.0, 1.2.0 and 1.2.3): {reason}"
+    )]
+    Version {
+        /// What was given (cut to 64 characters).
+        text: String,
+        /// What the semver parser found wrong.
+        reason: String,
+    },
+    /// Not a version requirement.
+    #[error(
+        "`{text}` is not a version requirement (such as 2, ^1.4, =1.4.2, 1.x or >=1.2, <2): {reason}"
+    )]
+    Requirement {
+        /// What was given (cut to 64 characters).
+        text: String,
+        /// What the semver parser found wrong.
+        reason: String,
+    },
+}
+
+/// At most 64 characters of `text`, for a message.
+fn shown(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+impl Version {
+    /// Reads `text` as a version, normalising the short forms.
+    pub fn parse(text: &str) -> Result<Self, InvalidVersion> {
+        let bare = text
+            .strip_prefix('v')
+            .or_else(|| text.strip_prefix('V'))
+            .unwrap_or(text);
+        let refused = |error: semver::Error| InvalidVersion::Version {
+            text: shown(text),
+            reason: error.to_string(),
+        };
+        match semver::Version::parse(bare) {
+            Ok(version) => Ok(Self(version)),
+            Err(error) => {
+                // `1` and `1.2`: one or two numbers, nothing else.
+                let parts: Vec<&str> = bare.split('.').collect();
+                let numeric = |part: &&str| {
+                    !part.is_empty()
+                        && part.bytes().all(|b| b.is_ascii_digit())
+                        && (part.len() == 1 || !part.starts_with('0'))
+                };
+                if parts.len() <= 2 && parts.iter().all(numeric) {
+                    let padded = format!("{bare}{}", ".0".repeat(3 - parts.len()));
+                    semver::Version::parse(&padded).map(Self).map_err(refused)
+                } else {
+                    Err(refused(error))
+                }
+            }
+        }
+    }
+
+    /// Whether it is a release (no pre-release part such as `-beta.1`).
+    pub fn is_stable(&self) -> bool {
+        self.0.pre.is_empty()
+    }
+
+    /// Whether it meets `requirement`. A pre-release meets only a
+    /// requirement that names a pre-release of the same `MAJOR.MINOR.PATCH`
+    /// (semver's rule), so `2` never picks `2.1.0-beta.1`.
+    pub fn meets(&self, requirement: &VersionReq) -> bool {
+        requirement.0.matches(&self.0)
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A version requirement, as a client selects a version with it: `2`
+/// (`^2`), `^1.4`, `~1.4`, `=1.4.2`, `1.x`, `>=1.2, <2`, as the semver
+/// crate reads them (Cargo's syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionReq(semver::VersionReq);
+
+impl std::fmt::Display for VersionReq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl VersionReq {
+    /// Reads `text` as a requirement.
+    pub fn parse(text: &str) -> Result<Self, InvalidVersion> {
+        semver::VersionReq::parse(text)
+            .map(Self)
+            .map_err(|error| InvalidVersion::Requirement {
+                text: shown(text),
+                reason: error.to_string(),
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,7 +717,7 @@ mod tests {
 
     #[test]
     fn one_rule_set_names_the_field_at_fault() {
-        assert_eq!(validate(&info()), Ok(()));
+        assert!(validate(&info()).is_ok());
         let refused = |change: fn(&mut ServiceInfo)| {
             let mut info = info();
             change(&mut info);
@@ -658,6 +785,68 @@ mod tests {
         );
         let mut multi_line = info();
         multi_line.description = "first line\nsecond line\twith a tab".into();
-        assert_eq!(validate(&multi_line), Ok(()));
+        assert!(validate(&multi_line).is_ok());
+    }
+
+    #[test]
+    fn versions_are_normalised_where_unambiguous() {
+        let normal = |text: &str| Version::parse(text).map(|v| v.to_string());
+        assert_eq!(normal("1").as_deref(), Ok("1.0.0"));
+        assert_eq!(normal("1.2").as_deref(), Ok("1.2.0"));
+        assert_eq!(normal("v2").as_deref(), Ok("2.0.0"));
+        assert_eq!(normal("V1.2.3").as_deref(), Ok("1.2.3"));
+        assert_eq!(normal("2.0.0-beta.1").as_deref(), Ok("2.0.0-beta.1"));
+        assert_eq!(normal("1.0.0+build.5").as_deref(), Ok("1.0.0+build.5"));
+        for refused in [
+            "", "latest", "1.2.3.4", "01", "1.", "1.2-beta", " 1", "vv1", "1.x",
+        ] {
+            let error = Version::parse(refused).expect_err(refused);
+            assert!(
+                error.to_string().contains("not a semantic version"),
+                "{error}"
+            );
+        }
+        let mut named = info();
+        named.version = "one".into();
+        assert_eq!(validate(&named).expect_err("refused").field, "version");
+        let mut short = info();
+        short.version = "2".into();
+        assert_eq!(
+            validate(&short).map(|v| v.to_string()).as_deref(),
+            Ok("2.0.0")
+        );
+    }
+
+    #[test]
+    fn versions_order_as_semver_does() {
+        let v = |text: &str| Version::parse(text).unwrap();
+        assert!(v("1.10.0") > v("1.9.0"));
+        assert!(v("2.0.0-beta.1") < v("2.0.0"));
+        assert!(v("2.0.0-beta.1") > v("1.4.2"));
+        assert!(v("1.4.2").is_stable() && !v("2.0.0-beta.1").is_stable());
+    }
+
+    #[test]
+    fn requirements_match_as_cargo_reads_them() {
+        let meets = |version: &str, requirement: &str| {
+            Version::parse(version)
+                .unwrap()
+                .meets(&VersionReq::parse(requirement).unwrap())
+        };
+        assert!(meets("2.3.0", "2"));
+        assert!(!meets("3.0.0", "2"));
+        assert!(meets("1.4.9", "^1.4"));
+        assert!(!meets("1.3.0", "^1.4"));
+        assert!(meets("1.4.2", "=1.4.2") && !meets("1.4.3", "=1.4.2"));
+        assert!(meets("1.7.0", "1.x"));
+        assert!(!meets("2.0.0-beta.1", "2"), "pre-releases only when named");
+        assert!(meets("2.0.0-beta.1", "=2.0.0-beta.1"));
+        let error = VersionReq::parse("^^1").expect_err("refused");
+        assert!(
+            error
+                .to_string()
+                .contains("`^^1` is not a version requirement"),
+            "{error}"
+        );
     }
 }

@@ -1,11 +1,14 @@
-//! Locking that survives a poisoned mutex, and a count of work in progress
-//! that a thread can wait on.
+//! Locking that survives a poisoned mutex, a count of work in progress
+//! that a thread can wait on, and a per-thread random number source that
+//! needs neither.
 //!
 //! Every mutex in the host guards state that stays consistent field by
 //! field, and plugin panics never unwind through host code (the SDK catches
 //! them), so a poisoned lock means a host bug on one request: it must not
 //! take every later request down with it.
 
+use std::cell::Cell;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -14,6 +17,23 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A number below `bound` (at least 1), from a per-thread xorshift: cheap,
+/// lock-free, and good enough to spread requests (two choices, a traffic
+/// split), not for anything secret.
+pub(crate) fn random_below(bound: usize) -> usize {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        (x % bound.max(1) as u64) as usize
+    })
 }
 
 /// How many of something are in progress (calls into a plugin, its worker

@@ -13,7 +13,14 @@
 //! out, atomic replaces and `cp` over a file all reduce to that one question.
 //! A change of a file's metadata (`chmod`, `chown`) is a change like any
 //! other, since it decides whether the file is trusted; one of the
-//! directory's own re-examines every file in it. The initial scan feeds the
+//! directory's own re-examines every file in it.
+//!
+//! A tenant's plugin files live one level down, in `<dir>/<tenant>/`: the
+//! watch is recursive, files directly in a subdirectory are reported like
+//! the directory's own (deeper ones are not), and a subdirectory created,
+//! removed or renamed rescans, so its files are reported (or reported
+//! gone) even if they arrived before its watch did. Which subdirectory
+//! names a tenant is the plugin manager's to decide. The initial scan feeds the
 //! same queue, so start-up loading and hot loading are one code path. It
 //! never opens a file's content: the loader does.
 
@@ -85,8 +92,8 @@ fn is_plugin_file(path: &Path) -> bool {
     path.extension().is_some_and(|ext| ext == "so")
 }
 
-/// Starts watching `dir` (non-recursively), reporting every plugin file in
-/// it first, then every settled change.
+/// Starts watching `dir` and its subdirectories, reporting every plugin
+/// file in them first, then every settled change.
 pub fn watch(
     dir: &Path,
     debounce: Duration,
@@ -133,7 +140,7 @@ pub fn watch(
         source,
     })?;
     notify
-        .watch(dir, RecursiveMode::NonRecursive)
+        .watch(dir, RecursiveMode::Recursive)
         .map_err(|source| WatchError::Notify {
             path: dir.to_owned(),
             source,
@@ -181,11 +188,31 @@ fn ends_a_write(kind: &EventKind) -> bool {
     )
 }
 
+/// Whether `path` is a plugin file the watcher reports: directly in `dir`,
+/// or directly in one of its subdirectories.
+fn is_watched_file(dir: &Path, path: &Path) -> bool {
+    let parent = path.parent();
+    is_plugin_file(path) && (parent == Some(dir) || parent.and_then(Path::parent) == Some(dir))
+}
+
+/// The plugin files in `dir` and directly in its subdirectories.
 fn list_plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if is_plugin_file(&path) {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            // A subdirectory that vanished meanwhile has nothing to report.
+            let Ok(inner) = std::fs::read_dir(&path) else {
+                continue;
+            };
+            for inner in inner {
+                let inner = inner?.path();
+                if is_plugin_file(&inner) {
+                    files.push(inner);
+                }
+            }
+        } else if is_plugin_file(&path) {
             files.push(path);
         }
     }
@@ -282,8 +309,10 @@ impl Debouncer {
                     let now = Instant::now();
                     let due = if settled { now } else { now + self.debounce };
                     for path in paths {
-                        if path.parent() == Some(self.dir.as_path()) && is_plugin_file(&path) {
+                        if is_watched_file(&self.dir, &path) {
                             self.mark(path, due, settled);
+                        } else if self.is_subdirectory(&path) {
+                            self.rescan();
                         }
                     }
                 }
@@ -296,6 +325,15 @@ impl Debouncer {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
+    }
+
+    /// Whether `path`, directly in the directory, is (or was, holding
+    /// files reported present) a subdirectory: its creation, removal or
+    /// rename changes which files there are.
+    fn is_subdirectory(&self, path: &Path) -> bool {
+        path.parent() == Some(self.dir.as_path())
+            && !is_plugin_file(path)
+            && (path.is_dir() || self.present.iter().any(|known| known.starts_with(path)))
     }
 
     fn rescan(&mut self) {

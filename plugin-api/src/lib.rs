@@ -95,7 +95,7 @@ pub use consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER, Consumer};
 pub use context::{Call, Context, Stop};
 pub use extract::{FromRequest, Json, Path, Query};
 pub use log;
-pub use request::Request;
+pub use request::{DEFAULT_TENANT, Request, TENANT_HEADER};
 pub use response::{Error, Response, Result};
 pub use router::{Handler, Method, Router};
 pub use service::{EndpointConfig, ServiceConfig};

@@ -4,6 +4,13 @@ use std::str::FromStr;
 use serde::de::DeserializeOwned;
 
 use crate::consumer::{CONSUMER_CLAIMS_HEADER, CONSUMER_ID_HEADER};
+
+/// The header through which the host tells a service its request's
+/// tenant.
+pub const TENANT_HEADER: &str = "x-tenant-id";
+
+/// The tenant of a request that names none: the shared services'.
+pub const DEFAULT_TENANT: &str = "default";
 use crate::extract::{FromRequest, Json};
 use crate::ffi::FfiRequest;
 use crate::{Consumer, Error};
@@ -124,6 +131,15 @@ impl<'a> Request<'a> {
             self.header(CONSUMER_ID_HEADER),
             self.header(CONSUMER_CLAIMS_HEADER),
         )
+    }
+
+    /// The tenant the host resolved for this request (see the host's
+    /// `docs/MULTI_TENANT.md`): the `X-Tenant-ID` header, which the host
+    /// always sets or removes itself, or [`DEFAULT_TENANT`] without it.
+    /// Outside the host (in [`crate::testing`]) it is whatever the test
+    /// sends.
+    pub fn tenant(&self) -> &str {
+        self.header(TENANT_HEADER).unwrap_or(DEFAULT_TENANT)
     }
 
     /// The client's socket address, e.g. `127.0.0.1:51234`.

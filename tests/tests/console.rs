@@ -60,6 +60,14 @@ async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser(
     let upstream = Upstream::start().await;
     let (status, answer) = register(&host, &registration("shop", upstream.addr())).await;
     assert_eq!(status, 201, "{answer}");
+    // Two versions of one service, for the page's split form.
+    let canaries = [Upstream::start().await, Upstream::start().await];
+    for (canary, version) in canaries.iter().zip(["1.0.0", "2.0.0"]) {
+        let mut body = registration("canary", canary.addr());
+        body["version"] = version.into();
+        let (status, answer) = register(&host, &body).await;
+        assert_eq!(status, 201, "{answer}");
+    }
     let mark = host.log_mark();
     std::fs::write(host.plugins_dir().join("broken.so"), "not a library").unwrap();
     host.wait_for_log_since(mark, &["plugin file refused", "file=broken.so"])
@@ -79,7 +87,7 @@ async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser(
                 .arg(script)
                 .args([registry.as_str(), gateway.as_str()])
                 .arg(&plugin_file)
-                .args(["hello", "shop", "broken.so"])
+                .args(["hello", "shop", "broken.so", "canary"])
                 .arg(&shots)
                 .output()
         }),
@@ -111,7 +119,21 @@ async fn the_console_shows_services_and_files_live_and_deregisters_in_a_browser(
         .await
         .unwrap();
     assert_eq!(status, 404, "shop is gone from the registry");
-    for shot in ["console-listed.png", "docs.png", "console-after.png"] {
+    let (status, split) = get_json(&host.registry_url("/api/registry/services/canary/traffic"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{split}");
+    assert_eq!(
+        split["traffic"],
+        serde_json::json!({"weights": {"1.0.0": 90, "2.0.0": 10}, "sticky": {"header": "X-User-Id"}}),
+        "the split the page set"
+    );
+    for shot in [
+        "console-listed.png",
+        "console-split.png",
+        "docs.png",
+        "console-after.png",
+    ] {
         let size = std::fs::metadata(artifacts().join(shot)).map_or(0, |meta| meta.len());
         assert!(size > 1000, "screenshot {shot} saved");
     }

@@ -1,11 +1,13 @@
 """Drives the plugin-host console in the system's Chromium (Playwright).
 
 Run by tests/tests/console.rs with:
-    python console_browser.py <registry-url> <gateway-url> <plugin-file> <plugin> <remote> <refused-file> <artifacts-dir>
+    python console_browser.py <registry-url> <gateway-url> <plugin-file> <plugin> <remote> <refused-file> <versioned> <artifacts-dir>
 
 Opens /console, checks the plugin and the remote service are listed, that
 the plugin's file shows loaded and the refused file its reason, that
-traffic through the gateway shows as requests per second, opens /docs once and checks an operation of the remote is rendered, removes
+traffic through the gateway shows as requests per second, that the
+service with two versions lists both and takes a traffic split set with
+the page's form (90/10, sticky on a header), opens /docs once and checks an operation of the remote is rendered, removes
 the plugin file and sees its row go without a reload, deregisters the
 remote with the page's button, and sees its row go. Screenshots go to the
 artifacts directory; any failure prints why and exits 1 (after a
@@ -21,7 +23,7 @@ import urllib.request
 
 from playwright.sync_api import expect, sync_playwright
 
-registry, gateway, plugin_file, plugin, remote, refused, artifacts = sys.argv[1:8]
+registry, gateway, plugin_file, plugin, remote, refused, versioned, artifacts = sys.argv[1:9]
 os.makedirs(artifacts, exist_ok=True)
 # Every wait is bounded: the whole run stays well under a minute.
 expect.set_options(timeout=15_000)
@@ -72,6 +74,23 @@ with sync_playwright() as playwright:
         expect(rate).to_have_text(re.compile(r"^[1-9][0-9]*\.[0-9]$"))
         sender.join()
         page.screenshot(path=os.path.join(artifacts, "console-listed.png"), full_page=True)
+
+        versioned_row = page.locator(f'#services tr[data-service="{versioned}"]')
+        expect(versioned_row.locator('li[data-version="1.0.0"]')).to_have_count(1)
+        expect(versioned_row.locator('li[data-version="2.0.0"]')).to_contain_text("default")
+        page.select_option("#split-service", versioned)
+        current_split = page.locator("#split-current")
+        expect(current_split).to_contain_text("no split")
+        page.fill('#split-weights input[data-version="1.0.0"]', "90")
+        page.fill('#split-weights input[data-version="2.0.0"]', "10")
+        page.fill("#split-sticky", "X-User-Id")
+        page.click("#split-set")
+        expect(page.locator("#action-result")).to_contain_text(
+            f"setting the split of {versioned}: done"
+        )
+        expect(current_split).to_contain_text("1.0.0: 90, 2.0.0: 10")
+        expect(current_split).to_contain_text("sticky on header X-User-Id")
+        page.screenshot(path=os.path.join(artifacts, "console-split.png"), full_page=True)
 
         docs = browser.new_page(viewport={"width": 1400, "height": 900})
         docs.on("pageerror", lambda error: problems.append(f"docs page error: {error}"))

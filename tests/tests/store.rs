@@ -108,13 +108,17 @@ async fn an_edited_record_fails_its_checksum_and_is_not_routed() {
         {
             let mut services = write.open_table(table).expect("table");
             let edited = {
-                let value = services.get("edited").expect("get").expect("stored");
+                // Keyed `t/<tenant>/s/<name>` (docs/MULTI_TENANT.md).
+                let value = services
+                    .get("t/default/s/edited")
+                    .expect("get")
+                    .expect("stored");
                 let text = String::from_utf8(value.value().to_vec()).expect("utf-8");
                 assert!(text.contains("Service edited"), "{text}");
                 text.replace("Service edited", "Service EDITED")
             };
             services
-                .insert("edited", edited.as_bytes())
+                .insert("t/default/s/edited", edited.as_bytes())
                 .expect("insert");
         }
         write.commit().expect("commit");
@@ -142,6 +146,9 @@ async fn an_edited_record_fails_its_checksum_and_is_not_routed() {
     let table = read
         .open_table(redb::TableDefinition::<&str, &[u8]>::new("remote_services"))
         .expect("table");
-    let value = table.get("edited").expect("get").expect("still stored");
+    let value = table
+        .get("t/default/s/edited")
+        .expect("get")
+        .expect("still stored");
     assert!(String::from_utf8_lossy(value.value()).contains("Service EDITED"));
 }

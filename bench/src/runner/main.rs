@@ -200,6 +200,8 @@ pub struct Artifacts {
     pub hello: PathBuf,
     /// `libhello_keyed.so`.
     pub hello_keyed: PathBuf,
+    /// `libhello_v1.so` and `libhello_v2.so`: two versions of one name.
+    pub hello_versions: [PathBuf; 2],
     /// `libdemo_service.so`.
     pub demo: PathBuf,
     /// `libswap_a.so`.
@@ -221,7 +223,7 @@ impl Artifacts {
                 Ok(path)
             } else {
                 Err(format!(
-                    "{} is missing: build first (`bench/run` runs `cargo build --release -p plugin-host -p hello -p hello-keyed -p demo-service -p swap-a -p swap-b -p bench`)",
+                    "{} is missing: build first (`bench/run` runs `cargo build --release -p plugin-host -p hello -p hello-keyed -p hello-v1 -p hello-v2 -p demo-service -p swap-a -p swap-b -p bench`)",
                     path.display()
                 ))
             }
@@ -232,6 +234,7 @@ impl Artifacts {
             upstream: file("bench-upstream")?,
             hello: file("libhello.so")?,
             hello_keyed: file("libhello_keyed.so")?,
+            hello_versions: [file("libhello_v1.so")?, file("libhello_v2.so")?],
             demo: file("libdemo_service.so")?,
             swap_a: file("libswap_a.so")?,
             swap_b: file("libswap_b.so")?,

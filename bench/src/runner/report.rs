@@ -528,6 +528,12 @@ pub fn markdown(results: &Results) -> String {
             "native" => "native: axum handler, release (`bench-native`)".to_owned(),
             "plugin" => "plugin: hello through `plugin-host`".to_owned(),
             "plugin+key" => "plugin+key: hello-keyed, `X-API-Key` required and checked".to_owned(),
+            "plugin-2-versions" => {
+                "plugin-2-versions: hello-versioned, two versions, no version asked".to_owned()
+            }
+            "plugin-2-versions@1" => {
+                "plugin-2-versions@1: hello-versioned, `@1` in the path".to_owned()
+            }
             "base" => "base: hello through the `--compare-host` build".to_owned(),
             other => other.to_owned(),
         }),
@@ -714,6 +720,13 @@ pub fn markdown(results: &Results) -> String {
                 ms(g.list.p50_ms),
                 ms(g.list.p99_ms),
                 g.list.rps
+            );
+            let _ = writeln!(
+                out,
+                "| a page of it, `?limit=100`, one connection | p50 {}, p99 {} ({:.1} req/s) |",
+                ms(g.list_page.p50_ms),
+                ms(g.list_page.p99_ms),
+                g.list_page.rps
             );
             let _ = writeln!(
                 out,

@@ -264,6 +264,8 @@ pub struct RegistryScale {
     /// `GET /api/registry/services` with every service registered (wrk,
     /// one connection).
     pub list: WrkResult,
+    /// A page of it, `?limit=100` (wrk, one connection).
+    pub list_page: WrkResult,
     /// Size of that listing in bytes.
     pub list_bytes: usize,
     /// Entries in that listing.
@@ -553,7 +555,11 @@ fn interleaved(
 /// compiled into a plain axum server; and the cost of gateway auth: the
 /// same handler in `hello-keyed`, whose route needs an API key, against
 /// the open `hello`, in the same host. Every target gets the same
-/// `X-API-Key` header, so the requests differ only in where they go.
+/// `X-API-Key` header, so the requests differ only in where they go. And
+/// the cost of versions: the same handler under a name served by two
+/// versions (`hello-versioned` 1.0.0 and 2.0.0), asked without a version
+/// (the default path) and with the path form `@1` (a requirement matched
+/// per request), against `hello`, which has one.
 fn in_process(
     rt: &Runtime,
     client: &reqwest::Client,
@@ -567,6 +573,14 @@ fn in_process(
     let mark = host.log_mark();
     host.rename_plugin_in(&artifacts.hello_keyed, "hello-keyed.so")?;
     rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", "plugin=hello-keyed"]))?;
+    for (index, library) in artifacts.hello_versions.iter().enumerate() {
+        let mark = host.log_mark();
+        let file = format!("hello-v{}.so", index + 1);
+        host.rename_plugin_in(library, &file)?;
+        rt.block_on(host.wait_for_log_since(mark, &["plugin mounted", &format!("file={file}")]))?;
+    }
+    let versions_url = host.gateway_url("/api/hello-versioned/hello?name=x");
+    let required_url = host.gateway_url("/api/hello-versioned@1/hello?name=x");
     let path = "/api/hello/hello?name=x";
     let plugin_url = host.gateway_url(path);
     let keyed_url = host.gateway_url("/api/hello-keyed/hello?name=x");
@@ -595,6 +609,12 @@ fn in_process(
             "hello-keyed: {status_open} without the key (401 expected), {status_k} {body_k:?} with it"
         ));
     }
+    for url in [&versions_url, &required_url] {
+        let (status, body) = rt.block_on(get(client, url))?;
+        if status != 200 || body != body_p {
+            return Err(format!("{url}: {status} {body:?}, not what hello answers"));
+        }
+    }
     let options = WrkOptions::new(
         settings.wrk_threads,
         settings.connections_small,
@@ -620,6 +640,18 @@ fn in_process(
             pids: vec![host.pid()],
             behind: Vec::new(),
         },
+        Spec {
+            label: "plugin-2-versions",
+            url: versions_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
+        Spec {
+            label: "plugin-2-versions@1",
+            url: required_url,
+            pids: vec![host.pid()],
+            behind: Vec::new(),
+        },
     ];
     if let Some(base) = base {
         targets.push(Spec {
@@ -632,13 +664,15 @@ fn in_process(
     let mut comparison = interleaved(
         pinning,
         "1",
-        "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x",
+        "GET /api/hello/hello?name=x; with an API key required: GET /api/hello-keyed/hello?name=x; a name of two versions: GET /api/hello-versioned/hello?name=x and /api/hello-versioned@1/hello?name=x",
         &targets,
         &options,
         settings,
     )?;
     comparison.add_ratio("plugin", "native");
     comparison.add_ratio("plugin+key", "plugin");
+    comparison.add_ratio("plugin-2-versions", "plugin");
+    comparison.add_ratio("plugin-2-versions@1", "plugin");
     comparison.add_ratio("plugin", "base");
     Ok(comparison)
 }
@@ -1118,6 +1152,15 @@ fn registry_scale(
         list.p50_ms,
         list.p99_ms
     );
+    let list_page = load::run_wrk(
+        pinning,
+        &format!("{list_url}?limit=100"),
+        &WrkOptions::new(1, 1, settings.list_seconds),
+    )?;
+    eprintln!(
+        "[5] a page of 100: p50 {:.2} ms, p99 {:.2} ms",
+        list_page.p50_ms, list_page.p99_ms
+    );
     let rss_end_kib = host.rss_kib().unwrap_or(0);
     let host_warnings = warnings(&host, "host of scenario 5");
     let latency_ms: Vec<f64> = latencies.iter().map(|(_, ms)| *ms).collect();
@@ -1144,6 +1187,7 @@ fn registry_scale(
         register_ms,
         heartbeats,
         list,
+        list_page,
         list_bytes: body.len(),
         list_entries,
         rss_before_kib,

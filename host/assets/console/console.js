@@ -13,6 +13,9 @@ let previous = new Map();
 let confirming = null;
 // Services whose endpoint list is open: kept open across redraws.
 const openEndpoints = new Set();
+// The versions the split form's weight inputs were drawn for, so a redraw
+// does not wipe what is being typed.
+let splitDrawn = "";
 
 function token() {
   return sessionStorage.getItem(TOKEN_KEY);
@@ -124,6 +127,90 @@ function instancesList(service) {
   return list;
 }
 
+function versionsCell(service) {
+  const versions = service.versions || [];
+  if (versions.length < 2) {
+    return element("span", service.version);
+  }
+  const list = element("ul", undefined, "plain");
+  for (const version of versions) {
+    const item = element("li");
+    item.dataset.version = version.version;
+    item.appendChild(element("code", version.version));
+    item.appendChild(document.createTextNode(" "));
+    item.appendChild(status(version.status));
+    if (version.version === service.default_version) {
+      item.appendChild(element("span", "default", "sub"));
+    }
+    list.appendChild(item);
+  }
+  return list;
+}
+
+function splitText(service) {
+  const split = service.traffic && service.traffic.split;
+  if (!split) {
+    return "no split: requests naming no version go to " + service.default_version;
+  }
+  const weights = Object.entries(split.weights).map(([version, weight]) => version + ": " + weight);
+  let text = "split: " + weights.join(", ");
+  if (split.sticky && split.sticky.header) {
+    text += " (sticky on header " + split.sticky.header + ")";
+  } else if (split.sticky && split.sticky.cookie) {
+    text += " (sticky on cookie " + split.sticky.cookie + ")";
+  }
+  return text;
+}
+
+// The split form: services with two versions or more; a weight input per
+// version of the one selected, redrawn only when its versions change.
+function drawSplit(services) {
+  const form = document.getElementById("split-form");
+  const select = document.getElementById("split-service");
+  const candidates = services.filter((service) => (service.versions || []).length > 1);
+  document.getElementById("split-none").hidden = candidates.length > 0;
+  form.hidden = candidates.length === 0;
+  const names = candidates.map((service) => service.name);
+  const shown = Array.from(select.options).map((option) => option.value);
+  if (names.join(" ") !== shown.join(" ")) {
+    const chosen = select.value;
+    select.replaceChildren(...names.map((name) => element("option", name)));
+    if (names.includes(chosen)) {
+      select.value = chosen;
+    }
+  }
+  const service = candidates.find((candidate) => candidate.name === select.value);
+  const current = document.getElementById("split-current");
+  if (!service) {
+    current.textContent = "";
+    splitDrawn = "";
+    return;
+  }
+  current.textContent = service.name + ": " + splitText(service);
+  const versions = service.versions.map((version) => version.version);
+  const drawn = service.name + " " + versions.join(" ");
+  if (drawn === splitDrawn) {
+    return;
+  }
+  splitDrawn = drawn;
+  const split = service.traffic && service.traffic.split;
+  const weights = document.getElementById("split-weights");
+  weights.replaceChildren();
+  for (const version of versions) {
+    const label = element("label", version);
+    const input = element("input");
+    input.type = "number";
+    input.min = "0";
+    input.max = "10000";
+    input.dataset.version = version;
+    input.value = split && split.weights[version] !== undefined ? split.weights[version] : 0;
+    label.appendChild(input);
+    weights.appendChild(label);
+  }
+  document.getElementById("split-sticky").value =
+    split && split.sticky && split.sticky.header ? split.sticky.header : "";
+}
+
 function endpointsList(service) {
   const endpoints = service.endpoints || [];
   if (endpoints.length === 0) {
@@ -205,7 +292,7 @@ function drawServices(services, now) {
     }
     cell(row, name);
     cell(row, service.kind);
-    cell(row, service.version);
+    cell(row, versionsCell(service));
     const health = element("span");
     health.appendChild(status(service.status));
     if (service.unhealthy_reason) {
@@ -278,6 +365,7 @@ async function poll() {
       );
     }
     drawServices(services.body, Date.now());
+    drawSplit(services.body);
     drawFiles(files);
     updated.textContent = "updated " + new Date().toLocaleTimeString();
     updated.className = "";
@@ -287,9 +375,14 @@ async function poll() {
   }
 }
 
-async function act(what, method, path) {
+async function act(what, method, path, payload) {
   try {
-    const answer = await fetch(path, { method: method, headers: headers() });
+    const request = { method: method, headers: headers() };
+    if (payload !== undefined) {
+      request.headers["Content-Type"] = "application/json";
+      request.body = JSON.stringify(payload);
+    }
+    const answer = await fetch(path, request);
     const body = await answer.json().catch(() => ({}));
     if (answer.ok) {
       report(what + ": done", false);
@@ -317,6 +410,34 @@ function setUp() {
     }
     input.value = "";
     showToken();
+    poll();
+  });
+  const splitPath = () =>
+    "/api/registry/services/" + encodeURIComponent(document.getElementById("split-service").value) + "/traffic";
+  document.getElementById("split-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const name = document.getElementById("split-service").value;
+    const weights = {};
+    for (const input of document.querySelectorAll("#split-weights input")) {
+      weights[input.dataset.version] = Number(input.value);
+    }
+    const body = { weights: weights };
+    const sticky = document.getElementById("split-sticky").value.trim();
+    if (sticky) {
+      body.sticky = { header: sticky };
+    }
+    await act("setting the split of " + name, "PUT", splitPath(), body);
+    splitDrawn = "";
+    await poll();
+  });
+  document.getElementById("split-clear").addEventListener("click", async () => {
+    const name = document.getElementById("split-service").value;
+    await act("clearing the split of " + name, "DELETE", splitPath());
+    splitDrawn = "";
+    await poll();
+  });
+  document.getElementById("split-service").addEventListener("change", () => {
+    splitDrawn = "";
     poll();
   });
   document.getElementById("token-forget").addEventListener("click", () => {

@@ -24,6 +24,7 @@ use crate::plugin::FileChecks;
 use crate::plugin_manager::PluginSettings;
 use crate::registry::RegistryAuthSettings;
 use crate::remote::{HealthSettings, LoadBalancingSettings, OutlierSettings};
+use crate::tenant::TenantSettings;
 
 use super::LogFormat;
 
@@ -75,6 +76,9 @@ pub struct FileConfig {
     /// `[health]`: health check thresholds and the protect threshold.
     #[serde(default)]
     pub health: HealthSettings,
+    /// `[tenants]`: whether `X-Tenant-ID` is trusted. Restart-only.
+    #[serde(default)]
+    pub tenants: TenantSettings,
 }
 
 /// `[log]`.
@@ -127,6 +131,8 @@ pub struct RegistrySection {
     pub max_bytes: Option<u64>,
     /// `--max-instances-per-service`.
     pub max_instances_per_service: Option<u32>,
+    /// `--max-versions-per-service`.
+    pub max_versions_per_service: Option<u32>,
     /// `--upstream-allow`.
     pub upstream_allow: Option<Vec<IpNet>>,
     /// `--store`: `embedded` or `etcd`. Needs a restart.

@@ -157,6 +157,11 @@ pub struct Config {
     #[arg(long, env = "MAX_INSTANCES_PER_SERVICE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_instances_per_service: u32,
 
+    /// Most versions one remote service name may have; a registration of
+    /// one more is answered 409 naming the limit.
+    #[arg(long, env = "MAX_VERSIONS_PER_SERVICE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_versions_per_service: u32,
+
     /// Networks a registered service's addresses must be in (CIDRs,
     /// comma-separated). Link-local and unspecified addresses are refused
     /// whatever the list says, and so are the host's own listeners.
@@ -436,6 +441,12 @@ impl Config {
             at_least_one
         );
         take!(
+            max_versions_per_service,
+            "registry.max_versions_per_service",
+            file.registry.max_versions_per_service,
+            at_least_one
+        );
+        take!(
             upstream_allow,
             "registry.upstream_allow",
             file.registry.upstream_allow.clone()
@@ -673,6 +684,7 @@ impl Config {
             registry_max_body_bytes => "registry.max_body_bytes",
             registry_max_bytes => "registry.max_bytes",
             max_instances_per_service => "registry.max_instances_per_service",
+            max_versions_per_service => "registry.max_versions_per_service",
             upstream_allow => "registry.upstream_allow",
             store => "registry.store",
             etcd_endpoints => "registry.etcd_endpoints",
@@ -695,6 +707,11 @@ impl Config {
             metrics => "metrics.enabled",
             metrics_path => "metrics.path",
             log_format => "log.format",
+        }
+        // Handed as a plain value to the gateway and the registry.
+        if self.file.tenants != running.file.tenants {
+            self.file.tenants = running.file.tenants.clone();
+            kept.push("tenants.trust_header");
         }
         (self, kept)
     }

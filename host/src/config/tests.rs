@@ -149,6 +149,10 @@ fn a_reload_keeps_what_needs_a_restart_and_names_it() {
     assert_eq!(now.gateway_addr, running.gateway_addr);
     assert_eq!(now.plugins_dir, running.plugins_dir);
     assert_eq!(now.plugin_workers, 3, "reloadable: applied");
+    let trusting = resolve(&[], "[tenants]\ntrust_header = true\n").unwrap();
+    let (now, kept) = trusting.keeping_restart_keys(&running);
+    assert_eq!(kept, ["tenants.trust_header"]);
+    assert!(!now.file.tenants.trust_header);
 }
 
 #[test]

@@ -22,6 +22,7 @@ use super::message::{PluginRequest, PluginResponse};
 use crate::egress::MAX_VIA_HOPS;
 use crate::http::{ApiError, Escaped, X_REQUEST_ID, new_request_id};
 use crate::sync::{Tally, lock};
+use crate::tenant::{self, X_TENANT_ID};
 
 /// Background tasks one plugin may run at once; a plugin spawning more is
 /// refused (503) until some end. They are threads, outside the worker
@@ -45,14 +46,20 @@ pub struct CallChain {
     pub request_id: HeaderValue,
     /// The services the chain passed, the current one last.
     pub services: Vec<String>,
+    /// The tenant every call of the chain is resolved in and carries as
+    /// `X-Tenant-ID`: the gateway request's (which the gateway set), or
+    /// for a background task's chain, its plugin's; `None`: the default
+    /// tenant, and no header.
+    pub tenant: Option<HeaderValue>,
 }
 
 impl CallChain {
-    /// The chain of a request the gateway hands `service`.
-    pub fn start(service: &str, request_id: HeaderValue) -> Self {
+    /// The chain of a request the gateway hands `service`, in `tenant`.
+    pub fn start(service: &str, request_id: HeaderValue, tenant: Option<HeaderValue>) -> Self {
         Self {
             request_id,
             services: vec![service.to_owned()],
+            tenant,
         }
     }
 
@@ -78,6 +85,7 @@ impl CallChain {
         Ok(Self {
             request_id: self.request_id.clone(),
             services,
+            tenant: self.tenant.clone(),
         })
     }
 }
@@ -109,6 +117,9 @@ pub struct HostSetup {
     pub calls: Arc<dyn ServiceCalls>,
     /// Longest wait of a call (the host's request timeout).
     pub call_timeout: Duration,
+    /// The tenant the plugin belongs to: its background tasks' calls are
+    /// resolved in it.
+    pub tenant: String,
 }
 
 /// One loaded plugin's context, host side.
@@ -119,6 +130,9 @@ pub struct HostContext {
     data_dir: PathBuf,
     calls: Arc<dyn ServiceCalls>,
     call_timeout: Duration,
+    /// Its tenant as `X-Tenant-ID`, for its background tasks' calls;
+    /// `None` in the default tenant.
+    tenant: Option<HeaderValue>,
     tasks: Mutex<Tasks>,
     /// Notified when `tasks.stopping` is set.
     stop: Condvar,
@@ -156,6 +170,10 @@ impl HostContext {
             data_dir: setup.data_dir,
             calls: setup.calls,
             call_timeout: setup.call_timeout,
+            // A tenant id is a valid header value.
+            tenant: (!tenant::is_default(&setup.tenant))
+                .then(|| HeaderValue::from_str(&setup.tenant).ok())
+                .flatten(),
             tasks: Mutex::default(),
             stop: Condvar::new(),
             running: Arc::default(),
@@ -222,8 +240,9 @@ impl HostContext {
         mut request: PluginRequest,
         timeout: Option<Duration>,
     ) -> PluginResponse {
-        // A request from the gateway starts its chain here, with its id; a
-        // background task's call starts a chain of its own.
+        // A request from the gateway starts its chain here, with its id and
+        // tenant; a background task's call starts a chain of its own, in
+        // the plugin's tenant.
         let caller = CURRENT_REQUEST
             .with_borrow(|current| {
                 let current = current.as_ref()?;
@@ -232,10 +251,17 @@ impl HostContext {
                     Arc::new(CallChain::start(
                         &self.name,
                         id.unwrap_or_else(new_request_id),
+                        current.headers.get(X_TENANT_ID).cloned(),
                     ))
                 }))
             })
-            .unwrap_or_else(|| Arc::new(CallChain::start(&self.name, new_request_id())));
+            .unwrap_or_else(|| {
+                Arc::new(CallChain::start(
+                    &self.name,
+                    new_request_id(),
+                    self.tenant.clone(),
+                ))
+            });
         let chain = match caller.extend(service) {
             Ok(chain) => chain,
             Err(reason) => {
@@ -250,6 +276,11 @@ impl HostContext {
         request
             .headers
             .insert(X_REQUEST_ID, chain.request_id.clone());
+        // And the chain's tenant, never one the plugin chose.
+        request.headers.remove(X_TENANT_ID);
+        if let Some(tenant) = &chain.tenant {
+            request.headers.insert(X_TENANT_ID, tenant.clone());
+        }
         request.chain = Some(Arc::new(chain));
         let timeout = timeout.map_or(self.call_timeout, |asked| asked.min(self.call_timeout));
         self.calls.call(service, request, timeout)
@@ -353,10 +384,19 @@ mod tests {
 
     #[test]
     fn a_chain_refuses_a_service_it_passed_and_too_many_hops() {
-        let chain = CallChain::start("a", HeaderValue::from_static("id-1"));
+        let chain = CallChain::start(
+            "a",
+            HeaderValue::from_static("id-1"),
+            Some(HeaderValue::from_static("acme")),
+        );
         let chain = chain.extend("b").unwrap();
         assert_eq!(chain.services, ["a", "b"]);
         assert_eq!(chain.request_id, "id-1");
+        assert_eq!(
+            chain.tenant.as_ref().unwrap(),
+            "acme",
+            "a chain keeps its tenant"
+        );
         assert_eq!(chain.extend("a").unwrap_err(), "call loop: a -> b -> a");
         let mut long = chain;
         for hop in 0..MAX_VIA_HOPS - 2 {

@@ -150,7 +150,11 @@ pub fn check(
 }
 
 fn check_dir(subject: Subject, file: &Path, host_uid: u32) -> Result<(), OpenError> {
-    let dir = file.parent().unwrap_or(Path::new("/"));
+    check_directory(subject, file.parent().unwrap_or(Path::new("/")), host_uid)
+}
+
+/// The strict rules for the directory `dir`.
+pub fn check_directory(subject: Subject, dir: &Path, host_uid: u32) -> Result<(), OpenError> {
     let metadata = std::fs::metadata(dir)?;
     check(subject, dir, metadata.mode(), metadata.uid(), host_uid)?;
     Ok(())

@@ -172,6 +172,21 @@ impl Candidate {
         })
     }
 
+    /// As [`Self::read`], for a file in a subdirectory of the plugins
+    /// directory `plugins_dir` (a tenant's): strict checks hold the plugins
+    /// directory to the rule of the file's own, since whoever may write it
+    /// may replace the subdirectory.
+    pub fn read_below(
+        path: &Path,
+        plugins_dir: &Path,
+        checks: FileChecks,
+    ) -> Result<Self, LoadError> {
+        if checks == FileChecks::Strict {
+            file_checks::check_directory(file_checks::Subject::Directory, plugins_dir, host_uid())?;
+        }
+        Self::read(path, checks)
+    }
+
     fn read_elf(file: File, size: u64) -> Result<Self, LoadError> {
         if size > MAX_LIBRARY_BYTES {
             return Err(LoadError::TooLarge { size });

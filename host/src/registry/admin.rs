@@ -30,6 +30,9 @@ struct NewKey {
     sha256: Option<String>,
     #[serde(default)]
     services: Option<Vec<String>>,
+    /// The tenant the key's requests belong to; absent: none named.
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 pub(super) async fn list(
@@ -42,7 +45,13 @@ pub(super) async fn list(
         .managed_keys
         .list()
         .into_iter()
-        .map(|key| json!({"id": key.id, "services": key.services}))
+        .map(|key| {
+            let mut listed = json!({"id": key.id, "services": key.services});
+            if let Some(tenant) = key.tenant {
+                listed["tenant"] = json!(tenant);
+            }
+            listed
+        })
         .collect();
     Ok(axum::Json(json!({"api_keys": keys})).into_response())
 }
@@ -75,6 +84,7 @@ pub(super) async fn add(
         id: new.id,
         sha256,
         services: new.services,
+        tenant: new.tenant,
     };
     super::uncancellable(async move { registry.add_api_key(settings, generated).await }).await
 }
@@ -90,7 +100,8 @@ pub(super) async fn revoke(
 }
 
 /// `DELETE /api/registry/admin/services/{name}`: the service goes, with
-/// every instance, whoever registered it.
+/// every instance, whoever registered it; in the tenant `X-Tenant-ID`
+/// names (default: the default tenant).
 pub(super) async fn remove_service(
     State(registry): State<Registry>,
     ConnectInfo(caller): ConnectInfo<std::net::SocketAddr>,
@@ -99,10 +110,11 @@ pub(super) async fn remove_service(
 ) -> Result<Response, ApiError> {
     registry.admin(&headers)?;
     let Path(name) = name.map_err(super::bad_path)?;
+    let tenant = registry.tenant(&Writer::Admin, &headers)?;
     super::uncancellable(async move {
         (registry)
             .deregister(
-                &name,
+                (&tenant, &name),
                 super::Deregistered::Every,
                 caller.ip(),
                 Writer::Admin,
@@ -118,11 +130,12 @@ impl Registry {
         settings: ApiKeySettings,
         generated: Option<String>,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.key_writes.lock().await;
         let stored = StoredApiKey {
             id: settings.id.clone(),
             sha256: settings.sha256.clone(),
             services: settings.services.clone(),
+            tenant: settings.tenant.clone(),
         };
         let id = settings.id.clone();
         // Checked in full by the insert; undone if the write fails, so an
@@ -141,6 +154,9 @@ impl Registry {
         }
         tracing::info!(api_key = %id, generated = generated.is_some(), "API key added");
         let mut answer = json!({"id": id, "services": stored.services, "status": "added"});
+        if let Some(tenant) = &stored.tenant {
+            answer["tenant"] = json!(tenant);
+        }
         if let Some(key) = generated {
             answer["key"] = json!(key);
             answer["note"] = json!("the key is shown this once; the host keeps only its digest");
@@ -149,7 +165,7 @@ impl Registry {
     }
 
     async fn revoke_api_key(&self, id: String) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
+        let _writes = self.shared.key_writes.lock().await;
         let known = self
             .shared
             .managed_keys

@@ -153,17 +153,18 @@ pub(super) fn open(
 
 #[cfg(feature = "etcd")]
 mod following {
+    use std::collections::HashSet;
     use std::sync::Arc;
 
     use tokio::task::JoinSet;
 
-    use super::super::etcd::{Change, EtcdStore, api_key_seen};
-    use super::super::store::decode;
-    use super::super::store::decode_api_key;
-    use super::super::{Registry, routable, stored_size};
+    use super::super::etcd::{Change, EtcdStore, api_key_seen, policy_seen, record_seen};
+    use super::super::store::{decode, decode_api_key, decode_policy};
+    use super::super::{Registry, remote_of, restored_version, stored_size};
     use crate::auth::ApiKeySettings;
-    use crate::remote::RemoteService;
-    use crate::table::Backend;
+    use crate::remote::{Instance, RemoteService};
+    use crate::table::Service;
+    use crate::tenant;
 
     /// Most health check outcomes put to etcd at once.
     const SHARED_AT_ONCE: usize = 64;
@@ -184,71 +185,97 @@ mod following {
         async fn apply(&self, etcd: &EtcdStore, change: Change) {
             match change {
                 Change::Service {
+                    tenant,
                     name,
                     revision,
                     value,
                 } => {
-                    let _writes = self.shared.writes.lock().await;
-                    if !etcd.accept(&name, revision, value.is_some()) {
+                    let key = tenant::key(&tenant, &name).into_owned();
+                    let _writes = self.shared.writes.lock(&key).await;
+                    if !etcd.accept(&record_seen(&tenant, &name), revision, value.is_some()) {
                         return;
                     }
                     match value {
-                        Some(value) => self.put_from_store(&name, &value),
-                        None => self.remove_from_store(&name),
+                        Some(value) => self.put_from_store(&key, &value),
+                        None => self.remove_from_store(&key),
+                    }
+                }
+                Change::Policy {
+                    tenant,
+                    name,
+                    revision,
+                    value,
+                } => {
+                    let key = tenant::key(&tenant, &name).into_owned();
+                    let _writes = self.shared.writes.lock(&key).await;
+                    if etcd.accept(&policy_seen(&tenant, &name), revision, value.is_some()) {
+                        self.policy_from_store(&key, value.as_deref());
                     }
                 }
                 Change::Beat {
-                    name,
+                    key,
                     instance,
                     healthy,
                 } => {
-                    let Some(service) = self.shared.services.get(&name) else {
-                        return;
-                    };
-                    let Backend::Remote(remote) = &service.backend else {
-                        return;
-                    };
-                    if let Some(instance) = remote.instances().get(&instance) {
+                    let thresholds = self.shared.instances.load().thresholds;
+                    self.on_instance(&key, &instance, |remote, instance| {
                         instance.heartbeat(healthy);
-                        remote.announce_health(self.shared.instances.load().thresholds);
-                    }
+                        remote.announce_health(thresholds);
+                    });
                 }
                 Change::ApiKey {
                     id,
                     revision,
                     value,
                 } => {
-                    let _writes = self.shared.writes.lock().await;
+                    let _writes = self.shared.key_writes.lock().await;
                     if etcd.accept(&api_key_seen(&id), revision, value.is_some()) {
                         self.api_key_from_store(&id, value.as_deref());
                     }
                 }
                 Change::Check {
-                    name,
+                    key,
                     instance,
                     outcome,
                 } => {
-                    let Some(service) = self.shared.services.get(&name) else {
-                        return;
-                    };
-                    let Backend::Remote(remote) = &service.backend else {
-                        return;
-                    };
-                    if let Some(instance) = remote.instances().get(&instance) {
-                        let thresholds = self.shared.instances.load().thresholds;
-                        instance.record_check(outcome, thresholds);
+                    let thresholds = self.shared.instances.load().thresholds;
+                    self.on_instance(&key, &instance, |remote, instance| {
+                        instance.record_check(outcome.clone(), thresholds);
                         remote.announce_health(thresholds);
-                    }
+                    });
                 }
             }
         }
 
-        /// Records heartbeats for instances `ids` of `name` in etcd, where
-        /// every host sees them. A failure is logged: the heartbeat still
-        /// counts on this host, and the service keeps being routed here.
+        /// Runs `apply` on instance `id` of the service under table key
+        /// `key`, in whichever of its versions has it.
+        fn on_instance(
+            &self,
+            key: &str,
+            id: &str,
+            mut apply: impl FnMut(&RemoteService, &Instance),
+        ) {
+            let Some(versions) = self.shared.services.get(key) else {
+                return;
+            };
+            for remote in versions
+                .all()
+                .iter()
+                .filter_map(|service| remote_of(service))
+            {
+                if let Some(instance) = remote.instances().get(id) {
+                    apply(remote, instance);
+                }
+            }
+        }
+
+        /// Records heartbeats for instances `ids` of the service under
+        /// table key `key` in etcd, where every host sees them. A failure
+        /// is logged: the heartbeat still counts on this host, and the
+        /// service keeps being routed here.
         pub(in crate::registry) async fn share_beats(
             &self,
-            name: &str,
+            key: &str,
             ids: &[&str],
             healthy: bool,
         ) {
@@ -256,8 +283,8 @@ mod following {
                 return;
             };
             for id in ids {
-                if let Err(error) = etcd.beat(name, id, healthy).await {
-                    tracing::debug!(service = %name, instance = %id, %error, "heartbeat not shared through etcd");
+                if let Err(error) = etcd.beat(key, id, healthy).await {
+                    tracing::debug!(service = %key, instance = %id, %error, "heartbeat not shared through etcd");
                 }
             }
         }
@@ -271,27 +298,45 @@ mod following {
             let Some(etcd) = &self.shared.etcd else {
                 return;
             };
+            // By address: a pointer is not `Send`, and the set lives across
+            // awaits.
+            let checked: HashSet<usize> = remotes
+                .iter()
+                .map(|remote| Arc::as_ptr(remote).addr())
+                .collect();
             let mut sharing = JoinSet::new();
-            for remote in remotes {
-                for instance in remote.instances().members() {
-                    let Some(outcome) = instance.last_check() else {
+            // A remote service knows its name, not its tenant: the table's
+            // keys say which tenant each one is in.
+            for versions in self.shared.services.list().iter() {
+                for remote in versions
+                    .all()
+                    .iter()
+                    .filter_map(|service| remote_of(service))
+                {
+                    if !checked.contains(&Arc::as_ptr(remote).addr()) {
                         continue;
-                    };
-                    // A bounded number at once: a round of many services
-                    // neither waits for them one by one nor floods etcd.
-                    if sharing.len() >= SHARED_AT_ONCE {
-                        sharing.join_next().await;
                     }
-                    let (etcd, name, id) = (
-                        etcd.clone(),
-                        remote.name().to_owned(),
-                        instance.id().to_owned(),
-                    );
-                    sharing.spawn(async move {
-                        if let Err(error) = etcd.checked(&name, &id, &outcome).await {
-                            tracing::debug!(service = %name, instance = %id, %error, "health check not shared through etcd");
+                    for instance in remote.instances().members() {
+                        let Some(outcome) = instance.last_check() else {
+                            continue;
+                        };
+                        // A bounded number at once: a round of many
+                        // services neither waits for them one by one nor
+                        // floods etcd.
+                        if sharing.len() >= SHARED_AT_ONCE {
+                            sharing.join_next().await;
                         }
-                    });
+                        let (etcd, key, id) = (
+                            etcd.clone(),
+                            versions.key().to_owned(),
+                            instance.id().to_owned(),
+                        );
+                        sharing.spawn(async move {
+                            if let Err(error) = etcd.checked(&key, &id, &outcome).await {
+                                tracing::debug!(service = %key, instance = %id, %error, "health check not shared through etcd");
+                            }
+                        });
+                    }
                 }
             }
             sharing.join_all().await;
@@ -321,6 +366,7 @@ mod following {
                     id: stored.id,
                     sha256: stored.sha256,
                     services: stored.services,
+                    tenant: stored.tenant,
                 },
                 &self.shared.authenticator.load(),
             );
@@ -332,63 +378,111 @@ mod following {
             }
         }
 
-        /// Routes the record another host wrote for `name` (or this host,
-        /// before a restart), in place of what the table has for it.
-        fn put_from_store(&self, name: &str, value: &[u8]) {
+        /// Applies the traffic policy another host set (`Some`) or cleared
+        /// for the service under table key `key`.
+        fn policy_from_store(&self, key: &str, value: Option<&[u8]>) {
+            let policy = match value.map(decode_policy).transpose() {
+                Ok(policy) => policy,
+                Err(error) => {
+                    tracing::error!(service = %key, %error, "traffic policy in etcd cannot be used; not applied");
+                    return;
+                }
+            };
+            tracing::info!(service = %key, set = policy.is_some(), "traffic policy changed in etcd");
+            self.shared.services.set_policy(key, policy);
+        }
+
+        /// Routes the record another host wrote for the service under
+        /// table key `key` (or this host, before a restart), in place of
+        /// what the table has for it; an instance already known keeps its
+        /// state.
+        fn put_from_store(&self, key: &str, value: &[u8]) {
+            let name = tenant::split_key(key).1;
             let stored = match decode(value).0 {
-                Ok(stored) if stored.spec.info.name == name => stored,
+                Ok(stored)
+                    if !stored.versions.is_empty()
+                        && stored
+                            .versions
+                            .iter()
+                            .all(|version| version.spec.info.name == name) =>
+                {
+                    stored
+                }
                 Ok(_) => {
-                    tracing::error!(service = %name, "record in etcd is filed under another name; not routed");
+                    tracing::error!(service = %key, "record in etcd is filed under another name; not routed");
                     return;
                 }
                 Err(error) => {
-                    tracing::error!(service = %name, %error, "record in etcd cannot be used; not routed");
+                    tracing::error!(service = %key, %error, "record in etcd cannot be used; not routed");
                     return;
                 }
             };
-            self.record_storage(name, Some(stored_size(&stored)));
-            let current = self.shared.services.get(name);
-            let previous = current.as_ref().and_then(|service| match &service.backend {
-                Backend::Remote(remote) => Some(remote.clone()),
-                Backend::Plugin(_) => None,
+            self.record_storage(key, Some(stored_size(&stored)));
+            let current = self.shared.services.get(key);
+            let previous = |version: &str| {
+                current.as_ref().and_then(|versions| {
+                    versions
+                        .all()
+                        .iter()
+                        .find(|service| service.version().to_string() == version)
+                        .and_then(|service| remote_of(service))
+                        .cloned()
+                })
+            };
+            let versions = stored
+                .versions
+                .iter()
+                .map(|version| {
+                    let kept = previous(&version.spec.info.version);
+                    restored_version(
+                        version,
+                        &self.shared.egress,
+                        self.shared.policy.ttl,
+                        kept.as_deref(),
+                    )
+                })
+                .collect::<Result<Vec<Arc<Service>>, String>>();
+            let versions = match versions {
+                Ok(versions) => versions,
+                Err(error) => {
+                    tracing::error!(service = %key, %error, "record in etcd not routed");
+                    return;
+                }
+            };
+            let fresh: Vec<Arc<RemoteService>> = versions
+                .iter()
+                .filter_map(|service| remote_of(service).cloned())
+                .collect();
+            let count = versions.len();
+            let updated = self.shared.services.update(key, |held| {
+                match held.iter().find(|service| remote_of(service).is_none()) {
+                    Some(plugin) => Err(plugin.clone()),
+                    None => Ok(versions),
+                }
             });
-            let service = match routable(
-                stored,
-                &self.shared.egress,
-                self.shared.policy.ttl,
-                previous.as_deref(),
-            ) {
-                Ok(service) => service,
-                Err(error) => {
-                    tracing::error!(service = %name, %error, "record in etcd not routed");
-                    return;
-                }
-            };
-            let Backend::Remote(remote) = &service.backend else {
-                return;
-            };
-            let remote = remote.clone();
-            match self.shared.services.insert(service, |holder| {
-                matches!(holder.backend, Backend::Remote(_))
-            }) {
+            match updated {
                 Ok(_) => {
-                    tracing::info!(service = %name, instances = remote.instances().len(), "remote service changed in etcd");
-                    self.shared.catalogue.fetch(remote);
+                    tracing::info!(service = %key, versions = count, "remote service changed in etcd");
+                    for remote in fresh {
+                        self.shared.catalogue.fetch(remote);
+                    }
                 }
                 Err(holder) => {
-                    tracing::warn!(service = %name, holder = holder.kind(), "remote service from etcd not routed on this host: a plugin of this host holds the name");
+                    tracing::warn!(service = %key, holder = holder.kind(), "remote service from etcd not routed on this host: a plugin of this host holds the name");
                 }
             }
         }
 
-        /// Removes what the table has for `name`, deleted in etcd.
-        fn remove_from_store(&self, name: &str) {
-            self.record_storage(name, None);
-            let removed = self.shared.services.remove_if(name, |service| {
-                matches!(service.backend, Backend::Remote(_))
-            });
-            if removed.is_some() {
-                tracing::info!(service = %name, "remote service removed in etcd");
+        /// Removes what the table has for the service under table key
+        /// `key`, deleted in etcd.
+        fn remove_from_store(&self, key: &str) {
+            self.record_storage(key, None);
+            let removed = self
+                .shared
+                .services
+                .remove_if(key, |service| remote_of(service).is_some());
+            if !removed.is_empty() {
+                tracing::info!(service = %key, "remote service removed in etcd");
             }
         }
     }

@@ -1,15 +1,16 @@
 //! The registry's records in etcd, shared by every host that names the
 //! same endpoints and prefix (`--store etcd`).
 //!
-//! **Keys.** Under `<prefix>/t/<tenant>/` (the tenant is `default` until
-//! tenants land): `s/<name>`, one record per service, the value exactly
-//! what the embedded store keeps (checksum line, tagged JSON: see
-//! [`super::store`]); `live/<name>/<instance-id>`, an instance's liveness
-//! key, attached to its lease. API keys added through the admin API are
-//! `<prefix>/keys/<id>` (followed like the records); the hosts sharing the prefix list themselves as
-//! `<prefix>/hosts/<id>`, each on its own session lease. (With versions,
-//! instances get their own keys, `s/<name>/v/<version>/i/<id>`: anything
-//! under `s/<name>/` is left to them and ignored here.)
+//! **Keys.** Under `<prefix>/t/<tenant>/`, the same keys as the embedded
+//! store's, with the same values (checksum line, tagged JSON: see
+//! [`super::store`]): `s/<name>`, one record per service name holding
+//! every version and its instances; `p/<name>`, the name's traffic
+//! policy; and `live/<name>/<instance-id>`, an instance's liveness key,
+//! attached to its lease. API keys added through the admin API are
+//! `<prefix>/keys/<id>` (followed like the records); the hosts sharing the
+//! prefix list themselves as `<prefix>/hosts/<id>`, each on its own
+//! session lease. (Anything under `s/<name>/` is left to per-instance
+//! keys the registry model may add, and ignored here.)
 //!
 //! **Writes are transactions on revisions.** A put succeeds only if the
 //! key is absent (`create_revision == 0`) when this host saw it absent,
@@ -26,14 +27,13 @@
 //! service ([`EtcdStore::checks`]) puts each check's outcome on the same
 //! key, and the other hosts record it as their own.
 //!
-//! **Following.** [`EtcdStore::follow`] watches `<prefix>/t/<tenant>/`
-//! from the revision of the initial read. When the watch fails (etcd
+//! **Following.** [`EtcdStore::follow`] watches `<prefix>/` from the revision of the initial read. When the watch fails (etcd
 //! unreachable, or the revision compacted) the host keeps routing from
 //! its table, marks its reads stale, and retries; once etcd answers, it
 //! lists the prefix again, sends what differs from what it has seen, and
 //! watches from the listing's revision, so no change is missed, and none
 //! is applied twice (the registry applies a change only if its revision
-//! is newer than the last one it saw for the name: [`EtcdStore::accept`]).
+//! is newer than the last one it saw for the key: [`EtcdStore::accept`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -50,15 +50,14 @@ use tokio::sync::mpsc;
 
 use super::cluster::StoreSettings;
 use super::store::{
-    Loaded, LoadedApiKey, RecordStore, StoreError, StoredApiKey, StoredService, decode,
-    decode_api_key, encode, encode_api_key,
+    Loaded, LoadedApiKey, LoadedPolicy, RecordStore, StoreError, StoredApiKey, StoredService,
+    decode, decode_api_key, decode_policy, encode, encode_api_key, encode_policy,
 };
 use crate::remote::CheckOutcome;
 use crate::sync::lock;
+use crate::tenant;
+use crate::traffic::TrafficPolicy;
 use xxhash_rust::xxh3::xxh3_64;
-
-/// The tenant every record belongs to until tenants land.
-const TENANT: &str = "default";
 
 /// The pause before a request etcd's client could not deliver is sent
 /// again.
@@ -70,9 +69,23 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 /// What the watch saw change.
 #[derive(Debug)]
 pub enum Change {
-    /// The record of `name` at `revision`: its value, or `None` once it
-    /// was deleted.
+    /// The record of `name` in `tenant` at `revision`: its value, or
+    /// `None` once it was deleted.
     Service {
+        /// The tenant.
+        tenant: String,
+        /// The service.
+        name: String,
+        /// The revision of the change.
+        revision: i64,
+        /// The stored value (checksum line and JSON).
+        value: Option<Vec<u8>>,
+    },
+    /// The traffic policy of `name` in `tenant` at `revision`: its
+    /// value, or `None` once it was deleted.
+    Policy {
+        /// The tenant.
+        tenant: String,
         /// The service.
         name: String,
         /// The revision of the change.
@@ -82,8 +95,8 @@ pub enum Change {
     },
     /// A heartbeat some host received for an instance.
     Beat {
-        /// The service.
-        name: String,
+        /// The service's table key ([`tenant::key`]).
+        key: String,
         /// The instance's id.
         instance: String,
         /// Whether it said it is healthy.
@@ -101,8 +114,8 @@ pub enum Change {
     },
     /// A health check the host checking the service made of an instance.
     Check {
-        /// The service.
-        name: String,
+        /// The service's table key ([`tenant::key`]).
+        key: String,
         /// The instance's id.
         instance: String,
         /// What the check found.
@@ -123,20 +136,19 @@ pub struct EtcdStore {
     endpoints: String,
     /// `<prefix>/`: everything this cluster of hosts keeps.
     root_prefix: String,
-    /// `<prefix>/t/<tenant>/`.
-    tenant_prefix: String,
     /// `<prefix>/keys/`.
     keys_prefix: String,
     timeout: Duration,
     /// The heartbeat TTL, in whole seconds (etcd's lease unit).
     lease_ttl: i64,
     runtime: Handle,
-    /// Per service name, the last revision applied to the table or
-    /// written by this host: what a write compares against.
+    /// Per record (its key below the prefix: `t/<tenant>/s/<name>`,
+    /// `t/<tenant>/p/<name>`, `keys/<id>`), the last revision applied to
+    /// the table or written by this host: what a write compares against.
     seen: Mutex<HashMap<String, Seen>>,
     /// Liveness key -> the lease it is attached to.
     leases: Mutex<HashMap<String, i64>>,
-    /// Per (service, instance), when this host last shared a heartbeat
+    /// Per (service table key, instance), when this host last shared a heartbeat
     /// and with which status.
     beats_shared: Mutex<HashMap<(String, String), (tokio::time::Instant, bool)>>,
     /// How often a heartbeat whose status did not change is shared.
@@ -157,7 +169,7 @@ impl std::fmt::Debug for EtcdStore {
         formatter
             .debug_struct("EtcdStore")
             .field("endpoints", &self.endpoints)
-            .field("tenant_prefix", &self.tenant_prefix)
+            .field("prefix", &self.root_prefix)
             .finish_non_exhaustive()
     }
 }
@@ -187,7 +199,6 @@ impl EtcdStore {
         Ok(Self {
             client,
             root_prefix: format!("{}/", settings.etcd_prefix),
-            tenant_prefix: format!("{}/t/{TENANT}/", settings.etcd_prefix),
             keys_prefix: format!("{}/keys/", settings.etcd_prefix),
             endpoints,
             timeout: settings.etcd_timeout,
@@ -210,15 +221,17 @@ impl EtcdStore {
         !self.following.load(Ordering::Relaxed)
     }
 
-    /// Whether the change of `name` at `revision` is newer than what this
-    /// host applied or wrote; if so it is recorded as seen. The registry
-    /// calls it under its write lock, with the change it then applies.
-    pub fn accept(&self, name: &str, revision: i64, present: bool) -> bool {
-        let mut seen = lock(&self.seen);
-        if seen.get(name).is_some_and(|seen| seen.revision >= revision) {
+    /// Whether the change of record `seen` (its key below the prefix:
+    /// [`record_seen`], [`policy_seen`], [`api_key_seen`]) at `revision`
+    /// is newer than what this host applied or wrote; if so it is recorded
+    /// as seen. The registry calls it under the name's write lock, with
+    /// the change it then applies.
+    pub fn accept(&self, seen: &str, revision: i64, present: bool) -> bool {
+        let mut all = lock(&self.seen);
+        if all.get(seen).is_some_and(|seen| seen.revision >= revision) {
             return false;
         }
-        seen.insert(name.to_owned(), Seen { revision, present });
+        all.insert(seen.to_owned(), Seen { revision, present });
         true
     }
 
@@ -392,19 +405,20 @@ impl EtcdStore {
     async fn relist(&self, sender: &mpsc::UnboundedSender<Change>) -> Result<i64, StoreError> {
         let (kvs, revision) = self.list(&self.root_prefix).await?;
         lock(&self.members).clear();
-        // The names (and API keys) listed, as `seen` files them.
-        let mut listed = Vec::new();
+        // The records listed, as `seen` files them.
+        let mut listed = std::collections::HashSet::new();
         for kv in &kvs {
             match self.change(kv, false) {
-                Some(change @ Change::Service { .. }) => {
-                    if let Change::Service { name, .. } = &change {
-                        listed.push(name.clone());
-                    }
-                    let _ = sender.send(change);
-                }
-                Some(change @ Change::ApiKey { .. }) => {
-                    if let Change::ApiKey { id, .. } = &change {
-                        listed.push(api_key_seen(id));
+                Some(
+                    change @ (Change::Service { .. }
+                    | Change::Policy { .. }
+                    | Change::ApiKey { .. }),
+                ) => {
+                    if let Some(seen) = std::str::from_utf8(kv.key())
+                        .ok()
+                        .and_then(|key| key.strip_prefix(&self.root_prefix))
+                    {
+                        listed.insert(seen.to_owned());
                     }
                     let _ = sender.send(change);
                 }
@@ -414,23 +428,13 @@ impl EtcdStore {
         }
         let gone: Vec<String> = lock(&self.seen)
             .iter()
-            .filter(|(name, seen)| seen.present && !listed.contains(name))
-            .map(|(name, _)| name.clone())
+            .filter(|(seen, at)| at.present && !listed.contains(seen.as_str()))
+            .map(|(seen, _)| seen.clone())
             .collect();
-        for name in gone {
-            let change = match name.strip_prefix("keys/") {
-                Some(id) => Change::ApiKey {
-                    id: id.to_owned(),
-                    revision,
-                    value: None,
-                },
-                None => Change::Service {
-                    name,
-                    revision,
-                    value: None,
-                },
-            };
-            let _ = sender.send(change);
+        for seen in gone {
+            if let Some(change) = record_change(&seen, revision, None) {
+                let _ = sender.send(change);
+            }
         }
         Ok(revision)
     }
@@ -451,29 +455,20 @@ impl EtcdStore {
             }
             return None;
         }
-        if let Some(id) = key.strip_prefix(&self.keys_prefix) {
-            return Some(Change::ApiKey {
-                id: id.to_owned(),
-                revision: kv.mod_revision(),
-                value: (!deleted).then(|| kv.value().to_vec()),
-            });
+        let below = key.strip_prefix(&self.root_prefix)?;
+        if let Some(change) = record_change(
+            below,
+            kv.mod_revision(),
+            (!deleted).then(|| kv.value().to_vec()),
+        ) {
+            return Some(change);
         }
-        let rest = key.strip_prefix(&self.tenant_prefix)?;
-        if let Some(name) = rest.strip_prefix("s/") {
-            // Keys below a service's (versions, instances) are not ours.
-            if name.contains('/') {
-                return None;
-            }
-            return Some(Change::Service {
-                name: name.to_owned(),
-                revision: kv.mod_revision(),
-                value: (!deleted).then(|| kv.value().to_vec()),
-            });
-        }
+        let (tenant, rest) = below.strip_prefix("t/")?.split_once('/')?;
         let (name, instance) = rest.strip_prefix("live/")?.split_once('/')?;
+        let table_key = tenant::key(tenant, name).into_owned();
         if deleted {
             lock(&self.leases).remove(key);
-            lock(&self.beats_shared).remove(&(name.to_owned(), instance.to_owned()));
+            lock(&self.beats_shared).remove(&(table_key, instance.to_owned()));
             return None;
         }
         lock(&self.leases).insert(key.to_owned(), kv.lease());
@@ -488,7 +483,7 @@ impl EtcdStore {
             }
             let ok = result == "ok";
             return Some(Change::Check {
-                name: name.to_owned(),
+                key: table_key,
                 instance: instance.to_owned(),
                 outcome: CheckOutcome {
                     at: std::time::SystemTime::now(),
@@ -498,13 +493,14 @@ impl EtcdStore {
             });
         }
         Some(Change::Beat {
-            name: name.to_owned(),
+            key: table_key,
             instance: instance.to_owned(),
             healthy: value == "healthy",
         })
     }
 
-    /// Records a heartbeat for `instance` of `name` where every host sees
+    /// Records a heartbeat for `instance` of the service under table key
+    /// `name` ([`tenant::key`]) where every host sees
     /// it. Skipped, as an error, while the watch is lost: the heartbeat
     /// then counts on this host only.
     ///
@@ -530,7 +526,7 @@ impl EtcdStore {
     }
 
     /// Records the outcome of this host's health check of `instance` of
-    /// `name` where every host sees it, and applies it as if it had made
+    /// the service under table key `name` where every host sees it, and applies it as if it had made
     /// the check itself.
     pub async fn checked(
         &self,
@@ -547,8 +543,8 @@ impl EtcdStore {
         self.signal(name, instance, value).await
     }
 
-    /// Renews the lease of `instance` of `name` (or grants one) and puts
-    /// its liveness key with `value`.
+    /// Renews the lease of `instance` of the service under table key
+    /// `name` (or grants one) and puts its liveness key with `value`.
     async fn signal(&self, name: &str, instance: &str, value: String) -> Result<(), StoreError> {
         if self.is_stale() {
             return Err(unreachable(
@@ -556,7 +552,8 @@ impl EtcdStore {
                 "the watch is not following etcd",
             ));
         }
-        let key = format!("{}live/{name}/{instance}", self.tenant_prefix);
+        let (tenant, name) = tenant::split_key(name);
+        let key = format!("{}t/{tenant}/live/{name}/{instance}", self.root_prefix);
         let known = lock(&self.leases).get(&key).copied();
         let lease = self
             .bounded(|| async {
@@ -659,21 +656,23 @@ impl EtcdStore {
         tokio::task::block_in_place(|| self.runtime.block_on(request))
     }
 
-    fn service_key(&self, name: &str) -> String {
-        format!("{}s/{name}", self.tenant_prefix)
-    }
-
-    /// Writes `operation` on `key` if the record of `name` is still what
-    /// this host last saw; records the write's revision as seen.
+    /// Writes (`Some`) or deletes (`None`) the record `seen` names (its
+    /// key below the prefix) if it is still what this host last saw;
+    /// records the write's revision as seen. A conflict names `name`.
     fn compare_and(
         &self,
         name: &str,
-        key: String,
-        operation: TxnOp,
-        present: bool,
+        seen: &str,
+        value: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let seen = lock(&self.seen).get(name).copied();
-        let compare = match seen {
+        let key = format!("{}{seen}", self.root_prefix);
+        let present = value.is_some();
+        let operation = match value {
+            Some(value) => TxnOp::put(key.as_bytes(), value, None),
+            None => TxnOp::delete(key.as_bytes(), None),
+        };
+        let last = lock(&self.seen).get(seen).copied();
+        let compare = match last {
             Some(Seen {
                 revision,
                 present: true,
@@ -689,7 +688,7 @@ impl EtcdStore {
             });
         }
         let revision = response.header().map_or(0, |header| header.revision());
-        lock(&self.seen).insert(name.to_owned(), Seen { revision, present });
+        lock(&self.seen).insert(seen.to_owned(), Seen { revision, present });
         Ok(())
     }
 }
@@ -701,14 +700,16 @@ impl RecordStore for EtcdStore {
         let mut loaded = Vec::new();
         for kv in &kvs {
             if let Some(Change::Service {
+                tenant,
                 name,
                 revision,
                 value: Some(value),
             }) = self.change(kv, false)
             {
-                self.accept(&name, revision, true);
+                self.accept(&record_seen(&tenant, &name), revision, true);
                 let (service, checksummed) = decode(&value);
                 loaded.push(Loaded {
+                    tenant,
                     name,
                     service,
                     checksummed,
@@ -718,17 +719,50 @@ impl RecordStore for EtcdStore {
         Ok(loaded)
     }
 
-    fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        let name = &service.spec.info.name;
-        let key = self.service_key(name);
-        let operation = TxnOp::put(key.as_bytes(), encode(service)?, None);
-        self.compare_and(name, key, operation, true)
+    fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
+        let name = service.name();
+        self.compare_and(name, &record_seen(tenant, name), Some(encode(service)?))
     }
 
-    fn delete(&self, name: &str) -> Result<(), StoreError> {
-        let key = self.service_key(name);
-        let operation = TxnOp::delete(key.as_bytes(), None);
-        self.compare_and(name, key, operation, false)
+    fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.compare_and(name, &record_seen(tenant, name), None)
+    }
+
+    fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError> {
+        let prefix = format!("{}t/", self.root_prefix);
+        let (kvs, _) = self.blocking(self.list(&prefix))?;
+        let mut policies = Vec::new();
+        for kv in &kvs {
+            if let Some(Change::Policy {
+                tenant,
+                name,
+                revision,
+                value: Some(value),
+            }) = self.change(kv, false)
+            {
+                self.accept(&policy_seen(&tenant, &name), revision, true);
+                let policy = decode_policy(&value);
+                policies.push((tenant, name, policy));
+            }
+        }
+        Ok(policies)
+    }
+
+    fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError> {
+        self.compare_and(
+            name,
+            &policy_seen(tenant, name),
+            Some(encode_policy(policy)?),
+        )
+    }
+
+    fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.compare_and(name, &policy_seen(tenant, name), None)
     }
 
     fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError> {
@@ -782,8 +816,53 @@ fn checker_of<'a>(members: &'a BTreeSet<String>, name: &str) -> Option<&'a str> 
         .map(String::as_str)
 }
 
-/// The name API key `id`'s revisions are recorded under in what a host
-/// has seen: service names hold no `/`, so the two never meet.
+/// What the change of a record's key below the prefix (`rest`) at
+/// `revision` to `value` (`None`: deleted) means, if it is a record: a
+/// service's, a traffic policy's or an API key's.
+fn record_change(rest: &str, revision: i64, value: Option<Vec<u8>>) -> Option<Change> {
+    if let Some(id) = rest.strip_prefix("keys/") {
+        return Some(Change::ApiKey {
+            id: id.to_owned(),
+            revision,
+            value,
+        });
+    }
+    let (tenant, rest) = rest.strip_prefix("t/")?.split_once('/')?;
+    let (kind, name) = rest.split_once('/')?;
+    // Keys below a service's (versions, instances) are not records.
+    if name.contains('/') {
+        return None;
+    }
+    let (tenant, name) = (tenant.to_owned(), name.to_owned());
+    match kind {
+        "s" => Some(Change::Service {
+            tenant,
+            name,
+            revision,
+            value,
+        }),
+        "p" => Some(Change::Policy {
+            tenant,
+            name,
+            revision,
+            value,
+        }),
+        _ => None,
+    }
+}
+
+/// The key below the prefix of the record of `name` in `tenant`, which
+/// its revisions are recorded under in what a host has seen.
+pub fn record_seen(tenant: &str, name: &str) -> String {
+    format!("t/{tenant}/s/{name}")
+}
+
+/// The key below the prefix of the traffic policy of `name` in `tenant`.
+pub fn policy_seen(tenant: &str, name: &str) -> String {
+    format!("t/{tenant}/p/{name}")
+}
+
+/// The key below the prefix of API key `id`.
 pub fn api_key_seen(id: &str) -> String {
     format!("keys/{id}")
 }

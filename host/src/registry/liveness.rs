@@ -27,7 +27,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
@@ -95,8 +94,9 @@ impl Policy {
 /// status document, small enough not to matter.
 const MAX_HEALTH_BODY: usize = 64 * 1024;
 
-/// Health checks in flight at once. With thousands of services a round
-/// would otherwise hold a socket per instance, each until its timeout.
+/// Health checks in flight at once. A round is spread over its interval,
+/// so this only binds when checks are slow (instances that time out): it
+/// keeps such a round from holding a socket per instance.
 const MAX_CONCURRENT_CHECKS: usize = 256;
 
 /// Runs health check rounds on the policy's interval. It only observes:
@@ -136,8 +136,9 @@ impl Checker {
         ticks
     }
 
-    /// Checks every instance of `remotes` at once (an instance changes
-    /// state only after `policy`'s thresholds of consecutive results),
+    /// Checks every instance of `remotes`, spread evenly over the check
+    /// interval (an instance changes state only after `policy`'s
+    /// thresholds of consecutive results),
     /// logs the changes of status, and returns the services with an
     /// instance silent past the eviction grace period.
     pub(super) async fn round(
@@ -145,7 +146,13 @@ impl Checker {
         remotes: Vec<Arc<RemoteService>>,
         policy: &InstancePolicy,
     ) -> Vec<Arc<RemoteService>> {
-        round(&remotes, self, policy.thresholds).await;
+        round(
+            &remotes,
+            self,
+            policy.thresholds,
+            self.policy.check_interval,
+        )
+        .await;
         remotes
             .into_iter()
             .filter(|remote| {
@@ -163,7 +170,7 @@ impl Checker {
     /// not), all at once: a GET handed to the plugin's workers like a
     /// gateway request, healthy if answered 2xx within the check timeout.
     /// Plugin code runs on the plugin's threads; this task only awaits.
-    pub(super) async fn check_plugins(&self, services: Vec<Arc<Service>>) {
+    pub(super) async fn check_plugins(&self, services: &[Arc<Service>]) {
         let timeout = self.policy.check_timeout;
         let mut checks = JoinSet::new();
         for service in services {
@@ -212,39 +219,76 @@ impl Checker {
     }
 }
 
-async fn round(remotes: &[Arc<RemoteService>], checker: &Checker, thresholds: Thresholds) {
-    let mut checks = JoinSet::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CHECKS));
-    for remote in remotes {
-        for (instance, uri) in remote.health_check_urls() {
-            let remote = remote.clone();
-            let checker = checker.clone();
-            let slots = slots.clone();
-            checks.spawn(async move {
-                let Ok(_slot) = slots.acquire().await else {
-                    return;
-                };
-                let result = match uri {
-                    Ok(uri) => checker.check(uri).await,
-                    Err(error) => Err(format!("no valid health check URL: {error}")),
-                };
-                crate::metrics::host().health_check(result.is_ok());
-                if let Err(error) = &result {
-                    tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check failed");
-                }
-                remote.record_check(
-                    &instance,
-                    CheckOutcome {
-                        at: SystemTime::now(),
-                        ok: result.is_ok(),
-                        error: result.err(),
-                    },
-                    thresholds,
-                );
-            });
+/// Checks every instance of `remotes` once, paced over `over` (see
+/// [`paced`]): one task per check in flight, never one per service.
+async fn round(
+    remotes: &[Arc<RemoteService>],
+    checker: &Checker,
+    thresholds: Thresholds,
+    over: Duration,
+) {
+    let checks: Vec<_> = remotes
+        .iter()
+        .flat_map(|remote| {
+            remote
+                .health_check_urls()
+                .into_iter()
+                .map(move |(instance, uri)| (remote.clone(), instance, uri))
+        })
+        .collect();
+    paced(checks, over, MAX_CONCURRENT_CHECKS, |(remote, instance, uri)| {
+        let checker = checker.clone();
+        async move {
+            let result = match uri {
+                Ok(uri) => checker.check(uri).await,
+                Err(error) => Err(format!("no valid health check URL: {error}")),
+            };
+            crate::metrics::host().health_check(result.is_ok());
+            if let Err(error) = &result {
+                tracing::debug!(service = %remote.name(), instance = %instance.id(), %error, "health check failed");
+            }
+            remote.record_check(
+                &instance,
+                CheckOutcome {
+                    at: SystemTime::now(),
+                    ok: result.is_ok(),
+                    error: result.err(),
+                },
+                thresholds,
+            );
         }
+    })
+    .await;
+}
+
+/// Runs `run` on every item, the k-th of n started `k * over / n` after
+/// the call (so a round's work is spread evenly over its interval instead
+/// of landing on the runtime at once, which stalled every other request
+/// on a small machine), with at most `max_in_flight` running: a start
+/// past its time waits for a slot. Returns once every one has finished.
+/// One timer at a time, and only the runs in flight hold a task.
+async fn paced<T, F, Fut>(items: Vec<T>, over: Duration, max_in_flight: usize, mut run: F)
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let count = items.len();
+    let start = tokio::time::Instant::now();
+    let mut running = JoinSet::new();
+    for (index, item) in items.into_iter().enumerate() {
+        // Finished runs are reaped as we go, so their results do not
+        // pile up in the set until the round ends.
+        while running.try_join_next().is_some() {}
+        let due = start + over.mul_f64(index as f64 / count as f64);
+        if due > tokio::time::Instant::now() {
+            tokio::time::sleep_until(due).await;
+        }
+        while running.len() >= max_in_flight.max(1) {
+            running.join_next().await;
+        }
+        running.spawn(run(item));
     }
-    checks.join_all().await;
+    running.join_all().await;
 }
 
 impl Checker {
@@ -294,6 +338,50 @@ mod tests {
             check_timeout: Duration::from_secs(5),
             evict_after: Duration::from_secs(3600),
         }
+    }
+
+    /// A round never has more than its bound of checks in flight, runs
+    /// every one, and spreads their starts over the interval instead of
+    /// starting them at once.
+    #[tokio::test]
+    async fn a_paced_round_bounds_its_checks_in_flight_and_spreads_them() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const CHECKS: usize = 200;
+        const BOUND: usize = 4;
+        let over = Duration::from_millis(200);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let began = tokio::time::Instant::now();
+        paced((0..CHECKS).collect(), over, BOUND, |index| {
+            let (in_flight, most, starts) = (in_flight.clone(), most.clone(), starts.clone());
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                starts.lock().unwrap().push((index, began.elapsed()));
+                // Slow checks: the bound, not the pacing, holds them back.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        })
+        .await;
+        let starts = starts.lock().unwrap();
+        assert_eq!(starts.len(), CHECKS, "every check ran");
+        assert!(
+            most.load(Ordering::SeqCst) <= BOUND,
+            "at most {BOUND} in flight"
+        );
+        assert_eq!(in_flight.load(Ordering::SeqCst), 0, "all finished");
+        // The k-th starts no earlier than k/n of the interval.
+        for (index, start) in starts.iter() {
+            let due = over.mul_f64(*index as f64 / CHECKS as f64);
+            assert!(
+                *start >= due,
+                "check {index} started at {start:?}, before {due:?}"
+            );
+        }
+        assert!(began.elapsed() >= over.mul_f64((CHECKS - 1) as f64 / CHECKS as f64));
     }
 
     #[test]

@@ -18,10 +18,12 @@ mod catalogue;
 mod cluster;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod listing;
 mod liveness;
 mod model;
 mod store;
 mod tokens;
+mod traffic;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -31,8 +33,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,11 +54,12 @@ use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
 use crate::egress::{EgressPolicy, LoopGuard};
 use crate::http::{ApiError, Escaped, read_body_within};
 use crate::remote::{self, Instance, InstancePolicy, RemoteService, RemoteSpec};
-use crate::service::ServiceInfo;
+use crate::service::{ServiceInfo, Version};
 use crate::sync::lock;
-use crate::table::{Backend, Service, ServiceTable};
+use crate::table::{Backend, Service, ServiceTable, Versions};
+use crate::tenant;
 use model::{Invalid, Registration};
-use store::{RecordError, RecordStore, StoreError, StoredInstance, StoredService};
+use store::{RecordError, RecordStore, StoreError, StoredInstance, StoredService, StoredVersion};
 
 /// What the registry needs to start.
 #[derive(Debug, Clone)]
@@ -73,6 +76,8 @@ pub struct RegistryConfig {
     pub max_stored_bytes: u64,
     /// Most instances one service may have.
     pub max_instances: usize,
+    /// Most versions one service name may have.
+    pub max_versions: usize,
     /// Health check thresholds, protect threshold and balancing, for the
     /// liveness task and the listing; swapped on reload.
     pub instances: Arc<ArcSwap<InstancePolicy>>,
@@ -91,6 +96,9 @@ pub struct RegistryConfig {
     /// The gateway's address, as bound: where the API catalogue sends
     /// clients.
     pub gateway_addr: SocketAddr,
+    /// Whether a caller's `X-Tenant-ID` chooses its tenant when its token
+    /// names none (`[tenants] trust_header`).
+    pub trust_tenant_header: bool,
 }
 
 /// Why the registry could not start.
@@ -124,8 +132,10 @@ struct Shared {
     body_timeout: Duration,
     max_stored_bytes: u64,
     max_instances: usize,
+    max_versions: usize,
     instances: Arc<ArcSwap<InstancePolicy>>,
-    /// What the stored registrations take; changed only under `writes`.
+    /// What the stored registrations take, and what the writes in flight
+    /// reserved.
     storage: std::sync::Mutex<Storage>,
     egress: Arc<EgressPolicy>,
     loop_guard: LoopGuard,
@@ -133,12 +143,49 @@ struct Shared {
     authenticator: Arc<ArcSwap<Authenticator>>,
     managed_keys: Arc<ManagedKeys>,
     catalogue: Arc<Catalogue>,
+    /// The listing as last built.
+    listing: listing::Listing,
     gateway_addr: SocketAddr,
-    /// Serializes registrations, deregistrations and evictions. Each is a
-    /// look at the table, a durable write, then a change of the table; two
-    /// of them interleaved could leave the database and the table telling
-    /// different stories. Heartbeats do not take it.
-    writes: tokio::sync::Mutex<()>,
+    trust_tenant_header: bool,
+    /// Serializes the registrations, deregistrations and evictions of one
+    /// name. Each is a look at the table, a durable write, then a change of
+    /// the table; two of them interleaved could leave the database and the
+    /// table telling different stories. Writes of different names run
+    /// concurrently, so that their durable writes share a commit.
+    /// Heartbeats do not take it.
+    writes: NameLocks,
+    /// Serializes the admin API's changes of API keys (each checks the
+    /// new key against all the others).
+    key_writes: tokio::sync::Mutex<()>,
+}
+
+/// How many locks the names of [`NameLocks`] are spread over: well above
+/// the writes a registry sees in flight at once, so two of them seldom
+/// share one.
+const NAME_LOCKS: usize = 256;
+
+/// One lock per name, without a map of names: each name hashes to one of
+/// a fixed set of locks. Two names sharing a lock only wait for each
+/// other; one name always finds its own.
+#[derive(Debug)]
+struct NameLocks {
+    locks: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl NameLocks {
+    fn new() -> Self {
+        Self {
+            locks: (0..NAME_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+
+    /// Waits for the lock of `name`.
+    async fn lock(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let index = xxhash_rust::xxh3::xxh3_64(name.as_bytes()) % self.locks.len() as u64;
+        self.locks[index as usize].lock().await
+    }
 }
 
 /// Which instances a deregistration removes.
@@ -173,9 +220,18 @@ impl Registry {
         let mut unchecked = 0;
         for loaded in store.load()? {
             let name = loaded.name;
+            let key = tenant::key(&loaded.tenant, &name).into_owned();
             unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
-                Ok(stored) if stored.spec.info.name == name => stored,
+                Ok(stored)
+                    if !stored.versions.is_empty()
+                        && stored
+                            .versions
+                            .iter()
+                            .all(|version| version.spec.info.name == name) =>
+                {
+                    stored
+                }
                 Ok(_) => {
                     tracing::error!(service = %name, "stored registration is filed under another name; left in the store, not routed");
                     continue;
@@ -195,18 +251,35 @@ impl Registry {
                     continue;
                 }
             };
-            storage.set(&name, Some(stored_size(&stored)));
-            let service = match routable(stored, &config.egress, config.policy.ttl, None) {
-                Ok(service) => service,
+            storage.set(&key, Some(stored_size(&stored)));
+            let versions = match stored
+                .versions
+                .iter()
+                .map(|version| restored_version(version, &config.egress, config.policy.ttl, None))
+                .collect::<Result<Vec<_>, String>>()
+            {
+                Ok(versions) => versions,
                 Err(error) => {
-                    tracing::error!(service = %name, %error, "stored registration not routed; left in the store");
+                    tracing::error!(service = %name, %error, "stored registration not restored; left in the store, not routed");
                     continue;
                 }
             };
-            match services.insert(service, |_| false) {
+            let inserted = services.update(&key, |held| match held.first() {
+                None => Ok(versions),
+                Some(holder) => Err(holder.clone()),
+            });
+            match inserted {
                 Ok(_) => restored += 1,
                 Err(holder) => {
                     tracing::error!(service = %name, holder = holder.kind(), "stored registration not restored: the name is taken");
+                }
+            }
+        }
+        for (tenant, name, policy) in store.load_traffic()? {
+            match policy {
+                Ok(policy) => services.set_policy(&tenant::key(&tenant, &name), Some(policy)),
+                Err(error) => {
+                    tracing::error!(service = %name, %error, "stored traffic policy cannot be read; left in the store, not applied");
                 }
             }
         }
@@ -239,6 +312,7 @@ impl Registry {
                 body_timeout: config.body_timeout,
                 max_stored_bytes: config.max_stored_bytes,
                 max_instances: config.max_instances,
+                max_versions: config.max_versions,
                 instances: config.instances,
                 storage: std::sync::Mutex::new(storage),
                 egress: config.egress,
@@ -247,8 +321,11 @@ impl Registry {
                 authenticator: config.authenticator,
                 managed_keys: config.managed_keys,
                 catalogue,
+                listing: listing::Listing::default(),
                 gateway_addr: config.gateway_addr,
-                writes: tokio::sync::Mutex::new(()),
+                trust_tenant_header: config.trust_tenant_header,
+                writes: NameLocks::new(),
+                key_writes: tokio::sync::Mutex::new(()),
             }),
         };
         #[cfg(feature = "etcd")]
@@ -256,6 +333,37 @@ impl Registry {
             registry.follow(etcd.clone());
         }
         Ok(registry)
+    }
+
+    /// The versions under `key` (a name in a tenant, [`tenant::key`]), as
+    /// the registry writes them: none for a free name, the holder's 409
+    /// for a name plugins hold (kinds do not mix under one name).
+    fn remote_versions(&self, key: &str) -> Result<Vec<Arc<Service>>, ApiError> {
+        match self.shared.services.get(key) {
+            None => Ok(Vec::new()),
+            Some(versions) => match versions.default_version().backend {
+                Backend::Plugin(_) => Err(name_taken(versions.default_version())),
+                Backend::Remote(_) => Ok(versions.all().to_vec()),
+            },
+        }
+    }
+
+    /// Version `service` of a remote service with `members` as its
+    /// instances (carried over with their state), everything else as it
+    /// was.
+    fn with_members(&self, service: &Service, members: Vec<Arc<Instance>>) -> Arc<Service> {
+        let remote = remote_of(service).expect("a remote version");
+        Arc::new(Service::new(
+            service.info.clone(),
+            service.version().clone(),
+            Backend::Remote(Arc::new(RemoteService::new(
+                remote.spec().clone(),
+                members,
+                remote.registered_at(),
+                remote.owner_token().map(str::to_owned),
+                self.shared.policy.ttl,
+            ))),
+        ))
     }
 
     /// Starts the health checks and evictions; abort the handle to stop
@@ -282,7 +390,9 @@ impl Registry {
                 }
                 #[cfg(feature = "etcd")]
                 registry.share_checks(&checked).await;
-                checker.check_plugins(registry.shared.services.list()).await;
+                checker
+                    .check_plugins(&registry.shared.services.services())
+                    .await;
             }
         })
     }
@@ -309,6 +419,64 @@ impl Registry {
             .map_err(unauthenticated)
     }
 
+    /// The tenant a write of `writer` acts in: its token's, else (when
+    /// `[tenants] trust_header` is on, or for the admin token) the
+    /// request's `X-Tenant-ID`, else the default tenant. A token's tenant
+    /// and a different header are a 403 naming both; a header that is no
+    /// tenant id, a 400.
+    fn tenant(&self, writer: &Writer, headers: &HeaderMap) -> Result<String, ApiError> {
+        let named = match writer {
+            Writer::Token(token) => token.tenant(),
+            Writer::Anyone | Writer::Admin => None,
+        };
+        let trusted = self.shared.trust_tenant_header || matches!(writer, Writer::Admin);
+        let claimed = match headers.get(tenant::X_TENANT_ID) {
+            Some(value) if trusted => {
+                let text = value.to_str().unwrap_or_default();
+                tenant::check(text).map_err(|reason| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("X-Tenant-ID refused: {reason}"),
+                    )
+                    .with("field", "X-Tenant-ID")
+                })?;
+                Some(text)
+            }
+            _ => None,
+        };
+        match (named, claimed) {
+            (Some(named), Some(claimed)) if named != claimed => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the registry token belongs to tenant `{named}`, but X-Tenant-ID names `{claimed}`"
+                ),
+            )
+            .with("tenant", named)
+            .with("x_tenant_id", claimed)),
+            (Some(tenant), _) | (None, Some(tenant)) => Ok(tenant.to_owned()),
+            (None, None) => Ok(tenant::DEFAULT.to_owned()),
+        }
+    }
+
+    /// Which tenants' services a listing request sees: `None` for the
+    /// admin token (every tenant), else the caller's tenant (besides the
+    /// shared ones), as [`Self::tenant`] decides it for a writer. A
+    /// listing open to anyone is read as the default tenant unless the
+    /// header is trusted.
+    fn reading_tenant(&self, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+        let tokens = self.shared.tokens.load();
+        let writer = if tokens.is_open() || !headers.contains_key(header::AUTHORIZATION) {
+            Writer::Anyone
+        } else {
+            tokens.writer(headers).map_err(unauthenticated)?
+        };
+        drop(tokens);
+        match writer {
+            Writer::Admin => Ok(None),
+            writer => self.tenant(&writer, headers).map(Some),
+        }
+    }
+
     /// Whether the request carries the admin token.
     fn admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         self.shared
@@ -333,7 +501,7 @@ impl Registry {
     fn remotes(&self) -> Vec<Arc<RemoteService>> {
         self.shared
             .services
-            .list()
+            .services()
             .iter()
             .filter_map(|service| match &service.backend {
                 Backend::Remote(remote) => Some(remote.clone()),
@@ -347,40 +515,68 @@ impl Registry {
         registration: Registration,
         caller: IpAddr,
         writer: Writer,
+        tenant: String,
     ) -> Result<Response, ApiError> {
         let Registration { spec, instance } = registration;
         let name = spec.info.name.clone();
+        let key = tenant::key(&tenant, &name).into_owned();
+        let version = Version::parse(&spec.info.version).map_err(|error| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("version: {error}"),
+            )
+            .with("field", "version")
+        })?;
         let id = instance.to_string();
-        let writes = self.shared.writes.lock().await;
-        let previous = match self.shared.services.get(&name) {
-            None => {
-                may_write(&writer, &name, None, "name")?;
-                None
-            }
-            Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => {
-                    may_write(&writer, &name, Some(remote), "name")?;
-                    Some(remote.clone())
-                }
-                Backend::Plugin(_) => return Err(name_taken(&holder)),
-            },
-        };
+        let writes = self.shared.writes.lock(&key).await;
+        let current = self.remote_versions(&key)?;
+        let first = current.first().and_then(|service| remote_of(service));
+        may_write(&writer, &name, first, "name")?;
         let owner_token = match &writer {
             Writer::Anyone => None,
             Writer::Token(token) => Some(token.id().to_owned()),
             // The admin token manages a name; it does not take it from
             // the token that owns it.
-            Writer::Admin => previous
-                .as_ref()
-                .and_then(|previous| previous.owner_token().map(str::to_owned)),
+            Writer::Admin => first.and_then(|first| first.owner_token().map(str::to_owned)),
         };
-        let (kept, change) = match &previous {
-            None => (Vec::new(), Change::Registered),
+        let here = current.iter().find(|held| *held.version() == version);
+        // The same `host:port` under another version: a rolling restart
+        // in place, which moves it to this version.
+        let moving = current
+            .iter()
+            .filter(|held| *held.version() != version)
+            .find_map(|held| {
+                let member = remote_of(held)?.instances().get(&id)?.clone();
+                Some((held.clone(), member))
+            });
+        let anyone = matches!(writer, Writer::Anyone);
+        if let Some((_, member)) = &moving
+            && anyone
+            && !member.is_owned_by(caller)
+        {
+            return Err(not_the_owner(
+                &name,
+                member,
+                caller,
+                StatusCode::CONFLICT,
+                "name",
+            ));
+        }
+        let (kept, mut change) = match here.and_then(|held| remote_of(held)) {
             Some(remote) => self.join(remote, &spec, &id, caller, &writer)?,
+            None if current.is_empty() => (Vec::new(), Change::Registered),
+            None => {
+                let from = moving.as_ref().map(|(from, _)| from);
+                self.may_add_version(&name, &current, &version, from, caller, anyone)?;
+                (Vec::new(), Change::VersionAdded)
+            }
         };
-        let registered_at = previous
-            .as_ref()
-            .map_or_else(SystemTime::now, |previous| previous.registered_at());
+        if moving.is_some() {
+            change = Change::Moved;
+        }
+        let registered_at = here
+            .and_then(|held| remote_of(held))
+            .map_or_else(SystemTime::now, |held| held.registered_at());
         // A refreshed instance keeps its state (it is the same `Arc`),
         // unless it was stored without an owner: the caller claims it.
         let refreshed = kept
@@ -418,38 +614,66 @@ impl Registry {
             .with("max_instances_per_service", limit));
         }
         let instances = members.len();
-        let remote = RemoteService::new(
-            spec.clone(),
-            members,
-            registered_at,
-            owner_token,
-            self.shared.policy.ttl,
-        );
-        let new_name = previous.is_none();
-        self.commit(remote, new_name).await?;
+        let added = Arc::new(Service::new(
+            spec.info.clone(),
+            version.clone(),
+            Backend::Remote(Arc::new(RemoteService::new(
+                spec.clone(),
+                members,
+                registered_at,
+                owner_token,
+                self.shared.policy.ttl,
+            ))),
+        ));
+        let mut next = Vec::with_capacity(current.len() + 1);
+        for held in &current {
+            if *held.version() == version {
+                continue;
+            }
+            match &moving {
+                Some((from, member)) if Arc::ptr_eq(from, held) => {
+                    let rest: Vec<Arc<Instance>> = remote_of(held)
+                        .map(|remote| remote.instances().members())
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|other| !Arc::ptr_eq(other, member))
+                        .cloned()
+                        .collect();
+                    if !rest.is_empty() {
+                        next.push(self.with_members(held, rest));
+                    }
+                }
+                _ => next.push(held.clone()),
+            }
+        }
+        next.push(added);
+        self.commit(&key, &current, next).await?;
         joining.refresh();
         drop(writes);
         // Outside the write lock: the next registration need not wait for
         // this instance's first heartbeat to be shared.
         #[cfg(feature = "etcd")]
-        self.share_beats(&name, &[id.as_str()], true).await;
+        self.share_beats(&key, &[id.as_str()], true).await;
         tracing::info!(
             service = %name,
+            tenant = %tenant,
             instance = %id,
             instances,
-            version = %spec.info.version,
+            version = %version,
             change = change.word(),
             "remote service registered"
         );
         let policy = self.shared.policy;
         let status = match change {
-            Change::Registered | Change::Added | Change::Replaced => StatusCode::CREATED,
             Change::Updated => StatusCode::OK,
+            _ => StatusCode::CREATED,
         };
         let answer = json!({
             "service_id": name,
+            "tenant": tenant,
             "status": change.word(),
             "instance_id": id,
+            "version": version.to_string(),
             "instances": instances,
             "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
             "ttl_seconds": seconds(policy.ttl),
@@ -462,15 +686,78 @@ impl Registry {
         Ok((status, axum::Json(answer)).into_response())
     }
 
-    /// What a registration of instance `id` with `spec` does to `remote`,
-    /// and the instances the service keeps (the caller's one included if
-    /// it is already there): refused when the caller may not.
+    /// Whether a caller may add `version` to `name`, which has the
+    /// versions `current` and not that one. Without registry tokens, only
+    /// from an address that owns an instance of the name (or moves one of
+    /// its own): a higher version would take the name's default traffic,
+    /// so a stranger must not add one. With tokens, [`may_write`] already
+    /// held the name to its token. And at most `max_versions` versions
+    /// after the change. `moving_from`: the version the caller's instance
+    /// leaves for this one (which goes if it was its last instance).
+    fn may_add_version(
+        &self,
+        name: &str,
+        current: &[Arc<Service>],
+        version: &Version,
+        moving_from: Option<&Arc<Service>>,
+        caller: IpAddr,
+        anyone: bool,
+    ) -> Result<(), ApiError> {
+        let moving = moving_from.is_some();
+        let emptied = moving_from
+            .and_then(|from| remote_of(from))
+            .is_some_and(|remote| remote.instances().members().len() == 1);
+        let remotes = || current.iter().filter_map(|held| remote_of(held));
+        if anyone && !moving && remotes().all(|remote| remote.owned_by(caller).is_empty()) {
+            let owners: Vec<String> = remotes()
+                .flat_map(|remote| remote.instances().members().iter())
+                .filter_map(|member| member.owner())
+                .map(|owner| owner.to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service `{name}` has no version {version}, and only an address that owns one of its instances ({}) may add a version: a new version may take the name's default traffic; {caller} owns none",
+                    owners.join(", ")
+                ),
+            )
+            .with("field", "version")
+            .with("service", name)
+            .with("version", version.to_string()));
+        }
+        let limit = self.shared.max_versions;
+        if current.len() + 1 - usize::from(emptied) > limit {
+            let present: Vec<String> = current
+                .iter()
+                .map(|held| held.version().to_string())
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "service `{name}` has {} versions ({}), its limit (`registry.max_versions_per_service`, --max-versions-per-service); deregister the instances of one first",
+                    current.len(),
+                    present.join(", ")
+                ),
+            )
+            .with("field", "version")
+            .with("service", name)
+            .with("limit", "max_versions_per_service")
+            .with("max_versions_per_service", limit));
+        }
+        Ok(())
+    }
+
+    /// What a registration of instance `id` with `spec` does to `remote`
+    /// (the version it declares), and the instances that version keeps
+    /// (the caller's one included if it is already there): refused when
+    /// the caller may not.
     ///
     /// Without registry tokens, any address may add an instance, but only
-    /// the address that registered an instance may register it again; a
-    /// caller that owns no instance must declare exactly what the service
-    /// declares (it joins, it does not redefine); and a new `version`
-    /// replaces every instance, so it takes a caller that owns them all.
+    /// the address that registered an instance may register it again, and
+    /// a caller that owns no instance of the version must declare exactly
+    /// what it declares (it joins, it does not redefine).
     fn join(
         &self,
         remote: &RemoteService,
@@ -481,25 +768,6 @@ impl Registry {
     ) -> Result<(Vec<Arc<Instance>>, Change), ApiError> {
         let name = remote.name();
         let anyone = matches!(writer, Writer::Anyone);
-        if remote.spec().info.version != spec.info.version {
-            // Until versions land, another version replaces the service.
-            if anyone
-                && let Some(other) = remote
-                    .instances()
-                    .members()
-                    .iter()
-                    .find(|member| !member.is_owned_by(caller))
-            {
-                return Err(not_the_owner(
-                    name,
-                    other,
-                    caller,
-                    StatusCode::CONFLICT,
-                    "version",
-                ));
-            }
-            return Ok((Vec::new(), Change::Replaced));
-        }
         let existing = remote.instances().get(id);
         if anyone {
             if let Some(existing) = existing
@@ -532,67 +800,93 @@ impl Registry {
         Ok((remote.instances().members().to_vec(), change))
     }
 
-    /// Makes `remote` (a new or changed service) durable, then routes it.
-    /// `new_name`: nothing held the name, so a plugin file may have taken
-    /// it meanwhile (the table decides; the write is undone then).
-    async fn commit(&self, remote: RemoteService, new_name: bool) -> Result<(), ApiError> {
-        let name = remote.name().to_owned();
-        let stored = stored_record(&remote);
-        let size = stored_size(&stored);
-        self.reserve_storage(&name, size)?;
-        self.durably(&name, move |store| store.put(&stored)).await?;
-        self.record_storage(&name, Some(size));
-        let info = remote.spec().info.clone();
-        let remote = Arc::new(remote);
-        let service = Service::new(info, Backend::Remote(remote.clone()));
-        let inserted = self.shared.services.insert(service, |holder| {
-            matches!(holder.backend, Backend::Remote(_))
+    /// Makes `next` the versions under `key` (a name in a tenant:
+    /// [`tenant::key`]; none: the name goes), durably, then routes them;
+    /// `current` is what the table holds now. A name
+    /// that was free may have been taken by a plugin file meanwhile (the
+    /// table decides; the write is undone then). Called under the name's lock.
+    async fn commit(
+        &self,
+        key: &str,
+        current: &[Arc<Service>],
+        next: Vec<Arc<Service>>,
+    ) -> Result<(), ApiError> {
+        let (tenant, name) = tenant::split_key(key);
+        let (owned_tenant, owned) = (tenant.to_owned(), name.to_owned());
+        if next.is_empty() {
+            self.durably(name, move |store| store.delete(&owned_tenant, &owned))
+                .await?;
+            self.record_storage(key, None);
+        } else {
+            let stored = stored_record(&next);
+            let size = stored_size(&stored);
+            self.reserve_storage(key, size)?;
+            let written = self
+                .durably(name, move |store| store.put(&owned_tenant, &stored))
+                .await;
+            lock(&self.shared.storage).settle(key, size, written.is_ok());
+            written?;
+        }
+        let fresh: Vec<Arc<RemoteService>> = next
+            .iter()
+            .filter(|service| !current.iter().any(|held| Arc::ptr_eq(held, service)))
+            .filter_map(|service| remote_of(service).cloned())
+            .collect();
+        let updated = self.shared.services.update(key, |held| {
+            match held.iter().find(|service| remote_of(service).is_none()) {
+                Some(plugin) => Err(plugin.clone()),
+                None => Ok(next),
+            }
         });
-        if let Err(holder) = inserted {
+        if let Err(holder) = updated {
             // A plugin file took the name since the look above (the table
             // decides races); only a new name can lose one, so undo the
             // write.
-            debug_assert!(new_name, "only a new name can lose a race");
-            let undo = self.durably(&name, {
-                let name = name.clone();
-                move |store| store.delete(&name)
+            debug_assert!(current.is_empty(), "only a new name can lose a race");
+            let undo = self.durably(name, {
+                let (tenant, name) = (tenant.to_owned(), name.to_owned());
+                move |store| store.delete(&tenant, &name)
             });
             match undo.await {
-                Ok(()) => self.record_storage(&name, None),
+                Ok(()) => self.record_storage(key, None),
                 Err(error) => {
                     tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
                 }
             }
             return Err(name_taken(&holder));
         }
-        self.shared.catalogue.fetch(remote);
+        for remote in fresh {
+            self.shared.catalogue.fetch(remote);
+        }
         Ok(())
     }
 
-    /// The instances of `remote` a heartbeat or deregistration from
-    /// `caller` speaks for: `instance_id` if given (404 if unknown, 403 if
-    /// the caller does not own it), else the caller's instances (403 if it
-    /// has none) or, for the owning token or the admin token, all of them
-    /// when none is the caller's.
+    /// The instances of `name` (whose versions are `versions`) a
+    /// heartbeat or deregistration from `caller` speaks for, in every
+    /// version: `instance_id` if given (404 if unknown, 403 if the caller
+    /// does not own it), else the caller's instances (403 if it has none)
+    /// or, for the owning token or the admin token, all of them when none
+    /// is the caller's.
     fn targets(
         &self,
-        remote: &Arc<RemoteService>,
+        name: &str,
+        versions: &[Arc<Service>],
         instance_id: Option<&str>,
         caller: IpAddr,
         writer: &Writer,
         name_field: &str,
     ) -> Result<Vec<Arc<Instance>>, ApiError> {
-        let name = remote.name();
-        may_write(writer, name, Some(remote), name_field)?;
+        let first = versions.first().and_then(|service| remote_of(service));
+        may_write(writer, name, first, name_field)?;
         let anyone = matches!(writer, Writer::Anyone);
+        let all: Vec<&Arc<Instance>> = versions
+            .iter()
+            .filter_map(|service| remote_of(service))
+            .flat_map(|remote| remote.instances().members().iter())
+            .collect();
         if let Some(id) = instance_id {
-            let Some(instance) = remote.instances().get(id) else {
-                let known: Vec<&str> = remote
-                    .instances()
-                    .members()
-                    .iter()
-                    .map(|member| member.id())
-                    .collect();
+            let Some(instance) = all.iter().find(|member| member.id() == id) else {
+                let known: Vec<&str> = all.iter().map(|member| member.id()).collect();
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     format!(
@@ -612,14 +906,17 @@ impl Registry {
                     "instance_id",
                 ));
             }
-            return Ok(vec![instance.clone()]);
+            return Ok(vec![(*instance).clone()]);
         }
-        let owned = remote.owned_by(caller);
+        let owned: Vec<Arc<Instance>> = all
+            .iter()
+            .filter(|member| member.is_owned_by(caller))
+            .map(|member| (*member).clone())
+            .collect();
         if !owned.is_empty() {
             return Ok(owned);
         }
-        if anyone {
-            let first = &remote.instances().members()[0];
+        if anyone && let Some(first) = all.first() {
             return Err(not_the_owner(
                 name,
                 first,
@@ -628,15 +925,18 @@ impl Registry {
                 name_field,
             ));
         }
-        Ok(remote.instances().members().to_vec())
+        Ok(all.into_iter().cloned().collect())
     }
 
     /// Refuses a registration of `size` bytes under `name` (replacing what
-    /// `name` held) that would take the registry past its size limit.
-    /// Called under `writes`, before the durable write.
+    /// `name` held) that would take the registry past its size limit, with
+    /// what the other writes in flight reserved; else reserves `size` until
+    /// its write is settled ([`Storage::settle`]). Called under the name's
+    /// lock, before the durable write.
     fn reserve_storage(&self, name: &str, size: u64) -> Result<(), ApiError> {
-        let storage = lock(&self.shared.storage);
-        let total = storage.total - storage.by_name.get(name).copied().unwrap_or(0);
+        let mut storage = lock(&self.shared.storage);
+        let total =
+            storage.total - storage.by_name.get(name).copied().unwrap_or(0) + storage.reserved;
         let limit = self.shared.max_stored_bytes;
         if total.saturating_add(size) > limit {
             return Err(ApiError::new(
@@ -648,6 +948,7 @@ impl Registry {
             .with("limit_bytes", limit)
             .with("service", name));
         }
+        storage.reserved += size;
         Ok(())
     }
 
@@ -658,16 +959,17 @@ impl Registry {
 
     async fn deregister(
         &self,
-        name: &str,
+        (tenant, name): (&str, &str),
         which: Deregistered<'_>,
         caller: IpAddr,
         writer: Writer,
     ) -> Result<Response, ApiError> {
-        let _writes = self.shared.writes.lock().await;
-        let remote = match self.shared.services.get(name) {
+        let key = tenant::key(tenant, name);
+        let _writes = self.shared.writes.lock(&key).await;
+        let versions = match self.shared.services.get(&key) {
             None => return Err(not_registered(name, "name")),
-            Some(holder) => match &holder.backend {
-                Backend::Remote(remote) => remote.clone(),
+            Some(versions) => match &versions.default_version().backend {
+                Backend::Remote(_) => versions.all().to_vec(),
                 Backend::Plugin(plugin) => {
                     return Err(ApiError::new(
                         StatusCode::CONFLICT,
@@ -683,12 +985,16 @@ impl Registry {
         };
         let targets = match which {
             Deregistered::Chosen(instance_id) => {
-                self.targets(&remote, instance_id, caller, &writer, "name")?
+                self.targets(name, &versions, instance_id, caller, &writer, "name")?
             }
-            Deregistered::Every => remote.instances().members().to_vec(),
+            Deregistered::Every => versions
+                .iter()
+                .filter_map(|service| remote_of(service))
+                .flat_map(|remote| remote.instances().members().iter().cloned())
+                .collect(),
         };
         let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
-        let remaining = self.remove_instances(&remote, &targets).await?;
+        let remaining = self.remove_instances(&key, &versions, &targets).await?;
         tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
         Ok(axum::Json(json!({
             "service_id": name,
@@ -699,61 +1005,74 @@ impl Registry {
         .into_response())
     }
 
-    /// Removes `targets` from `remote` durably, and the service with its
-    /// last instance; returns how many instances remain. Called under
-    /// `writes`.
+    /// Removes `targets` from the versions under `key` (`current`) durably;
+    /// a version goes with its last instance, the name with its last
+    /// version. Returns how many instances remain. Called under
+    /// the name's lock.
     async fn remove_instances(
         &self,
-        remote: &Arc<RemoteService>,
+        key: &str,
+        current: &[Arc<Service>],
         targets: &[Arc<Instance>],
     ) -> Result<usize, ApiError> {
-        let name = remote.name().to_owned();
-        let remaining: Vec<Arc<Instance>> = remote
-            .instances()
-            .members()
-            .iter()
-            .filter(|member| !targets.iter().any(|target| Arc::ptr_eq(target, member)))
-            .cloned()
-            .collect();
-        if remaining.is_empty() {
-            let key = name.clone();
-            self.durably(&name, move |store| store.delete(&key)).await?;
-            self.record_storage(&name, None);
-            self.shared
-                .services
-                .remove_if(&name, |service| holds(service, remote));
-            return Ok(0);
+        let mut next = Vec::with_capacity(current.len());
+        let mut remaining = 0;
+        for held in current {
+            let Some(remote) = remote_of(held) else {
+                continue;
+            };
+            let members = remote.instances().members();
+            let kept: Vec<Arc<Instance>> = members
+                .iter()
+                .filter(|member| !targets.iter().any(|target| Arc::ptr_eq(target, member)))
+                .cloned()
+                .collect();
+            remaining += kept.len();
+            if kept.len() == members.len() {
+                next.push(held.clone());
+            } else if !kept.is_empty() {
+                next.push(self.with_members(held, kept));
+            }
         }
-        let count = remaining.len();
-        let smaller = RemoteService::new(
-            remote.spec().clone(),
-            remaining,
-            remote.registered_at(),
-            remote.owner_token().map(str::to_owned),
-            self.shared.policy.ttl,
-        );
-        self.commit(smaller, false).await?;
-        Ok(count)
+        self.commit(key, current, next).await?;
+        Ok(remaining)
     }
 
     /// Removes the instances of `remote` silent past the grace period, if
-    /// it is still the one registered (a heartbeat or a new registration
-    /// may have come while the liveness task was deciding); the service
-    /// goes with its last instance.
+    /// it is still a version registered (a heartbeat or a new registration
+    /// may have come while the liveness task was deciding); the version
+    /// goes with its last instance, the service with its last version.
     async fn evict(&self, remote: &Arc<RemoteService>) {
-        let _writes = self.shared.writes.lock().await;
         let name = remote.name().to_owned();
-        let registered = self
+        let held = |versions: &Arc<Versions>| {
+            versions.name() == name && versions.all().iter().any(|service| holds(service, remote))
+        };
+        // Whichever tenant holds it; evictions are rare, a scan is cheap.
+        let Some(found) = self
             .shared
             .services
-            .get(&name)
-            .is_some_and(|service| holds(&service, remote));
+            .list()
+            .iter()
+            .find(|v| held(v))
+            .cloned()
+        else {
+            return;
+        };
+        let _writes = self.shared.writes.lock(found.key()).await;
+        // Looked at again under the lock: a registration or a
+        // deregistration may have come meanwhile.
+        let Some(versions) = self.shared.services.get(found.key()).filter(held) else {
+            return;
+        };
         let silent = remote.silent_instances(self.shared.policy.evict_after);
-        if !registered || silent.is_empty() {
+        if silent.is_empty() {
             return;
         }
         // A failed write is logged; the next round tries again.
-        let Ok(remaining) = self.remove_instances(remote, &silent).await else {
+        let Ok(remaining) = self
+            .remove_instances(versions.key(), versions.all(), &silent)
+            .await
+        else {
             return;
         };
         let ids: Vec<&str> = silent.iter().map(|instance| instance.id()).collect();
@@ -830,6 +1149,7 @@ fn restore_api_keys(
                         id: stored.id,
                         sha256: stored.sha256,
                         services: stored.services,
+                        tenant: stored.tenant,
                     },
                     authenticator,
                 )
@@ -848,9 +1168,21 @@ fn restore_api_keys(
 struct Storage {
     by_name: HashMap<String, u64>,
     total: u64,
+    /// What the writes in flight may add (their whole size: the record
+    /// each replaces is still counted in `total` until it is settled).
+    reserved: u64,
 }
 
 impl Storage {
+    /// Ends the reservation of `size` bytes for `name`'s write, which
+    /// now holds them if it was `stored`.
+    fn settle(&mut self, name: &str, size: u64, stored: bool) {
+        self.reserved -= size;
+        if stored {
+            self.set(name, Some(size));
+        }
+    }
+
     fn set(&mut self, name: &str, size: Option<u64>) {
         let previous = match size {
             Some(size) => {
@@ -869,19 +1201,30 @@ fn stored_size(stored: &StoredService) -> u64 {
     serde_json::to_vec(stored).map_or(u64::MAX, |encoded| encoded.len() as u64)
 }
 
-/// The table entry for a stored registration, or why it is not routed.
-/// An instance `previous` (the entry it replaces) already has keeps its
-/// state: a record another host changed does not reset the liveness of the
+/// The remote service behind a version, if it is one.
+fn remote_of(service: &Service) -> Option<&Arc<RemoteService>> {
+    match &service.backend {
+        Backend::Remote(remote) => Some(remote),
+        Backend::Plugin(_) => None,
+    }
+}
+
+/// A stored version back as a version in the table, or why not: its
+/// version must read as one (records of the releases before versions hold
+/// any text), its address literals must be where the host may connect
+/// (names are resolved again at every connection; the listeners or the
+/// allow-list may have changed since it was accepted). An instance
+/// `previous` (the version it replaces) already has keeps its state: a
+/// record another host changed does not reset the liveness of the
 /// instances it did not touch.
-fn routable(
-    stored: StoredService,
+fn restored_version(
+    stored: &StoredVersion,
     egress: &EgressPolicy,
     ttl: Duration,
     previous: Option<&RemoteService>,
-) -> Result<Service, String> {
-    // Names are resolved again at every connection; an address literal can
-    // be judged now (the listeners or the allow-list may have changed since
-    // it was accepted).
+) -> Result<Arc<Service>, String> {
+    let version =
+        Version::parse(&stored.spec.info.version).map_err(|error| format!("version: {error}"))?;
     if let Some(refused) = stored.instances.iter().find_map(|instance| {
         let ip = instance.addr.host.parse().ok()?;
         egress.check(SocketAddr::new(ip, instance.addr.port)).err()
@@ -909,15 +1252,21 @@ fn routable(
             .map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("it has an invalid address: {error}"))?;
-    let remote = Arc::new(RemoteService::new(
-        stored.spec.clone(),
+        .map_err(|error| format!("invalid address: {error}"))?;
+    let mut spec = stored.spec.clone();
+    spec.info.version = version.to_string();
+    let remote = RemoteService::new(
+        spec.clone(),
         instances,
         registered_at,
-        stored.owner_token,
+        stored.owner_token.clone(),
         ttl,
-    ));
-    Ok(Service::new(stored.spec.info, Backend::Remote(remote)))
+    );
+    Ok(Arc::new(Service::new(
+        spec.info,
+        version,
+        Backend::Remote(Arc::new(remote)),
+    )))
 }
 
 /// Whether `service` is `remote` (and not a successor with the same name).
@@ -1043,9 +1392,11 @@ enum Change {
     Added,
     /// An instance registered again.
     Updated,
-    /// Another version, replacing the service and its instances (until
-    /// versions land).
-    Replaced,
+    /// A new version of a service, with its first instance.
+    VersionAdded,
+    /// An instance registered again with another version: it moved to
+    /// that version (a rolling restart in place).
+    Moved,
 }
 
 impl Change {
@@ -1054,13 +1405,25 @@ impl Change {
             Change::Registered => "registered",
             Change::Added => "instance added",
             Change::Updated => "updated",
-            Change::Replaced => "replaced",
+            Change::VersionAdded => "version added",
+            Change::Moved => "moved to another version",
         }
     }
 }
 
-/// `remote` as the store keeps it.
-fn stored_record(remote: &RemoteService) -> StoredService {
+/// The versions of a service as the store keeps them.
+fn stored_record(versions: &[Arc<Service>]) -> StoredService {
+    StoredService {
+        versions: versions
+            .iter()
+            .filter_map(|service| remote_of(service))
+            .map(|remote| stored_version(remote))
+            .collect(),
+    }
+}
+
+/// One version as the store keeps it.
+fn stored_version(remote: &RemoteService) -> StoredVersion {
     let instances: Vec<StoredInstance> = remote
         .instances()
         .members()
@@ -1071,7 +1434,7 @@ fn stored_record(remote: &RemoteService) -> StoredService {
             registered_at_unix_ms: Some(unix_ms(instance.registered_at())),
         })
         .collect();
-    StoredService {
+    StoredVersion {
         spec: remote.spec().clone(),
         owner: instances.first().and_then(|instance| instance.owner),
         instances,
@@ -1113,6 +1476,10 @@ pub fn router(registry: Registry, more: Router) -> Router {
         )
         .route("/api/registry/services", get(list_services))
         .route("/api/registry/services/{name}", get(get_service))
+        .route(
+            "/api/registry/services/{name}/traffic",
+            get(traffic::get).put(traffic::put).delete(traffic::delete),
+        )
         .route("/api/registry/openapi.json", get(openapi))
         .route(
             "/api/registry/admin/api-keys",
@@ -1139,6 +1506,7 @@ async fn register(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let body = registry.read_body(body, &headers).await?;
     let registration = model::parse_registration(&body).map_err(refusal)?;
     let instance = &registration.instance;
@@ -1151,7 +1519,12 @@ async fn register(
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {refused}"))
                 .with("field", "host")
         })?;
-    uncancellable(async move { registry.register(registration, caller.ip(), writer).await }).await
+    uncancellable(async move {
+        registry
+            .register(registration, caller.ip(), writer, tenant)
+            .await
+    })
+    .await
 }
 
 async fn heartbeat(
@@ -1161,14 +1534,15 @@ async fn heartbeat(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
-    let Some(service) = registry.shared.services.get(&name) else {
+    let Some(versions) = registry.shared.services.get(&tenant::key(&tenant, &name)) else {
         tracing::debug!(service = %Escaped(&name), "heartbeat for an unknown service");
         return Err(not_registered(&name, "service_id"));
     };
-    let Backend::Remote(remote) = &service.backend else {
+    if let Backend::Plugin(_) = versions.default_version().backend {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(
@@ -1177,9 +1551,10 @@ async fn heartbeat(
         )
         .with("field", "service_id")
         .with("service", name));
-    };
+    }
     let targets = registry.targets(
-        remote,
+        &name,
+        versions.all(),
         beat.instance_id.as_deref(),
         caller.ip(),
         &writer,
@@ -1191,15 +1566,27 @@ async fn heartbeat(
     }
     crate::metrics::host().heartbeat();
     let thresholds = registry.shared.instances.load().thresholds;
-    remote.announce_health(thresholds);
+    let mut status = remote::Status::Unhealthy;
+    for remote in versions
+        .all()
+        .iter()
+        .filter_map(|service| remote_of(service))
+    {
+        remote.announce_health(thresholds);
+        if remote.status(thresholds) == remote::Status::Healthy {
+            status = remote::Status::Healthy;
+        }
+    }
     let policy = registry.shared.policy;
     let ids: Vec<&str> = targets.iter().map(|instance| instance.id()).collect();
     #[cfg(feature = "etcd")]
-    registry.share_beats(&name, &ids, healthy).await;
+    registry
+        .share_beats(&tenant::key(&tenant, &name), &ids, healthy)
+        .await;
     Ok(axum::Json(json!({
         "service_id": name,
         "instance_ids": ids,
-        "status": remote.status(thresholds),
+        "status": status,
         "heartbeat_interval_seconds": seconds(policy.heartbeat_interval),
         "ttl_seconds": seconds(policy.ttl),
     }))
@@ -1214,6 +1601,7 @@ async fn deregister(
     body: Body,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path(name) = path.map_err(bad_path)?;
     let body = registry.read_body(body, &headers).await?;
     let instance_id = model::parse_deregistration(&body)
@@ -1222,7 +1610,7 @@ async fn deregister(
     uncancellable(async move {
         registry
             .deregister(
-                &name,
+                (&tenant, &name),
                 Deregistered::Chosen(instance_id.as_deref()),
                 caller.ip(),
                 writer,
@@ -1241,11 +1629,12 @@ async fn deregister_instance(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let writer = registry.writer(&headers)?;
+    let tenant = registry.tenant(&writer, &headers)?;
     let Path((name, instance_id)) = path.map_err(bad_path)?;
     uncancellable(async move {
         registry
             .deregister(
-                &name,
+                (&tenant, &name),
                 Deregistered::Chosen(Some(&instance_id)),
                 caller.ip(),
                 writer,
@@ -1270,18 +1659,47 @@ async fn uncancellable(
     })
 }
 
+/// `GET /api/registry/services`: the caller's tenant's services and the
+/// shared ones; for the admin token, every tenant's, or only those of the
+/// tenant `?tenant=` names. Whole (from the listing's cache while the
+/// caller sees every name) or a page or filter of it (see [`listing`]).
 async fn list_services(
     State(registry): State<Registry>,
     headers: HeaderMap,
+    query: Result<Query<listing::ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
+    let Query(query) = query.map_err(listing::bad_query)?;
+    let caller = registry.reading_tenant(&headers)?;
+    let asked = query.tenant();
+    if let Some(asked) = asked {
+        tenant::check(asked).map_err(|reason| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("tenant: {reason}"))
+                .with("field", "tenant")
+        })?;
+        if let Some(caller) = caller.as_deref().filter(|caller| *caller != asked) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("the listing of tenant `{asked}` needs the admin token; this caller is tenant `{caller}`"),
+            )
+            .with("field", "tenant")
+            .with("tenant", caller));
+        }
+    }
+    let visible = |versions: &Versions| match (asked, caller.as_deref()) {
+        (Some(asked), _) => versions.tenant() == asked,
+        (None, None) => true,
+        (None, Some(caller)) => {
+            versions.tenant() == caller || tenant::is_default(versions.tenant())
+        }
+    };
     let services = registry.shared.services.list();
-    let policy = registry.shared.instances.load();
-    let listed: Vec<Listed<'_>> = services
-        .iter()
-        .map(|service| describe(service, &policy))
-        .collect();
-    Ok(registry.marked(axum::Json(listed).into_response()))
+    let policy = registry.shared.instances.load_full();
+    registry
+        .shared
+        .listing
+        .answer(&services, &policy, &query, &visible)
+        .map(|response| registry.marked(response))
 }
 
 async fn get_service(
@@ -1291,7 +1709,12 @@ async fn get_service(
 ) -> Result<Response, ApiError> {
     registry.reader(&headers)?;
     let Path(name) = name.map_err(bad_path)?;
-    match registry.shared.services.get(&name) {
+    let tenant = registry.reading_tenant(&headers)?;
+    let found = match &tenant {
+        Some(tenant) => registry.shared.services.resolve(tenant, &name),
+        None => registry.shared.services.get(&name),
+    };
+    match found {
         Some(service) => Ok(registry.marked(
             axum::Json(describe(&service, &registry.shared.instances.load())).into_response(),
         )),
@@ -1319,7 +1742,24 @@ async fn openapi(
             || format!("http://{gateway}"),
             |host| format!("http://{}:{}", host.host(), gateway.port()),
         );
-    let services = registry.shared.services.list();
+    // One document per name: its default version's, of the name the
+    // caller's tenant reaches (its own, else the shared one; the admin
+    // token: the default tenant's).
+    let tenant = registry.reading_tenant(&headers)?;
+    let tenant = tenant.as_deref().unwrap_or(tenant::DEFAULT);
+    let table = &registry.shared.services;
+    let services: Vec<Arc<Service>> = table
+        .list()
+        .iter()
+        .filter(|versions| match versions.tenant() {
+            owner if owner == tenant => true,
+            owner if tenant::is_default(owner) => {
+                table.get(&tenant::key(tenant, versions.name())).is_none()
+            }
+            _ => false,
+        })
+        .map(|versions| versions.default_version().clone())
+        .collect();
     Ok(axum::Json(registry.shared.catalogue.document(&services, &gateway_url)).into_response())
 }
 
@@ -1348,26 +1788,49 @@ fn refusal(invalid: Invalid) -> ApiError {
     ApiError::new(invalid.status(), invalid.to_string()).with("field", invalid.field())
 }
 
-/// A service as the registry lists it: what it declared, its kind, and
-/// what its kind adds. Serialized straight from borrowed data.
+/// A service as the registry lists it: what its default version declared,
+/// its kind, what its kind adds, and its versions. Serialized straight
+/// from borrowed data.
 #[derive(serde::Serialize)]
 struct Listed<'a> {
     #[serde(flatten)]
     info: &'a ServiceInfo,
+    /// The tenant it belongs to (`default`: shared).
+    tenant: &'a str,
     kind: &'static str,
     #[serde(flatten)]
     details: Details<'a>,
-    /// Cumulative since the service entered the table; a reader computes
-    /// rates by differencing two reads.
-    traffic: Traffic,
+    /// The version a request naming none goes to when there is no split.
+    default_version: &'a str,
+    /// Every version, highest first.
+    versions: Vec<ListedVersion<'a>>,
+    /// Cumulative since each version entered the table, over every
+    /// version; a reader computes rates by differencing two reads. With
+    /// the name's traffic split, if it has one.
+    traffic: Traffic<'a>,
 }
 
 #[derive(serde::Serialize)]
-struct Traffic {
+struct ListedVersion<'a> {
+    version: &'a str,
+    status: remote::Status,
+    /// A remote version's instance ids.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instances: Option<Vec<&'a str>>,
+    /// A plugin version's file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loaded_from: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct Traffic<'a> {
     requests_total: u64,
     /// Answers with a 5xx status.
     errors_total: u64,
     in_flight: u64,
+    /// The traffic split between versions (`PUT .../traffic`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    split: Option<&'a crate::traffic::TrafficPolicy>,
 }
 
 #[derive(serde::Serialize)]
@@ -1381,23 +1844,88 @@ enum Details<'a> {
     Remote(remote::Liveness),
 }
 
-fn describe<'a>(service: &'a Service, policy: &InstancePolicy) -> Listed<'a> {
-    Listed {
-        info: &service.info,
-        kind: service.kind(),
-        details: match &service.backend {
-            Backend::Plugin(plugin) => Details::Plugin {
-                status: plugin.health.status(),
-                last_health_check: plugin.health.last_check(),
-                loaded_from: &plugin.loaded_from,
+/// The listing entry of a name: the default version's declaration and
+/// details, every version's instances and status, the service healthy
+/// while one version is.
+fn describe<'a>(versions: &'a Versions, policy: &InstancePolicy) -> Listed<'a> {
+    let default = versions.default_version();
+    let mut listed_versions = Vec::with_capacity(versions.all().len());
+    let mut liveness: Vec<(bool, remote::Liveness)> = Vec::new();
+    let mut healthy = false;
+    for service in versions.all() {
+        let (status, instances, loaded_from) = match &service.backend {
+            Backend::Plugin(plugin) => (
+                plugin.health.status(),
+                None,
+                Some(plugin.loaded_from.as_str()),
+            ),
+            Backend::Remote(remote) => {
+                let ids = remote
+                    .instances()
+                    .members()
+                    .iter()
+                    .map(|member| member.id())
+                    .collect();
+                let live = remote.liveness(policy);
+                let status = live.status;
+                liveness.push((Arc::ptr_eq(service, default), live));
+                (status, Some(ids), None)
+            }
+        };
+        healthy |= status == remote::Status::Healthy;
+        listed_versions.push(ListedVersion {
+            version: &service.info.version,
+            status,
+            instances,
+            loaded_from,
+        });
+    }
+    let details = match &default.backend {
+        Backend::Plugin(plugin) => Details::Plugin {
+            status: if healthy {
+                remote::Status::Healthy
+            } else {
+                plugin.health.status()
             },
-            Backend::Remote(remote) => Details::Remote(remote.liveness(policy)),
+            last_health_check: plugin.health.last_check(),
+            loaded_from: &plugin.loaded_from,
         },
-        traffic: Traffic {
-            requests_total: service.traffic().requests_total(),
-            errors_total: service.traffic().errors_total(),
-            in_flight: service.traffic().in_flight(),
-        },
+        Backend::Remote(_) => {
+            let position = liveness
+                .iter()
+                .position(|(is_default, _)| *is_default)
+                .unwrap_or(0);
+            let (_, mut shown) = liveness.swap_remove(position);
+            // Every instance of every version, the default's first.
+            for (_, other) in liveness {
+                shown.instances.extend(other.instances);
+            }
+            if healthy {
+                shown.status = remote::Status::Healthy;
+                shown.unhealthy_reason = None;
+            }
+            Details::Remote(shown)
+        }
+    };
+    let mut traffic = Traffic {
+        requests_total: 0,
+        errors_total: 0,
+        in_flight: 0,
+        split: versions.policy(),
+    };
+    for service in versions.all() {
+        traffic.requests_total += service.traffic().requests_total();
+        traffic.errors_total += service.traffic().errors_total();
+        traffic.in_flight += service.traffic().in_flight();
+    }
+    Listed {
+        info: &default.info,
+        tenant: versions.tenant(),
+        kind: versions.kind(),
+        details,
+        default_version: &default.info.version,
+        versions: listed_versions,
+        traffic,
     }
 }
 

@@ -21,6 +21,7 @@ use serde_json::Value;
 
 use crate::remote::{Balancing, InstanceAddr, RemoteSpec, Reported};
 use crate::service::{self, Endpoint, InvalidField, ServiceInfo, check_relative_path};
+use crate::traffic::TrafficPolicy;
 
 /// A checked `POST /api/registry/register` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,7 +178,12 @@ pub fn parse_registration(body: &[u8]) -> Result<Registration, Invalid> {
         requires_auth: body.requires_auth.unwrap_or(false),
         endpoints,
     };
-    service::validate(&info)?;
+    let version = service::validate(&info)?;
+    // Listed and compared in its normalised form (`1.2` is `1.2.0`).
+    let info = ServiceInfo {
+        version: version.to_string(),
+        ..info
+    };
     Ok(Registration {
         spec: RemoteSpec {
             info,
@@ -221,6 +227,15 @@ pub fn parse_deregistration(body: &[u8]) -> Result<Deregistration, Invalid> {
     Ok(Deregistration {
         instance_id: body.instance_id,
     })
+}
+
+/// Checks a traffic split body (`PUT .../traffic`): `weights` (version ->
+/// 0..=10000, a positive sum) and an optional `sticky` (`{"header": H}` or
+/// `{"cookie": C}`). Whether the versions exist is the registry's to say.
+pub fn parse_traffic(body: &[u8]) -> Result<TrafficPolicy, Invalid> {
+    let policy: TrafficPolicy = parse(body, &[])?;
+    policy.check()?;
+    Ok(policy)
 }
 
 /// Reads `body` as a `T`: a syntax error is about the body, a type error

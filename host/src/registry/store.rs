@@ -1,8 +1,18 @@
 //! The registry's persistence: every accepted registration, in an embedded
-//! crash-safe database (redb) in the data directory, or (with the `etcd`
-//! feature) in an etcd cluster shared by several hosts. [`RecordStore`] is
-//! what the registry asks of either; [`Store`] is the embedded one, and
-//! the record encoding below ([`encode`], [`decode`]) is both stores'.
+//! crash-safe database (redb) in the data directory: one record per
+//! service name in a tenant, keyed `t/<tenant>/s/<name>` (the registry
+//! model's schema; a record under the bare name, written before tenants,
+//! is the default tenant's and moves to its key at its next write),
+//! holding its versions and their instances (format `"2"`;
+//! the single-version records of format `"1"` that earlier releases wrote
+//! are read as a name of one version, and rewritten in the new format at
+//! the name's next write), and the names' traffic policies, one record per
+//! name in a table of their own.
+//! [`RecordStore`] is what the registry asks of a store: [`Store`] is the
+//! embedded one; with the `etcd` feature, an etcd cluster shared by
+//! several hosts is the other. The record encodings below ([`encode`],
+//! [`decode`], [`encode_policy`], [`decode_policy`], [`encode_api_key`],
+//! [`decode_api_key`]) are both stores'.
 //!
 //! A write returns only once it is durable (redb's default `Immediate`
 //! durability: the commit is fsynced), so a registration answered 200/201
@@ -10,6 +20,18 @@
 //! stored: after a restart a service gets a fresh TTL and the health checks
 //! take over. The calls block on disk I/O; async callers run them on the
 //! blocking pool.
+//!
+//! **Writes are committed in groups.** Every put and delete goes to one
+//! committer thread, which takes the first write waiting, waits for the
+//! database's write transaction, then adds every write that queued
+//! meanwhile (while the previous commit was being fsynced) to the same
+//! transaction and commits it: one fsync for the whole group, so
+//! concurrent registrations are no longer bounded by one fsync each. Each
+//! caller is answered only once its group is committed; a group that fails
+//! is not applied at all, and every caller in it gets the error (each
+//! write is one record, so none is ever half-applied). Writes are applied
+//! in the order they were made; the registry never has two writes of one
+//! name in flight.
 //!
 //! **A damaged file is refused, never replaced.** Only a missing file means
 //! "new registry": an existing file is opened, never re-initialised, so a
@@ -44,16 +66,26 @@ use std::cell::Cell;
 use std::net::IpAddr;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Once, mpsc};
+use std::thread::JoinHandle;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crossbeam_channel::{Receiver, Sender};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::remote::{InstanceAddr, RemoteSpec};
+use crate::tenant;
+use crate::traffic::TrafficPolicy;
 
-/// Service name -> the checksum line and the JSON of a [`Record`].
+/// `t/<tenant>/s/<name>` (or, written before tenants, the bare name: the
+/// default tenant's) -> the checksum line and the JSON of a [`Record`].
 const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("remote_services");
+
+/// `t/<tenant>/s/<name>` (or the bare name, as for [`SERVICES`]) -> the
+/// checksum line and the JSON of its [`TrafficPolicy`]: kept apart from the registrations, since plugin names
+/// have policies too, and a policy outlives the versions it names.
+const TRAFFIC: TableDefinition<&str, &[u8]> = TableDefinition::new("traffic_policies");
 
 /// API key id -> the checksum line and the JSON of a [`StoredApiKey`]:
 /// the keys added through the admin API, as digests.
@@ -62,16 +94,40 @@ const API_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("api_keys");
 /// What starts a value's checksum line.
 const CHECKSUM_PREFIX: &[u8] = b"xxh3=";
 
+/// Most writes committed in one transaction: bounds the time one group
+/// holds the writer, and what a failed group takes down with it.
+const MAX_GROUP: usize = 1024;
+
 /// How to recover from a damaged database, for the error message.
 const RECOVERY: &str = "move it aside to start with an empty registry, or restore it from a backup";
 
-/// One registration as stored: the service and all its instances, in one
-/// record under the service's name, so a change of membership is one
-/// atomic write. (The registry model's per-instance keys,
-/// `.../s/<name>/v/<version>/i/<instance-id>`, come with versions; an
+/// One service name's registrations as stored: every version with its
+/// instances, in one record under the name, so a change of membership or
+/// of versions is one atomic write. (The registry model's per-instance
+/// keys, `.../s/<name>/v/<version>/i/<instance-id>`, would split it; an
 /// instance record here is already what such a key will hold.)
+///
+/// Format `"2"`. A record of format `"1"` (one version, written by the
+/// releases before versions) is read as a service of that one version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredService {
+    /// Its versions; never empty.
+    pub versions: Vec<StoredVersion>,
+}
+
+impl StoredService {
+    /// The service's name (its versions all declare it).
+    pub fn name(&self) -> &str {
+        self.versions
+            .first()
+            .map_or("", |version| version.spec.info.name.as_str())
+    }
+}
+
+/// One version of a service as stored: what it registered with and its
+/// instances (exactly a format `"1"` record's fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredVersion {
     /// What it registered with.
     pub spec: RemoteSpec,
     /// Its instances. Records written before several instances per service
@@ -106,7 +162,7 @@ pub struct StoredInstance {
     pub registered_at_unix_ms: Option<u64>,
 }
 
-impl StoredService {
+impl StoredVersion {
     /// The owner of `instance`: its own, or for a record written before
     /// instances had one, the record's.
     pub fn owner_of(&self, instance: &StoredInstance) -> Option<IpAddr> {
@@ -123,11 +179,18 @@ pub struct StoredApiKey {
     pub sha256: String,
     /// Services it may reach; `None`: every service.
     pub services: Option<Vec<String>>,
+    /// The tenant it names; absent in keys stored before tenants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// One stored API key as read back: its id, and the key or why it is not
 /// used.
 pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
+
+/// One stored traffic policy as read back: its tenant, its service name,
+/// and the policy or why it is not used.
+pub type LoadedPolicy = (String, String, Result<TrafficPolicy, RecordError>);
 
 /// The stored encoding, tagged so a later format can be read beside this
 /// one.
@@ -135,7 +198,9 @@ pub type LoadedApiKey = (String, Result<StoredApiKey, RecordError>);
 #[serde(tag = "format")]
 enum Record {
     #[serde(rename = "1")]
-    V1(StoredService),
+    V1(Box<StoredVersion>),
+    #[serde(rename = "2")]
+    V2(StoredService),
 }
 
 /// Why the database could not be used.
@@ -171,6 +236,14 @@ pub enum StoreError {
     /// A record could not be encoded.
     #[error("registry record: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The group of writes this one was committed with failed: what
+    /// failed it (every write of the group gets the same error).
+    #[error(transparent)]
+    Group(Arc<StoreError>),
+    /// The committer thread is gone (it panicked on the database, or the
+    /// store is being closed).
+    #[error("registry database committer: {0}")]
+    Committer(String),
     /// A store on the network (etcd) did not answer: nothing changed.
     #[error("the registry store ({store}) is unreachable: {reason}")]
     Unreachable {
@@ -194,12 +267,26 @@ pub enum StoreError {
 /// answered (async callers run them on the blocking pool), and a write
 /// returns only once it is durable.
 pub trait RecordStore: std::fmt::Debug + Send + Sync {
-    /// Every stored registration.
+    /// Every stored registration, with its tenant and name.
     fn load(&self) -> Result<Vec<Loaded>, StoreError>;
-    /// Stores `service` under its name, replacing what was there.
-    fn put(&self, service: &StoredService) -> Result<(), StoreError>;
-    /// Removes the registration of `name`.
-    fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Stores `service` under its tenant and name, replacing what was
+    /// there.
+    fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError>;
+    /// Removes the registration of `name` in `tenant`.
+    fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError>;
+    /// Every stored traffic policy, by tenant and service name, or why
+    /// one cannot be used.
+    fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError>;
+    /// Stores the traffic policy of `name` in `tenant`, replacing what was
+    /// there.
+    fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError>;
+    /// Removes the traffic policy of `name` in `tenant`.
+    fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError>;
     /// Every API key added through the admin API, by id, or why one cannot
     /// be used.
     fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError>;
@@ -236,7 +323,10 @@ pub enum RecordError {
 /// One stored record as read back.
 #[derive(Debug)]
 pub struct Loaded {
-    /// Its key.
+    /// The tenant it belongs to: the default tenant for a record written
+    /// before tenants (keyed by its bare name).
+    pub tenant: String,
+    /// Its service name.
     pub name: String,
     /// The record, or why it is not used.
     pub service: Result<StoredService, RecordError>,
@@ -248,8 +338,58 @@ pub struct Loaded {
 /// The open database.
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
+    /// Where writes go to be committed; `None` once closing.
+    writes: Option<Sender<Job>>,
+    /// The committer thread, joined when the store is dropped so that the
+    /// file is closed (and can be opened again) once `drop` returns.
+    committer: Option<JoinHandle<()>>,
+}
+
+/// Which table a write goes to.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Services,
+    Traffic,
+    ApiKeys,
+}
+
+/// One change of one record.
+#[derive(Debug)]
+enum Write {
+    Insert {
+        table: Table,
+        key: String,
+        value: Vec<u8>,
+    },
+    Remove {
+        table: Table,
+        key: String,
+    },
+    /// A record written (`value`) or removed (`None`) under its tenant key,
+    /// with the record of the same name written before tenants (`legacy`,
+    /// under the bare name) removed with it.
+    Keyed {
+        table: Table,
+        key: String,
+        value: Option<Vec<u8>>,
+        legacy: Option<String>,
+    },
+    /// Fails its group, as a failing disk would.
+    #[cfg(test)]
+    Fail,
+}
+
+/// What a write is answered: the sequence number of the commit that made
+/// it durable, or why its group failed.
+type Committed = Result<u64, Arc<StoreError>>;
+
+/// A write waiting for the committer, and where to answer it.
+#[derive(Debug)]
+struct Job {
+    write: Write,
+    done: mpsc::Sender<Committed>,
 }
 
 impl Store {
@@ -290,15 +430,30 @@ impl Store {
             let write = db.begin_write().map_err(redb::Error::from)?;
             write.open_table(SERVICES).map_err(redb::Error::from)?;
             write.open_table(API_KEYS).map_err(redb::Error::from)?;
+            write.open_table(TRAFFIC).map_err(redb::Error::from)?;
             write.commit().map_err(redb::Error::from)?;
             Ok(db)
         });
-        let db = opened
-            .map_err(|panic| damaged(path, &format!("the database engine failed on it ({panic})")))?
-            .map_err(|error| classify(path, error))?;
+        let db = Arc::new(
+            opened
+                .map_err(|panic| {
+                    damaged(path, &format!("the database engine failed on it ({panic})"))
+                })?
+                .map_err(|error| classify(path, error))?,
+        );
+        let (writes, queue) = crossbeam_channel::unbounded();
+        let committer = std::thread::Builder::new()
+            .name("registry-commit".to_owned())
+            .spawn({
+                let db = db.clone();
+                move || commit_groups(&db, &queue)
+            })
+            .map_err(|error| StoreError::Committer(format!("cannot start its thread: {error}")))?;
         Ok(Self {
             db,
             path: path.to_owned(),
+            writes: Some(writes),
+            committer: Some(committer),
         })
     }
 
@@ -319,10 +474,12 @@ impl Store {
         let table = read.open_table(SERVICES).map_err(redb::Error::from)?;
         let mut loaded = Vec::new();
         for entry in table.iter().map_err(redb::Error::from)? {
-            let (name, value) = entry.map_err(redb::Error::from)?;
+            let (key, value) = entry.map_err(redb::Error::from)?;
             let (service, checksummed) = decode(value.value());
+            let (tenant, name) = tenant_and_name(key.value());
             loaded.push(Loaded {
-                name: name.value().to_owned(),
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
                 service,
                 checksummed,
             });
@@ -330,15 +487,79 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Stores `service` under its name, replacing what was there; durable
+    /// Stores `service` under its tenant and name, replacing what was
+    /// there (a default-tenant record written before tenants, under the
+    /// bare name, is removed in the same transaction: migrated); durable
     /// when it returns.
-    pub fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        self.insert(SERVICES, &service.spec.info.name, &encode(service)?)
+    pub fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
+        self.put_keyed(
+            Table::Services,
+            tenant,
+            service.name(),
+            Some(encode(service)?),
+        )
     }
 
-    /// Removes the registration of `name`; durable when it returns.
-    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.remove(SERVICES, name)
+    /// Writes `value` (or with `None` removes the record) of `name` in
+    /// `tenant` under its key `t/<tenant>/s/<name>`, and removes a
+    /// default-tenant record under the bare name (written before tenants)
+    /// in the same transaction: migrated, never left to shadow the new
+    /// one. Durable when it returns.
+    fn put_keyed(
+        &self,
+        table: Table,
+        tenant: &str,
+        name: &str,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        self.write(Write::Keyed {
+            table,
+            key: record_key(tenant, name),
+            value,
+            legacy: tenant::is_default(tenant).then(|| name.to_owned()),
+        })
+        .map(drop)
+    }
+
+    /// Every stored traffic policy, by service name, or why one cannot be
+    /// used.
+    pub fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError> {
+        let read = self.db.begin_read().map_err(redb::Error::from)?;
+        let table = read.open_table(TRAFFIC).map_err(redb::Error::from)?;
+        let mut policies = Vec::new();
+        for entry in table.iter().map_err(redb::Error::from)? {
+            let (key, value) = entry.map_err(redb::Error::from)?;
+            let (tenant, name) = tenant_and_name(key.value());
+            policies.push((
+                tenant.to_owned(),
+                name.to_owned(),
+                decode_policy(value.value()),
+            ));
+        }
+        Ok(policies)
+    }
+
+    /// Stores the traffic policy of `name` in `tenant`, replacing what was
+    /// there; durable when it returns.
+    pub fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError> {
+        self.put_keyed(Table::Traffic, tenant, name, Some(encode_policy(policy)?))
+    }
+
+    /// Removes the traffic policy of `name` in `tenant`; durable when it
+    /// returns.
+    pub fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.put_keyed(Table::Traffic, tenant, name, None)
+    }
+
+    /// Removes the registration of `name` in `tenant` (in the default
+    /// tenant, under either key); durable when it returns.
+    pub fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        self.put_keyed(Table::Services, tenant, name, None)
     }
 
     /// Every API key added through the admin API, by id, or why one cannot
@@ -357,38 +578,173 @@ impl Store {
     /// Stores `key` under its id, replacing what was there; durable when it
     /// returns.
     pub fn put_api_key(&self, key: &StoredApiKey) -> Result<(), StoreError> {
-        self.insert(API_KEYS, &key.id, &encode_api_key(key)?)
+        self.insert(Table::ApiKeys, &key.id, encode_api_key(key)?)
     }
 
     /// Removes the API key `id`; durable when it returns.
     pub fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
-        self.remove(API_KEYS, id)
+        self.remove(Table::ApiKeys, id)
     }
 
-    fn insert(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &[u8],
-    ) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(table).map_err(redb::Error::from)?;
-            table.insert(key, value).map_err(redb::Error::from)?;
-        }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+    fn insert(&self, table: Table, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.write(Write::Insert {
+            table,
+            key: key.to_owned(),
+            value,
+        })
+        .map(drop)
     }
 
-    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let write = self.db.begin_write().map_err(redb::Error::from)?;
-        {
-            let mut table = write.open_table(table).map_err(redb::Error::from)?;
-            table.remove(key).map_err(redb::Error::from)?;
-        }
-        write.commit().map_err(redb::Error::from)?;
-        Ok(())
+    fn remove(&self, table: Table, key: &str) -> Result<(), StoreError> {
+        self.write(Write::Remove {
+            table,
+            key: key.to_owned(),
+        })
+        .map(drop)
     }
+
+    /// Hands `write` to the committer and waits until its group is
+    /// durable; answers the commit's sequence number.
+    fn write(&self, write: Write) -> Result<u64, StoreError> {
+        let answer = self.submit(write)?;
+        match answer.recv() {
+            Ok(committed) => committed.map_err(StoreError::Group),
+            Err(mpsc::RecvError) => Err(StoreError::Committer(
+                "it stopped before committing this write".to_owned(),
+            )),
+        }
+    }
+
+    /// Queues `write` for the committer; its answer comes on the receiver.
+    fn submit(&self, write: Write) -> Result<mpsc::Receiver<Committed>, StoreError> {
+        let (done, answer) = mpsc::channel();
+        self.writes
+            .as_ref()
+            .and_then(|writes| writes.send(Job { write, done }).ok())
+            .ok_or_else(|| StoreError::Committer("it has stopped".to_owned()))?;
+        Ok(answer)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The committer ends once the queue is closed and empty: every
+        // write made before this drop is committed first.
+        drop(self.writes.take());
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+    }
+}
+
+/// The committer thread: commits the queued writes in groups until the
+/// queue is closed. A panic of the database engine fails its group (its
+/// callers get the error) instead of ending the thread.
+fn commit_groups(db: &Database, queue: &Receiver<Job>) {
+    let mut commits: u64 = 0;
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        let outcome = catching_panics(|| {
+            // The write transaction may have to wait for the previous one;
+            // whatever queued meanwhile joins this group.
+            let transaction = db.begin_write().map_err(redb::Error::from)?;
+            group.extend(queue.try_iter().take(MAX_GROUP - 1));
+            apply(transaction, &group)
+        });
+        let outcome = match outcome {
+            Ok(Ok(())) => {
+                commits += 1;
+                Ok(commits)
+            }
+            Ok(Err(error)) => Err(Arc::new(StoreError::from(error))),
+            Err(panic) => Err(Arc::new(StoreError::Committer(format!(
+                "the database engine failed committing ({panic})"
+            )))),
+        };
+        if let Err(error) = &outcome {
+            tracing::error!(writes = group.len(), %error, "registry database commit failed; none of its writes were applied");
+        }
+        for job in group {
+            // A caller that is gone needs no answer.
+            let _ = job.done.send(outcome.clone());
+        }
+    }
+}
+
+/// Applies `group` in `transaction` and commits it, or aborts it whole.
+fn apply(transaction: WriteTransaction, group: &[Job]) -> Result<(), redb::Error> {
+    let applied = (|| {
+        let mut services = transaction.open_table(SERVICES)?;
+        let mut traffic = transaction.open_table(TRAFFIC)?;
+        let mut api_keys = transaction.open_table(API_KEYS)?;
+        for job in group {
+            match &job.write {
+                Write::Insert { table, key, value } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    table.insert(key.as_str(), value.as_slice())?;
+                }
+                Write::Remove { table, key } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    table.remove(key.as_str())?;
+                }
+                Write::Keyed {
+                    table,
+                    key,
+                    value,
+                    legacy,
+                } => {
+                    let table = match table {
+                        Table::Services => &mut services,
+                        Table::Traffic => &mut traffic,
+                        Table::ApiKeys => &mut api_keys,
+                    };
+                    match value {
+                        Some(value) => table.insert(key.as_str(), value.as_slice()).map(drop)?,
+                        None => table.remove(key.as_str()).map(drop)?,
+                    }
+                    if let Some(legacy) = legacy {
+                        table.remove(legacy.as_str())?;
+                    }
+                }
+                #[cfg(test)]
+                Write::Fail => {
+                    return Err(redb::Error::Corrupted("a write made to fail".to_owned()));
+                }
+            }
+        }
+        Ok::<(), redb::Error>(())
+    })();
+    match applied {
+        Ok(()) => Ok(transaction.commit()?),
+        Err(error) => {
+            // Nothing of the group is applied; an abort that fails too
+            // changes nothing either.
+            let _ = transaction.abort();
+            Err(error)
+        }
+    }
+}
+
+/// The key of the registration of `name` in `tenant`: the registry model's
+/// `t/<tenant>/s/<name>`.
+fn record_key(tenant: &str, name: &str) -> String {
+    format!("t/{tenant}/s/{name}")
+}
+
+/// The tenant and name a record key names; a bare name (a record written
+/// before tenants) is the default tenant's.
+fn tenant_and_name(key: &str) -> (&str, &str) {
+    key.strip_prefix("t/")
+        .and_then(|rest| rest.split_once("/s/"))
+        .unwrap_or((tenant::DEFAULT, key))
 }
 
 impl RecordStore for Store {
@@ -396,12 +752,29 @@ impl RecordStore for Store {
         Store::load(self)
     }
 
-    fn put(&self, service: &StoredService) -> Result<(), StoreError> {
-        Store::put(self, service)
+    fn put(&self, tenant: &str, service: &StoredService) -> Result<(), StoreError> {
+        Store::put(self, tenant, service)
     }
 
-    fn delete(&self, name: &str) -> Result<(), StoreError> {
-        Store::delete(self, name)
+    fn delete(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        Store::delete(self, tenant, name)
+    }
+
+    fn load_traffic(&self) -> Result<Vec<LoadedPolicy>, StoreError> {
+        Store::load_traffic(self)
+    }
+
+    fn put_traffic(
+        &self,
+        tenant: &str,
+        name: &str,
+        policy: &TrafficPolicy,
+    ) -> Result<(), StoreError> {
+        Store::put_traffic(self, tenant, name, policy)
+    }
+
+    fn delete_traffic(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        Store::delete_traffic(self, tenant, name)
     }
 
     fn load_api_keys(&self) -> Result<Vec<LoadedApiKey>, StoreError> {
@@ -422,11 +795,21 @@ impl RecordStore for Store {
 }
 
 /// A registration as either store keeps it: the checksum line, then the
-/// tagged JSON.
+/// tagged JSON (format `"2"`).
 pub(super) fn encode(service: &StoredService) -> Result<Vec<u8>, serde_json::Error> {
-    Ok(checksummed(&serde_json::to_vec(&Record::V1(
+    Ok(checksummed(&serde_json::to_vec(&Record::V2(
         service.clone(),
     ))?))
+}
+
+/// A traffic policy as either store keeps it.
+pub(super) fn encode_policy(policy: &TrafficPolicy) -> Result<Vec<u8>, serde_json::Error> {
+    Ok(checksummed(&serde_json::to_vec(policy)?))
+}
+
+/// A stored traffic policy back, if it matches its checksum.
+pub(super) fn decode_policy(value: &[u8]) -> Result<TrafficPolicy, RecordError> {
+    verified(value).and_then(|json| serde_json::from_slice(json).map_err(RecordError::from))
 }
 
 /// An API key as either store keeps it.
@@ -476,9 +859,15 @@ fn verified(value: &[u8]) -> Result<&[u8], RecordError> {
     }
 }
 
+/// A record of either format, as the current one: a format `"1"` record
+/// is a service of one version.
 fn parse(json: &[u8]) -> Result<StoredService, RecordError> {
-    let Record::V1(service) = serde_json::from_slice(json)?;
-    Ok(service)
+    Ok(match serde_json::from_slice(json)? {
+        Record::V1(version) => StoredService {
+            versions: vec![*version],
+        },
+        Record::V2(service) => service,
+    })
 }
 
 fn damaged(path: &Path, problem: &str) -> StoreError {
@@ -561,6 +950,12 @@ mod tests {
 
     fn service(name: &str, port: u16) -> StoredService {
         StoredService {
+            versions: vec![version(name, port)],
+        }
+    }
+
+    fn version(name: &str, port: u16) -> StoredVersion {
+        StoredVersion {
             spec: RemoteSpec {
                 info: ServiceInfo {
                     name: name.to_owned(),
@@ -591,22 +986,165 @@ mod tests {
     }
 
     #[test]
+    fn policies_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let policy: TrafficPolicy = serde_json::from_str(
+            r#"{"weights": {"1.4.2": 90, "2.0.0": 10}, "sticky": {"header": "X-User-Id"}}"#,
+        )
+        .unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_traffic(tenant::DEFAULT, "a", &policy).unwrap();
+            store.put_traffic(tenant::DEFAULT, "b", &policy).unwrap();
+            store.put_traffic("acme", "b", &policy).unwrap();
+            store.delete_traffic(tenant::DEFAULT, "b").unwrap();
+        }
+        let loaded = Store::open(&path).unwrap().load_traffic().unwrap();
+        let keys: Vec<(&str, &str)> = loaded
+            .iter()
+            .map(|(tenant, name, _)| (tenant.as_str(), name.as_str()))
+            .collect();
+        assert_eq!(keys, [("acme", "b"), (tenant::DEFAULT, "a")]);
+        assert_eq!(loaded[1].2.as_ref().unwrap(), &policy);
+    }
+
+    #[test]
     fn records_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
-            store.put(&service("a", 3)).unwrap();
-            store.delete("b").unwrap();
-            store.delete("never-there").unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 3)).unwrap();
+            store.delete(tenant::DEFAULT, "b").unwrap();
+            store.delete(tenant::DEFAULT, "never-there").unwrap();
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].name, "a");
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("a", 3));
+    }
+
+    /// Holds the database's write transaction while `writes` are queued,
+    /// so that the committer, which took the first and waits for the
+    /// transaction, finds the others queued behind it; then lets it go.
+    /// Answers each write's outcome, in order.
+    fn group_of(store: &Store, writes: Vec<Write>) -> Vec<Committed> {
+        let count = writes.len();
+        let held = store.db.begin_write().unwrap();
+        let answers: Vec<_> = writes
+            .into_iter()
+            .map(|write| store.submit(write).unwrap())
+            .collect();
+        let queue = store.writes.as_ref().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while queue.len() != count - 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the committer never took the first write"
+            );
+            std::thread::yield_now();
+        }
+        held.abort().unwrap();
+        answers
+            .into_iter()
+            .map(|answer| answer.recv().unwrap())
+            .collect()
+    }
+
+    fn insert_of(service: &StoredService) -> Write {
+        Write::Insert {
+            table: Table::Services,
+            key: service.name().to_owned(),
+            value: checksummed(&serde_json::to_vec(&Record::V2(service.clone())).unwrap()),
+        }
+    }
+
+    #[test]
+    fn concurrent_writes_are_committed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let before = {
+            let store = Store::open(&path).unwrap();
+            let first = store.write(insert_of(&service("before", 1))).unwrap();
+            let writes = (0..8u16)
+                .map(|index| insert_of(&service(&format!("s{index}"), index)))
+                .chain([Write::Remove {
+                    table: Table::Services,
+                    key: "before".to_owned(),
+                }])
+                .collect();
+            let commits: Vec<u64> = group_of(&store, writes)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            assert!(
+                commits.iter().all(|commit| *commit == first + 1),
+                "nine writes, one commit: {commits:?}"
+            );
+            first
+        };
+        assert_eq!(before, 1);
+        // Durable and in order: the delete queued last removed `before`.
+        let loaded = Store::open(&path).unwrap().load().unwrap();
+        let names: Vec<&str> = loaded.iter().map(|loaded| loaded.name.as_str()).collect();
+        assert_eq!(names, ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]);
+    }
+
+    #[test]
+    fn a_failed_group_answers_every_writer_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let store = Store::open(&path).unwrap();
+        store.put("default", &service("kept", 1)).unwrap();
+        let outcomes = group_of(
+            &store,
+            vec![
+                insert_of(&service("a", 1)),
+                Write::Remove {
+                    table: Table::Services,
+                    key: "kept".to_owned(),
+                },
+                Write::Fail,
+                insert_of(&service("b", 2)),
+            ],
+        );
+        for outcome in &outcomes {
+            let error = outcome.as_ref().unwrap_err().to_string();
+            assert!(error.contains("a write made to fail"), "{error}");
+        }
+        let loaded = store.load().unwrap();
+        let names: Vec<&str> = loaded.iter().map(|loaded| loaded.name.as_str()).collect();
+        assert_eq!(names, ["kept"], "nothing of the failed group applied");
+        // The committer goes on: the next write is committed.
+        store.put("default", &service("after", 3)).unwrap();
+        assert_eq!(store.load().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn writes_from_many_threads_are_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            std::thread::scope(|scope| {
+                for thread in 0..8u16 {
+                    let store = &store;
+                    scope.spawn(move || {
+                        for index in 0..25u16 {
+                            let port = thread * 100 + index;
+                            store
+                                .put("default", &service(&format!("t{port}"), port))
+                                .unwrap();
+                        }
+                    });
+                }
+            });
+        }
+        assert_eq!(Store::open(&path).unwrap().load().unwrap().len(), 200);
     }
 
     fn damage(result: Result<Store, StoreError>) -> String {
@@ -633,7 +1171,9 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             for port in 1..50 {
-                store.put(&service(&format!("s{port}"), port)).unwrap();
+                store
+                    .put(tenant::DEFAULT, &service(&format!("s{port}"), port))
+                    .unwrap();
             }
         }
         let mut bytes = std::fs::read(&path).unwrap();
@@ -658,18 +1198,18 @@ mod tests {
         let path = dir.path().join("registry.redb");
         {
             let store = Store::open(&path).unwrap();
-            store.put(&service("a", 1)).unwrap();
-            store.put(&service("b", 2)).unwrap();
+            store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+            store.put(tenant::DEFAULT, &service("b", 2)).unwrap();
             let write = store.db.begin_write().unwrap();
             {
                 let mut table = write.open_table(SERVICES).unwrap();
                 let edited = {
-                    let value = table.get("a").unwrap().unwrap();
+                    let value = table.get("t/default/s/a").unwrap().unwrap();
                     String::from_utf8(value.value().to_vec())
                         .unwrap()
                         .replace("\"port\":1", "\"port\":9")
                 };
-                table.insert("a", edited.as_bytes()).unwrap();
+                table.insert("t/default/s/a", edited.as_bytes()).unwrap();
             }
             write.commit().unwrap();
         }
@@ -688,7 +1228,7 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             // The format before checksums: the bare tagged JSON.
-            let legacy = serde_json::to_vec(&Record::V1(service("old", 1))).unwrap();
+            let legacy = serde_json::to_vec(&Record::V1(Box::new(version("old", 1)))).unwrap();
             let write = store.db.begin_write().unwrap();
             write
                 .open_table(SERVICES)
@@ -701,10 +1241,39 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(!loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 1));
-        store.put(&service("old", 2)).unwrap();
+        assert_eq!(
+            (loaded[0].tenant.as_str(), loaded[0].name.as_str()),
+            (tenant::DEFAULT, "old"),
+            "a record from before tenants is the default tenant's"
+        );
+        store.put(tenant::DEFAULT, &service("old", 2)).unwrap();
         let loaded = store.load().unwrap();
+        assert_eq!(loaded.len(), 1, "migrated: the bare key is gone");
         assert!(loaded[0].checksummed);
         assert_eq!(loaded[0].service.as_ref().unwrap(), &service("old", 2));
+    }
+
+    #[test]
+    fn tenants_keep_records_of_the_same_name_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("registry.redb")).unwrap();
+        store.put(tenant::DEFAULT, &service("a", 1)).unwrap();
+        store.put("acme", &service("a", 2)).unwrap();
+        store.put("globex", &service("a", 3)).unwrap();
+        store.delete("globex", "a").unwrap();
+        let loaded: Vec<(String, String, StoredService)> = store
+            .load()
+            .unwrap()
+            .into_iter()
+            .map(|loaded| (loaded.tenant, loaded.name, loaded.service.unwrap()))
+            .collect();
+        assert_eq!(
+            loaded,
+            vec![
+                ("acme".to_owned(), "a".to_owned(), service("a", 2)),
+                (tenant::DEFAULT.to_owned(), "a".to_owned(), service("a", 1)),
+            ]
+        );
     }
 
     /// A record exactly as the release before several instances per
@@ -719,15 +1288,15 @@ mod tests {
             let store = Store::open(&path).unwrap();
             store
                 .insert(
-                    SERVICES,
+                    Table::Services,
                     "old",
-                    &checksummed(SINGLE_INSTANCE_RECORD.as_bytes()),
+                    checksummed(SINGLE_INSTANCE_RECORD.as_bytes()),
                 )
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();
         let loaded = store.load().unwrap();
-        let old = loaded[0].service.as_ref().unwrap();
+        let old = &loaded[0].service.as_ref().unwrap().versions[0];
         assert_eq!(old.instances.len(), 1);
         let instance = &old.instances[0];
         assert_eq!(instance.addr.to_string(), "127.0.0.1:8010");
@@ -735,9 +1304,11 @@ mod tests {
         assert_eq!(old.owner_of(instance), Some(IpAddr::from([127, 0, 0, 2])));
         assert_eq!(old.spec.load_balancing, None);
         // Written again, it keeps what it had and gains the new fields.
-        let mut again = old.clone();
-        again.instances[0].owner = old.owner_of(instance);
-        store.put(&again).unwrap();
+        let mut again = StoredService {
+            versions: vec![old.clone()],
+        };
+        again.versions[0].instances[0].owner = old.owner_of(instance);
+        store.put(tenant::DEFAULT, &again).unwrap();
         let reloaded = store.load().unwrap();
         assert_eq!(reloaded[0].service.as_ref().unwrap(), &again);
     }

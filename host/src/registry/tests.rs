@@ -33,6 +33,7 @@ fn open(dir: &std::path::Path) -> Router {
             body_timeout: Duration::from_secs(5),
             max_stored_bytes: 1024 * 1024,
             max_instances: 8,
+            max_versions: 4,
             instances: Arc::default(),
             egress: Arc::new(
                 EgressPolicy::new(DEFAULT_ALLOWED.iter().map(|n| n.parse().unwrap()).collect())
@@ -49,6 +50,7 @@ fn open(dir: &std::path::Path) -> Router {
             )),
             managed_keys: Arc::default(),
             gateway_addr: "127.0.0.1:8000".parse().unwrap(),
+            trust_tenant_header: false,
         },
     )
     .expect("registry opens");
@@ -57,7 +59,20 @@ fn open(dir: &std::path::Path) -> Router {
 }
 
 async fn call(router: &Router, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
-    let request = Request::post(path).body(Body::from(body)).unwrap();
+    call_with(router, "POST", path, body).await
+}
+
+async fn call_with(
+    router: &Router,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::from(body))
+        .unwrap();
     let response = router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -126,6 +141,8 @@ fn body() -> impl Strategy<Value = Value> {
         Just("requires_auth"),
         Just("service_id"),
         Just("status"),
+        Just("weights"),
+        Just("sticky"),
     ];
     prop_oneof![
         prop::collection::btree_map(field, value.clone(), 0..10).prop_map(|map| Value::Object(
@@ -167,6 +184,48 @@ proptest! {
                 if !status.is_success() {
                     prop_assert!(answer["error"].is_string(), "{path}: {status} {answer}");
                     prop_assert_eq!(listing(&router).await, before, "{} refused with {} yet changed state", path, status);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+    #[test]
+    fn no_split_body_earns_a_5xx_or_changes_anything_unless_accepted(
+        bodies in prop::collection::vec(
+            prop_oneof![
+                body().prop_map(|value| value.to_string().into_bytes()),
+                prop::collection::btree_map(
+                    prop_oneof![Just("1.0.0"), Just("2.0.0"), Just("2"), Just("x"), Just("")],
+                    prop_oneof![any::<i64>().prop_map(Value::from), any::<f64>().prop_map(|f| json!(f)), Just(json!("1"))],
+                    0..3,
+                )
+                .prop_map(|weights| json!({"weights": weights}).to_string().into_bytes()),
+                prop::collection::vec(any::<u8>(), 0..64),
+            ],
+            1..6,
+        ),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let router = open(dir.path());
+            for (version, port) in [("1.0.0", 9), ("2.0.0", 10)] {
+                let registration = json!({"name": "x", "version": version, "host": "127.0.0.1", "port": port});
+                let (status, answer) = call(&router, "/api/registry/register", registration.to_string().into_bytes()).await;
+                prop_assert_eq!(status, StatusCode::CREATED, "{}", answer);
+            }
+            for body in bodies {
+                let before = listing(&router).await;
+                let (status, answer) = call_with(&router, "PUT", "/api/registry/services/x/traffic", body).await;
+                prop_assert!(!status.is_server_error(), "{status} {answer}");
+                if !status.is_success() {
+                    prop_assert!(answer["error"].is_string(), "{status} {answer}");
+                    prop_assert_eq!(listing(&router).await, before, "refused with {} yet changed state", status);
                 }
             }
             Ok(())

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::auth::SecretDigest;
 use crate::service;
 use crate::settings::SettingsError;
+use crate::tenant;
 
 /// The `[auth.registry]` section. Reloadable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -42,6 +43,10 @@ pub struct RegistryTokenSettings {
     /// Name patterns it may register: exact names, or a prefix ending in
     /// `*` (`team-a-*`).
     pub names: Vec<String>,
+    /// The tenant its registrations belong to and its listing shows
+    /// (besides the shared services); absent: the default tenant.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 /// Who may read the registry's listing.
@@ -75,6 +80,7 @@ pub struct RegistrationToken {
     id: String,
     digest: SecretDigest,
     names: Vec<NamePattern>,
+    tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,10 +162,14 @@ impl TokenPolicy {
                         .map_err(|reason| refused(format!("{}[{at}]", key("names")), reason))
                 })
                 .collect::<Result<_, _>>()?;
+            if let Some(tenant) = &token.tenant {
+                tenant::check(tenant).map_err(|reason| refused(key("tenant"), reason))?;
+            }
             tokens.push(Arc::new(RegistrationToken {
                 id: token.id.clone(),
                 digest,
                 names,
+                tenant: token.tenant.clone(),
             }));
         }
         if settings.listing == ListingAccess::Token && admin.is_none() && tokens.is_empty() {
@@ -232,6 +242,11 @@ impl RegistrationToken {
         &self.id
     }
 
+    /// The tenant it writes and reads in, if it names one.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
     /// Whether one of its patterns covers `name`.
     pub fn covers(&self, name: &str) -> bool {
         self.names.iter().any(|pattern| match pattern {
@@ -296,6 +311,7 @@ mod tests {
                     id: (*id).to_owned(),
                     sha256: (*sha256).to_owned(),
                     names: names.iter().map(|name| (*name).to_owned()).collect(),
+                    tenant: None,
                 })
                 .collect(),
             listing: ListingAccess::Open,

@@ -25,9 +25,7 @@
 //!   of the alive instances are not up, those suspicions are set aside and
 //!   every alive instance is routed (logged once, WARN, when it starts).
 
-use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckOutcome, InstanceAddr, Unavailable};
 use crate::settings::SettingsError;
-use crate::sync::lock;
+use crate::sync::{lock, random_below};
 
 /// How a request picks among a service's routable instances.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -457,6 +455,15 @@ impl Instance {
         lock(&self.checks).last.clone()
     }
 
+    /// When the last health check finished and whether it passed: what
+    /// tells one check from the next without copying its error.
+    pub fn last_check_at(&self) -> Option<(SystemTime, bool)> {
+        lock(&self.checks)
+            .last
+            .as_ref()
+            .map(|last| (last.at, last.ok))
+    }
+
     /// The last heartbeat since the start.
     pub fn last_heartbeat(&self) -> Option<SystemTime> {
         match self.last_heartbeat_ms.load(Ordering::Relaxed) {
@@ -793,22 +800,6 @@ impl InstanceSet {
             "instance ejected after consecutive failures"
         );
     }
-}
-
-/// A number below `bound` (at least 1), from a per-thread xorshift: cheap,
-/// lock-free, and good enough to spread two choices.
-fn random_below(bound: usize) -> usize {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
-    }
-    STATE.with(|state| {
-        let mut x = state.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.set(x);
-        (x % bound.max(1) as u64) as usize
-    })
 }
 
 #[cfg(test)]

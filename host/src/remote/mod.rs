@@ -51,7 +51,7 @@ pub struct RemoteService {
 }
 
 /// Whether the gateway routes to a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Routed.
@@ -204,6 +204,8 @@ pub struct Liveness {
 pub struct InstanceLiveness {
     /// `host:port`.
     pub id: String,
+    /// The version of the service it serves.
+    pub version: String,
     /// `http://host:port/base_path`.
     pub url: String,
     /// `healthy`, `unhealthy` or `ejected`.
@@ -263,6 +265,11 @@ impl RemoteService {
     /// When it first registered (kept across re-registrations).
     pub fn registered_at(&self) -> SystemTime {
         self.registered_at
+    }
+
+    /// Longest silence before an instance is unhealthy.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     /// The registry token that owns it.
@@ -409,6 +416,7 @@ impl RemoteService {
             .iter()
             .map(|instance| InstanceLiveness {
                 id: instance.id().to_owned(),
+                version: self.spec.info.version.clone(),
                 url: format!("http://{}{}", instance.authority(), self.spec.base_path),
                 status: instance.status(now, self.ttl),
                 registered_at: instance.registered_at(),

@@ -40,7 +40,28 @@ fn echo(_: &Echo, req: &Request) -> Result<Response> {
         "headers": headers,
         "body": req.text(),
         "client_addr": req.client_addr(),
+        "tenant": req.tenant(),
     }))
 }
 
 export_plugin!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::testing::TestClient;
+    use serde_json::Value;
+
+    use super::Echo;
+
+    fn tenant(client: &TestClient<Echo>, headers: &[(&str, &str)]) -> Value {
+        let response = client.request("GET", "/x", headers, b"");
+        serde_json::from_slice::<Value>(response.body_bytes()).unwrap()["tenant"].clone()
+    }
+
+    #[test]
+    fn the_tenant_is_the_x_tenant_id_header_or_default() {
+        let client = TestClient::<Echo>::new().unwrap();
+        assert_eq!(tenant(&client, &[("X-Tenant-ID", "acme")]), "acme");
+        assert_eq!(tenant(&client, &[]), plugin_api::DEFAULT_TENANT);
+    }
+}

@@ -1,6 +1,6 @@
-//! Test plugin `hello_dup`: a valid plugin whose service name, `hello`, is
-//! already taken by the `hello` example; the host must refuse whichever of
-//! the two loads second.
+//! Test plugin `hello_dup`: a valid plugin whose service name and version,
+//! `hello` 1.0.0, are already taken by the `hello` example; the host must
+//! refuse whichever of the two loads second.
 
 #![forbid(unsafe_code)]
 
