@@ -503,3 +503,109 @@ async fn two_hosts_never_both_accept_a_name_for_different_owners() {
         }
     }
 }
+
+/// `GET <gateway><path>` on `host`, with `X-Service-Version: <header>`
+/// if given: the status and the version that answered.
+async fn version_answering(host: &Host, path: &str, header: Option<&str>) -> (u16, String) {
+    let mut request = client().get(host.gateway_url(path));
+    if let Some(header) = header {
+        request = request.header("X-Service-Version", header);
+    }
+    let answer = request.send().await.expect("gateway request");
+    let status = answer.status().as_u16();
+    let version = answer
+        .headers()
+        .get("x-service-version")
+        .map_or_else(String::new, |value| value.to_str().unwrap().to_owned());
+    (status, version)
+}
+
+/// `<method> /api/registry/services/<name>/traffic` on `host`.
+async fn set_traffic(
+    host: &Host,
+    method: reqwest::Method,
+    name: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let url = host.registry_url(&format!("/api/registry/services/{name}/traffic"));
+    let mut request = client().request(method, url);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let answer = request.send().await.expect("registry request");
+    let status = answer.status().as_u16();
+    (
+        status,
+        answer.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_version_and_a_split_set_on_one_host_route_on_another() {
+    if !can_run("a_version_and_a_split_set_on_one_host_route_on_another") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let old = Upstream::start().await;
+    let new = Upstream::start().await;
+    for (version, upstream) in [("1.0.0", &old), ("2.0.0", &new)] {
+        let mark = b.log_mark();
+        let mut body = registration("multi", upstream.addr());
+        body["version"] = serde_json::json!(version);
+        let (status, answer) = register(&a, &body).await;
+        assert_eq!(status, 201, "{answer}");
+        learns(&b, mark, "multi").await;
+    }
+
+    // Both versions, registered on A, are routed by version on B; the
+    // default is the highest.
+    for (header, expected) in [
+        (Some("=1.0.0"), "1.0.0"),
+        (Some("=2.0.0"), "2.0.0"),
+        (None, "2.0.0"),
+    ] {
+        let (status, version) = version_answering(&b, "/api/multi/hello", header).await;
+        assert_eq!((status, version.as_str()), (200, expected), "{header:?}");
+    }
+
+    // A split set on A sends B's traffic where it says.
+    let mark = b.log_mark();
+    let (status, answer) = set_traffic(
+        &a,
+        reqwest::Method::PUT,
+        "multi",
+        Some(serde_json::json!({"weights": {"1.0.0": 100, "2.0.0": 0}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    b.wait_for_log_since(mark, &["traffic policy changed in etcd", "service=multi"])
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let (status, version) = version_answering(&b, "/api/multi/hello", None).await;
+        assert_eq!((status, version.as_str()), (200, "1.0.0"));
+    }
+    let on = |host: &Host| {
+        let url = host.registry_url("/api/registry/services/multi");
+        async move {
+            let (status, entry) = get_json(&url).await.unwrap();
+            assert_eq!(status, 200, "{entry}");
+            entry["traffic"]["split"].clone()
+        }
+    };
+    let split = on(&a).await;
+    assert!(!split.is_null(), "A lists its split");
+    assert_eq!(on(&b).await, split, "B lists the split A set");
+
+    // Cleared on A: B's default is the highest version again.
+    let mark = b.log_mark();
+    let (status, answer) = set_traffic(&a, reqwest::Method::DELETE, "multi", None).await;
+    assert_eq!(status, 200, "{answer}");
+    b.wait_for_log_since(mark, &["traffic policy changed in etcd", "service=multi"])
+        .await
+        .unwrap();
+    let (status, version) = version_answering(&b, "/api/multi/hello", None).await;
+    assert_eq!((status, version.as_str()), (200, "2.0.0"));
+}
