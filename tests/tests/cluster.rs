@@ -609,3 +609,72 @@ async fn a_version_and_a_split_set_on_one_host_route_on_another() {
     let (status, version) = version_answering(&b, "/api/multi/hello", None).await;
     assert_eq!((status, version.as_str()), (200, "2.0.0"));
 }
+
+#[tokio::test]
+async fn tenants_keep_one_name_apart_on_every_host() {
+    if !can_run("tenants_keep_one_name_apart_on_every_host") {
+        return;
+    }
+    const TRUSTED: &str = "[tenants]\ntrust_header = true\n";
+    let etcd = Etcd::single().await;
+    let on_etcd = || {
+        host_builder()
+            .config(TRUSTED)
+            .args(["--store", "etcd", "--etcd-endpoints", &etcd.endpoints()])
+            .start()
+    };
+    let a = on_etcd().await.unwrap();
+    let b = on_etcd().await.unwrap();
+    let (acme, globex) = (Upstream::start().await, Upstream::start().await);
+    for (tenant, upstream) in [("acme", &acme), ("globex", &globex)] {
+        let mark = b.log_mark();
+        let answer = client()
+            .post(a.registry_url("/api/registry/register"))
+            .header("X-Tenant-ID", tenant)
+            .json(&registration("svc", upstream.addr()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 201, "{}", answer.text().await.unwrap());
+        learns(&b, mark, &format!("{tenant}/svc")).await;
+    }
+    let echo_on = |host: &Host, tenant: &'static str| {
+        let url = host.gateway_url("/api/svc/echo");
+        async move {
+            let answer = client()
+                .get(url)
+                .header("X-Tenant-ID", tenant)
+                .send()
+                .await
+                .unwrap();
+            answer.status().as_u16()
+        }
+    };
+    // Registered on A, each tenant's `svc` is routed to its own upstream
+    // on B; the default tenant has none.
+    assert_eq!(echo_on(&b, "acme").await, 200);
+    assert_eq!((acme.echoes(), globex.echoes()), (1, 0));
+    assert_eq!(echo_on(&b, "globex").await, 200);
+    assert_eq!((acme.echoes(), globex.echoes()), (1, 1));
+    assert_eq!(gateway_get(&b, "/api/svc/echo").await.0, 404);
+
+    // Deregistered in one tenant on B: gone from A in that tenant only.
+    let mark = a.log_mark();
+    let answer = client()
+        .post(b.registry_url("/api/registry/deregister/svc"))
+        .header("X-Tenant-ID", "acme")
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    a.wait_for_log_since(
+        mark,
+        &["remote service removed in etcd", "service=acme/svc"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(echo_on(&a, "acme").await, 404);
+    assert_eq!(echo_on(&a, "globex").await, 200);
+    assert_eq!(globex.echoes(), 2);
+}
