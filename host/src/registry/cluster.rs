@@ -399,15 +399,7 @@ mod following {
         fn put_from_store(&self, key: &str, value: &[u8]) {
             let name = tenant::split_key(key).1;
             let stored = match decode(value).0 {
-                Ok(stored)
-                    if !stored.versions.is_empty()
-                        && stored
-                            .versions
-                            .iter()
-                            .all(|version| version.spec.info.name == name) =>
-                {
-                    stored
-                }
+                Ok(stored) if stored.is_filed_as(name) => stored,
                 Ok(_) => {
                     tracing::error!(service = %key, "record in etcd is filed under another name; not routed");
                     return;

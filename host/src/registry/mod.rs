@@ -223,15 +223,7 @@ impl Registry {
             let key = tenant::key(&loaded.tenant, &name).into_owned();
             unchecked += usize::from(!loaded.checksummed);
             let stored = match loaded.service {
-                Ok(stored)
-                    if !stored.versions.is_empty()
-                        && stored
-                            .versions
-                            .iter()
-                            .all(|version| version.spec.info.name == name) =>
-                {
-                    stored
-                }
+                Ok(stored) if stored.is_filed_as(&name) => stored,
                 Ok(_) => {
                     tracing::error!(service = %name, "stored registration is filed under another name; left in the store, not routed");
                     continue;

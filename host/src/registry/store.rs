@@ -116,6 +116,17 @@ pub struct StoredService {
 }
 
 impl StoredService {
+    /// Whether the record is one a registration of `name` writes: at least
+    /// one version, every one declaring `name`. One filed under another
+    /// name is never routed.
+    pub fn is_filed_as(&self, name: &str) -> bool {
+        !self.versions.is_empty()
+            && self
+                .versions
+                .iter()
+                .all(|version| version.spec.info.name == name)
+    }
+
     /// The service's name (its versions all declare it).
     pub fn name(&self) -> &str {
         self.versions
