@@ -72,6 +72,15 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// Longest pause between two attempts to reach etcd again.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
+/// Keys read per request when listing the prefix.
+const LIST_PAGE: i64 = 1000;
+
+/// Largest watch message accepted. etcd sends a watcher catching up
+/// (after falling behind) up to 1000 revisions in one message, far more
+/// than the client's default limit of 4 MiB when records are large; a
+/// message past the limit would lose the watch, and the next one again.
+const MAX_WATCH_MESSAGE: usize = 256 << 20;
+
 /// What the watch saw change.
 #[derive(Debug)]
 pub enum Change {
@@ -390,6 +399,7 @@ impl EtcdStore {
         let mut stream = match self
             .client
             .watch_client()
+            .max_decoding_message_size(MAX_WATCH_MESSAGE)
             .watch(self.root_prefix.as_bytes(), Some(options))
             .await
         {
@@ -719,18 +729,48 @@ impl EtcdStore {
         Ok(None)
     }
 
-    /// Every key under `prefix`, and the revision of the read.
+    /// Every key under `prefix`, and the revision of the read: read in
+    /// pages of [`LIST_PAGE`] keys, all at the first page's revision, so
+    /// no answer outgrows the client's message limit however large the
+    /// registry grows.
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut response = self
-            .bounded(|| async {
-                self.client
-                    .kv_client()
-                    .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
-                    .await
-            })
-            .await?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        Ok((response.take_kvs(), revision))
+        let mut end = prefix.as_bytes().to_vec();
+        // Every prefix here ends in `/`: the range ends at `0`, the next byte.
+        if let Some(last) = end.last_mut() {
+            *last = last.saturating_add(1);
+        }
+        let mut kvs = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = None;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let mut response = self
+                .bounded(|| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { self.client.kv_client().get(from, Some(options)).await }
+                })
+                .await?;
+            let read_at =
+                *revision.get_or_insert(response.header().map_or(0, |header| header.revision()));
+            let more = response.more();
+            let page = response.take_kvs();
+            match page.last() {
+                Some(last) if more => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => {
+                    kvs.extend(page);
+                    return Ok((kvs, read_at));
+                }
+            }
+            kvs.extend(page);
+        }
     }
 
     /// `request`, within the etcd timeout; any failure is etcd being
