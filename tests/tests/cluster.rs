@@ -488,6 +488,12 @@ async fn two_hosts_never_both_accept_a_name_for_different_owners() {
         let mut statuses = [status_a, status_b];
         statuses.sort_unstable();
         assert_eq!(statuses, [201, 409], "{answer_a} / {answer_b}");
+        let refused = if status_a == 409 {
+            &answer_a
+        } else {
+            &answer_b
+        };
+        assert_eq!(refused["tenant"], "default", "{refused}");
         let winner = if status_a == 201 { "1.0.0" } else { "2.0.0" };
         // Both hosts end up routing the winner's registration.
         for host in [&a, &b] {
@@ -657,6 +663,19 @@ async fn tenants_keep_one_name_apart_on_every_host() {
     assert_eq!(echo_on(&b, "globex").await, 200);
     assert_eq!((acme.echoes(), globex.echoes()), (1, 1));
     assert_eq!(gateway_get(&b, "/api/svc/echo").await.0, 404);
+
+    // Another address may not take acme's instance on B: the 409 names
+    // the tenant.
+    let refused = client_from("127.0.0.2")
+        .post(b.registry_url("/api/registry/register"))
+        .header("X-Tenant-ID", "acme")
+        .json(&registration("svc", acme.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let refused: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(refused["tenant"], "acme", "{refused}");
 
     // Deregistered in one tenant on B: gone from A in that tenant only.
     let mark = a.log_mark();
