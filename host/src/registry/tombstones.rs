@@ -62,12 +62,10 @@ pub struct Tombstone {
 impl Tombstone {
     /// A removal for `reason` now.
     pub fn now(reason: Removal) -> Self {
-        let at_ms = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        Self { at_ms, reason }
+        Self {
+            at_ms: now_ms(),
+            reason,
+        }
     }
 
     /// The tombstone's stored value (JSON).
@@ -109,7 +107,7 @@ impl Tombstones {
     /// key `key`, replacing an older tombstone of the same instance, and
     /// forgets the expired ones.
     pub fn bury(&self, key: &str, ids: &[String], tombstone: Tombstone) {
-        let now_ms = Tombstone::now(tombstone.reason).at_ms;
+        let now_ms = now_ms();
         let keep_ms = u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX);
         let mut by_key = lock(&self.by_key);
         by_key.retain(|_, buried| {
@@ -132,7 +130,7 @@ impl Tombstones {
     /// The latest removal of an instance of the service under table key
     /// `key` within the last TTL, and the instances it removed then.
     pub fn latest(&self, key: &str) -> Option<(Tombstone, Vec<String>)> {
-        let now_ms = Tombstone::now(Removal::Deregistered).at_ms;
+        let now_ms = now_ms();
         let keep_ms = u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX);
         let by_key = lock(&self.by_key);
         let live = || {
@@ -156,6 +154,15 @@ impl Tombstones {
     fn len(&self) -> usize {
         lock(&self.by_key).values().map(Vec::len).sum()
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 #[cfg(test)]
