@@ -488,6 +488,12 @@ async fn two_hosts_never_both_accept_a_name_for_different_owners() {
         let mut statuses = [status_a, status_b];
         statuses.sort_unstable();
         assert_eq!(statuses, [201, 409], "{answer_a} / {answer_b}");
+        let refused = if status_a == 409 {
+            &answer_a
+        } else {
+            &answer_b
+        };
+        assert_eq!(refused["tenant"], "default", "{refused}");
         let winner = if status_a == 201 { "1.0.0" } else { "2.0.0" };
         // Both hosts end up routing the winner's registration.
         for host in [&a, &b] {
@@ -658,6 +664,19 @@ async fn tenants_keep_one_name_apart_on_every_host() {
     assert_eq!((acme.echoes(), globex.echoes()), (1, 1));
     assert_eq!(gateway_get(&b, "/api/svc/echo").await.0, 404);
 
+    // Another address may not take acme's instance on B: the 409 names
+    // the tenant.
+    let refused = client_from("127.0.0.2")
+        .post(b.registry_url("/api/registry/register"))
+        .header("X-Tenant-ID", "acme")
+        .json(&registration("svc", acme.addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let refused: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(refused["tenant"], "acme", "{refused}");
+
     // Deregistered in one tenant on B: gone from A in that tenant only.
     let mark = a.log_mark();
     let answer = client()
@@ -677,4 +696,192 @@ async fn tenants_keep_one_name_apart_on_every_host() {
     assert_eq!(echo_on(&a, "acme").await, 404);
     assert_eq!(echo_on(&a, "globex").await, 200);
     assert_eq!(globex.echoes(), 2);
+}
+
+/// Puts enough data under `<prefix>/filler/` (which the hosts ignore) to
+/// overrun the etcd watch of a paused host: more than its connection's
+/// buffers and etcd's queue for one watcher hold, so etcd stops sending to
+/// it and what comes next reaches it only through etcd's catch-up (or,
+/// once compacted, not at all).
+async fn overrun_watch(etcd: &Etcd) {
+    let value = vec![b'x'; 64 * 1024];
+    for batch in 0..40 {
+        let puts = (0..8).map(|i| {
+            let key = format!("/plugin-host/filler/{batch}-{i}");
+            let value = &value;
+            async move { etcd.put(&key, value).await }
+        });
+        futures_util::future::join_all(puts).await;
+    }
+}
+
+/// `POST /api/registry/deregister/{name}` on `host`: status and answer.
+async fn deregister(host: &Host, name: &str) -> (u16, serde_json::Value) {
+    host_harness::http::post_json(
+        &host.registry_url(&format!("/api/registry/deregister/{name}")),
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_late_heartbeat_to_a_host_behind_a_deregistration_does_not_revive_it() {
+    if !can_run("a_late_heartbeat_to_a_host_behind_a_deregistration_does_not_revive_it") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let upstream = Upstream::start().await;
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("late", upstream.addr())).await.0,
+        201
+    );
+    learns(&b, mark, "late").await;
+
+    // B falls behind: paused, its watch overrun, then the deregistration
+    // on A, which B's watch delivers only once etcd catches it up.
+    b.pause().unwrap();
+    overrun_watch(&etcd).await;
+    let (status, body) = deregister(&a, "late").await;
+    assert_eq!(status, 200, "{body}");
+    let mark = b.log_mark();
+    // The heartbeat waits in B's listen queue and is read as B resumes,
+    // its table still holding the instance (etcd catches a watcher up on
+    // a round of its own, every 100 ms).
+    let url = b.registry_url("/api/registry/heartbeat");
+    let beat = tokio::spawn(async move {
+        let body = serde_json::json!({"service_id": "late", "status": "healthy"});
+        host_harness::http::post_json(&url, &body).await.unwrap()
+    });
+    b.resume().unwrap();
+    let (status, body) = beat.await.unwrap();
+    assert_eq!(status, 404, "a late heartbeat revives nothing: {body}");
+    assert_eq!(body["removed"], "deregistered", "{body}");
+    assert_eq!(body["tenant"], "default", "{body}");
+    b.wait_for_log_since(
+        mark,
+        &[
+            "late heartbeat for a removed instance not shared",
+            "service=late",
+        ],
+    )
+    .await
+    .unwrap();
+    b.wait_for_log_since(mark, &["remote service removed in etcd", "service=late"])
+        .await
+        .unwrap();
+    assert_eq!(gateway_get(&b, "/api/late/hello").await.0, 404);
+    let (status, body) = heartbeat(&b, "late").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["removed"], "deregistered", "told why on B too: {body}");
+
+    // Registered again: a record newer than the tombstone, so heartbeats
+    // to B count and are shared again.
+    let mark = b.log_mark();
+    assert_eq!(
+        register(&a, &registration("late", upstream.addr())).await.0,
+        201
+    );
+    learns(&b, mark, "late").await;
+    let (status, body) = heartbeat(&b, "late").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        b.log_lines_since(mark, &["late heartbeat for a removed instance"])
+            .is_empty(),
+        "the old tombstone holds nothing back"
+    );
+}
+
+#[tokio::test]
+async fn a_host_whose_watch_falls_behind_a_compaction_relists_and_misses_nothing() {
+    if !can_run("a_host_whose_watch_falls_behind_a_compaction_relists_and_misses_nothing") {
+        return;
+    }
+    let etcd = Etcd::single().await;
+    let a = host_on(&etcd, &[]).await;
+    let b = host_on(&etcd, &[]).await;
+    let (one, two, three) = (
+        Upstream::start().await,
+        Upstream::start().await,
+        Upstream::start().await,
+    );
+    let mark = b.log_mark();
+    for (name, upstream) in [("kept", &one), ("dropped", &two), ("grown", &three)] {
+        assert_eq!(
+            register(&a, &registration(name, upstream.addr())).await.0,
+            201
+        );
+    }
+    for name in ["kept", "dropped", "grown"] {
+        learns(&b, mark, name).await;
+    }
+
+    // B falls behind; A deregisters one service, registers another, and
+    // adds an instance to a third; then etcd forgets the history B's watch
+    // would need.
+    b.pause().unwrap();
+    overrun_watch(&etcd).await;
+    assert_eq!(deregister(&a, "dropped").await.0, 200);
+    assert_eq!(
+        register(&a, &registration("fresh", one.addr())).await.0,
+        201
+    );
+    assert_eq!(
+        register(&a, &registration("grown", one.addr())).await.0,
+        201
+    );
+    etcd.delete_prefix("/plugin-host/filler/").await;
+    let compacted = etcd.compact().await;
+    let mark = b.log_mark();
+    b.resume().unwrap();
+    let lost = b
+        .wait_for_log_since(mark, &["etcd watch lost", "compacted"])
+        .await
+        .unwrap();
+    b.wait_for_log_since(mark, &["etcd watch resumed after a fresh listing"])
+        .await
+        .unwrap();
+    assert!(
+        lost.contains(&format!("oldest kept: {compacted}")),
+        "{lost}"
+    );
+
+    // B's table is etcd's: the deletion it never saw applied, the new
+    // service routed, each name once, with its instances once.
+    b.wait_for_log_since(mark, &["remote service removed in etcd", "service=dropped"])
+        .await
+        .unwrap();
+    learns(&b, mark, "fresh").await;
+    learns(&b, mark, "grown").await;
+    assert_eq!(gateway_get(&b, "/api/dropped/hello").await.0, 404);
+    assert_eq!(gateway_get(&b, "/api/fresh/hello").await.0, 200);
+    assert_eq!(gateway_get(&b, "/api/kept/hello").await.0, 200);
+    let (status, listed) = get_json(&b.registry_url("/api/registry/services"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{listed}");
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|service| service["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["fresh", "grown", "kept"], "{listed}");
+    let (_, grown) = get_json(&b.registry_url("/api/registry/services/grown"))
+        .await
+        .unwrap();
+    let mut instances: Vec<&str> = grown["versions"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|id| id.as_str())
+        .collect();
+    instances.sort_unstable();
+    let mut expected = vec![one.addr().to_string(), three.addr().to_string()];
+    expected.sort_unstable();
+    assert_eq!(instances, expected, "{grown}");
 }

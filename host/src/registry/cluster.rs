@@ -74,21 +74,30 @@ pub fn check_etcd_prefix(prefix: String) -> Result<String, String> {
 impl super::Registry {
     /// The remote services whose active health checks this host runs:
     /// every one, except with etcd, where one host among those sharing
-    /// the prefix checks each service (`EtcdStore::checks`) and shares the
-    /// results (`share_checks`), so checks are not multiplied by the
-    /// number of hosts. The host that checks a service also evicts it.
-    pub(super) fn checked_here(
-        &self,
-        remotes: Vec<std::sync::Arc<crate::remote::RemoteService>>,
-    ) -> Vec<std::sync::Arc<crate::remote::RemoteService>> {
+    /// the prefix checks each service in each tenant (`EtcdStore::checks`,
+    /// by table key, so two tenants' services of one name are spread
+    /// independently) and shares the results (`share_checks`), so checks
+    /// are not multiplied by the number of hosts. The host that checks a
+    /// service also evicts it.
+    pub(super) fn checked_here(&self) -> Vec<std::sync::Arc<crate::remote::RemoteService>> {
         #[cfg(feature = "etcd")]
         if let Some(etcd) = &self.shared.etcd {
-            return remotes
-                .into_iter()
-                .filter(|remote| etcd.checks(remote.name()))
+            return self
+                .shared
+                .services
+                .list()
+                .iter()
+                .filter(|versions| etcd.checks(versions.key()))
+                .flat_map(|versions| {
+                    versions
+                        .all()
+                        .iter()
+                        .filter_map(|service| super::remote_of(service))
+                })
+                .cloned()
                 .collect();
         }
-        remotes
+        self.remotes()
     }
 
     /// `response` to a read, marked `X-Registry-Stale: true` while this
@@ -160,6 +169,7 @@ mod following {
 
     use super::super::etcd::{Change, EtcdStore, api_key_seen, policy_seen, record_seen};
     use super::super::store::{decode, decode_api_key, decode_policy};
+    use super::super::tombstones::Tombstone;
     use super::super::{Registry, remote_of, restored_version, stored_size};
     use crate::auth::ApiKeySettings;
     use crate::remote::{Instance, RemoteService};
@@ -233,6 +243,11 @@ mod following {
                         self.api_key_from_store(&id, value.as_deref());
                     }
                 }
+                Change::Buried {
+                    key,
+                    instance,
+                    tombstone,
+                } => self.shared.tombstones.bury(&key, &[instance], tombstone),
                 Change::Check {
                     key,
                     instance,
@@ -272,20 +287,52 @@ mod following {
         /// Records heartbeats for instances `ids` of the service under
         /// table key `key` in etcd, where every host sees them. A failure
         /// is logged: the heartbeat still counts on this host, and the
-        /// service keeps being routed here.
+        /// service keeps being routed here. Returns the instances another
+        /// host removed since the record this host routes them from (a
+        /// late heartbeat: nothing shared), whose tombstones this host now
+        /// knows.
         pub(in crate::registry) async fn share_beats(
             &self,
             key: &str,
             ids: &[&str],
             healthy: bool,
+        ) -> Vec<String> {
+            let Some(etcd) = &self.shared.etcd else {
+                return Vec::new();
+            };
+            let mut buried = Vec::new();
+            for id in ids {
+                match etcd.beat(key, id, healthy).await {
+                    Ok(None) => {}
+                    Ok(Some(tombstone)) => {
+                        tracing::info!(service = %key, instance = %id, removed = tombstone.reason.word(), "late heartbeat for a removed instance not shared");
+                        self.shared
+                            .tombstones
+                            .bury(key, &[(*id).to_owned()], tombstone);
+                        buried.push((*id).to_owned());
+                    }
+                    Err(error) => {
+                        tracing::debug!(service = %key, instance = %id, %error, "heartbeat not shared through etcd");
+                    }
+                }
+            }
+            buried
+        }
+
+        /// Leaves tombstones for instances `ids` of the service under
+        /// table key `key`, just removed, in etcd. A failure is logged: the
+        /// removal stands, and other hosts learn of it from the record.
+        pub(in crate::registry) async fn share_tombstones(
+            &self,
+            key: &str,
+            ids: &[String],
+            tombstone: &Tombstone,
         ) {
             let Some(etcd) = &self.shared.etcd else {
                 return;
             };
-            for id in ids {
-                if let Err(error) = etcd.beat(key, id, healthy).await {
-                    tracing::debug!(service = %key, instance = %id, %error, "heartbeat not shared through etcd");
-                }
+            if let Err(error) = etcd.bury(key, ids, tombstone).await {
+                tracing::warn!(service = %key, %error, "tombstones of removed instances not stored in etcd");
             }
         }
 

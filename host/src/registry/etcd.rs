@@ -9,7 +9,9 @@
 //! attached to its lease. API keys added through the admin API are
 //! `<prefix>/keys/<id>` (followed like the records); the hosts sharing the
 //! prefix list themselves as `<prefix>/hosts/<id>`, each on its own
-//! session lease. (Anything under `s/<name>/` is left to per-instance
+//! session lease; and an instance removed (deregistered or evicted) leaves
+//! a tombstone `<prefix>/tomb/<tenant>/<name>/<instance-id>` on a lease of
+//! one TTL ([`super::tombstones`]). (Anything under `s/<name>/` is left to per-instance
 //! keys the registry model may add, and ignored here.)
 //!
 //! **Writes are transactions on revisions.** A put succeeds only if the
@@ -25,7 +27,10 @@
 //! instance: the TTL then runs out at the same moment everywhere, and the
 //! lease's expiry removes the key everywhere. The host that checks a
 //! service ([`EtcdStore::checks`]) puts each check's outcome on the same
-//! key, and the other hosts record it as their own.
+//! key, and the other hosts record it as their own. Either put is refused
+//! when the instance has a tombstone newer than the record this host
+//! routes it from: a host whose table is behind a removal does not keep a
+//! removed instance alive.
 //!
 //! **Following.** [`EtcdStore::follow`] watches `<prefix>/` from the revision of the initial read. When the watch fails (etcd
 //! unreachable, or the revision compacted) the host keeps routing from
@@ -53,6 +58,7 @@ use super::store::{
     Loaded, LoadedApiKey, LoadedPolicy, RecordStore, StoreError, StoredApiKey, StoredService,
     decode, decode_api_key, decode_policy, encode, encode_api_key, encode_policy,
 };
+use super::tombstones::Tombstone;
 use crate::remote::CheckOutcome;
 use crate::sync::lock;
 use crate::tenant;
@@ -65,6 +71,15 @@ const RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Longest pause between two attempts to reach etcd again.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// Keys read per request when listing the prefix.
+const LIST_PAGE: i64 = 1000;
+
+/// Largest watch message accepted. etcd sends a watcher catching up
+/// (after falling behind) up to 1000 revisions in one message, far more
+/// than the client's default limit of 4 MiB when records are large; a
+/// message past the limit would lose the watch, and the next one again.
+const MAX_WATCH_MESSAGE: usize = 256 << 20;
 
 /// What the watch saw change.
 #[derive(Debug)]
@@ -112,6 +127,15 @@ pub enum Change {
         /// The stored value (checksum line and JSON).
         value: Option<Vec<u8>>,
     },
+    /// An instance removed (deregistered or evicted) on some host.
+    Buried {
+        /// The service's table key ([`tenant::key`]).
+        key: String,
+        /// The instance's id.
+        instance: String,
+        /// When and why.
+        tombstone: Tombstone,
+    },
     /// A health check the host checking the service made of an instance.
     Check {
         /// The service's table key ([`tenant::key`]).
@@ -155,6 +179,8 @@ pub struct EtcdStore {
     share_every: Duration,
     /// The revision the initial read was made at.
     listed: Mutex<i64>,
+    /// The tombstones the initial read found, sent first when following.
+    buried_at_load: Mutex<Vec<Change>>,
     /// This host's id among the hosts sharing the prefix.
     host_id: String,
     /// The ids of the hosts sharing the prefix now (`<prefix>/hosts/<id>`,
@@ -209,6 +235,7 @@ impl EtcdStore {
             beats_shared: Mutex::default(),
             share_every: ttl / 4,
             listed: Mutex::new(0),
+            buried_at_load: Mutex::default(),
             host_id: uuid::Uuid::new_v4().simple().to_string(),
             members: Mutex::default(),
             following: AtomicBool::new(true),
@@ -241,6 +268,9 @@ impl EtcdStore {
     pub fn follow(self: &std::sync::Arc<Self>) -> mpsc::UnboundedReceiver<Change> {
         self.join();
         let (sender, receiver) = mpsc::unbounded_channel();
+        for buried in std::mem::take(&mut *lock(&self.buried_at_load)) {
+            let _ = sender.send(buried);
+        }
         let store = self.clone();
         tokio::spawn(async move {
             let mut from = *lock(&store.listed) + 1;
@@ -344,13 +374,15 @@ impl EtcdStore {
         }
     }
 
-    /// Whether this host runs the active health checks of service `name`:
-    /// the host among those sharing the prefix that ranks first for the
-    /// name (rendezvous hashing, so a host joining or leaving moves only
-    /// its share of the services). While the watch is lost, or before the
+    /// Whether this host runs the active health checks of the service
+    /// under table key `key` ([`tenant::key`]): the host among those
+    /// sharing the prefix that ranks first for the key (rendezvous
+    /// hashing, so a host joining or leaving moves only its share of the
+    /// services, and two tenants' services of one name are placed
+    /// independently). While the watch is lost, or before the
     /// host saw itself listed, it checks everything: checks repeated are
     /// better than checks missed.
-    pub fn checks(&self, name: &str) -> bool {
+    pub fn checks(&self, key: &str) -> bool {
         if self.is_stale() {
             return true;
         }
@@ -358,7 +390,7 @@ impl EtcdStore {
         if !members.contains(&self.host_id) {
             return true;
         }
-        checker_of(&members, name).is_none_or(|host| host == self.host_id)
+        checker_of(&members, key).is_none_or(|host| host == self.host_id)
     }
 
     /// Watches from `from` until the watch fails; returns why.
@@ -367,6 +399,7 @@ impl EtcdStore {
         let mut stream = match self
             .client
             .watch_client()
+            .max_decoding_message_size(MAX_WATCH_MESSAGE)
             .watch(self.root_prefix.as_bytes(), Some(options))
             .await
         {
@@ -409,6 +442,10 @@ impl EtcdStore {
         let mut listed = std::collections::HashSet::new();
         for kv in &kvs {
             match self.change(kv, false) {
+                // Removals this host missed are told again, for their TTL.
+                Some(change @ Change::Buried { .. }) => {
+                    let _ = sender.send(change);
+                }
                 Some(
                     change @ (Change::Service { .. }
                     | Change::Policy { .. }
@@ -456,6 +493,26 @@ impl EtcdStore {
             return None;
         }
         let below = key.strip_prefix(&self.root_prefix)?;
+        if let Some(buried) = below.strip_prefix("tomb/") {
+            // A tombstone's expiry says nothing new: its TTL is over.
+            if deleted {
+                return None;
+            }
+            let (tenant, rest) = buried.split_once('/')?;
+            let (name, instance) = rest.split_once('/')?;
+            let tombstone = match Tombstone::decode(kv.value()) {
+                Ok(tombstone) => tombstone,
+                Err(error) => {
+                    tracing::debug!(key, %error, "tombstone in etcd cannot be read; ignored");
+                    return None;
+                }
+            };
+            return Some(Change::Buried {
+                key: tenant::key(tenant, name).into_owned(),
+                instance: instance.to_owned(),
+                tombstone,
+            });
+        }
         if let Some(change) = record_change(
             below,
             kv.mod_revision(),
@@ -510,19 +567,30 @@ impl EtcdStore {
     /// of the TTL ago counts here only, which keeps the cost of a
     /// heartbeat on etcd that of one on the embedded store for all but a
     /// few of them.
-    pub async fn beat(&self, name: &str, instance: &str, healthy: bool) -> Result<(), StoreError> {
+    ///
+    /// `Some` tombstone when the instance was removed after the record this
+    /// host routes it from (its table is behind): nothing was shared, and
+    /// the heartbeat is a late one for an instance that is gone.
+    pub async fn beat(
+        &self,
+        name: &str,
+        instance: &str,
+        healthy: bool,
+    ) -> Result<Option<Tombstone>, StoreError> {
         let key = (name.to_owned(), instance.to_owned());
         let now = tokio::time::Instant::now();
         if lock(&self.beats_shared)
             .get(&key)
             .is_some_and(|(at, shared)| *shared == healthy && now - *at < self.share_every)
         {
-            return Ok(());
+            return Ok(None);
         }
         let value = if healthy { "healthy" } else { "unhealthy" };
-        self.signal(name, instance, value.to_owned()).await?;
-        lock(&self.beats_shared).insert(key, (now, healthy));
-        Ok(())
+        let buried = self.signal(name, instance, value.to_owned()).await?;
+        if buried.is_none() {
+            lock(&self.beats_shared).insert(key, (now, healthy));
+        }
+        Ok(buried)
     }
 
     /// Records the outcome of this host's health check of `instance` of
@@ -540,12 +608,57 @@ impl EtcdStore {
             Some(error) => error,
         };
         let value = format!("check:{}:{result}", self.host_id);
-        self.signal(name, instance, value).await
+        if let Some(tombstone) = self.signal(name, instance, value).await? {
+            tracing::debug!(service = %name, instance, removed = tombstone.reason.word(), "health check of a removed instance not shared");
+        }
+        Ok(())
+    }
+
+    /// Leaves a tombstone for each of instances `ids` of the service under
+    /// table key `name`, on one lease of the heartbeat TTL, so every host
+    /// learns of the removal and no liveness write made on a table from
+    /// before it succeeds for one TTL. Called under the name's write lock,
+    /// right after the record's write: a registration that brings an
+    /// instance back writes a record newer than its tombstone.
+    pub async fn bury(
+        &self,
+        name: &str,
+        ids: &[String],
+        tombstone: &Tombstone,
+    ) -> Result<(), StoreError> {
+        let (tenant, name) = tenant::split_key(name);
+        let value = tombstone.encode();
+        let lease = self
+            .bounded(|| async { self.client.lease_client().grant(self.lease_ttl, None).await })
+            .await?
+            .id();
+        let puts: Vec<TxnOp> = ids
+            .iter()
+            .map(|id| {
+                TxnOp::put(
+                    tomb_key(&self.root_prefix, tenant, name, id),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        let txn = Txn::new().and_then(puts);
+        self.bounded(|| async { self.client.kv_client().txn(txn.clone()).await })
+            .await?;
+        Ok(())
     }
 
     /// Renews the lease of `instance` of the service under table key
-    /// `name` (or grants one) and puts its liveness key with `value`.
-    async fn signal(&self, name: &str, instance: &str, value: String) -> Result<(), StoreError> {
+    /// `name` (or grants one) and puts its liveness key with `value`,
+    /// unless the instance has a tombstone newer than the record this host
+    /// applied for the name: then nothing is put and the tombstone is
+    /// returned.
+    async fn signal(
+        &self,
+        name: &str,
+        instance: &str,
+        value: String,
+    ) -> Result<Option<Tombstone>, StoreError> {
         if self.is_stale() {
             return Err(unreachable(
                 &self.endpoints,
@@ -554,6 +667,11 @@ impl EtcdStore {
         }
         let (tenant, name) = tenant::split_key(name);
         let key = format!("{}t/{tenant}/live/{name}/{instance}", self.root_prefix);
+        let tomb = tomb_key(&self.root_prefix, tenant, name, instance);
+        let routed_from = lock(&self.seen)
+            .get(&record_seen(tenant, name))
+            .filter(|seen| seen.present)
+            .map(|seen| seen.revision);
         let known = lock(&self.leases).get(&key).copied();
         let lease = self
             .bounded(|| async {
@@ -572,33 +690,87 @@ impl EtcdStore {
                 Ok(leases.grant(self.lease_ttl, None).await?.id())
             })
             .await?;
-        self.bounded(|| async {
-            self.client
-                .kv_client()
-                .put(
-                    key.as_bytes(),
-                    value.as_bytes(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await
-        })
-        .await?;
+        // No tombstone, or one older than the record routed from (the
+        // instance was registered again since): an absent key's
+        // `mod_revision` is 0.
+        let put = TxnOp::put(
+            key.as_bytes(),
+            value.as_bytes(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let txn = match routed_from {
+            Some(revision) => Txn::new()
+                .when([Compare::mod_revision(
+                    tomb.as_bytes(),
+                    CompareOp::Less,
+                    revision,
+                )])
+                .and_then([put])
+                .or_else([TxnOp::get(tomb.as_bytes(), None)]),
+            None => Txn::new().and_then([put]),
+        };
+        let response = self
+            .bounded(|| async { self.client.kv_client().txn(txn.clone()).await })
+            .await?;
+        if !response.succeeded() {
+            let buried = response.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(got) => got
+                    .kvs()
+                    .first()
+                    .and_then(|kv| Tombstone::decode(kv.value()).ok()),
+                _ => None,
+            });
+            // A tombstone that cannot be read still means removed.
+            return Ok(Some(buried.unwrap_or_else(|| {
+                Tombstone::now(super::tombstones::Removal::Deregistered)
+            })));
+        }
         lock(&self.leases).insert(key, lease);
-        Ok(())
+        Ok(None)
     }
 
-    /// Every key under `prefix`, and the revision of the read.
+    /// Every key under `prefix`, and the revision of the read: read in
+    /// pages of [`LIST_PAGE`] keys, all at the first page's revision, so
+    /// no answer outgrows the client's message limit however large the
+    /// registry grows.
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut response = self
-            .bounded(|| async {
-                self.client
-                    .kv_client()
-                    .get(prefix.as_bytes(), Some(GetOptions::new().with_prefix()))
-                    .await
-            })
-            .await?;
-        let revision = response.header().map_or(0, |header| header.revision());
-        Ok((response.take_kvs(), revision))
+        let mut end = prefix.as_bytes().to_vec();
+        // Every prefix here ends in `/`: the range ends at `0`, the next byte.
+        if let Some(last) = end.last_mut() {
+            *last = last.saturating_add(1);
+        }
+        let mut kvs = Vec::new();
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = None;
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if let Some(revision) = revision {
+                options = options.with_revision(revision);
+            }
+            let mut response = self
+                .bounded(|| {
+                    let (from, options) = (from.clone(), options.clone());
+                    async move { self.client.kv_client().get(from, Some(options)).await }
+                })
+                .await?;
+            let read_at =
+                *revision.get_or_insert(response.header().map_or(0, |header| header.revision()));
+            let more = response.more();
+            let page = response.take_kvs();
+            match page.last() {
+                Some(last) if more => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => {
+                    kvs.extend(page);
+                    return Ok((kvs, read_at));
+                }
+            }
+            kvs.extend(page);
+        }
     }
 
     /// `request`, within the etcd timeout; any failure is etcd being
@@ -699,12 +871,17 @@ impl RecordStore for EtcdStore {
         *lock(&self.listed) = revision;
         let mut loaded = Vec::new();
         for kv in &kvs {
+            let change = self.change(kv, false);
+            if let Some(buried @ Change::Buried { .. }) = change {
+                lock(&self.buried_at_load).push(buried);
+                continue;
+            }
             if let Some(Change::Service {
                 tenant,
                 name,
                 revision,
                 value: Some(value),
-            }) = self.change(kv, false)
+            }) = change
             {
                 self.accept(&record_seen(&tenant, &name), revision, true);
                 let (service, checksummed) = decode(&value);
@@ -806,10 +983,11 @@ impl RecordStore for EtcdStore {
     }
 }
 
-/// The host among `members` that checks service `name`: the one ranking
-/// first for it (rendezvous hashing).
-fn checker_of<'a>(members: &'a BTreeSet<String>, name: &str) -> Option<&'a str> {
-    let rank = |host: &str| xxh3_64(format!("{host}/{name}").as_bytes());
+/// The host among `members` that checks the service under table key `key`
+/// ([`tenant::key`]: the name in the default tenant, `<tenant>/<name>`
+/// in another): the one ranking first for it (rendezvous hashing).
+fn checker_of<'a>(members: &'a BTreeSet<String>, key: &str) -> Option<&'a str> {
+    let rank = |host: &str| xxh3_64(format!("{host}/{key}").as_bytes());
     members
         .iter()
         .max_by_key(|host| rank(host))
@@ -849,6 +1027,12 @@ fn record_change(rest: &str, revision: i64, value: Option<Vec<u8>>) -> Option<Ch
         }),
         _ => None,
     }
+}
+
+/// The tombstone key of instance `id` of `name` in `tenant`, under
+/// `root_prefix` (`<prefix>/`).
+fn tomb_key(root_prefix: &str, tenant: &str, name: &str, id: &str) -> String {
+    format!("{root_prefix}tomb/{tenant}/{name}/{id}")
 }
 
 /// The key below the prefix of the record of `name` in `tenant`, which
@@ -903,5 +1087,25 @@ mod tests {
             assert!((50..=150).contains(&count), "{host} checks {count} of 300");
         }
         assert_eq!(checker_of(&BTreeSet::new(), "svc"), None);
+    }
+
+    #[test]
+    fn two_tenants_services_of_one_name_are_placed_independently() {
+        let hosts: BTreeSet<String> = (0..8).map(|i| format!("host-{i}")).collect();
+        // Over many names, a tenant's copy of a name lands on another host
+        // than the default tenant's about 7 times in 8; checked by name
+        // alone it would always land on the same one.
+        let names: Vec<String> = (0..400).map(|i| format!("svc-{i}")).collect();
+        let apart = names
+            .iter()
+            .filter(|name| {
+                checker_of(&hosts, &tenant::key(tenant::DEFAULT, name))
+                    != checker_of(&hosts, &tenant::key("acme", name))
+            })
+            .count();
+        assert!((300..=390).contains(&apart), "{apart} of 400 names apart");
+        // The same key always has the same checker.
+        let key = tenant::key("acme", "svc-1");
+        assert_eq!(checker_of(&hosts, &key), checker_of(&hosts, &key));
     }
 }

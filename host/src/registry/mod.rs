@@ -23,6 +23,7 @@ mod liveness;
 mod model;
 mod store;
 mod tokens;
+mod tombstones;
 mod traffic;
 
 use std::collections::HashMap;
@@ -49,6 +50,7 @@ use tokens::{Unauthenticated, Writer};
 
 use catalogue::Catalogue;
 use liveness::Checker;
+use tombstones::{Removal, Tombstone, Tombstones};
 
 use crate::auth::{ApiKeySettings, Authenticator, ManagedKeys};
 use crate::egress::{EgressPolicy, LoopGuard};
@@ -157,6 +159,9 @@ struct Shared {
     /// Serializes the admin API's changes of API keys (each checks the
     /// new key against all the others).
     key_writes: tokio::sync::Mutex<()>,
+    /// The instances removed within the last TTL, here or (with etcd) on
+    /// any host.
+    tombstones: Tombstones,
 }
 
 /// How many locks the names of [`NameLocks`] are spread over: well above
@@ -318,6 +323,7 @@ impl Registry {
                 trust_tenant_header: config.trust_tenant_header,
                 writes: NameLocks::new(),
                 key_writes: tokio::sync::Mutex::new(()),
+                tombstones: Tombstones::new(config.policy.ttl),
             }),
         };
         #[cfg(feature = "etcd")]
@@ -334,7 +340,10 @@ impl Registry {
         match self.shared.services.get(key) {
             None => Ok(Vec::new()),
             Some(versions) => match versions.default_version().backend {
-                Backend::Plugin(_) => Err(name_taken(versions.default_version())),
+                Backend::Plugin(_) => Err(name_taken(
+                    versions.default_version(),
+                    tenant::split_key(key).0,
+                )),
                 Backend::Remote(_) => Ok(versions.all().to_vec()),
             },
         }
@@ -376,7 +385,7 @@ impl Registry {
             loop {
                 ticks.tick().await;
                 let policy = registry.shared.instances.load_full();
-                let checked = registry.checked_here(registry.remotes());
+                let checked = registry.checked_here();
                 for silent in checker.round(checked.clone(), &policy).await {
                     registry.evict(&silent).await;
                 }
@@ -845,7 +854,7 @@ impl Registry {
                     tracing::error!(service = %name, error = ?error, "could not undo a registration that lost its name to a plugin; it will be restored at the next start");
                 }
             }
-            return Err(name_taken(&holder));
+            return Err(name_taken(&holder, tenant));
         }
         for remote in fresh {
             self.shared.catalogue.fetch(remote);
@@ -986,7 +995,9 @@ impl Registry {
                 .collect(),
         };
         let ids: Vec<String> = targets.iter().map(|t| t.id().to_owned()).collect();
-        let remaining = self.remove_instances(&key, &versions, &targets).await?;
+        let remaining = self
+            .remove_instances(&key, &versions, &targets, Removal::Deregistered)
+            .await?;
         tracing::info!(service = %name, instances = %ids.join(","), remaining, "remote service instances deregistered");
         Ok(axum::Json(json!({
             "service_id": name,
@@ -997,15 +1008,18 @@ impl Registry {
         .into_response())
     }
 
-    /// Removes `targets` from the versions under `key` (`current`) durably;
-    /// a version goes with its last instance, the name with its last
-    /// version. Returns how many instances remain. Called under
-    /// the name's lock.
+    /// Removes `targets` from the versions under `key` (`current`) durably
+    /// for `reason`, and leaves their tombstones; a version goes with its
+    /// last instance, the name with its last version. Returns how many
+    /// instances remain. Called under the name's lock, so that a
+    /// registration bringing an instance back is written after its
+    /// tombstone.
     async fn remove_instances(
         &self,
         key: &str,
         current: &[Arc<Service>],
         targets: &[Arc<Instance>],
+        reason: Removal,
     ) -> Result<usize, ApiError> {
         let mut next = Vec::with_capacity(current.len());
         let mut remaining = 0;
@@ -1027,6 +1041,14 @@ impl Registry {
             }
         }
         self.commit(key, current, next).await?;
+        let ids: Vec<String> = targets
+            .iter()
+            .map(|target| target.id().to_owned())
+            .collect();
+        let tombstone = Tombstone::now(reason);
+        self.shared.tombstones.bury(key, &ids, tombstone);
+        #[cfg(feature = "etcd")]
+        self.share_tombstones(key, &ids, &tombstone).await;
         Ok(remaining)
     }
 
@@ -1062,7 +1084,7 @@ impl Registry {
         }
         // A failed write is logged; the next round tries again.
         let Ok(remaining) = self
-            .remove_instances(versions.key(), versions.all(), &silent)
+            .remove_instances(versions.key(), versions.all(), &silent, Removal::Evicted)
             .await
         else {
             return;
@@ -1266,8 +1288,16 @@ fn holds(service: &Service, remote: &Arc<RemoteService>) -> bool {
     matches!(&service.backend, Backend::Remote(held) if Arc::ptr_eq(held, remote))
 }
 
-fn name_taken(holder: &Service) -> ApiError {
+/// The 409 for a name in `tenant` that `holder` holds; the tenant is named
+/// in the message when it is not the default one (and, like every
+/// refusal of a write, in the `tenant` field: [`in_tenant`]).
+fn name_taken(holder: &Service, tenant: &str) -> ApiError {
     let name = &holder.info.name;
+    let in_tenant = if tenant::is_default(tenant) {
+        String::new()
+    } else {
+        format!(" in tenant `{tenant}`")
+    };
     let (who, detail) = match &holder.backend {
         Backend::Plugin(plugin) => (
             format!("the plugin loaded from {}", plugin.loaded_from),
@@ -1277,11 +1307,19 @@ fn name_taken(holder: &Service) -> ApiError {
     };
     ApiError::new(
         StatusCode::CONFLICT,
-        format!("service name `{name}` is held by {who}; register under another name"),
+        format!("service name `{name}`{in_tenant} is held by {who}; register under another name"),
     )
     .with("field", "name")
     .with("service", name)
     .with("holder", detail)
+}
+
+/// `error`, naming the tenant a refused registry write was in: its
+/// `tenant` field, on every refusal once the tenant is known (default
+/// tenant included, as the registration's answer names it), so a 409 for
+/// a name held by another owner says which tenant's name it is.
+fn in_tenant(tenant: &str) -> impl Fn(ApiError) -> ApiError + '_ {
+    move |error| error.with("tenant", tenant)
 }
 
 /// A change of `instance` of service `name` asked for by a client that is
@@ -1362,6 +1400,29 @@ fn unauthenticated(refused: Unauthenticated) -> ApiError {
         );
     }
     error
+}
+
+/// The 404 for a heartbeat to a service that is not registered: when
+/// and why it was removed if that was within the last TTL (its tombstone,
+/// and the instances removed then), else [`not_registered`].
+fn removed(name: &str, removal: Option<(Tombstone, Vec<String>)>) -> ApiError {
+    let Some((tombstone, ids)) = removal else {
+        return not_registered(name, "service_id");
+    };
+    let at = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(tombstone.at_ms));
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "service `{name}` is not registered: its instances {} were {} at {at}; register again with POST /api/registry/register",
+            ids.join(", "),
+            tombstone.reason.word()
+        ),
+    )
+    .with("field", "service_id")
+    .with("service", name)
+    .with("removed", tombstone.reason.word())
+    .with("removed_at", at.to_string())
+    .with("instance_ids", ids)
 }
 
 fn not_registered(name: &str, field: &str) -> ApiError {
@@ -1510,13 +1571,16 @@ async fn register(
         .map_err(|refused| {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("host: {refused}"))
                 .with("field", "host")
+                .with("tenant", &tenant)
         })?;
+    let named = tenant.clone();
     uncancellable(async move {
         registry
             .register(registration, caller.ip(), writer, tenant)
             .await
     })
     .await
+    .map_err(in_tenant(&named))
 }
 
 async fn heartbeat(
@@ -1530,9 +1594,10 @@ async fn heartbeat(
     let body = registry.read_body(body, &headers).await?;
     let beat = model::parse_heartbeat(&body).map_err(refusal)?;
     let name = beat.service_id;
-    let Some(versions) = registry.shared.services.get(&tenant::key(&tenant, &name)) else {
+    let key = tenant::key(&tenant, &name);
+    let Some(versions) = registry.shared.services.get(&key) else {
         tracing::debug!(service = %Escaped(&name), "heartbeat for an unknown service");
-        return Err(not_registered(&name, "service_id"));
+        return Err(removed(&name, registry.shared.tombstones.latest(&key)).with("tenant", &tenant));
     };
     if let Backend::Plugin(_) = versions.default_version().backend {
         return Err(ApiError::new(
@@ -1542,16 +1607,19 @@ async fn heartbeat(
             ),
         )
         .with("field", "service_id")
-        .with("service", name));
+        .with("service", name)
+        .with("tenant", &tenant));
     }
-    let targets = registry.targets(
-        &name,
-        versions.all(),
-        beat.instance_id.as_deref(),
-        caller.ip(),
-        &writer,
-        "service_id",
-    )?;
+    let targets = registry
+        .targets(
+            &name,
+            versions.all(),
+            beat.instance_id.as_deref(),
+            caller.ip(),
+            &writer,
+            "service_id",
+        )
+        .map_err(in_tenant(&tenant))?;
     let healthy = beat.status == remote::Reported::Healthy;
     for instance in &targets {
         instance.heartbeat(healthy);
@@ -1572,9 +1640,17 @@ async fn heartbeat(
     let policy = registry.shared.policy;
     let ids: Vec<&str> = targets.iter().map(|instance| instance.id()).collect();
     #[cfg(feature = "etcd")]
-    registry
-        .share_beats(&tenant::key(&tenant, &name), &ids, healthy)
-        .await;
+    {
+        // Another host removed them after the record this host routes
+        // from: the heartbeat is a late one, answered as if this host had
+        // caught up already.
+        let buried = registry.share_beats(&key, &ids, healthy).await;
+        if !buried.is_empty() && buried.len() == ids.len() {
+            return Err(
+                removed(&name, registry.shared.tombstones.latest(&key)).with("tenant", &tenant)
+            );
+        }
+    }
     Ok(axum::Json(json!({
         "service_id": name,
         "instance_ids": ids,
@@ -1599,6 +1675,7 @@ async fn deregister(
     let instance_id = model::parse_deregistration(&body)
         .map_err(refusal)?
         .instance_id;
+    let named = tenant.clone();
     uncancellable(async move {
         registry
             .deregister(
@@ -1610,6 +1687,7 @@ async fn deregister(
             .await
     })
     .await
+    .map_err(in_tenant(&named))
 }
 
 /// `POST /api/registry/deregister/{name}/{instance_id}`: the path form of
@@ -1623,6 +1701,7 @@ async fn deregister_instance(
     let writer = registry.writer(&headers)?;
     let tenant = registry.tenant(&writer, &headers)?;
     let Path((name, instance_id)) = path.map_err(bad_path)?;
+    let named = tenant.clone();
     uncancellable(async move {
         registry
             .deregister(
@@ -1634,6 +1713,7 @@ async fn deregister_instance(
             .await
     })
     .await
+    .map_err(in_tenant(&named))
 }
 
 /// Runs a write to completion even if the client hangs up: hyper drops a

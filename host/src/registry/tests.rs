@@ -17,6 +17,12 @@ use super::*;
 use crate::egress::{DEFAULT_ALLOWED, EgressPolicy, LoopGuard};
 
 fn open(dir: &std::path::Path) -> Router {
+    unconnected(dir).layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))))
+}
+
+/// The registry's router on a fresh store in `dir`, before the layer that
+/// says which address a request comes from.
+fn unconnected(dir: &std::path::Path) -> Router {
     let services = Arc::new(ServiceTable::new());
     let registry = Registry::open(
         services,
@@ -55,7 +61,6 @@ fn open(dir: &std::path::Path) -> Router {
     )
     .expect("registry opens");
     router(registry, Router::new())
-        .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))))
 }
 
 async fn call(router: &Router, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
@@ -270,4 +275,55 @@ async fn the_catalogue_lists_what_is_registered_and_names_the_gateway() {
         operation["security"],
         json!([{"api_key": []}, {"bearer": []}])
     );
+}
+
+#[tokio::test]
+async fn a_heartbeat_after_a_deregistration_says_when_and_names_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let unconnected = unconnected(dir.path());
+    let from = |ip: [u8; 4]| {
+        unconnected
+            .clone()
+            .layer(MockConnectInfo(SocketAddr::from((ip, 40000))))
+    };
+    let (router, stranger) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let registration = json!({"name": "gone", "version": "1.0.0", "host": "127.0.0.1", "port": 9});
+    let (status, answer) = call(
+        &router,
+        "/api/registry/register",
+        registration.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let beat = json!({"service_id": "gone"}).to_string().into_bytes();
+    let never = json!({"service_id": "never"}).to_string().into_bytes();
+    let (status, answer) = call(&router, "/api/registry/heartbeat", never.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(answer["removed"], Value::Null, "never registered: {answer}");
+    assert_eq!(answer["tenant"], "default", "{answer}");
+    let (status, answer) = call(&router, "/api/registry/deregister/gone", Vec::new()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    // Still the guide's 404, now saying when and which instances.
+    let (status, answer) = call(&router, "/api/registry/heartbeat", beat).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    assert_eq!(answer["removed"], "deregistered", "{answer}");
+    assert_eq!(answer["instance_ids"], json!(["127.0.0.1:9"]), "{answer}");
+    assert_eq!(answer["tenant"], "default", "{answer}");
+    assert!(answer["removed_at"].as_str().is_some(), "{answer}");
+    // Another address may not take the instance: the 409 names the tenant.
+    let (status, answer) = call(
+        &router,
+        "/api/registry/register",
+        registration.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let (status, answer) = call(
+        &stranger,
+        "/api/registry/register",
+        registration.to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["tenant"], "default", "{answer}");
 }

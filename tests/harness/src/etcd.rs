@@ -8,6 +8,11 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+
+use crate::http::post_json;
 use crate::{PATIENCE, Proc, workspace};
 
 /// The etcd binary Debian's `etcd-server` installs.
@@ -127,6 +132,56 @@ impl Etcd {
         }
     }
 
+    /// Puts `value` at `key`, through etcd's JSON gateway (no host
+    /// involved).
+    pub async fn put(&self, key: &str, value: &[u8]) {
+        self.call(
+            "put",
+            json!({"key": B64.encode(key), "value": B64.encode(value)}),
+        )
+        .await;
+    }
+
+    /// Deletes every key under `prefix`.
+    pub async fn delete_prefix(&self, prefix: &str) {
+        self.call(
+            "deleterange",
+            json!({"key": B64.encode(prefix), "range_end": B64.encode(prefix_end(prefix))}),
+        )
+        .await;
+    }
+
+    /// Compacts etcd's history up to its current revision (a watch from an
+    /// older one is then refused as compacted); returns that revision.
+    pub async fn compact(&self) -> i64 {
+        let answer = self.call("range", json!({"key": B64.encode("/")})).await;
+        // The gateway writes 64-bit integers as strings.
+        let revision: i64 = answer["header"]["revision"]
+            .as_str()
+            .and_then(|revision| revision.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {answer}"));
+        self.call(
+            "compaction",
+            json!({"revision": revision.to_string(), "physical": true}),
+        )
+        .await;
+        revision
+    }
+
+    /// `POST /v3/kv/<method>` with `body` to the first running member;
+    /// panics on a failure, which no test expects.
+    async fn call(&self, method: &str, body: Value) -> Value {
+        let member = self
+            .members
+            .iter()
+            .find(|member| member.proc.is_some())
+            .expect("a running member");
+        let url = format!("http://127.0.0.1:{}/v3/kv/{method}", member.client_port);
+        let (status, answer) = post_json(&url, &body).await.expect("etcd answers");
+        assert_eq!(status, 200, "{method}: {answer}");
+        answer
+    }
+
     fn spawn(&mut self, index: usize) {
         let member = &self.members[index];
         let client = format!("http://127.0.0.1:{}", member.client_port);
@@ -168,6 +223,16 @@ impl Drop for Etcd {
             }
         }
     }
+}
+
+/// The end of the key range holding every key under `prefix`: the prefix
+/// with its last byte increased (etcd's `--prefix`).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
 }
 
 /// A loopback port nothing listens on now. etcd takes ports, not a

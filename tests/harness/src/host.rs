@@ -279,6 +279,18 @@ impl Host {
         self.proc.signal("HUP")
     }
 
+    /// Stops the host with SIGSTOP: it answers nothing and reads nothing
+    /// (its etcd watch included) until [`Host::resume`]; the kernel still
+    /// accepts connections and buffers what is sent to it.
+    pub fn pause(&self) -> Result<()> {
+        self.proc.signal("STOP")
+    }
+
+    /// Lets a host stopped by [`Host::pause`] run again (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.proc.signal("CONT")
+    }
+
     /// Copies `library` into the plugins directory as `file` the way `cp`
     /// does: truncating and rewriting the file in place. The copy is mode
     /// 0755 whatever the source's mode and the umask: the host refuses a
