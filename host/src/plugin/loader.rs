@@ -327,6 +327,17 @@ impl std::fmt::Debug for PluginLibrary {
     }
 }
 
+/// What [`PluginLibrary::handle`] got from the plugin.
+#[derive(Debug)]
+pub struct Handled {
+    /// The answer, in host memory.
+    pub response: PluginResponse,
+    /// The handler's panic message, if it panicked.
+    pub panic: Option<String>,
+    /// Names of the headers dropped because they were not valid HTTP.
+    pub dropped_headers: Vec<String>,
+}
+
 /// A plugin's state, created by [`PluginLibrary::create`]. Only the library
 /// that made it can use or free it.
 #[derive(Debug)]
@@ -455,13 +466,10 @@ impl PluginLibrary {
     }
 
     /// Handles one request, and returns the answer with the handler's panic
-    /// message if it panicked (the answer is then the SDK's 500). Runs
-    /// plugin code: call it only from the plugin's own worker threads.
-    pub fn handle(
-        &self,
-        instance: &Instance,
-        request: &PluginRequest,
-    ) -> (PluginResponse, Option<String>) {
+    /// message if it panicked (the answer is then the SDK's 500) and the
+    /// names of the headers it dropped as invalid HTTP. Runs plugin code:
+    /// call it only from the plugin's own worker threads.
+    pub fn handle(&self, instance: &Instance, request: &PluginRequest) -> Handled {
         let headers: Vec<FfiHeaderRef<'_>> = request
             .headers
             .iter()
@@ -479,23 +487,36 @@ impl PluginLibrary {
             client_addr: RStr::from_str(&request.client_addr),
         };
         let response = (self.handle)(instance.0, &ffi_request);
-        // Copy into host memory; dropping `response` frees the plugin's
-        // allocations through the plugin's own allocator, while it is loaded.
-        let answer = PluginResponse {
-            status: response.status,
-            headers: response
-                .headers
-                .iter()
-                .map(|header| (header.name.to_string(), header.value.to_vec()))
-                .collect(),
-            body: response.body.to_vec(),
-        };
-        let panic = response
-            .panic
-            .as_ref()
-            .map(|message| message.to_string())
-            .into_option();
-        (answer, panic)
+        // Copied straight into the types the gateway answers with (one
+        // copy, validated on the way, as the plugin may answer anything);
+        // dropping `response` frees the plugin's allocations through the
+        // plugin's own allocator, while it is loaded.
+        let mut headers = HeaderMap::with_capacity(response.headers.len());
+        let mut dropped = Vec::new();
+        for header in response.headers.iter() {
+            match (
+                HeaderName::from_bytes(header.name.as_str().as_bytes()),
+                HeaderValue::from_bytes(header.value.as_slice()),
+            ) {
+                (Ok(name), Ok(value)) => {
+                    headers.append(name, value);
+                }
+                _ => dropped.push(header.name.to_string()),
+            }
+        }
+        Handled {
+            response: PluginResponse {
+                status: response.status,
+                headers,
+                body: Bytes::copy_from_slice(response.body.as_slice()),
+            },
+            panic: response
+                .panic
+                .as_ref()
+                .map(|message| message.to_string())
+                .into_option(),
+            dropped_headers: dropped,
+        }
     }
 
     /// Runs the plugin's shutdown hook and frees its state. Runs plugin
@@ -628,13 +649,13 @@ fn ffi_response(response: PluginResponse) -> FfiResponse {
         status: response.status,
         headers: response
             .headers
-            .into_iter()
+            .iter()
             .map(|(name, value)| FfiHeader {
-                name: name.into(),
-                value: value.into(),
+                name: name.as_str().into(),
+                value: value.as_bytes().to_vec().into(),
             })
             .collect(),
-        body: response.body.into(),
+        body: Vec::from(response.body).into(),
         panic: RNone,
     }
 }
