@@ -21,7 +21,6 @@ pub mod file_checks;
 #[allow(unsafe_code)]
 pub mod loader;
 pub mod message;
-mod queue;
 pub mod runtime;
 
 pub use context::{CallChain, HostContext, HostSetup, MAX_BACKGROUND_TASKS, ServiceCalls};

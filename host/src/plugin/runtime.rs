@@ -21,8 +21,6 @@ use crossbeam_channel::RecvTimeoutError;
 use arc_swap::ArcSwapOption;
 use axum::http::StatusCode;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-
-use super::queue::{self, JobReceiver, JobSender};
 use tokio::sync::oneshot;
 
 use super::context::{DataDirError, HostContext, HostSetup, within_request};
@@ -317,7 +315,7 @@ pub enum ShutdownReport {
 pub struct PluginRuntime {
     name: String,
     /// `None` once shutdown began. Read on every call, so lock-free.
-    jobs: ArcSwapOption<JobSender<Job>>,
+    jobs: ArcSwapOption<Sender<Job>>,
     /// Calls between being queued and being answered or given up on.
     calls: Arc<Tally>,
     /// Worker threads whose loop has not ended; each holds one count.
@@ -411,7 +409,7 @@ impl PluginRuntime {
                 return Err(StartError::Init(message));
             }
         };
-        let (jobs, queue) = queue::bounded::<Job>(queue);
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(queue);
         let (calls_from_plugins, idle_call_threads) = crossbeam_channel::bounded::<Job>(0);
         let runtime = Self {
             name: name.to_owned(),
@@ -474,7 +472,7 @@ impl PluginRuntime {
     /// workers busy (the calls being answered, as many as there are
     /// workers at most).
     pub fn sample(&self) -> PluginSample {
-        let queued = self.jobs.load().as_deref().map_or(0, JobSender::len);
+        let queued = self.jobs.load().as_deref().map_or(0, Sender::len);
         let answering = self.calls.count().saturating_sub(queued);
         PluginSample {
             queued: queued as u64,
@@ -688,8 +686,8 @@ impl PluginRuntime {
     }
 }
 
-fn work(shared: &Shared, queue: &JobReceiver<Job>) {
-    while let Some(job) = queue.recv() {
+fn work(shared: &Shared, queue: &Receiver<Job>) {
+    for job in queue {
         serve(shared, job);
     }
 }
