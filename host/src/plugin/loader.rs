@@ -327,6 +327,9 @@ impl std::fmt::Debug for PluginLibrary {
     }
 }
 
+/// Headers the gateway adds to a plugin's answer, at most, besides CORS.
+const ADDED_HEADERS: usize = 4;
+
 /// What [`PluginLibrary::handle`] got from the plugin.
 #[derive(Debug)]
 pub struct Handled {
@@ -491,7 +494,10 @@ impl PluginLibrary {
         // copy, validated on the way, as the plugin may answer anything);
         // dropping `response` frees the plugin's allocations through the
         // plugin's own allocator, while it is loaded.
-        let mut headers = HeaderMap::with_capacity(response.headers.len());
+        // Room for what the gateway and axum add to every answer
+        // (`X-Service-Version`, `X-Request-Id`, `Content-Length`): a map
+        // sized to the plugin's headers alone grew, twice per request.
+        let mut headers = HeaderMap::with_capacity(response.headers.len() + ADDED_HEADERS);
         let mut dropped = Vec::new();
         for header in response.headers.iter() {
             match (
