@@ -85,9 +85,7 @@ impl Tally {
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let (guard, _) = self
             .idle
-            .wait_timeout_while(guard, timeout, |()| {
-                self.count.load(Ordering::SeqCst) > 0
-            })
+            .wait_timeout_while(guard, timeout, |()| self.count.load(Ordering::SeqCst) > 0)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         self.waiters.fetch_sub(1, Ordering::SeqCst);
         drop(guard);

@@ -330,6 +330,28 @@ impl std::fmt::Debug for PluginLibrary {
 /// Headers the gateway adds to a plugin's answer, at most, besides CORS.
 const ADDED_HEADERS: usize = 4;
 
+/// A plugin's answer headers as the gateway sends them, and the names of
+/// those that are not valid HTTP (dropped).
+fn copy_headers(answered: &[FfiHeader]) -> (HeaderMap, Vec<String>) {
+    // Room for what the gateway and axum add to every answer
+    // (`X-Service-Version`, `X-Request-Id`, `Content-Length`): a map sized
+    // to the plugin's headers alone grew, twice per request.
+    let mut headers = HeaderMap::with_capacity(answered.len() + ADDED_HEADERS);
+    let mut dropped = Vec::new();
+    for header in answered {
+        match (
+            HeaderName::from_bytes(header.name.as_str().as_bytes()),
+            HeaderValue::from_bytes(header.value.as_slice()),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => dropped.push(header.name.to_string()),
+        }
+    }
+    (headers, dropped)
+}
+
 /// What [`PluginLibrary::handle`] got from the plugin.
 #[derive(Debug)]
 pub struct Handled {
@@ -494,22 +516,7 @@ impl PluginLibrary {
         // copy, validated on the way, as the plugin may answer anything);
         // dropping `response` frees the plugin's allocations through the
         // plugin's own allocator, while it is loaded.
-        // Room for what the gateway and axum add to every answer
-        // (`X-Service-Version`, `X-Request-Id`, `Content-Length`): a map
-        // sized to the plugin's headers alone grew, twice per request.
-        let mut headers = HeaderMap::with_capacity(response.headers.len() + ADDED_HEADERS);
-        let mut dropped = Vec::new();
-        for header in response.headers.iter() {
-            match (
-                HeaderName::from_bytes(header.name.as_str().as_bytes()),
-                HeaderValue::from_bytes(header.value.as_slice()),
-            ) {
-                (Ok(name), Ok(value)) => {
-                    headers.append(name, value);
-                }
-                _ => dropped.push(header.name.to_string()),
-            }
-        }
+        let (headers, dropped) = copy_headers(&response.headers);
         Handled {
             response: PluginResponse {
                 status: response.status,
@@ -830,6 +837,30 @@ mod tests {
             refusal,
             "not a shared object for this host: an executable (PIE), not a shared library"
         );
+    }
+
+    #[test]
+    fn answered_headers_are_validated_and_leave_room_for_the_gateways() {
+        let header = |name: &str, value: &[u8]| FfiHeader {
+            name: name.into(),
+            value: value.to_vec().into(),
+        };
+        let answered = [
+            header("content-type", b"application/json"),
+            header("x-custom", b"one"),
+            header("x-custom", b"two"),
+            header("bad name", b"x"),
+            header("x-bad-value", b"line\r\nbreak"),
+        ];
+        let (headers, dropped) = copy_headers(&answered);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            headers.get_all("x-custom").iter().collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert_eq!(headers.len(), 3);
+        assert_eq!(dropped, ["bad name", "x-bad-value"]);
+        assert!(headers.capacity() >= headers.len() + ADDED_HEADERS);
     }
 
     #[test]
