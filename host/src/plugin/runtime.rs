@@ -704,12 +704,6 @@ fn serve(shared: &Shared, Job { request, reply }: Job) {
     } = within_request(&request, || {
         shared.library.handle(&shared.instance, &request)
     });
-    // Let go of the request before answering: its headers and body are
-    // slices of the connection's read buffer, which hyper reuses for the
-    // next request only if nothing else holds it (else it allocates a new
-    // one). Once answered, the gateway's task may run before this thread
-    // gets the core back.
-    drop(request);
     if let Some(message) = panic {
         lock(&shared.panics).record(&message);
     }
