@@ -96,7 +96,7 @@ impl ServiceCaller {
                     .await;
                 let (parts, body) = response.into_parts();
                 let body = match Limited::new(body, limit).collect().await {
-                    Ok(body) => body.to_bytes().to_vec(),
+                    Ok(body) => body.to_bytes(),
                     Err(error) => {
                         return refusal(
                             &name,
@@ -107,11 +107,7 @@ impl ServiceCaller {
                 };
                 PluginResponse {
                     status: parts.status.as_u16(),
-                    headers: parts
-                        .headers
-                        .iter()
-                        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-                        .collect(),
+                    headers: parts.headers,
                     body,
                 }
             };

@@ -25,7 +25,7 @@ use crate::admission::{Admission, CorsHeaders, is_preflight};
 use crate::auth::{Authenticator, Identity, Refusal, forward_identity};
 use crate::egress::LoopGuard;
 use crate::http::{
-    ApiError, Escaped, X_REQUEST_ID, check_service_path, read_body_within, remove_hop_by_hop,
+    ApiError, X_REQUEST_ID, check_service_path, read_body_within, remove_hop_by_hop,
 };
 use crate::metrics::{self, Started};
 use crate::plugin::{CallError, PluginRequest, PluginResponse};
@@ -679,20 +679,7 @@ fn plugin_response(name: &str, response: PluginResponse) -> Response {
         .with("service", name)
         .into_response();
     };
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
-    for (header_name, value) in response.headers {
-        match (
-            HeaderName::from_bytes(header_name.as_bytes()),
-            HeaderValue::from_bytes(&value),
-        ) {
-            (Ok(header_name), Ok(value)) => {
-                headers.append(header_name, value);
-            }
-            _ => {
-                tracing::warn!(plugin = name, header = %Escaped(&header_name), "plugin answered an invalid header; dropped")
-            }
-        }
-    }
+    let mut headers = response.headers;
     remove_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
     let mut http_response = Response::new(Body::from(response.body));

@@ -9,6 +9,7 @@
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -39,10 +40,20 @@ pub(crate) fn random_below(bound: usize) -> usize {
 /// How many of something are in progress (calls into a plugin, its worker
 /// threads), for a thread that must wait until none are, with a deadline
 /// rather than by polling.
+///
+/// Counting is lock-free: it happens twice per plugin request, while a
+/// wait is rare (an unload). The last guard out takes the lock and
+/// notifies only when someone waits (a condition variable's notify is a
+/// system call even with no waiter).
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    count: Mutex<usize>,
-    /// Notified whenever the count drops to zero.
+    count: AtomicUsize,
+    /// Threads in [`Tally::wait_idle`].
+    waiters: AtomicUsize,
+    /// Held by a waiter from its check of the count until it sleeps, and
+    /// by a notifier, so a notification cannot fall between the two.
+    lock: Mutex<()>,
+    /// Notified when the count drops to zero while someone waits.
     idle: Condvar,
 }
 
@@ -55,33 +66,41 @@ pub(crate) struct TallyGuard(Arc<Tally>);
 impl Tally {
     /// Counts one more until the guard is dropped.
     pub(crate) fn enter(self: &Arc<Self>) -> TallyGuard {
-        *lock(&self.count) += 1;
+        self.count.fetch_add(1, Ordering::SeqCst);
         TallyGuard(Arc::clone(self))
     }
 
     /// The count now.
     pub(crate) fn count(&self) -> usize {
-        *lock(&self.count)
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Waits until the count is zero, at most `timeout`, and returns the
     /// count then (zero unless the timeout passed).
     pub(crate) fn wait_idle(&self, timeout: Duration) -> usize {
-        let count = lock(&self.count);
-        let (count, _) = self
+        let guard = lock(&self.lock);
+        // Announced before the count is read: a guard dropping the count
+        // to zero after that read sees the waiter, and needs the lock
+        // (held until this thread sleeps) to notify it.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let (guard, _) = self
             .idle
-            .wait_timeout_while(count, timeout, |count| *count > 0)
+            .wait_timeout_while(guard, timeout, |()| self.count.load(Ordering::SeqCst) > 0)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *count
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        drop(guard);
+        self.count()
     }
 }
 
 impl Drop for TallyGuard {
     fn drop(&mut self) {
-        let mut count = lock(&self.0.count);
-        *count -= 1;
-        if *count == 0 {
-            self.0.idle.notify_all();
+        let tally = &self.0;
+        if tally.count.fetch_sub(1, Ordering::SeqCst) == 1
+            && tally.waiters.load(Ordering::SeqCst) > 0
+        {
+            let _held = lock(&tally.lock);
+            tally.idle.notify_all();
         }
     }
 }

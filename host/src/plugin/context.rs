@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::loader::PluginTask;
 use super::message::{PluginRequest, PluginResponse};
@@ -370,10 +370,15 @@ impl PluginResponse {
     /// The answer to a call the host refused, in the gateway's error shape.
     pub fn from_error(error: ApiError) -> Self {
         let (status, body) = error.into_json();
+        let mut headers = HeaderMap::with_capacity(1);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         Self {
             status: status.as_u16(),
-            headers: vec![("content-type".to_owned(), b"application/json".to_vec())],
-            body,
+            headers,
+            body: body.into(),
         }
     }
 }

@@ -327,6 +327,42 @@ impl std::fmt::Debug for PluginLibrary {
     }
 }
 
+/// Headers the gateway adds to a plugin's answer, at most, besides CORS.
+const ADDED_HEADERS: usize = 4;
+
+/// A plugin's answer headers as the gateway sends them, and the names of
+/// those that are not valid HTTP (dropped).
+fn copy_headers(answered: &[FfiHeader]) -> (HeaderMap, Vec<String>) {
+    // Room for what the gateway and axum add to every answer
+    // (`X-Service-Version`, `X-Request-Id`, `Content-Length`): a map sized
+    // to the plugin's headers alone grew, twice per request.
+    let mut headers = HeaderMap::with_capacity(answered.len() + ADDED_HEADERS);
+    let mut dropped = Vec::new();
+    for header in answered {
+        match (
+            HeaderName::from_bytes(header.name.as_str().as_bytes()),
+            HeaderValue::from_bytes(header.value.as_slice()),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.append(name, value);
+            }
+            _ => dropped.push(header.name.to_string()),
+        }
+    }
+    (headers, dropped)
+}
+
+/// What [`PluginLibrary::handle`] got from the plugin.
+#[derive(Debug)]
+pub struct Handled {
+    /// The answer, in host memory.
+    pub response: PluginResponse,
+    /// The handler's panic message, if it panicked.
+    pub panic: Option<String>,
+    /// Names of the headers dropped because they were not valid HTTP.
+    pub dropped_headers: Vec<String>,
+}
+
 /// A plugin's state, created by [`PluginLibrary::create`]. Only the library
 /// that made it can use or free it.
 #[derive(Debug)]
@@ -455,13 +491,10 @@ impl PluginLibrary {
     }
 
     /// Handles one request, and returns the answer with the handler's panic
-    /// message if it panicked (the answer is then the SDK's 500). Runs
-    /// plugin code: call it only from the plugin's own worker threads.
-    pub fn handle(
-        &self,
-        instance: &Instance,
-        request: &PluginRequest,
-    ) -> (PluginResponse, Option<String>) {
+    /// message if it panicked (the answer is then the SDK's 500) and the
+    /// names of the headers it dropped as invalid HTTP. Runs plugin code:
+    /// call it only from the plugin's own worker threads.
+    pub fn handle(&self, instance: &Instance, request: &PluginRequest) -> Handled {
         let headers: Vec<FfiHeaderRef<'_>> = request
             .headers
             .iter()
@@ -479,23 +512,24 @@ impl PluginLibrary {
             client_addr: RStr::from_str(&request.client_addr),
         };
         let response = (self.handle)(instance.0, &ffi_request);
-        // Copy into host memory; dropping `response` frees the plugin's
-        // allocations through the plugin's own allocator, while it is loaded.
-        let answer = PluginResponse {
-            status: response.status,
-            headers: response
-                .headers
-                .iter()
-                .map(|header| (header.name.to_string(), header.value.to_vec()))
-                .collect(),
-            body: response.body.to_vec(),
-        };
-        let panic = response
-            .panic
-            .as_ref()
-            .map(|message| message.to_string())
-            .into_option();
-        (answer, panic)
+        // Copied straight into the types the gateway answers with (one
+        // copy, validated on the way, as the plugin may answer anything);
+        // dropping `response` frees the plugin's allocations through the
+        // plugin's own allocator, while it is loaded.
+        let (headers, dropped) = copy_headers(&response.headers);
+        Handled {
+            response: PluginResponse {
+                status: response.status,
+                headers,
+                body: Bytes::copy_from_slice(response.body.as_slice()),
+            },
+            panic: response
+                .panic
+                .as_ref()
+                .map(|message| message.to_string())
+                .into_option(),
+            dropped_headers: dropped,
+        }
     }
 
     /// Runs the plugin's shutdown hook and frees its state. Runs plugin
@@ -628,13 +662,13 @@ fn ffi_response(response: PluginResponse) -> FfiResponse {
         status: response.status,
         headers: response
             .headers
-            .into_iter()
+            .iter()
             .map(|(name, value)| FfiHeader {
-                name: name.into(),
-                value: value.into(),
+                name: name.as_str().into(),
+                value: value.as_bytes().to_vec().into(),
             })
             .collect(),
-        body: response.body.into(),
+        body: Vec::from(response.body).into(),
         panic: RNone,
     }
 }
@@ -803,6 +837,30 @@ mod tests {
             refusal,
             "not a shared object for this host: an executable (PIE), not a shared library"
         );
+    }
+
+    #[test]
+    fn answered_headers_are_validated_and_leave_room_for_the_gateways() {
+        let header = |name: &str, value: &[u8]| FfiHeader {
+            name: name.into(),
+            value: value.to_vec().into(),
+        };
+        let answered = [
+            header("content-type", b"application/json"),
+            header("x-custom", b"one"),
+            header("x-custom", b"two"),
+            header("bad name", b"x"),
+            header("x-bad-value", b"line\r\nbreak"),
+        ];
+        let (headers, dropped) = copy_headers(&answered);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(
+            headers.get_all("x-custom").iter().collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert_eq!(headers.len(), 3);
+        assert_eq!(dropped, ["bad name", "x-bad-value"]);
+        assert!(headers.capacity() >= headers.len() + ADDED_HEADERS);
     }
 
     #[test]

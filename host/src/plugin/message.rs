@@ -40,8 +40,9 @@ pub struct PluginRequest {
 pub struct PluginResponse {
     /// Status code as the plugin gave it (not yet validated).
     pub status: u16,
-    /// Headers as the plugin gave them (not yet validated).
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// The headers the plugin gave that are valid HTTP; the loader drops
+    /// (and reports) the others while it copies them.
+    pub headers: HeaderMap,
     /// Body.
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }

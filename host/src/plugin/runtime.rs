@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use super::context::{DataDirError, HostContext, HostSetup, within_request};
 use super::entry::{EntryError, run_bounded};
-use super::loader::{CloseReport, Instance, PluginLibrary};
+use super::loader::{CloseReport, Handled, Instance, PluginLibrary};
 use super::message::{PluginRequest, PluginResponse};
 use crate::http::Escaped;
 use crate::metrics::PluginSample;
@@ -697,11 +697,18 @@ fn serve(shared: &Shared, Job { request, reply }: Job) {
     if reply.is_closed() {
         return;
     }
-    let (response, panic) = within_request(&request, || {
+    let Handled {
+        response,
+        panic,
+        dropped_headers,
+    } = within_request(&request, || {
         shared.library.handle(&shared.instance, &request)
     });
     if let Some(message) = panic {
         lock(&shared.panics).record(&message);
+    }
+    for header in dropped_headers {
+        tracing::warn!(plugin = %shared.host.name(), header = %Escaped(&header), "plugin answered an invalid header; dropped");
     }
     reply.send(response);
 }
