@@ -255,7 +255,10 @@ impl Proxy {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "proxied"
         );
-        Response::from_parts(parts, Held::new(body, Some(sender), route.into_outstanding()))
+        Response::from_parts(
+            parts,
+            Held::new(body, Some(sender), route.into_outstanding()),
+        )
     }
 
     /// Sends one attempt and waits for its answer's head. The upstream has
@@ -491,7 +494,9 @@ impl Upstreams {
                 },
             }
         }
-        let mut sender = self.connect(instance).await?;
+        // Boxed: opening a connection is rare, and its future would make
+        // every request's future larger.
+        let mut sender = Box::pin(self.connect(instance)).await?;
         let response = sender.send_request(request).await?;
         Ok((response, sender))
     }
@@ -724,12 +729,7 @@ impl HttpBody for Held {
 }
 
 /// The answer for a request that got no response from the upstream.
-fn failure(
-    name: &str,
-    route: &Route<'_>,
-    error: &SendError,
-    traffic: &ServiceTraffic,
-) -> Response {
+fn failure(name: &str, route: &Route<'_>, error: &SendError, traffic: &ServiceTraffic) -> Response {
     let detail = error_chain(error);
     let (status, message) = if error.is_client_side() {
         // The client's own body broke off; nothing the upstream did.

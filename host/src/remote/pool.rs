@@ -55,8 +55,7 @@ impl Pool {
         };
         Self {
             idle: Mutex::new(Vec::new()),
-            host: HeaderValue::from_str(host)
-                .expect("an authority is a valid header value"),
+            host: HeaderValue::from_str(host).expect("an authority is a valid header value"),
             enrolled: AtomicBool::new(false),
         }
     }
@@ -105,5 +104,68 @@ impl Pool {
     /// Marks the pool as known to the idle sweep; true the first time.
     pub fn enroll(&self) -> bool {
         !self.enrolled.load(Ordering::Relaxed) && !self.enrolled.swap(true, Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hyper::client::conn::http1;
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+
+    /// A sender over an in-memory pipe, and the connection it needs open.
+    async fn connection() -> (Sender, tokio::task::JoinHandle<()>) {
+        let (near, _far) = tokio::io::duplex(64);
+        let (sender, connection) = http1::handshake(TokioIo::new(near)).await.unwrap();
+        let running = tokio::spawn(async move {
+            let _far = _far;
+            let _ = connection.await;
+        });
+        (sender, running)
+    }
+
+    fn pool() -> Pool {
+        Pool::new(&"127.0.0.1:8010".parse().unwrap())
+    }
+
+    #[test]
+    fn the_host_header_names_the_port_unless_it_is_http_s_default() {
+        assert_eq!(pool().host(), "127.0.0.1:8010");
+        assert_eq!(Pool::new(&"[::1]:80".parse().unwrap()).host(), "[::1]");
+    }
+
+    #[tokio::test]
+    async fn the_newest_open_connection_is_taken_and_closed_ones_are_skipped() {
+        let pool = pool();
+        let now = Instant::now();
+        let (open, _running) = connection().await;
+        let (closed, running) = connection().await;
+        pool.put(open, now, 8);
+        pool.put(closed, now, 8);
+        running.abort();
+        let _ = running.await;
+        assert!(pool.take(now, IDLE).is_some());
+        assert!(pool.take(now, IDLE).is_none());
+    }
+
+    const IDLE: Duration = Duration::from_secs(90);
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_dropped_and_idle_ones_capped() {
+        let pool = pool();
+        let start = Instant::now();
+        let mut running = Vec::new();
+        for _ in 0..3 {
+            let (sender, task) = connection().await;
+            running.push(task);
+            pool.put(sender, start, 2);
+        }
+        assert_eq!(pool.sweep(start, IDLE), 2, "the third was over the cap");
+        let (newer, task) = connection().await;
+        running.push(task);
+        pool.put(newer, start + IDLE, 3);
+        assert_eq!(pool.sweep(start + IDLE + Duration::from_secs(1), IDLE), 1);
+        assert!(pool.take(start + IDLE * 3, IDLE).is_none());
     }
 }
