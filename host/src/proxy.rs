@@ -257,7 +257,7 @@ impl Proxy {
         );
         Response::from_parts(
             parts,
-            Held::new(body, Some(sender), route.into_outstanding()),
+            Held::body(body, Some(sender), route.into_outstanding()),
         )
     }
 
@@ -445,7 +445,7 @@ impl Proxy {
             tunnel::restore_upgrade_headers(&mut parts.headers, upgraded_to);
             reserved.accept(name, client_side, upstream_side);
         }
-        Response::from_parts(parts, Held::new(body, sender, route.into_outstanding()))
+        Response::from_parts(parts, Held::body(body, sender, route.into_outstanding()))
     }
 }
 
@@ -662,7 +662,7 @@ struct Held {
 
 impl Held {
     /// The client's body for `body`, arriving on `sender`'s connection.
-    fn new(body: Incoming, sender: Option<Sender>, outstanding: Outstanding) -> Body {
+    fn body(body: Incoming, sender: Option<Sender>, outstanding: Outstanding) -> Body {
         let mut held = Self {
             body,
             sender,
