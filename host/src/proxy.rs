@@ -1,11 +1,20 @@
 //! The reverse proxy to remote services.
 //!
-//! One pooled HTTP/1.1 client (hyper-util's legacy client) serves every
-//! remote service, so requests reuse keep-alive connections instead of
-//! opening one each. Its `HttpConnector` resolves the service's host with
-//! the system resolver at connect time and tries every address it gets,
+//! Requests reuse keep-alive HTTP/1.1 connections, pooled per instance
+//! ([`crate::remote::Pool`]) and driven from the request's own task
+//! (hyper's `client::conn::http1`): a request checks a connection out,
+//! sends on it and puts it back when the answer's body has ended, with no
+//! hand-off to a pool task in between (hyper-util's legacy client, used
+//! before, cost a channel, a oneshot and a spawned task per request). Each
+//! connection's I/O runs in a task of its own, spawned once when it is
+//! opened. A pooled connection found closed before the request went out
+//! is dropped and the next one (or a new one) is used; one idle for
+//! [`IDLE_TIMEOUT`] is closed; at most [`MAX_IDLE_PER_INSTANCE`] are kept
+//! per instance. New connections come from hyper-util's `HttpConnector`,
+//! which resolves the service's host with the system resolver (filtered
+//! by the egress policy) at connect time and tries every address it gets,
 //! IPv6 and IPv4 alike (so `localhost` reaches `::1` only where the system
-//! resolves it so); a connection that worked stays in the pool.
+//! resolves it so), with `TCP_NODELAY`.
 //! Bodies are streamed both ways, never collected: memory per request is
 //! bounded by hyper's buffers whatever the body's size.
 //!
@@ -33,10 +42,11 @@
 //! buffered). A request that got any answer is never retried, nor is a
 //! POST or PATCH.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -44,18 +54,20 @@ use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::uri::Authority;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, Version, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower_service::Service as _;
 
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::{ApiError, error_chain, new_request_id, remove_hop_by_hop};
 use crate::metrics::{ServiceTraffic, UpstreamError};
-use crate::remote::{InstancePolicy, Outstanding, RemoteService, Route, Unavailable};
+use crate::remote::{
+    Instance, InstancePolicy, Outstanding, RemoteService, Route, Sender, Unavailable,
+};
 use crate::sync::lock;
 use crate::tunnel::{self, Handoff};
 
@@ -68,11 +80,19 @@ const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-pref
 /// Longest client-supplied `X-Request-Id` kept; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
+/// How long an upstream connection may sit idle in its pool before it is
+/// closed (hyper-util's client's default, which the proxy used before).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Most idle connections kept per instance; one more is closed when put
+/// back.
+pub const MAX_IDLE_PER_INSTANCE: usize = 256;
+
 /// Forwards gateway requests to remote services. Cheap to clone: clones
-/// share the connection pool.
+/// share the connector and the idle sweep (the pools are the instances').
 #[derive(Debug, Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector<Resolver>, Tracked>,
+    upstreams: Arc<Upstreams>,
     timeout: Duration,
     loop_guard: LoopGuard,
     instances: Arc<ArcSwap<InstancePolicy>>,
@@ -92,11 +112,14 @@ impl Proxy {
         let mut connector = HttpConnector::new_with_resolver(Resolver::new(egress));
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let upstreams = Arc::new(Upstreams {
+            connector,
+            handshake: http1::Builder::new(),
+            enrolled: Mutex::default(),
+        });
+        tokio::spawn(sweep_idle(Arc::downgrade(&upstreams)));
         Self {
-            client,
+            upstreams,
             timeout,
             loop_guard,
             instances,
@@ -162,7 +185,7 @@ impl Proxy {
             headers: parts.headers.clone(),
             query: parts.uri.query().map(str::to_owned),
         });
-        let (tracked, slot) = Tracked::new(
+        let (tracked, slot) = Tracked::wrap(
             body,
             progress.clone(),
             retry.is_some() && progress.is_some(),
@@ -170,15 +193,15 @@ impl Proxy {
         let mut upstream = Request::from_parts(parts, tracked);
 
         let started = Instant::now();
-        let answer = loop {
+        let (answer, sender) = loop {
             let failed = match self
                 .attempt(name, traffic, &route, upstream, progress.as_ref())
                 .await
             {
-                Attempt::Answered(response) => {
+                Attempt::Answered(response, sender) => {
                     let failed = response.status().is_server_error();
                     remote.record_outcome(route.instance(), !failed, &policy);
-                    break response;
+                    break (response, sender);
                 }
                 Attempt::Refused(response, blame) => {
                     if blame {
@@ -188,12 +211,12 @@ impl Proxy {
                 }
                 Attempt::Failed(error) => error,
             };
-            if !client_side(&failed) {
+            if !failed.is_client_side() {
                 remote.record_outcome(route.instance(), false, &policy);
             }
             // Retried once, elsewhere, and only if no answer came and the
             // body is still in its slot.
-            let resend = match (retry.take(), unanswered(&failed)) {
+            let resend = match (retry.take(), failed.is_unanswered()) {
                 (Some(head), true) => match &slot {
                     Some(slot) => slot.reclaim().map(|body| (head, body)),
                     None => Some((head, Body::empty())),
@@ -213,7 +236,7 @@ impl Proxy {
                 return failure(name, &route, &failed, traffic);
             };
             tracing::debug!(service = %name, failed = %route.authority(), retry = %next.authority(), error = %error_chain(&failed), "no answer; retrying on another instance");
-            let mut request = Request::new(Tracked::new(body, progress.clone(), false).0);
+            let mut request = Request::new(Tracked::wrap(body, progress.clone(), false).0);
             *request.method_mut() = head.method;
             *request.uri_mut() = uri;
             *request.version_mut() = Version::HTTP_11;
@@ -234,10 +257,7 @@ impl Proxy {
         );
         Response::from_parts(
             parts,
-            Body::new(Held {
-                body,
-                _outstanding: route.into_outstanding(),
-            }),
+            Held::body(body, Some(sender), route.into_outstanding()),
         )
     }
 
@@ -250,17 +270,17 @@ impl Proxy {
         name: &str,
         traffic: &ServiceTraffic,
         route: &Route<'_>,
-        upstream: Request<Tracked>,
+        upstream: Request<Body>,
         progress: Option<&Arc<Progress>>,
     ) -> Attempt {
         let started = Instant::now();
-        let answer = self.client.request(upstream);
+        let answer = self.upstreams.send(route.instance(), upstream);
         tokio::pin!(answer);
         let mut deadline = started + self.timeout;
         loop {
             tokio::select! {
                 result = &mut answer => return match result {
-                    Ok(response) => Attempt::Answered(response),
+                    Ok((response, sender)) => Attempt::Answered(response, sender),
                     Err(error) => Attempt::Failed(error),
                 },
                 () = tokio::time::sleep_until(deadline.into()) => {
@@ -376,13 +396,17 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
-        let upstream = Request::from_parts(parts, Tracked::new(Body::empty(), None, false).0);
-        let answer = tokio::time::timeout(self.timeout, self.client.request(upstream)).await;
-        let mut response = match answer {
-            Ok(Ok(response)) => {
-                let failed = response.status().is_server_error();
+        let upstream = Request::from_parts(parts, Body::empty());
+        let answer = tokio::time::timeout(
+            self.timeout,
+            self.upstreams.send(route.instance(), upstream),
+        )
+        .await;
+        let (mut response, sender) = match answer {
+            Ok(Ok(answered)) => {
+                let failed = answered.0.status().is_server_error();
                 remote.record_outcome(route.instance(), !failed, &policy);
-                response
+                answered
             }
             Ok(Err(error)) => {
                 remote.record_outcome(route.instance(), false, &policy);
@@ -404,6 +428,8 @@ impl Proxy {
         };
         let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
         let upstream_side = switched.then(|| hyper::upgrade::on(&mut response));
+        // A switched connection is the tunnel's now, never the pool's.
+        let sender = (!switched).then_some(sender);
         let (mut parts, body) = response.into_parts();
         let upgraded_to = parts.headers.get(header::UPGRADE).cloned();
         remove_hop_by_hop(&mut parts.headers);
@@ -419,7 +445,148 @@ impl Proxy {
             tunnel::restore_upgrade_headers(&mut parts.headers, upgraded_to);
             reserved.accept(name, client_side, upstream_side);
         }
-        Response::from_parts(parts, Body::new(body))
+        Response::from_parts(parts, Held::body(body, sender, route.into_outstanding()))
+    }
+}
+
+/// The upstream side of the proxy: opens connections (resolver, egress
+/// checks, connect timeout, `TCP_NODELAY`) and sends requests on the
+/// instances' pooled ones.
+#[derive(Debug)]
+struct Upstreams {
+    connector: HttpConnector<Resolver>,
+    handshake: http1::Builder,
+    /// Every instance the proxy opened a connection to, for the idle
+    /// sweep; touched once per instance, not per request.
+    enrolled: Mutex<Vec<Weak<Instance>>>,
+}
+
+impl Upstreams {
+    /// Sends `request` (its URI absolute, as [`Route::uri`] makes it) to
+    /// `instance` on an idle connection, else on a new one, and returns
+    /// the answer's head with the connection it came on, to be put back
+    /// once the body has ended.
+    async fn send(
+        &self,
+        instance: &Arc<Instance>,
+        mut request: Request<Body>,
+    ) -> Result<(Response<Incoming>, Sender), SendError> {
+        let pool = instance.pool();
+        // HTTP/1.1 asks in origin form and names the host in `Host`.
+        let uri = std::mem::take(request.uri_mut());
+        if let Some(path_and_query) = uri.into_parts().path_and_query {
+            *request.uri_mut() = Uri::from(path_and_query);
+        }
+        request
+            .headers_mut()
+            .insert(header::HOST, pool.host().clone());
+        while let Some(mut sender) = pool.take(Instant::now(), IDLE_TIMEOUT) {
+            // Not ready yet: the connection is finishing the last exchange.
+            if !sender.is_ready() && poll_fn(|cx| sender.poll_ready(cx)).await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, sender)),
+                Err(mut failed) => match failed.take_message() {
+                    // Closed before it took the request: nothing was sent.
+                    Some(unsent) => request = unsent,
+                    None => return Err(SendError::Http(failed.into_error())),
+                },
+            }
+        }
+        // Boxed: opening a connection is rare, and its future would make
+        // every request's future larger.
+        let mut sender = Box::pin(self.connect(instance)).await?;
+        let response = sender.send_request(request).await?;
+        Ok((response, sender))
+    }
+
+    /// A new connection to `instance`, its I/O running in a task of its own
+    /// until either side closes it (or it is upgraded and handed to a
+    /// tunnel).
+    async fn connect(&self, instance: &Arc<Instance>) -> Result<Sender, SendError> {
+        let target = Uri::builder()
+            .scheme("http")
+            .authority(instance.authority().clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|error| SendError::Connect(error.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .call(target)
+            .await
+            .map_err(|error| SendError::Connect(error.into()))?;
+        let (sender, connection) = self
+            .handshake
+            .handshake(io)
+            .await
+            .map_err(|error| SendError::Connect(error.into()))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                tracing::debug!(error = %error_chain(&error), "upstream connection failed");
+            }
+        });
+        if instance.pool().enroll() {
+            lock(&self.enrolled).push(Arc::downgrade(instance));
+        }
+        Ok(sender)
+    }
+}
+
+/// Closes pooled connections idle for longer than [`IDLE_TIMEOUT`] (a
+/// busy pool never holds one: it takes from the top, where the newest
+/// are), every half of it, until the proxy is dropped.
+async fn sweep_idle(upstreams: Weak<Upstreams>) {
+    let mut every = tokio::time::interval(IDLE_TIMEOUT / 2);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(upstreams) = upstreams.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let instances: Vec<Arc<Instance>> = {
+            let mut enrolled = lock(&upstreams.enrolled);
+            enrolled.retain(|instance| instance.strong_count() > 0);
+            enrolled.iter().filter_map(Weak::upgrade).collect()
+        };
+        for instance in instances {
+            instance.pool().sweep(now, IDLE_TIMEOUT);
+        }
+    }
+}
+
+/// Why a request got no answer from its upstream.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// No connection: resolving, the egress policy, connecting or the
+    /// handshake failed. Nothing was sent.
+    #[error(transparent)]
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    /// The exchange on a connection failed.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+impl SendError {
+    /// Whether it is the client's own body breaking off, not the
+    /// upstream's doing.
+    fn is_client_side(&self) -> bool {
+        std::iter::successors(Some(self as &(dyn std::error::Error + 'static)), |error| {
+            error.source()
+        })
+        .any(|error| error.is::<axum::Error>())
+    }
+
+    /// Whether it left the request without a byte of answer: no
+    /// connection, or a kept-alive one the instance closed before
+    /// answering.
+    fn is_unanswered(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Http(error) => error.is_incomplete_message(),
+        }
     }
 }
 
@@ -465,10 +632,11 @@ struct Head {
 
 /// How one attempt ended.
 enum Attempt {
-    /// The upstream answered (its body still to stream).
-    Answered(Response<Incoming>),
+    /// The upstream answered (its body still to stream on the connection
+    /// that comes with it).
+    Answered(Response<Incoming>, Sender),
     /// No answer: the error, for the retry decision and the 502.
-    Failed(hyper_util::client::legacy::Error),
+    Failed(SendError),
     /// Given up by the proxy (408, 504), and whether the instance is to
     /// blame.
     Refused(Response, bool),
@@ -482,20 +650,54 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether `error` is the client's own body breaking off, not the
-/// upstream's doing.
-fn client_side(error: &hyper_util::client::legacy::Error) -> bool {
-    std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
-        error.source()
-    })
-    .any(|error| error.is::<axum::Error>())
-}
-
 /// An answer's body, holding its instance's outstanding-request count until
-/// it ends (or the client goes away).
+/// it ends (or the client goes away), and the connection it comes on, put
+/// back in the instance's pool once the body has ended. A body the client
+/// abandons takes its connection with it: hyper closes it.
 struct Held {
     body: Incoming,
-    _outstanding: Outstanding,
+    sender: Option<Sender>,
+    outstanding: Outstanding,
+}
+
+impl Held {
+    /// The client's body for `body`, arriving on `sender`'s connection.
+    fn body(body: Incoming, sender: Option<Sender>, outstanding: Outstanding) -> Body {
+        let mut held = Self {
+            body,
+            sender,
+            outstanding,
+        };
+        // The server does not poll a body that is empty from the start.
+        if held.body.is_end_stream() {
+            held.release();
+        }
+        Body::new(held)
+    }
+
+    /// Puts the connection back in its pool, or, if it is not ready for
+    /// another request yet (the upstream answered before reading the whole
+    /// request body), once it is.
+    fn release(&mut self) {
+        let Some(mut sender) = self.sender.take() else {
+            return;
+        };
+        let instance = self.outstanding.instance();
+        if sender.is_ready() {
+            instance
+                .pool()
+                .put(sender, Instant::now(), MAX_IDLE_PER_INSTANCE);
+            return;
+        }
+        let instance = instance.clone();
+        tokio::spawn(async move {
+            if poll_fn(|cx| sender.poll_ready(cx)).await.is_ok() {
+                instance
+                    .pool()
+                    .put(sender, Instant::now(), MAX_IDLE_PER_INSTANCE);
+            }
+        });
+    }
 }
 
 impl HttpBody for Held {
@@ -506,7 +708,15 @@ impl HttpBody for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
+            // A broken body leaves a connection in no state to reuse.
+            Poll::Ready(Some(Err(_))) => self.sender = None,
+            _ => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -518,32 +728,16 @@ impl HttpBody for Held {
     }
 }
 
-/// Whether `error` left the request without a byte of answer: no
-/// connection, or a kept-alive one the instance closed before answering.
-fn unanswered(error: &hyper_util::client::legacy::Error) -> bool {
-    error.is_connect()
-        || std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
-            error.source()
-        })
-        .filter_map(|error| error.downcast_ref::<hyper::Error>())
-        .any(hyper::Error::is_incomplete_message)
-}
-
 /// The answer for a request that got no response from the upstream.
-fn failure(
-    name: &str,
-    route: &Route<'_>,
-    error: &hyper_util::client::legacy::Error,
-    traffic: &ServiceTraffic,
-) -> Response {
+fn failure(name: &str, route: &Route<'_>, error: &SendError, traffic: &ServiceTraffic) -> Response {
     let detail = error_chain(error);
-    let (status, message) = if client_side(error) {
+    let (status, message) = if error.is_client_side() {
         // The client's own body broke off; nothing the upstream did.
         (
             StatusCode::BAD_REQUEST,
             format!("could not read the request body: {detail}"),
         )
-    } else if error.is_connect() {
+    } else if matches!(error, SendError::Connect(_)) {
         traffic.upstream_failed(UpstreamError::Connect);
         (
             StatusCode::BAD_GATEWAY,
@@ -787,8 +981,13 @@ impl Slot {
 }
 
 impl Tracked {
-    /// `body` to send, lent through a slot (returned) when `lend`.
-    fn new(body: Body, progress: Option<Arc<Progress>>, lend: bool) -> (Self, Option<Slot>) {
+    /// `body` to send, lent through a slot (returned) when `lend`; as it
+    /// is when there is nothing to track or lend (most requests), which
+    /// saves boxing it again.
+    fn wrap(body: Body, progress: Option<Arc<Progress>>, lend: bool) -> (Body, Option<Slot>) {
+        if progress.is_none() && !lend {
+            return (body, None);
+        }
         let end_stream = body.is_end_stream();
         let size_hint = body.size_hint();
         let (source, slot) = if lend {
@@ -797,15 +996,13 @@ impl Tracked {
         } else {
             (Source::Owned(body), None)
         };
-        (
-            Self {
-                source,
-                end_stream,
-                size_hint,
-                progress,
-            },
-            slot,
-        )
+        let tracked = Self {
+            source,
+            end_stream,
+            size_hint,
+            progress,
+        };
+        (Body::new(tracked), slot)
     }
 }
 

@@ -16,6 +16,8 @@
 //! Routes (also under `/v1`, for base-path tests):
 //! - `GET /health`: 200, or 503 after [`Upstream::set_healthy`]`(false)`.
 //! - `GET /hello?name=X`: `{"message": "Hello, X!"}`, like the seed guide.
+//! - `GET /close`: `closing`, with `Connection: close`: the connection ends
+//!   after each answer.
 //! - `ANY /echo/...`: the request as JSON (method, path, query, headers,
 //!   body length).
 //! - `POST /count`: reads the body as a stream and answers how many bytes
@@ -41,7 +43,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{OriginalUri, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::serve::ListenerExt;
@@ -100,6 +102,7 @@ impl Upstream {
         let routes = Router::new()
             .route("/health", get(health))
             .route("/hello", get(hello))
+            .route("/close", get(close))
             .route("/echo", any(echo))
             .route("/echo/{*rest}", any(echo))
             .route("/count", post(count))
@@ -224,6 +227,12 @@ async fn health(State(counters): State<Arc<Counters>>) -> Response {
 async fn hello(Query(query): Query<BTreeMap<String, String>>) -> Response {
     let name = query.get("name").map_or("World", String::as_str);
     axum::Json(json!({"message": format!("Hello, {name}!")})).into_response()
+}
+
+/// Answers, then closes the connection (`Connection: close`), as a server
+/// shutting down or limiting requests per connection does.
+async fn close() -> Response {
+    ([(header::CONNECTION, "close")], "closing").into_response()
 }
 
 async fn echo(

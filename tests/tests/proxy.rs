@@ -142,6 +142,33 @@ async fn upstream_connections_are_pooled() {
 }
 
 #[tokio::test]
+async fn connections_the_upstream_closes_after_answering_are_never_reused() {
+    let upstream = Upstream::start().await;
+    let host = host_with("closing", &upstream).await;
+    let http = client();
+    for round in 0..30 {
+        // Alternating with kept-alive answers, so pooled and closing
+        // connections meet.
+        let path = if round % 2 == 0 { "close" } else { "hello" };
+        let answer = http
+            .get(host.gateway_url(&format!("/api/closing/{path}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "request {round} to /{path}");
+        assert!(!answer.headers().contains_key("connection"));
+        answer.bytes().await.unwrap();
+    }
+    // Each `/close` ended its connection, so the next request needed a
+    // new one: at least one per closing answer.
+    assert!(
+        upstream.connections() >= 15,
+        "{} upstream connections for 15 answers that closed theirs",
+        upstream.connections()
+    );
+}
+
+#[tokio::test]
 async fn a_localhost_host_is_reached() {
     let host = host_builder().start().await.unwrap();
     let v4 = Upstream::start().await;

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use axum::http::uri::{Authority, InvalidUri};
 use serde::{Deserialize, Serialize};
 
+use super::pool::Pool;
 use super::{CheckOutcome, InstanceAddr, Unavailable};
 use crate::settings::SettingsError;
 use crate::sync::{lock, random_below};
@@ -303,6 +304,8 @@ pub struct Instance {
     ejections: AtomicU32,
     /// End of the current or last ejection; 0: never ejected.
     ejected_until_us: AtomicU64,
+    /// The proxy's idle connections to it.
+    pool: Pool,
 }
 
 #[derive(Debug, Default)]
@@ -321,8 +324,10 @@ impl Instance {
         owner: Option<IpAddr>,
         registered_at: SystemTime,
     ) -> Result<Self, InvalidUri> {
+        let authority = addr.authority()?;
         Ok(Self {
-            authority: addr.authority()?,
+            pool: Pool::new(&authority),
+            authority,
             id: addr.to_string(),
             addr,
             owner: owner.map(|owner| owner.to_canonical()),
@@ -354,6 +359,11 @@ impl Instance {
     /// Its authority, for request URIs.
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// The proxy's idle connections to it.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// The address that registered it.

@@ -20,12 +20,14 @@ use axum::http::{HeaderValue, Uri};
 use serde::Serialize;
 
 mod instances;
+mod pool;
 mod spec;
 
 pub use instances::{
     Balancing, Ejection, HealthSettings, Instance, InstancePolicy, InstanceSet, InstanceStatus,
     LoadBalancingSettings, Outlier, OutlierSettings, Outstanding, Thresholds,
 };
+pub use pool::{Pool, Sender};
 pub use spec::{InstanceAddr, RemoteSpec, Reported};
 
 /// A registered out-of-process service.
