@@ -3,7 +3,7 @@
 //!
 //! At 10,000 services the listing is about 10 MB of JSON, and building it
 //! per request took tens of milliseconds of the registry's runtime. The
-//! whole listing is kept as one buffer of serialized entries, each
+//! whole listing is kept as serialized entries, one buffer each,
 //! remembered with the table entry it was built from and a **stamp** of
 //! the state it showed: every instance's liveness and status, last
 //! heartbeat, last check, requests outstanding and ejections; a plugin's
@@ -11,8 +11,10 @@
 //! instance policy. A read recomputes every stamp (atomic loads, no
 //! allocation but a remote instance's last check) and serializes again
 //! only the entries whose stamp changed (or whose table entry was
-//! replaced), copying the others; when none changed it answers the buffer
-//! itself without a copy.
+//! replaced), sharing the others' buffers; when none changed it answers
+//! the listing as built. The body is the entries' buffers in turn
+//! ([`ListingBody`]): no read copies a buffer, so a health-status change
+//! anywhere costs that entry's serialization, not a copy of the 10 MB.
 //!
 //! So every field is what a listing built on read would show: the cache
 //! holds an entry's text only while the state it shows has not changed.
@@ -27,8 +29,10 @@
 //! serve clients that need less than everything, and cost what they
 //! select.
 
-use std::ops::Range;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Instant, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -36,6 +40,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 use super::{Listed, describe};
 use crate::http::ApiError;
@@ -93,18 +98,20 @@ struct Page<'a> {
 /// The listing's cache: the whole listing as last built.
 #[derive(Debug, Default)]
 pub(super) struct Listing {
-    built: Mutex<Option<Built>>,
+    built: Mutex<Option<Arc<Built>>>,
 }
 
+/// The whole listing, as built for one read and shared by the reads after
+/// it while nothing it shows changes.
 #[derive(Debug)]
 struct Built {
     /// The policy the entries were built under (load balancing, health
     /// thresholds).
     policy: Arc<InstancePolicy>,
-    /// The JSON array.
-    json: Bytes,
     /// Its entries, in the listing's order (by name).
     entries: Vec<Entry>,
+    /// The bytes of the JSON array they make.
+    length: u64,
 }
 
 #[derive(Debug)]
@@ -115,8 +122,9 @@ struct Entry {
     service: Weak<Versions>,
     /// The state it showed; `None`: it depended on the moment.
     stamp: Option<u64>,
-    /// Its bytes in `json`.
-    range: Range<usize>,
+    /// Its JSON followed by a comma (the array's separator, dropped after
+    /// the last entry).
+    json: Bytes,
 }
 
 impl Listing {
@@ -136,7 +144,10 @@ impl Listing {
         // sees them all (the admin token, or any caller while there is no
         // tenant but the default one).
         if !paged && !filtered && services.iter().all(|versions| visible(versions)) {
-            return self.whole(services, policy).map(json).map_err(unwritable);
+            return self
+                .whole(services, policy)
+                .map(|body| json(Body::new(body)))
+                .map_err(unwritable);
         }
         let limit = match query.limit {
             Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
@@ -171,24 +182,24 @@ impl Listing {
         } else {
             serde_json::to_vec(&listed)
         };
-        body.map(|body| json(Bytes::from(body))).map_err(unwritable)
+        body.map(|body| json(Body::from(body))).map_err(unwritable)
     }
 
-    /// The whole listing: the cached buffer if nothing it shows changed,
-    /// else a new one made of the unchanged entries' bytes and the
-    /// changed ones serialized again.
+    /// The whole listing: as last built if nothing it shows changed,
+    /// else made of the unchanged entries' buffers and the changed ones
+    /// serialized again.
     fn whole(
         &self,
         services: &[Arc<Versions>],
         policy: &Arc<InstancePolicy>,
-    ) -> Result<Bytes, serde_json::Error> {
+    ) -> Result<ListingBody, serde_json::Error> {
         let now = Instant::now();
         let mut built = lock(&self.built);
         let previous = built
             .as_ref()
             .filter(|previous| Arc::ptr_eq(&previous.policy, policy));
         // Each service with its stamp and, if its bytes can be reused,
-        // where they are in the previous buffer.
+        // its previous buffer.
         let mut old = previous.map_or(&[][..], |previous| &previous.entries[..]);
         let plan: Vec<Planned<'_>> = services
             .iter()
@@ -196,7 +207,7 @@ impl Listing {
                 let stamp = stamp(service, now);
                 let reused = reusable(&mut old, service)
                     .filter(|entry| stamp.is_some() && entry.stamp == stamp)
-                    .map(|entry| entry.range.clone());
+                    .map(|entry| entry.json.clone());
                 (service, stamp, reused)
             })
             .collect();
@@ -204,40 +215,102 @@ impl Listing {
             && plan.len() == previous.entries.len()
             && plan.iter().all(|(_, _, reused)| reused.is_some())
         {
-            return Ok(previous.json.clone());
+            return Ok(ListingBody::new(previous.clone()));
         }
-        let mut json = Vec::with_capacity(previous.map_or(0, |previous| previous.json.len()));
         let mut entries = Vec::with_capacity(plan.len());
-        json.push(b'[');
-        for (index, (service, stamp, reused)) in plan.into_iter().enumerate() {
-            if index > 0 {
-                json.push(b',');
-            }
-            let begin = json.len();
-            match (reused, previous) {
-                (Some(range), Some(previous)) => json.extend_from_slice(&previous.json[range]),
-                _ => serde_json::to_writer(&mut json, &describe(service, policy))?,
-            }
+        for (service, stamp, reused) in plan {
+            let json = match reused {
+                Some(json) => json,
+                None => {
+                    let mut json = Vec::with_capacity(ENTRY_CAPACITY);
+                    serde_json::to_writer(&mut json, &describe(service, policy))?;
+                    json.push(b',');
+                    json.shrink_to_fit();
+                    Bytes::from(json)
+                }
+            };
             entries.push(Entry {
                 service: Arc::downgrade(service),
                 stamp,
-                range: begin..json.len(),
+                json,
             });
         }
-        json.push(b']');
-        let json = Bytes::from(json);
-        *built = Some(Built {
+        let entries_length: usize = entries.iter().map(|entry| entry.json.len()).sum();
+        // `[` and `]`, less the last entry's comma.
+        let length = (entries_length + 2 - usize::from(!entries.is_empty())) as u64;
+        let fresh = Arc::new(Built {
             policy: policy.clone(),
-            json: json.clone(),
             entries,
+            length,
         });
-        Ok(json)
+        *built = Some(fresh.clone());
+        Ok(ListingBody::new(fresh))
     }
 }
 
-/// A service of a listing being built: its stamp, and where its bytes
-/// are in the previous buffer if they can be reused.
-type Planned<'a> = (&'a Arc<Versions>, Option<u64>, Option<Range<usize>>);
+/// Room first given to an entry's JSON: about what one remote service
+/// with one instance takes.
+const ENTRY_CAPACITY: usize = 1024;
+
+/// The body of the whole listing: `[`, each entry's buffer (the last
+/// without its comma), `]`, each a frame of its own, with its exact length
+/// known (so it is sent with a `Content-Length`).
+#[derive(Debug)]
+struct ListingBody {
+    built: Arc<Built>,
+    /// The next frame: 0 is `[`, 1 to n the entries, n + 1 `]`.
+    next: usize,
+    /// Bytes not yet sent.
+    remaining: u64,
+}
+
+impl ListingBody {
+    fn new(built: Arc<Built>) -> Self {
+        Self {
+            remaining: built.length,
+            built,
+            next: 0,
+        }
+    }
+}
+
+impl http_body::Body for ListingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let body = self.get_mut();
+        let entries = &body.built.entries;
+        let frame = match body.next {
+            0 => Bytes::from_static(b"["),
+            next if next < entries.len() => entries[next - 1].json.clone(),
+            next if next == entries.len() => {
+                let last = &entries[next - 1].json;
+                last.slice(..last.len() - 1)
+            }
+            next if next == entries.len() + 1 => Bytes::from_static(b"]"),
+            _ => return Poll::Ready(None),
+        };
+        body.next += 1;
+        body.remaining -= frame.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next > self.built.entries.len() + 1
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A service of a listing being built: its stamp, and its previous
+/// buffer if it can be reused.
+type Planned<'a> = (&'a Arc<Versions>, Option<u64>, Option<Bytes>);
 
 /// The previous entry built from `service` itself, if any; skips, in
 /// `old` (sorted by name, like the services asked for), the entries of
@@ -398,13 +471,132 @@ fn unwritable(error: serde_json::Error) -> ApiError {
     )
 }
 
-fn json(body: Bytes) -> Response {
+fn json(body: Body) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/json"),
         )],
-        Body::from(body),
+        body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, SystemTime};
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::remote::{Instance, InstanceAddr, RemoteService, RemoteSpec};
+    use crate::service::{ServiceInfo, Version};
+    use crate::table::ServiceTable;
+
+    /// A remote service `name` of one instance, fresh.
+    fn remote(name: &str, port: u16) -> Arc<Service> {
+        let info = ServiceInfo {
+            name: name.to_owned(),
+            display_name: String::new(),
+            description: String::new(),
+            version: "1.0.0".to_owned(),
+            health_check_url: "/health".to_owned(),
+            metadata: BTreeMap::new(),
+            tags: Vec::new(),
+            requires_auth: false,
+            endpoints: Vec::new(),
+        };
+        let addr = InstanceAddr {
+            host: "127.0.0.1".to_owned(),
+            port,
+        };
+        let instance = Instance::new(addr, None, SystemTime::now()).expect("a valid address");
+        instance.refresh();
+        let version = Version::parse("1.0.0").expect("a version");
+        Arc::new(Service::new(
+            info.clone(),
+            version,
+            Backend::Remote(Arc::new(RemoteService::new(
+                RemoteSpec {
+                    info,
+                    base_path: "/".to_owned(),
+                    load_balancing: None,
+                },
+                vec![Arc::new(instance)],
+                SystemTime::now(),
+                None,
+                Duration::from_secs(90),
+            ))),
+        ))
+    }
+
+    async fn bytes(body: ListingBody) -> Bytes {
+        let length = http_body::Body::size_hint(&body).exact();
+        let bytes = body.collect().await.expect("infallible").to_bytes();
+        assert_eq!(length, Some(bytes.len() as u64), "the length announced");
+        bytes
+    }
+
+    /// The listing serialized from scratch, as the cache must answer it.
+    fn fresh(services: &[Arc<Versions>], policy: &InstancePolicy) -> Vec<u8> {
+        let listed: Vec<_> = services
+            .iter()
+            .map(|service| describe(service, policy))
+            .collect();
+        serde_json::to_vec(&listed).expect("serializable")
+    }
+
+    #[tokio::test]
+    async fn a_change_re_renders_only_its_entry_and_the_body_equals_a_fresh_render() {
+        let table = ServiceTable::new();
+        let policy = Arc::new(InstancePolicy::default());
+        let listing = Listing::default();
+        let empty = listing.whole(&table.list(), &policy).expect("built");
+        assert_eq!(bytes(empty).await, "[]");
+        for (port, name) in (10_001..).zip(["alpha", "beta", "gamma"]) {
+            table
+                .update(name, |_| Ok::<_, ()>(vec![remote(name, port)]))
+                .expect("inserted");
+        }
+        let services = table.list();
+        let first = listing.whole(&services, &policy).expect("built");
+        let before: Vec<Bytes> = first.built.entries.iter().map(|e| e.json.clone()).collect();
+        assert_eq!(bytes(first).await, fresh(&services, &policy));
+
+        let unchanged = listing.whole(&services, &policy).expect("built");
+        let kept = lock(&listing.built).clone().expect("cached");
+        assert!(
+            Arc::ptr_eq(&unchanged.built, &kept),
+            "nothing changed: the same listing"
+        );
+
+        // beta's instance reports itself unhealthy: its entry changes.
+        let Backend::Remote(beta) = &services[1].default_version().backend else {
+            panic!("a remote service");
+        };
+        beta.instances().members()[0].heartbeat(false);
+        let second = listing.whole(&services, &policy).expect("built");
+        let after: Vec<Bytes> = second
+            .built
+            .entries
+            .iter()
+            .map(|e| e.json.clone())
+            .collect();
+        let shared: Vec<bool> = before
+            .iter()
+            .zip(&after)
+            .map(|(before, after)| before.as_ptr() == after.as_ptr())
+            .collect();
+        assert_eq!(
+            shared,
+            [true, false, true],
+            "only beta's entry was rendered again"
+        );
+        assert_ne!(before[1], after[1]);
+        let body = bytes(second).await;
+        assert_eq!(body, fresh(&services, &policy));
+        let listed: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(listed[1]["status"], "unhealthy", "{listed}");
+    }
 }
