@@ -830,7 +830,7 @@ mod tests {
             .expect("a valid address");
         Arc::new(RemoteService::new(
             crate::remote::RemoteSpec {
-                info,
+                info: Arc::new(info),
                 base_path: "/".to_owned(),
                 load_balancing: None,
             },

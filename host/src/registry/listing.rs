@@ -519,7 +519,7 @@ mod tests {
             version,
             Backend::Remote(Arc::new(RemoteService::new(
                 RemoteSpec {
-                    info,
+                    info: Arc::new(info),
                     base_path: "/".to_owned(),
                     load_balancing: None,
                 },
