@@ -110,8 +110,14 @@ struct Built {
     policy: Arc<InstancePolicy>,
     /// Its entries, in the listing's order (by name).
     entries: Vec<Entry>,
+    /// The entries' JSON, [`BLOCK`] entries to a buffer: what the body
+    /// sends, and what each entry's `json` is a slice of.
+    blocks: Vec<Bytes>,
     /// The bytes of the JSON array they make.
     length: u64,
+    /// How many entries were serialized to build it (the others were
+    /// reused).
+    rendered: usize,
 }
 
 #[derive(Debug)]
@@ -123,9 +129,14 @@ struct Entry {
     /// The state it showed; `None`: it depended on the moment.
     stamp: Option<u64>,
     /// Its JSON followed by a comma (the array's separator, dropped after
-    /// the last entry).
+    /// the last entry): a slice of its block.
     json: Bytes,
 }
+
+/// Entries per block: enough that the body is a few hundred frames (hyper
+/// writes at most 16 buffers a `writev`), few enough that a change copies
+/// little beside the entry it re-serializes.
+const BLOCK: usize = 64;
 
 impl Listing {
     /// Answers a listing of the `services` (sorted by name) the caller
@@ -218,47 +229,95 @@ impl Listing {
             return Ok(ListingBody::new(previous.clone()));
         }
         let mut entries = Vec::with_capacity(plan.len());
-        for (service, stamp, reused) in plan {
-            let json = match reused {
-                Some(json) => json,
-                None => {
-                    let mut json = Vec::with_capacity(ENTRY_CAPACITY);
-                    serde_json::to_writer(&mut json, &describe(service, policy))?;
-                    json.push(b',');
-                    json.shrink_to_fit();
-                    Bytes::from(json)
+        let mut blocks = Vec::with_capacity(plan.len().div_ceil(BLOCK));
+        let mut rendered = 0;
+        for (index, block) in plan.chunks(BLOCK).enumerate() {
+            let kept = previous.and_then(|previous| previous.blocks.get(index));
+            if let Some(kept) = kept.filter(|kept| is_block(kept, block)) {
+                for (service, stamp, reused) in block {
+                    entries.push(Entry {
+                        service: Arc::downgrade(service),
+                        stamp: *stamp,
+                        json: reused.clone().expect("a kept block's entries are reused"),
+                    });
                 }
-            };
-            entries.push(Entry {
-                service: Arc::downgrade(service),
-                stamp,
-                json,
-            });
+                blocks.push(kept.clone());
+                continue;
+            }
+            let mut json = Vec::with_capacity(kept.map_or(BLOCK * ENTRY_CAPACITY, Bytes::len));
+            let mut ranges = Vec::with_capacity(block.len());
+            for (service, _, reused) in block {
+                let begin = json.len();
+                match reused {
+                    Some(reused) => json.extend_from_slice(reused),
+                    None => {
+                        serde_json::to_writer(&mut json, &describe(service, policy))?;
+                        json.push(b',');
+                        rendered += 1;
+                    }
+                }
+                ranges.push(begin..json.len());
+            }
+            json.shrink_to_fit();
+            let json = Bytes::from(json);
+            for ((service, stamp, _), range) in block.iter().zip(ranges) {
+                entries.push(Entry {
+                    service: Arc::downgrade(service),
+                    stamp: *stamp,
+                    json: json.slice(range),
+                });
+            }
+            blocks.push(json);
         }
-        let entries_length: usize = entries.iter().map(|entry| entry.json.len()).sum();
+        let blocks_length: usize = blocks.iter().map(Bytes::len).sum();
         // `[` and `]`, less the last entry's comma.
-        let length = (entries_length + 2 - usize::from(!entries.is_empty())) as u64;
+        let length = (blocks_length + 2 - usize::from(!blocks.is_empty())) as u64;
         let fresh = Arc::new(Built {
             policy: policy.clone(),
             entries,
+            blocks,
             length,
+            rendered,
         });
+        tracing::debug!(
+            entries = fresh.entries.len(),
+            rendered = fresh.rendered,
+            "listing cache rebuilt"
+        );
         *built = Some(fresh.clone());
         Ok(ListingBody::new(fresh))
     }
 }
 
-/// Room first given to an entry's JSON: about what one remote service
-/// with one instance takes.
+/// Whether `block`'s entries are all reused and are, in order, exactly the
+/// block `kept` of the previous listing (so it can be sent as it is).
+fn is_block(kept: &Bytes, block: &[Planned<'_>]) -> bool {
+    let mut at = kept.as_ptr();
+    let mut length = 0;
+    for (_, _, reused) in block {
+        let Some(reused) = reused else {
+            return false;
+        };
+        if reused.as_ptr() != at {
+            return false;
+        }
+        at = at.wrapping_add(reused.len());
+        length += reused.len();
+    }
+    length == kept.len()
+}
+
+/// Room first given to an entry's JSON in a new block: about what one
+/// remote service with one instance takes.
 const ENTRY_CAPACITY: usize = 1024;
 
-/// The body of the whole listing: `[`, each entry's buffer (the last
-/// without its comma), `]`, each a frame of its own, with its exact length
-/// known (so it is sent with a `Content-Length`).
+/// The body of the whole listing: `[`, each block (the last without its
+/// last entry's comma), `]`, each a frame of its own, with its exact
+/// length known (so it is sent with a `Content-Length`).
 #[derive(Debug)]
 struct ListingBody {
     built: Arc<Built>,
-    /// The next frame: 0 is `[`, 1 to n the entries, n + 1 `]`.
+    /// The next frame: 0 is `[`, 1 to n the blocks, n + 1 `]`.
     next: usize,
     /// Bytes not yet sent.
     remaining: u64,
@@ -283,15 +342,15 @@ impl http_body::Body for ListingBody {
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let body = self.get_mut();
-        let entries = &body.built.entries;
+        let blocks = &body.built.blocks;
         let frame = match body.next {
             0 => Bytes::from_static(b"["),
-            next if next < entries.len() => entries[next - 1].json.clone(),
-            next if next == entries.len() => {
-                let last = &entries[next - 1].json;
+            next if next < blocks.len() => blocks[next - 1].clone(),
+            next if next == blocks.len() => {
+                let last = &blocks[next - 1];
                 last.slice(..last.len() - 1)
             }
-            next if next == entries.len() + 1 => Bytes::from_static(b"]"),
+            next if next == blocks.len() + 1 => Bytes::from_static(b"]"),
             _ => return Poll::Ready(None),
         };
         body.next += 1;
@@ -300,7 +359,7 @@ impl http_body::Body for ListingBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.next > self.built.entries.len() + 1
+        self.next > self.built.blocks.len() + 1
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -554,14 +613,20 @@ mod tests {
         let listing = Listing::default();
         let empty = listing.whole(&table.list(), &policy).expect("built");
         assert_eq!(bytes(empty).await, "[]");
-        for (port, name) in (10_001..).zip(["alpha", "beta", "gamma"]) {
+        // Three blocks, the last of two entries.
+        let count = 2 * BLOCK + 2;
+        for index in 0..count {
+            let name = format!("s{index:03}");
+            let port = 10_000 + u16::try_from(index).expect("a port");
             table
-                .update(name, |_| Ok::<_, ()>(vec![remote(name, port)]))
+                .update(&name, |_| Ok::<_, ()>(vec![remote(&name, port)]))
                 .expect("inserted");
         }
         let services = table.list();
         let first = listing.whole(&services, &policy).expect("built");
-        let before: Vec<Bytes> = first.built.entries.iter().map(|e| e.json.clone()).collect();
+        assert_eq!(first.built.rendered, count);
+        let before: Vec<Bytes> = first.built.blocks.clone();
+        assert_eq!(before.len(), 3);
         assert_eq!(bytes(first).await, fresh(&services, &policy));
 
         let unchanged = listing.whole(&services, &policy).expect("built");
@@ -571,32 +636,31 @@ mod tests {
             "nothing changed: the same listing"
         );
 
-        // beta's instance reports itself unhealthy: its entry changes.
-        let Backend::Remote(beta) = &services[1].default_version().backend else {
+        // One service of the middle block reports itself unhealthy.
+        let changed = BLOCK + 1;
+        let Backend::Remote(remote) = &services[changed].default_version().backend else {
             panic!("a remote service");
         };
-        beta.instances().members()[0].heartbeat(false);
+        remote.instances().members()[0].heartbeat(false);
         let second = listing.whole(&services, &policy).expect("built");
-        let after: Vec<Bytes> = second
-            .built
-            .entries
-            .iter()
-            .map(|e| e.json.clone())
-            .collect();
+        assert_eq!(
+            second.built.rendered, 1,
+            "only the changed entry is serialized again"
+        );
         let shared: Vec<bool> = before
             .iter()
-            .zip(&after)
+            .zip(&second.built.blocks)
             .map(|(before, after)| before.as_ptr() == after.as_ptr())
             .collect();
-        assert_eq!(
-            shared,
-            [true, false, true],
-            "only beta's entry was rendered again"
-        );
-        assert_ne!(before[1], after[1]);
+        assert_eq!(shared, [true, false, true], "only its block is made again");
         let body = bytes(second).await;
         assert_eq!(body, fresh(&services, &policy));
         let listed: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-        assert_eq!(listed[1]["status"], "unhealthy", "{listed}");
+        assert_eq!(
+            listed[changed]["status"], "unhealthy",
+            "{}",
+            listed[changed]
+        );
+        assert_eq!(listed[changed - 1]["status"], "healthy");
     }
 }
