@@ -3,18 +3,20 @@
 //!
 //! At 10,000 services the listing is about 10 MB of JSON, and building it
 //! per request took tens of milliseconds of the registry's runtime. The
-//! whole listing is kept as serialized entries, one buffer each,
-//! remembered with the table entry it was built from and a **stamp** of
+//! whole listing is kept as serialized entries in blocks of [`BLOCK`]
+//! (each entry a slice of its block), each entry remembered with the table entry it was built from and a **stamp** of
 //! the state it showed: every instance's liveness and status, last
 //! heartbeat, last check, requests outstanding and ejections; a plugin's
-//! last check; the traffic counters; and, for the whole buffer, the live
+//! last check; the traffic counters; and, for the whole listing, the live
 //! instance policy. A read recomputes every stamp (atomic loads, no
 //! allocation but a remote instance's last check) and serializes again
 //! only the entries whose stamp changed (or whose table entry was
-//! replaced), sharing the others' buffers; when none changed it answers
-//! the listing as built. The body is the entries' buffers in turn
-//! ([`ListingBody`]): no read copies a buffer, so a health-status change
-//! anywhere costs that entry's serialization, not a copy of the 10 MB.
+//! replaced), copying the others' bytes into a new block only where a
+//! block holds a changed entry and sharing every other block; when none
+//! changed it answers the listing as built. The body is the blocks in
+//! turn ([`ListingBody`]): no read copies them, so a health-status change
+//! costs that entry's serialization and a copy of its block, not of the
+//! 10 MB.
 //!
 //! So every field is what a listing built on read would show: the cache
 //! holds an entry's text only while the state it shows has not changed.
