@@ -84,7 +84,7 @@ fn version_choice(c: &mut Criterion) {
     let version = Version::parse(&info.version).expect("a valid version");
     let remote = RemoteService::new(
         RemoteSpec {
-            info: info.clone(),
+            info: Arc::new(info.clone()),
             base_path: "/".to_owned(),
             load_balancing: None,
         },

@@ -89,8 +89,9 @@ impl PluginHealth {
 /// One version of a service.
 #[derive(Debug, Clone)]
 pub struct Service {
-    /// What the service declares (its `version` normalised).
-    pub info: ServiceInfo,
+    /// What the service declares (its `version` normalised); a remote
+    /// service's is the one its spec holds.
+    pub info: Arc<ServiceInfo>,
     /// Its version.
     version: Version,
     /// Its version as the `X-Service-Version` answer header, made once
@@ -111,8 +112,12 @@ pub struct Service {
 impl Service {
     /// The entry for version `version` of a service declaring `info`,
     /// reached through `backend`.
-    pub fn new(mut info: ServiceInfo, version: Version, backend: Backend) -> Self {
-        info.version = version.to_string();
+    pub fn new(info: impl Into<Arc<ServiceInfo>>, version: Version, backend: Backend) -> Self {
+        let mut info = info.into();
+        let normalised = version.to_string();
+        if info.version != normalised {
+            Arc::make_mut(&mut info).version = normalised;
+        }
         Self {
             // A version's text is ASCII without control characters.
             version_header: HeaderValue::from_str(&info.version)
@@ -481,7 +486,7 @@ mod tests {
         };
         let remote = RemoteService::new(
             RemoteSpec {
-                info: info.clone(),
+                info: Arc::new(info.clone()),
                 base_path: "/".to_owned(),
                 load_balancing: None,
             },

@@ -17,7 +17,8 @@
 //! and operations of a service with `requires_auth` that it did not declare
 //! public get the gateway's requirement (an API key or a bearer JWT).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -28,7 +29,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{Map, Value, json};
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::egress::{EgressPolicy, LoopGuard, Resolver};
 use crate::http::error_chain;
@@ -45,9 +47,9 @@ pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 /// catalogue grow without bound.
 const MAX_KEPT_BYTES: usize = 64 * 1024 * 1024;
 
-/// Fetches in flight at once: a burst of registrations must not open a
-/// socket each.
-const MAX_CONCURRENT_FETCHES: usize = 16;
+/// Workers asking services for their documents, so fetches in flight at
+/// once: a burst of registrations must not open a socket each.
+const FETCHERS: usize = 8;
 
 /// How often a service that cannot be reached is asked for its document,
 /// and the first wait between two askings (then doubled): about 15 s in all.
@@ -94,7 +96,10 @@ pub(super) struct Catalogue {
     loop_guard: LoopGuard,
     /// Under which an instance to ask is picked, as the proxy picks one.
     instances: Arc<ArcSwap<InstancePolicy>>,
-    fetches: Arc<Semaphore>,
+    /// The services still to ask, served by [`FETCHERS`] workers started
+    /// at the first fetch.
+    queue: Arc<FetchQueue>,
+    workers: std::sync::Once,
     published: std::sync::Mutex<HashMap<String, Published>>,
 }
 
@@ -148,7 +153,8 @@ impl Catalogue {
             timeout,
             loop_guard,
             instances,
-            fetches: Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES)),
+            queue: Arc::new(FetchQueue::default()),
+            workers: std::sync::Once::new(),
             published: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -161,56 +167,59 @@ impl Catalogue {
     /// guide's FastAPI client registers from its startup hook, before its
     /// server accepts connections. The asking ends with the registration
     /// (a replaced or removed one is not asked again).
+    ///
+    /// The asking is queued, not a task of its own: a fixed pool of
+    /// [`FETCHERS`] workers serves the queue, so a burst of registrations
+    /// costs one queue entry each, not a task, a timer and a socket.
     pub(super) fn fetch(self: &Arc<Self>, remote: Arc<RemoteService>) {
-        let catalogue = self.clone();
-        let name = remote.name().to_owned();
-        let registration = Arc::downgrade(&remote);
-        drop(remote);
-        tokio::spawn(async move {
-            let mut wait = RETRY_FIRST;
-            for attempt in 1..=ATTEMPTS {
-                let Some(remote) = registration.upgrade() else {
-                    return;
-                };
-                let answer = {
-                    let Ok(_slot) = catalogue.fetches.acquire().await else {
-                        return;
-                    };
-                    catalogue.published_by(&remote).await
-                };
-                let error = match answer {
-                    Ok((document, bytes)) => {
-                        match catalogue.keep(&remote, document, bytes) {
-                            Ok(paths) => tracing::info!(
-                                service = %name,
-                                paths,
-                                bytes,
-                                "published API document merged into the catalogue"
-                            ),
-                            Err(error) => {
-                                tracing::warn!(service = %name, error = %error, "published API document not merged");
-                            }
+        self.workers.call_once(|| {
+            for _ in 0..FETCHERS {
+                let catalogue = Arc::downgrade(self);
+                tokio::spawn(self.queue.clone().work(move |remote, attempt| {
+                    let catalogue = catalogue.clone();
+                    async move {
+                        match catalogue.upgrade() {
+                            Some(catalogue) => catalogue.ask(&remote, attempt).await,
+                            None => Asked::Done,
                         }
-                        return;
                     }
-                    Err(error) => error,
-                };
-                let unreachable = matches!(
-                    error,
-                    NotPublished::Unavailable(_)
-                        | NotPublished::Request(_)
-                        | NotPublished::Timeout(_)
-                );
-                if !unreachable || attempt == ATTEMPTS {
-                    lock(&catalogue.published).remove(&name);
-                    tracing::debug!(service = %name, error = %error, attempt, "no published API document");
-                    return;
-                }
-                drop(remote);
-                tokio::time::sleep(wait).await;
-                wait = wait.saturating_mul(2);
+                }));
             }
         });
+        self.queue.push(&remote);
+    }
+
+    /// One asking of `remote` for its document, the `attempt`-th: whether
+    /// to ask again.
+    async fn ask(&self, remote: &Arc<RemoteService>, attempt: u32) -> Asked {
+        let name = remote.name();
+        let error = match self.published_by(remote).await {
+            Ok((document, bytes)) => {
+                match self.keep(remote, document, bytes) {
+                    Ok(paths) => tracing::info!(
+                        service = %name,
+                        paths,
+                        bytes,
+                        "published API document merged into the catalogue"
+                    ),
+                    Err(error) => {
+                        tracing::warn!(service = %name, error = %error, "published API document not merged");
+                    }
+                }
+                return Asked::Done;
+            }
+            Err(error) => error,
+        };
+        let unreachable = matches!(
+            error,
+            NotPublished::Unavailable(_) | NotPublished::Request(_) | NotPublished::Timeout(_)
+        );
+        if unreachable && attempt < ATTEMPTS {
+            return Asked::Again;
+        }
+        lock(&self.published).remove(name);
+        tracing::debug!(service = %name, error = %error, attempt, "no published API document");
+        Asked::Done
     }
 
     async fn published_by(&self, remote: &RemoteService) -> Result<(Value, usize), NotPublished> {
@@ -343,6 +352,178 @@ impl Catalogue {
             "paths": paths,
             "components": all_components,
         })
+    }
+}
+
+impl Drop for Catalogue {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
+/// What one asking of a service concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// Nothing more to ask: merged, refused, or the last attempt.
+    Done,
+    /// Not reachable yet: ask again after the next wait.
+    Again,
+}
+
+/// The services whose documents are still to be asked for, each at the
+/// time it is due: one entry per name (a new registration replaces its
+/// name's pending asking, as its document replaces its name's), holding
+/// the registration weakly, so a service that goes is dropped from the
+/// queue unasked. Workers ([`FetchQueue::work`]) take due entries; how
+/// many fetches are in flight is how many workers there are.
+#[derive(Debug, Default)]
+struct FetchQueue {
+    pending: std::sync::Mutex<Pending>,
+    /// Signalled when an entry is queued, or the queue closed: a worker
+    /// waiting for a later entry looks again.
+    queued: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// By name.
+    jobs: HashMap<String, Job>,
+    /// The same entries in the order they are due: (due, sequence, name).
+    due: BTreeSet<(Instant, u64, String)>,
+    /// Tells apart entries due at the same instant.
+    sequence: u64,
+    /// Set when the catalogue goes: the workers end.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Job {
+    registration: Weak<RemoteService>,
+    /// Which asking this is, from 1.
+    attempt: u32,
+    /// Its place in [`Pending::due`].
+    due: (Instant, u64),
+}
+
+impl Pending {
+    fn insert(&mut self, name: &str, registration: Weak<RemoteService>, attempt: u32, at: Instant) {
+        self.sequence += 1;
+        let due = (at, self.sequence);
+        if let Some(replaced) = self.jobs.insert(
+            name.to_owned(),
+            Job {
+                registration,
+                attempt,
+                due,
+            },
+        ) {
+            self.due
+                .remove(&(replaced.due.0, replaced.due.1, name.to_owned()));
+        }
+        self.due.insert((due.0, due.1, name.to_owned()));
+    }
+
+    /// The first entry due by `now` whose service is still there, with
+    /// its attempt (entries of services gone are dropped on the way);
+    /// else when the next one is due, if any.
+    fn take(&mut self, now: Instant) -> Result<(Arc<RemoteService>, u32), Option<Instant>> {
+        while let Some(first) = self.due.first() {
+            if first.0 > now {
+                return Err(Some(first.0));
+            }
+            let (_, _, name) = self.due.pop_first().expect("a first entry");
+            let Some(job) = self.jobs.remove(&name) else {
+                continue;
+            };
+            if let Some(remote) = job.registration.upgrade() {
+                return Ok((remote, job.attempt));
+            }
+        }
+        Err(None)
+    }
+}
+
+impl FetchQueue {
+    /// Queues the first asking of `remote`, due now, in place of any
+    /// pending one of its name.
+    fn push(&self, remote: &Arc<RemoteService>) {
+        lock(&self.pending).insert(remote.name(), Arc::downgrade(remote), 1, Instant::now());
+        self.queued.notify_one();
+    }
+
+    /// Queues asking `remote` again, the `attempt`-th time, after `wait`,
+    /// unless a newer registration of its name is queued already.
+    fn again(&self, remote: &Arc<RemoteService>, attempt: u32, wait: Duration) {
+        let mut pending = lock(&self.pending);
+        if !pending.jobs.contains_key(remote.name()) {
+            pending.insert(
+                remote.name(),
+                Arc::downgrade(remote),
+                attempt,
+                Instant::now() + wait,
+            );
+        }
+        drop(pending);
+        self.queued.notify_one();
+    }
+
+    /// Ends the workers once they are between two askings.
+    fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.queued.notify_waiters();
+    }
+
+    /// Entries queued, including those of services gone and not yet
+    /// dropped.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.pending).jobs.len()
+    }
+
+    /// The next due asking; `None` once the queue is closed.
+    async fn next(&self) -> Option<(Arc<RemoteService>, u32)> {
+        loop {
+            let queued = self.queued.notified();
+            tokio::pin!(queued);
+            // Registered before looking, so a push made after the look
+            // wakes this worker.
+            queued.as_mut().enable();
+            let next_due = {
+                let mut pending = lock(&self.pending);
+                if pending.closed {
+                    return None;
+                }
+                match pending.take(Instant::now()) {
+                    Ok(taken) => return Some(taken),
+                    Err(next_due) => next_due,
+                }
+            };
+            match next_due {
+                Some(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = &mut queued => {}
+                    }
+                }
+                None => queued.await,
+            }
+        }
+    }
+
+    /// One worker: asks each due service with `ask` (given the attempt)
+    /// and queues it again, [`RETRY_FIRST`] later and then twice as long
+    /// each time, while `ask` says so; ends when the queue closes.
+    async fn work<F, A>(self: Arc<Self>, ask: F)
+    where
+        F: Fn(Arc<RemoteService>, u32) -> A,
+        A: Future<Output = Asked>,
+    {
+        while let Some((remote, attempt)) = self.next().await {
+            if ask(remote.clone(), attempt).await == Asked::Again {
+                let wait = RETRY_FIRST.saturating_mul(1 << (attempt - 1).min(16));
+                self.again(&remote, attempt + 1, wait);
+            }
+        }
     }
 }
 
@@ -636,6 +817,137 @@ mod tests {
         );
         assert!(components["schemas"].contains_key("shop.Tag"));
         assert!(!components.contains_key("securitySchemes"));
+    }
+
+    fn remote(name: &str) -> Arc<RemoteService> {
+        let mut info = info(false);
+        info.name = name.to_owned();
+        let addr = crate::remote::InstanceAddr {
+            host: "127.0.0.1".to_owned(),
+            port: 9,
+        };
+        let instance = crate::remote::Instance::new(addr, None, std::time::SystemTime::now())
+            .expect("a valid address");
+        Arc::new(RemoteService::new(
+            crate::remote::RemoteSpec {
+                info: Arc::new(info),
+                base_path: "/".to_owned(),
+                load_balancing: None,
+            },
+            vec![Arc::new(instance)],
+            std::time::SystemTime::now(),
+            None,
+            Duration::from_secs(30),
+        ))
+    }
+
+    /// Workers on `queue` whose asking records the name asked and waits
+    /// for a permit of `gate`; answers the names asked, and the most
+    /// askings in flight at once.
+    struct Probe {
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Probe {
+        fn start(queue: &Arc<FetchQueue>, workers: usize) -> Self {
+            use std::sync::atomic::Ordering::SeqCst;
+            let probe = Self {
+                asked: Arc::default(),
+                in_flight: Arc::default(),
+                most: Arc::default(),
+                gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            };
+            for _ in 0..workers {
+                let (asked, in_flight, most, gate) = (
+                    probe.asked.clone(),
+                    probe.in_flight.clone(),
+                    probe.most.clone(),
+                    probe.gate.clone(),
+                );
+                tokio::spawn(queue.clone().work(move |remote, _attempt| {
+                    let (asked, in_flight, most, gate) =
+                        (asked.clone(), in_flight.clone(), most.clone(), gate.clone());
+                    async move {
+                        let now = in_flight.fetch_add(1, SeqCst) + 1;
+                        most.fetch_max(now, SeqCst);
+                        lock(&asked).push(remote.name().to_owned());
+                        gate.acquire().await.expect("open").forget();
+                        in_flight.fetch_sub(1, SeqCst);
+                        Asked::Done
+                    }
+                }));
+            }
+            probe
+        }
+
+        /// Lets the tasks run until `done` holds (bounded).
+        async fn until(&self, done: impl Fn(&Self) -> bool) {
+            for _ in 0..10_000 {
+                if done(self) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("not reached; asked: {:?}", lock(&self.asked));
+        }
+
+        fn asked(&self) -> Vec<String> {
+            let mut asked = lock(&self.asked).clone();
+            asked.sort();
+            asked
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fetch_queue_has_as_many_askings_in_flight_as_workers_and_no_more() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let queue = Arc::new(FetchQueue::default());
+        let services: Vec<_> = (0..40).map(|i| remote(&format!("s{i:02}"))).collect();
+        for service in &services {
+            queue.push(service);
+        }
+        let probe = Probe::start(&queue, 4);
+        probe.until(|probe| probe.in_flight.load(SeqCst) == 4).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(probe.asked().len(), 4, "only the workers' askings start");
+        probe.gate.add_permits(services.len());
+        probe.until(|probe| probe.asked().len() == 40).await;
+        let mut names: Vec<String> = services.iter().map(|s| s.name().to_owned()).collect();
+        names.sort();
+        assert_eq!(probe.asked(), names, "each service asked once");
+        assert_eq!(probe.most.load(SeqCst), 4);
+        assert_eq!(queue.len(), 0);
+        queue.close();
+    }
+
+    #[tokio::test]
+    async fn a_service_gone_is_dropped_from_the_fetch_queue_and_a_newer_registration_replaces_the_older()
+     {
+        let queue = Arc::new(FetchQueue::default());
+        let gone = remote("gone");
+        queue.push(&gone);
+        let replaced = remote("shop");
+        queue.push(&replaced);
+        let newer = remote("shop");
+        queue.push(&newer);
+        let kept = remote("kept");
+        queue.push(&kept);
+        drop(gone);
+        assert_eq!(queue.len(), 3, "one entry per name");
+        let probe = Probe::start(&queue, 2);
+        probe.gate.add_permits(10);
+        probe.until(|probe| probe.asked().len() == 2).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(probe.asked(), ["kept", "shop"]);
+        assert_eq!(queue.len(), 0);
+        queue.close();
     }
 
     #[test]

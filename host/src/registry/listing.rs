@@ -3,16 +3,20 @@
 //!
 //! At 10,000 services the listing is about 10 MB of JSON, and building it
 //! per request took tens of milliseconds of the registry's runtime. The
-//! whole listing is kept as one buffer of serialized entries, each
-//! remembered with the table entry it was built from and a **stamp** of
+//! whole listing is kept as serialized entries in blocks of [`BLOCK`]
+//! (each entry a slice of its block), each entry remembered with the table entry it was built from and a **stamp** of
 //! the state it showed: every instance's liveness and status, last
 //! heartbeat, last check, requests outstanding and ejections; a plugin's
-//! last check; the traffic counters; and, for the whole buffer, the live
+//! last check; the traffic counters; and, for the whole listing, the live
 //! instance policy. A read recomputes every stamp (atomic loads, no
 //! allocation but a remote instance's last check) and serializes again
 //! only the entries whose stamp changed (or whose table entry was
-//! replaced), copying the others; when none changed it answers the buffer
-//! itself without a copy.
+//! replaced), copying the others' bytes into a new block only where a
+//! block holds a changed entry and sharing every other block; when none
+//! changed it answers the listing as built. The body is the blocks in
+//! turn ([`ListingBody`]): no read copies them, so a health-status change
+//! costs that entry's serialization and a copy of its block, not of the
+//! 10 MB.
 //!
 //! So every field is what a listing built on read would show: the cache
 //! holds an entry's text only while the state it shows has not changed.
@@ -27,8 +31,10 @@
 //! serve clients that need less than everything, and cost what they
 //! select.
 
-use std::ops::Range;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Instant, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -36,6 +42,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 use super::{Listed, describe};
 use crate::http::ApiError;
@@ -93,18 +100,26 @@ struct Page<'a> {
 /// The listing's cache: the whole listing as last built.
 #[derive(Debug, Default)]
 pub(super) struct Listing {
-    built: Mutex<Option<Built>>,
+    built: Mutex<Option<Arc<Built>>>,
 }
 
+/// The whole listing, as built for one read and shared by the reads after
+/// it while nothing it shows changes.
 #[derive(Debug)]
 struct Built {
     /// The policy the entries were built under (load balancing, health
     /// thresholds).
     policy: Arc<InstancePolicy>,
-    /// The JSON array.
-    json: Bytes,
     /// Its entries, in the listing's order (by name).
     entries: Vec<Entry>,
+    /// The entries' JSON, [`BLOCK`] entries to a buffer: what the body
+    /// sends, and what each entry's `json` is a slice of.
+    blocks: Vec<Bytes>,
+    /// The bytes of the JSON array they make.
+    length: u64,
+    /// How many entries were serialized to build it (the others were
+    /// reused).
+    rendered: usize,
 }
 
 #[derive(Debug)]
@@ -115,9 +130,15 @@ struct Entry {
     service: Weak<Versions>,
     /// The state it showed; `None`: it depended on the moment.
     stamp: Option<u64>,
-    /// Its bytes in `json`.
-    range: Range<usize>,
+    /// Its JSON followed by a comma (the array's separator, dropped after
+    /// the last entry): a slice of its block.
+    json: Bytes,
 }
+
+/// Entries per block: enough that the body is a few hundred frames (hyper
+/// writes at most 16 buffers a `writev`), few enough that a change copies
+/// little beside the entry it re-serializes.
+const BLOCK: usize = 64;
 
 impl Listing {
     /// Answers a listing of the `services` (sorted by name) the caller
@@ -136,7 +157,10 @@ impl Listing {
         // sees them all (the admin token, or any caller while there is no
         // tenant but the default one).
         if !paged && !filtered && services.iter().all(|versions| visible(versions)) {
-            return self.whole(services, policy).map(json).map_err(unwritable);
+            return self
+                .whole(services, policy)
+                .map(|body| json(Body::new(body)))
+                .map_err(unwritable);
         }
         let limit = match query.limit {
             Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
@@ -171,24 +195,24 @@ impl Listing {
         } else {
             serde_json::to_vec(&listed)
         };
-        body.map(|body| json(Bytes::from(body))).map_err(unwritable)
+        body.map(|body| json(Body::from(body))).map_err(unwritable)
     }
 
-    /// The whole listing: the cached buffer if nothing it shows changed,
-    /// else a new one made of the unchanged entries' bytes and the
-    /// changed ones serialized again.
+    /// The whole listing: as last built if nothing it shows changed,
+    /// else made of the unchanged entries' buffers and the changed ones
+    /// serialized again.
     fn whole(
         &self,
         services: &[Arc<Versions>],
         policy: &Arc<InstancePolicy>,
-    ) -> Result<Bytes, serde_json::Error> {
+    ) -> Result<ListingBody, serde_json::Error> {
         let now = Instant::now();
         let mut built = lock(&self.built);
         let previous = built
             .as_ref()
             .filter(|previous| Arc::ptr_eq(&previous.policy, policy));
         // Each service with its stamp and, if its bytes can be reused,
-        // where they are in the previous buffer.
+        // its previous buffer.
         let mut old = previous.map_or(&[][..], |previous| &previous.entries[..]);
         let plan: Vec<Planned<'_>> = services
             .iter()
@@ -196,7 +220,7 @@ impl Listing {
                 let stamp = stamp(service, now);
                 let reused = reusable(&mut old, service)
                     .filter(|entry| stamp.is_some() && entry.stamp == stamp)
-                    .map(|entry| entry.range.clone());
+                    .map(|entry| entry.json.clone());
                 (service, stamp, reused)
             })
             .collect();
@@ -204,40 +228,150 @@ impl Listing {
             && plan.len() == previous.entries.len()
             && plan.iter().all(|(_, _, reused)| reused.is_some())
         {
-            return Ok(previous.json.clone());
+            return Ok(ListingBody::new(previous.clone()));
         }
-        let mut json = Vec::with_capacity(previous.map_or(0, |previous| previous.json.len()));
         let mut entries = Vec::with_capacity(plan.len());
-        json.push(b'[');
-        for (index, (service, stamp, reused)) in plan.into_iter().enumerate() {
-            if index > 0 {
-                json.push(b',');
+        let mut blocks = Vec::with_capacity(plan.len().div_ceil(BLOCK));
+        let mut rendered = 0;
+        for (index, block) in plan.chunks(BLOCK).enumerate() {
+            let kept = previous.and_then(|previous| previous.blocks.get(index));
+            if let Some(kept) = kept.filter(|kept| is_block(kept, block)) {
+                for (service, stamp, reused) in block {
+                    entries.push(Entry {
+                        service: Arc::downgrade(service),
+                        stamp: *stamp,
+                        json: reused.clone().expect("a kept block's entries are reused"),
+                    });
+                }
+                blocks.push(kept.clone());
+                continue;
             }
-            let begin = json.len();
-            match (reused, previous) {
-                (Some(range), Some(previous)) => json.extend_from_slice(&previous.json[range]),
-                _ => serde_json::to_writer(&mut json, &describe(service, policy))?,
+            let mut json = Vec::with_capacity(kept.map_or(BLOCK * ENTRY_CAPACITY, Bytes::len));
+            let mut ranges = Vec::with_capacity(block.len());
+            for (service, _, reused) in block {
+                let begin = json.len();
+                match reused {
+                    Some(reused) => json.extend_from_slice(reused),
+                    None => {
+                        serde_json::to_writer(&mut json, &describe(service, policy))?;
+                        json.push(b',');
+                        rendered += 1;
+                    }
+                }
+                ranges.push(begin..json.len());
             }
-            entries.push(Entry {
-                service: Arc::downgrade(service),
-                stamp,
-                range: begin..json.len(),
-            });
+            json.shrink_to_fit();
+            let json = Bytes::from(json);
+            for ((service, stamp, _), range) in block.iter().zip(ranges) {
+                entries.push(Entry {
+                    service: Arc::downgrade(service),
+                    stamp: *stamp,
+                    json: json.slice(range),
+                });
+            }
+            blocks.push(json);
         }
-        json.push(b']');
-        let json = Bytes::from(json);
-        *built = Some(Built {
+        let blocks_length: usize = blocks.iter().map(Bytes::len).sum();
+        // `[` and `]`, less the last entry's comma.
+        let length = (blocks_length + 2 - usize::from(!blocks.is_empty())) as u64;
+        let fresh = Arc::new(Built {
             policy: policy.clone(),
-            json: json.clone(),
             entries,
+            blocks,
+            length,
+            rendered,
         });
-        Ok(json)
+        tracing::debug!(
+            entries = fresh.entries.len(),
+            rendered = fresh.rendered,
+            "listing cache rebuilt"
+        );
+        *built = Some(fresh.clone());
+        Ok(ListingBody::new(fresh))
     }
 }
 
-/// A service of a listing being built: its stamp, and where its bytes
-/// are in the previous buffer if they can be reused.
-type Planned<'a> = (&'a Arc<Versions>, Option<u64>, Option<Range<usize>>);
+/// Whether `block`'s entries are all reused and are, in order, exactly the
+/// block `kept` of the previous listing (so it can be sent as it is).
+fn is_block(kept: &Bytes, block: &[Planned<'_>]) -> bool {
+    let mut at = kept.as_ptr();
+    let mut length = 0;
+    for (_, _, reused) in block {
+        let Some(reused) = reused else {
+            return false;
+        };
+        if reused.as_ptr() != at {
+            return false;
+        }
+        at = at.wrapping_add(reused.len());
+        length += reused.len();
+    }
+    length == kept.len()
+}
+
+/// Room first given to an entry's JSON in a new block: about what one
+/// remote service with one instance takes.
+const ENTRY_CAPACITY: usize = 1024;
+
+/// The body of the whole listing: `[`, each block (the last without its
+/// last entry's comma), `]`, each a frame of its own, with its exact
+/// length known (so it is sent with a `Content-Length`).
+#[derive(Debug)]
+struct ListingBody {
+    built: Arc<Built>,
+    /// The next frame: 0 is `[`, 1 to n the blocks, n + 1 `]`.
+    next: usize,
+    /// Bytes not yet sent.
+    remaining: u64,
+}
+
+impl ListingBody {
+    fn new(built: Arc<Built>) -> Self {
+        Self {
+            remaining: built.length,
+            built,
+            next: 0,
+        }
+    }
+}
+
+impl http_body::Body for ListingBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let body = self.get_mut();
+        let blocks = &body.built.blocks;
+        let frame = match body.next {
+            0 => Bytes::from_static(b"["),
+            next if next < blocks.len() => blocks[next - 1].clone(),
+            next if next == blocks.len() => {
+                let last = &blocks[next - 1];
+                last.slice(..last.len() - 1)
+            }
+            next if next == blocks.len() + 1 => Bytes::from_static(b"]"),
+            _ => return Poll::Ready(None),
+        };
+        body.next += 1;
+        body.remaining -= frame.len() as u64;
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next > self.built.blocks.len() + 1
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// A service of a listing being built: its stamp, and its previous
+/// buffer if it can be reused.
+type Planned<'a> = (&'a Arc<Versions>, Option<u64>, Option<Bytes>);
 
 /// The previous entry built from `service` itself, if any; skips, in
 /// `old` (sorted by name, like the services asked for), the entries of
@@ -398,13 +532,137 @@ fn unwritable(error: serde_json::Error) -> ApiError {
     )
 }
 
-fn json(body: Bytes) -> Response {
+fn json(body: Body) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             axum::http::HeaderValue::from_static("application/json"),
         )],
-        Body::from(body),
+        body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, SystemTime};
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::remote::{Instance, InstanceAddr, RemoteService, RemoteSpec};
+    use crate::service::{ServiceInfo, Version};
+    use crate::table::ServiceTable;
+
+    /// A remote service `name` of one instance, fresh.
+    fn remote(name: &str, port: u16) -> Arc<Service> {
+        let info = ServiceInfo {
+            name: name.to_owned(),
+            display_name: String::new(),
+            description: String::new(),
+            version: "1.0.0".to_owned(),
+            health_check_url: "/health".to_owned(),
+            metadata: BTreeMap::new(),
+            tags: Vec::new(),
+            requires_auth: false,
+            endpoints: Vec::new(),
+        };
+        let addr = InstanceAddr {
+            host: "127.0.0.1".to_owned(),
+            port,
+        };
+        let instance = Instance::new(addr, None, SystemTime::now()).expect("a valid address");
+        instance.refresh();
+        let version = Version::parse("1.0.0").expect("a version");
+        Arc::new(Service::new(
+            info.clone(),
+            version,
+            Backend::Remote(Arc::new(RemoteService::new(
+                RemoteSpec {
+                    info: Arc::new(info),
+                    base_path: "/".to_owned(),
+                    load_balancing: None,
+                },
+                vec![Arc::new(instance)],
+                SystemTime::now(),
+                None,
+                Duration::from_secs(90),
+            ))),
+        ))
+    }
+
+    async fn bytes(body: ListingBody) -> Bytes {
+        let length = http_body::Body::size_hint(&body).exact();
+        let bytes = body.collect().await.expect("infallible").to_bytes();
+        assert_eq!(length, Some(bytes.len() as u64), "the length announced");
+        bytes
+    }
+
+    /// The listing serialized from scratch, as the cache must answer it.
+    fn fresh(services: &[Arc<Versions>], policy: &InstancePolicy) -> Vec<u8> {
+        let listed: Vec<_> = services
+            .iter()
+            .map(|service| describe(service, policy))
+            .collect();
+        serde_json::to_vec(&listed).expect("serializable")
+    }
+
+    #[tokio::test]
+    async fn a_change_re_renders_only_its_entry_and_the_body_equals_a_fresh_render() {
+        let table = ServiceTable::new();
+        let policy = Arc::new(InstancePolicy::default());
+        let listing = Listing::default();
+        let empty = listing.whole(&table.list(), &policy).expect("built");
+        assert_eq!(bytes(empty).await, "[]");
+        // Three blocks, the last of two entries.
+        let count = 2 * BLOCK + 2;
+        for index in 0..count {
+            let name = format!("s{index:03}");
+            let port = 10_000 + u16::try_from(index).expect("a port");
+            table
+                .update(&name, |_| Ok::<_, ()>(vec![remote(&name, port)]))
+                .expect("inserted");
+        }
+        let services = table.list();
+        let first = listing.whole(&services, &policy).expect("built");
+        assert_eq!(first.built.rendered, count);
+        let before: Vec<Bytes> = first.built.blocks.clone();
+        assert_eq!(before.len(), 3);
+        assert_eq!(bytes(first).await, fresh(&services, &policy));
+
+        let unchanged = listing.whole(&services, &policy).expect("built");
+        let kept = lock(&listing.built).clone().expect("cached");
+        assert!(
+            Arc::ptr_eq(&unchanged.built, &kept),
+            "nothing changed: the same listing"
+        );
+
+        // One service of the middle block reports itself unhealthy.
+        let changed = BLOCK + 1;
+        let Backend::Remote(remote) = &services[changed].default_version().backend else {
+            panic!("a remote service");
+        };
+        remote.instances().members()[0].heartbeat(false);
+        let second = listing.whole(&services, &policy).expect("built");
+        assert_eq!(
+            second.built.rendered, 1,
+            "only the changed entry is serialized again"
+        );
+        let shared: Vec<bool> = before
+            .iter()
+            .zip(&second.built.blocks)
+            .map(|(before, after)| before.as_ptr() == after.as_ptr())
+            .collect();
+        assert_eq!(shared, [true, false, true], "only its block is made again");
+        let body = bytes(second).await;
+        assert_eq!(body, fresh(&services, &policy));
+        let listed: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(
+            listed[changed]["status"], "unhealthy",
+            "{}",
+            listed[changed]
+        );
+        assert_eq!(listed[changed - 1]["status"], "healthy");
+    }
 }

@@ -1268,7 +1268,7 @@ fn restored_version(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| format!("invalid address: {error}"))?;
     let mut spec = stored.spec.clone();
-    spec.info.version = version.to_string();
+    Arc::make_mut(&mut spec.info).version = version.to_string();
     let remote = RemoteService::new(
         spec.clone(),
         instances,

@@ -186,7 +186,7 @@ pub fn parse_registration(body: &[u8]) -> Result<Registration, Invalid> {
     };
     Ok(Registration {
         spec: RemoteSpec {
-            info,
+            info: std::sync::Arc::new(info),
             base_path,
             load_balancing: body.load_balancing,
         },
@@ -515,7 +515,7 @@ mod tests {
     fn metadata_values_of_any_type_are_kept_as_text() {
         let mut config = guide_config();
         config["metadata"] = json!({"replicas": 3, "labels": {"a": true}});
-        let metadata = parse(&config).unwrap().spec.info.metadata;
+        let metadata = parse(&config).unwrap().spec.info.metadata.clone();
         assert_eq!(metadata["replicas"], "3");
         assert_eq!(metadata["labels"], r#"{"a":true}"#);
     }

@@ -968,7 +968,7 @@ mod tests {
     fn version(name: &str, port: u16) -> StoredVersion {
         StoredVersion {
             spec: RemoteSpec {
-                info: ServiceInfo {
+                info: std::sync::Arc::new(ServiceInfo {
                     name: name.to_owned(),
                     display_name: name.to_owned(),
                     description: String::new(),
@@ -978,7 +978,7 @@ mod tests {
                     tags: vec!["t".to_owned()],
                     requires_auth: false,
                     endpoints: Vec::new(),
-                },
+                }),
                 base_path: "/".to_owned(),
                 load_balancing: None,
             },

@@ -522,7 +522,7 @@ mod tests {
             endpoints: Vec::new(),
         };
         let spec = RemoteSpec {
-            info,
+            info: Arc::new(info),
             base_path: base_path.to_owned(),
             load_balancing: None,
         };

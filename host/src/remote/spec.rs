@@ -4,9 +4,10 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use axum::http::uri::{Authority, InvalidUri};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::Balancing;
 use crate::service::ServiceInfo;
@@ -43,8 +44,10 @@ impl fmt::Display for InstanceAddr {
 /// listens: shared by all its instances.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoteSpec {
-    /// Name, description, endpoints... as for any service.
-    pub info: ServiceInfo,
+    /// Name, description, endpoints... as for any service. Shared with the
+    /// service's table entry: at 10,000 services one copy is megabytes.
+    #[serde(serialize_with = "shared_info", deserialize_with = "own_info")]
+    pub info: Arc<ServiceInfo>,
     /// Path prefix on the instance that `/api/<name>/` maps to; starts with
     /// `/`.
     pub base_path: String,
@@ -52,6 +55,16 @@ pub struct RemoteSpec {
     /// `[service.<name>] load_balancing` overrides it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancing: Option<Balancing>,
+}
+
+/// Serializes the shared info as the info itself (serde's own `Arc`
+/// support is an opt-in feature of the whole build).
+fn shared_info<S: Serializer>(info: &Arc<ServiceInfo>, serializer: S) -> Result<S::Ok, S::Error> {
+    info.as_ref().serialize(serializer)
+}
+
+fn own_info<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<ServiceInfo>, D::Error> {
+    ServiceInfo::deserialize(deserializer).map(Arc::new)
 }
 
 /// What a heartbeat says about the service.
