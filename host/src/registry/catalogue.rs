@@ -100,7 +100,19 @@ pub(super) struct Catalogue {
     /// at the first fetch.
     queue: Arc<FetchQueue>,
     workers: std::sync::Once,
-    published: std::sync::Mutex<HashMap<String, Published>>,
+    published: std::sync::Mutex<HashMap<RegistrationId, Published>>,
+}
+
+/// Which registration a document or a pending asking belongs to: the
+/// address of its `RemoteService`. Not its name: two tenants' services, or
+/// two versions of one, share a name and each publish their own document.
+/// An address is reused only after its registration is gone, and each
+/// entry also holds the registration weakly, so a stale entry is told from
+/// a later registration at the same address.
+type RegistrationId = usize;
+
+fn id_of(remote: &Arc<RemoteService>) -> RegistrationId {
+    Arc::as_ptr(remote).addr()
 }
 
 /// A document a registration published, valid while that registration is
@@ -217,7 +229,7 @@ impl Catalogue {
         if unreachable && attempt < ATTEMPTS {
             return Asked::Again;
         }
-        lock(&self.published).remove(name);
+        lock(&self.published).remove(&id_of(remote));
         tracing::debug!(service = %name, error = %error, attempt, "no published API document");
         Asked::Done
     }
@@ -271,7 +283,7 @@ impl Catalogue {
         published.retain(|_, kept| kept.registration.strong_count() > 0);
         let kept: usize = published
             .iter()
-            .filter(|(name, _)| *name != remote.name())
+            .filter(|(id, _)| **id != id_of(remote))
             .map(|(_, kept)| kept.bytes)
             .sum();
         if kept + bytes > MAX_KEPT_BYTES {
@@ -279,7 +291,7 @@ impl Catalogue {
         }
         let paths = document["paths"].as_object().map_or(0, Map::len);
         published.insert(
-            remote.name().to_owned(),
+            id_of(remote),
             Published {
                 registration: Arc::downgrade(remote),
                 document: Arc::new(document),
@@ -292,7 +304,7 @@ impl Catalogue {
     /// The document `remote`'s current registration published, if any.
     fn published(&self, remote: &Arc<RemoteService>) -> Option<Arc<Value>> {
         let published = lock(&self.published);
-        let kept = published.get(remote.name())?;
+        let kept = published.get(&id_of(remote))?;
         let registration = kept.registration.upgrade()?;
         Arc::ptr_eq(&registration, remote).then(|| kept.document.clone())
     }
@@ -371,10 +383,9 @@ enum Asked {
 }
 
 /// The services whose documents are still to be asked for, each at the
-/// time it is due: one entry per name (a new registration replaces its
-/// name's pending asking, as its document replaces its name's), holding
-/// the registration weakly, so a service that goes is dropped from the
-/// queue unasked. Workers ([`FetchQueue::work`]) take due entries; how
+/// time it is due: one entry per registration (queued again, it keeps one
+/// place), holding the registration weakly, so a service that goes, or is
+/// replaced by a newer registration, is dropped from the queue unasked. Workers ([`FetchQueue::work`]) take due entries; how
 /// many fetches are in flight is how many workers there are.
 #[derive(Debug, Default)]
 struct FetchQueue {
@@ -386,10 +397,10 @@ struct FetchQueue {
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// By name.
-    jobs: HashMap<String, Job>,
-    /// The same entries in the order they are due: (due, sequence, name).
-    due: BTreeSet<(Instant, u64, String)>,
+    /// By registration.
+    jobs: HashMap<RegistrationId, Job>,
+    /// The same entries in the order they are due: (due, sequence, id).
+    due: BTreeSet<(Instant, u64, RegistrationId)>,
     /// Tells apart entries due at the same instant.
     sequence: u64,
     /// Set when the catalogue goes: the workers end.
@@ -406,21 +417,21 @@ struct Job {
 }
 
 impl Pending {
-    fn insert(&mut self, name: &str, registration: Weak<RemoteService>, attempt: u32, at: Instant) {
+    fn insert(&mut self, remote: &Arc<RemoteService>, attempt: u32, at: Instant) {
         self.sequence += 1;
         let due = (at, self.sequence);
+        let id = id_of(remote);
         if let Some(replaced) = self.jobs.insert(
-            name.to_owned(),
+            id,
             Job {
-                registration,
+                registration: Arc::downgrade(remote),
                 attempt,
                 due,
             },
         ) {
-            self.due
-                .remove(&(replaced.due.0, replaced.due.1, name.to_owned()));
+            self.due.remove(&(replaced.due.0, replaced.due.1, id));
         }
-        self.due.insert((due.0, due.1, name.to_owned()));
+        self.due.insert((due.0, due.1, id));
     }
 
     /// The first entry due by `now` whose service is still there, with
@@ -431,8 +442,8 @@ impl Pending {
             if first.0 > now {
                 return Err(Some(first.0));
             }
-            let (_, _, name) = self.due.pop_first().expect("a first entry");
-            let Some(job) = self.jobs.remove(&name) else {
+            let (_, _, id) = self.due.pop_first().expect("a first entry");
+            let Some(job) = self.jobs.remove(&id) else {
                 continue;
             };
             if let Some(remote) = job.registration.upgrade() {
@@ -445,23 +456,18 @@ impl Pending {
 
 impl FetchQueue {
     /// Queues the first asking of `remote`, due now, in place of any
-    /// pending one of its name.
+    /// pending one of it.
     fn push(&self, remote: &Arc<RemoteService>) {
-        lock(&self.pending).insert(remote.name(), Arc::downgrade(remote), 1, Instant::now());
+        lock(&self.pending).insert(remote, 1, Instant::now());
         self.queued.notify_one();
     }
 
     /// Queues asking `remote` again, the `attempt`-th time, after `wait`,
-    /// unless a newer registration of its name is queued already.
+    /// unless it was queued afresh meanwhile.
     fn again(&self, remote: &Arc<RemoteService>, attempt: u32, wait: Duration) {
         let mut pending = lock(&self.pending);
-        if !pending.jobs.contains_key(remote.name()) {
-            pending.insert(
-                remote.name(),
-                Arc::downgrade(remote),
-                attempt,
-                Instant::now() + wait,
-            );
+        if !pending.jobs.contains_key(&id_of(remote)) {
+            pending.insert(remote, attempt, Instant::now() + wait);
         }
         drop(pending);
         self.queued.notify_one();
@@ -926,7 +932,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_service_gone_is_dropped_from_the_fetch_queue_and_a_newer_registration_replaces_the_older()
+    async fn a_service_gone_or_replaced_is_dropped_from_the_fetch_queue_and_one_queued_twice_is_asked_once()
      {
         let queue = Arc::new(FetchQueue::default());
         let gone = remote("gone");
@@ -935,10 +941,12 @@ mod tests {
         queue.push(&replaced);
         let newer = remote("shop");
         queue.push(&newer);
+        queue.push(&newer);
         let kept = remote("kept");
         queue.push(&kept);
         drop(gone);
-        assert_eq!(queue.len(), 3, "one entry per name");
+        drop(replaced);
+        assert_eq!(queue.len(), 4, "one entry per registration");
         let probe = Probe::start(&queue, 2);
         probe.gate.add_permits(10);
         probe.until(|probe| probe.asked().len() == 2).await;

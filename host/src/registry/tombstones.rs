@@ -86,12 +86,20 @@ impl Tombstone {
 }
 
 /// The tombstones this host knows, per service table key
-/// ([`crate::tenant::key`]), each kept one TTL: pruned at every burial, so
-/// they never outgrow the removals of one TTL.
+/// ([`crate::tenant::key`]), each kept one TTL. Expired ones are pruned by
+/// a burial at most every quarter TTL, so a mass deregistration does not
+/// scan them all once per removal, and they never outgrow the removals of
+/// one and a quarter TTL.
 #[derive(Debug)]
 pub struct Tombstones {
     keep: Duration,
-    by_key: Mutex<HashMap<String, Vec<(String, Tombstone)>>>,
+    buried: Mutex<Buried>,
+}
+
+#[derive(Debug, Default)]
+struct Buried {
+    by_key: HashMap<String, Vec<(String, Tombstone)>>,
+    next_prune_ms: u64,
 }
 
 impl Tombstones {
@@ -99,7 +107,7 @@ impl Tombstones {
     pub fn new(keep: Duration) -> Self {
         Self {
             keep,
-            by_key: Mutex::default(),
+            buried: Mutex::default(),
         }
     }
 
@@ -109,15 +117,18 @@ impl Tombstones {
     pub fn bury(&self, key: &str, ids: &[String], tombstone: Tombstone) {
         let now_ms = now_ms();
         let keep_ms = u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX);
-        let mut by_key = lock(&self.by_key);
-        by_key.retain(|_, buried| {
-            buried.retain(|(_, old)| !old.expired(now_ms, keep_ms));
-            !buried.is_empty()
-        });
+        let mut state = lock(&self.buried);
+        if now_ms >= state.next_prune_ms {
+            state.by_key.retain(|_, buried| {
+                buried.retain(|(_, old)| !old.expired(now_ms, keep_ms));
+                !buried.is_empty()
+            });
+            state.next_prune_ms = now_ms.saturating_add(keep_ms / 4);
+        }
         if tombstone.expired(now_ms, keep_ms) {
             return;
         }
-        let buried = by_key.entry(key.to_owned()).or_default();
+        let buried = state.by_key.entry(key.to_owned()).or_default();
         for id in ids {
             match buried.iter_mut().find(|(held, _)| held == id) {
                 Some((_, old)) if old.at_ms <= tombstone.at_ms => *old = tombstone,
@@ -132,9 +143,10 @@ impl Tombstones {
     pub fn latest(&self, key: &str) -> Option<(Tombstone, Vec<String>)> {
         let now_ms = now_ms();
         let keep_ms = u64::try_from(self.keep.as_millis()).unwrap_or(u64::MAX);
-        let by_key = lock(&self.by_key);
+        let state = lock(&self.buried);
         let live = || {
-            by_key
+            state
+                .by_key
                 .get(key)
                 .into_iter()
                 .flatten()
@@ -149,10 +161,10 @@ impl Tombstones {
     }
 
     /// How many instances have a tombstone now, expired ones included
-    /// until the next burial.
+    /// until the next pruning.
     #[cfg(test)]
     fn len(&self) -> usize {
-        lock(&self.by_key).values().map(Vec::len).sum()
+        lock(&self.buried).by_key.values().map(Vec::len).sum()
     }
 }
 
@@ -185,7 +197,7 @@ mod tests {
         assert_eq!(latest, now);
         assert_eq!(ids, ["a:1", "a:2"]);
         assert_eq!(tombstones.latest("acme/svc"), None);
-        assert_eq!(tombstones.len(), 2, "expired ones pruned at the burial");
+        assert_eq!(tombstones.len(), 2, "expired ones never buried");
         #[cfg(feature = "etcd")]
         assert_eq!(Tombstone::decode(&now.encode()).unwrap(), now);
     }
