@@ -19,7 +19,7 @@ mod scenarios;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
@@ -84,6 +84,10 @@ pub struct Args {
 }
 
 /// The profile of this build, which `bench/run` uses for every binary.
+/// Hot swap: ten replacements a second at most, about the rate the
+/// watcher's 100 ms debounce allowed when the scenario's target was set.
+const SWAP_EVERY: Duration = Duration::from_millis(100);
+
 const BUILD: &str = if cfg!(debug_assertions) {
     "dev"
 } else {
@@ -117,6 +121,11 @@ pub struct Settings {
     pub swap_connections: usize,
     /// Hot swap: seconds of load before the first replacement.
     pub swap_lead_seconds: f64,
+    /// Hot swap: the least time from one replacement's start to the next's.
+    /// The dip is a rate: it depends on how often a swap happens as much as
+    /// on what one costs, so the rate is fixed here rather than left to how
+    /// fast the host mounts.
+    pub swap_every: Duration,
     /// Load/unload rounds.
     pub load_rounds: usize,
     /// Registry: services registered.
@@ -146,6 +155,7 @@ impl Settings {
                 swaps: 20,
                 swap_connections: 64,
                 swap_lead_seconds: 1.5,
+                swap_every: SWAP_EVERY,
                 load_rounds: 10,
                 services: 2000,
                 register_concurrency: 32,
@@ -166,6 +176,7 @@ impl Settings {
                 swaps: 100,
                 swap_connections: 64,
                 swap_lead_seconds: 3.0,
+                swap_every: SWAP_EVERY,
                 load_rounds: 50,
                 services: 10_000,
                 register_concurrency: 32,

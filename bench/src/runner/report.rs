@@ -563,8 +563,8 @@ pub fn markdown(results: &Results) -> String {
         Some(h) => {
             let _ = writeln!(
                 out,
-                "Closed-loop client, {} keep-alive connections on `GET /api/swap/`, while `swap.so` is replaced {} times (swap_a and swap_b alternately, copy + atomic rename, each replacement waits for the host's `plugin mounted ... replaced=true`).\n",
-                h.connections, h.swaps
+                "Closed-loop client, {} keep-alive connections on `GET /api/swap/`, while `swap.so` is replaced {} times (swap_a and swap_b alternately, copy + atomic rename, each replacement waits for the host's `plugin mounted ... replaced=true`, and the next starts no sooner than {} ms after it).\n",
+                h.connections, h.swaps, h.swap_every_ms
             );
             let _ = writeln!(out, "| metric | value |");
             let _ = writeln!(out, "|---|---:|");
@@ -597,6 +597,11 @@ pub fn markdown(results: &Results) -> String {
                 "| **throughput dip** (ratio to before) | **{:.1} %** ({}) |",
                 h.dip_percent,
                 ratio(h.swapping_rps / h.steady_rps)
+            );
+            let _ = writeln!(
+                out,
+                "| lost per replacement, as time at the rate before | {} |",
+                ms(h.lost_ms_per_swap)
             );
             let _ = writeln!(
                 out,

@@ -206,6 +206,12 @@ pub struct HotSwap {
     pub swapping_rps: f64,
     /// `1 - swapping/steady`, in percent.
     pub dip_percent: f64,
+    /// What one replacement costs the clients, whatever the swap rate: the
+    /// requests the dip lost, per replacement, as milliseconds of the
+    /// steady rate.
+    pub lost_ms_per_swap: f64,
+    /// The least time from one replacement's start to the next's, in ms.
+    pub swap_every_ms: f64,
     /// Worst 100 ms window while swapping, as requests/s.
     pub worst_100ms_rps: f64,
     /// Latency before the swaps (p50, p99, max) in ms.
@@ -881,6 +887,9 @@ fn hot_swap(
                 host.wait_for_log_since(mark, &["plugin mounted", "plugin=swap", "replaced=true"]),
             )?;
             swap_ms.push(written.elapsed().as_secs_f64() * 1000.0);
+            if let Some(rest) = settings.swap_every.checked_sub(written.elapsed()) {
+                std::thread::sleep(rest);
+            }
             if index + 1 == settings.swaps / 2 {
                 rss_kib[1] = host.rss_kib().unwrap_or(0);
             }
@@ -965,6 +974,11 @@ fn hot_swap(
         steady_rps,
         swapping_rps,
         dip_percent: (1.0 - swapping_rps / steady_rps) * 100.0,
+        lost_ms_per_swap: (1.0 - swapping_rps / steady_rps)
+            * (swaps_end - swaps_start).as_secs_f64()
+            * 1000.0
+            / settings.swaps.max(1) as f64,
+        swap_every_ms: settings.swap_every.as_secs_f64() * 1000.0,
         worst_100ms_rps: if worst.is_finite() {
             worst
         } else {
