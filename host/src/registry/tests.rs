@@ -371,9 +371,11 @@ async fn a_remote_service_holds_one_info_shared_by_its_table_entry_and_its_spec(
 }
 
 /// The heap a remote service costs, counted with glibc's `mallinfo2`
-/// around 1,000 registrations through the router (its store, table entry,
-/// listing-free state, catalogue queue entry). A measurement, run on
-/// demand: other tests' threads would blur the count.
+/// around 1,000 registrations through the router, and where it stays: in
+/// the registry (its store's cache, the catalogue's queue, the storage
+/// accounting), in the table (entry, service, instance, shared info), and
+/// in the declared info alone. A measurement, run on demand: other tests'
+/// threads would blur the count.
 /// `cargo test -p plugin-host --lib footprint -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run alone"]
@@ -381,13 +383,28 @@ async fn a_remote_service_holds_one_info_shared_by_its_table_entry_and_its_spec(
 async fn footprint_of_a_remote_service() {
     // Within `open`'s 1 MiB of stored registrations.
     const SERVICES: u16 = 1000;
+    let per_service = |bytes: usize| bytes / usize::from(SERVICES);
+    // SAFETY: `mallinfo2` only reads the allocator's statistics.
+    let heap = || unsafe { libc::mallinfo2() }.uordblks;
+
+    let before = heap();
+    let infos: Vec<Arc<ServiceInfo>> = (0..SERVICES)
+        .map(|i| {
+            model::parse_registration(&typical(&format!("svc-{i}"), 10_000 + i))
+                .unwrap()
+                .spec
+                .info
+        })
+        .collect();
+    let info_bytes = per_service(heap() - before);
+    drop(infos);
+
     let dir = tempfile::tempdir().unwrap();
-    let router = open(dir.path());
+    let services = Arc::new(ServiceTable::new());
+    let router = open_on(dir.path(), services.clone());
     // Warm up: the store's first write and the router's first route.
     let (status, _) = call(&router, "/api/registry/register", typical("warm", 9)).await;
     assert_eq!(status, StatusCode::CREATED);
-    // SAFETY: `mallinfo2` only reads the allocator's statistics.
-    let heap = || unsafe { libc::mallinfo2() }.uordblks;
     let before = heap();
     let mut tasks = tokio::task::JoinSet::new();
     for batch in 0..SERVICES / 100 {
@@ -407,7 +424,27 @@ async fn footprint_of_a_remote_service() {
     while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
-    let per_service = (heap() - before) / usize::from(SERVICES);
-    println!("heap per remote service: {per_service} bytes");
-    assert!(per_service < 8192, "{per_service} bytes per service");
+    let registered = heap();
+    drop(router);
+    // The catalogue's workers end once they see it gone.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let without_registry = heap();
+    drop(services);
+    let without_table = heap();
+
+    let total = per_service(registered - before);
+    println!("heap per remote service: {total} bytes");
+    println!(
+        "  in the registry (store cache, catalogue queue, accounting): {} bytes",
+        per_service(registered.saturating_sub(without_registry))
+    );
+    println!(
+        "  in the table (entry, service, instance, info): {} bytes, of which the declared info {info_bytes} bytes",
+        per_service(without_registry.saturating_sub(without_table))
+    );
+    println!(
+        "  left after both are dropped: {} bytes",
+        per_service(without_table.saturating_sub(before))
+    );
+    assert!(total < 8192, "{total} bytes per service");
 }
